@@ -1,0 +1,1 @@
+"""Beam pipelines and the artifacts they read and write."""

@@ -1,0 +1,122 @@
+"""`catalog-search`: one subcommand per job.
+
+Each stage module declares its subcommands in a module-level `COMMANDS` dict:
+    COMMANDS = {"name": Command(help=..., add_arguments=fn(parser), run=fn(args, config) -> int)}
+and is listed in `_COMMAND_MODULES` below; modules are imported only when needed, so
+`catalog-search --help` stays fast and `serve` does not import Beam's runners.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from pipelines.config import Config, ConfigError, load_config
+
+# subcommand -> module that implements it (see each module's COMMANDS).
+_COMMAND_MODULES = {
+    "embed": "pipelines.embed",
+    "build-index": "pipelines.index_build",
+    "index-info": "pipelines.index_artifact",
+    "query": "serving.cli",
+    "serve": "serving.cli",
+    "evaluate": "serving.evaluate",
+    "model": "pipelines.efficientnet_lite",
+    "sample-catalog": "pipelines.sample_catalog",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config], int]
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments: printed with the usage line, exit code 2."""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="catalog-search",
+        description="Catalog visual search: embed a catalog with Beam, build and publish a "
+                    "sharded ScaNN index, search it.")
+    parser.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands: dict[str, Command] = {}
+    for name, module_name in _COMMAND_MODULES.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=f"(see catalog-search {name} --help)", add_help=False)
+            continue
+        module = importlib.import_module(module_name)
+        cmd = module.COMMANDS[name]
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.add_argument("--config", default=argparse.SUPPRESS,
+                       help="YAML file deep-merged over configs/default.yaml")
+        cmd.add_arguments(p)
+        commands[name] = cmd
+    return parser, commands
+
+
+_HELP_LINES = {
+    "embed": "catalog manifest(s) -> embeddings snapshot (Beam RunInference)",
+    "build-index": "embeddings snapshot -> sharded ScaNN index version, gated and published",
+    "index-info": "versions, LATEST, counts and recall of an index root",
+    "query": "search the published index with image files",
+    "serve": "HTTP search API + results page with hot reload",
+    "evaluate": "recall/precision/mAP report of an index on labelled queries",
+    "model": "convert/inspect the builtin model",
+    "sample-catalog": "write the bundled sample catalog (generated images + manifest)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in _COMMAND_MODULES), None)
+    if chosen is None:
+        top = argparse.ArgumentParser(
+            prog="catalog-search",
+            description="Catalog visual search: embed a catalog with Beam, build and publish a "
+                        "sharded ScaNN index, search it.",
+            epilog="commands:\n" + "\n".join(f"  {k:<15} {v}" for k, v in _HELP_LINES.items())
+                   + "\n\nRun `catalog-search COMMAND --help` for a command's options.",
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        top.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
+        top.add_argument("command", nargs="?", help="one of: " + ", ".join(_COMMAND_MODULES))
+        args, _ = top.parse_known_args(argv)
+        if args.command and args.command not in _COMMAND_MODULES:
+            top.error(f"unknown command {args.command!r}; choose from "
+                      + ", ".join(_COMMAND_MODULES))
+        top.print_help()
+        return 2
+    parser, commands = build_parser(only=chosen)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = load_config(getattr(args, "config", None))
+        return int(commands[args.command].run(args, config) or 0)
+    except ConfigError as e:
+        print(f"catalog-search {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"catalog-search {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Typed configuration: configs/default.yaml, deep-merged with an override file and flags.
+
+Every stage reads its settings from one `Config`. Unknown keys, wrong types and
+out-of-range values fail fast with a `ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+AUGMENT_VIEWS = ("original", "hflip", "crop", "rotate", "jitter")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    handle: str = "builtin:efficientnet_lite0"
+    input_size: int | None = None
+    cache_dir: str | None = None
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        _require(bool(self.handle), "model.handle", "must not be empty")
+        _require(self.input_size is None or 32 <= self.input_size <= 1024,
+                 "model.input_size", "must be null or between 32 and 1024")
+        _require(1 <= self.batch_size <= 4096, "model.batch_size", "must be between 1 and 4096")
+
+    def resolved_cache_dir(self) -> str:
+        return (self.cache_dir or os.environ.get("CATALOG_SEARCH_CACHE")
+                or os.path.join(os.path.expanduser("~"), ".cache", "catalog-search"))
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    timeout_s: float = 20.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_bytes: int = 20_000_000
+
+    def validate(self) -> None:
+        _require(self.timeout_s > 0, "fetch.timeout_s", "must be > 0")
+        _require(0 <= self.retries <= 10, "fetch.retries", "must be between 0 and 10")
+        _require(self.backoff_s >= 0, "fetch.backoff_s", "must be >= 0")
+        _require(self.max_bytes > 0, "fetch.max_bytes", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_pixels: int = 40_000_000
+    resize: str = "center_crop"
+
+    def validate(self) -> None:
+        _require(self.max_pixels > 0, "decode.max_pixels", "must be > 0")
+        _require(self.resize in ("center_crop", "pad"), "decode.resize",
+                 f"must be 'center_crop' or 'pad', got {self.resize!r}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    views: tuple[str, ...] = ("original",)
+    mode: str = "mean"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(len(self.views) > 0, "augment.views", "must name at least one view")
+        for v in self.views:
+            _require(v in AUGMENT_VIEWS, "augment.views",
+                     f"unknown view {v!r}; choose from {', '.join(AUGMENT_VIEWS)}")
+        _require(len(set(self.views)) == len(self.views), "augment.views", "has duplicates")
+        _require(self.mode in ("mean", "separate"), "augment.mode",
+                 f"must be 'mean' or 'separate', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    name: str = "DirectRunner"
+    direct_num_workers: int = 2
+    direct_running_mode: str = "multi_processing"
+    tf_threads: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(bool(self.name), "runner.name", "must not be empty")
+        _require(self.direct_num_workers >= 1, "runner.direct_num_workers", "must be >= 1")
+        _require(self.direct_running_mode in ("in_memory", "multi_threading", "multi_processing"),
+                 "runner.direct_running_mode",
+                 "must be in_memory, multi_threading or multi_processing")
+        _require(self.tf_threads >= 0, "runner.tf_threads", "must be >= 0 (0 = TensorFlow default)")
+
+    @property
+    def is_direct(self) -> bool:
+        return self.name in ("DirectRunner", "direct", "FnApiRunner")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    shards: int = 1
+    num_neighbors: int = 10
+    brute_force_below: int = 20_000
+    leaves_to_search_fraction: float = 0.1
+    reorder_multiplier: int = 10
+    anisotropic_threshold: float = 0.2
+    dimensions_per_block: int = 2
+    eval_queries: int = 500
+    eval_seed: int = 0
+    recall_threshold: float = 0.95
+    retention: int = 5
+
+    def validate(self) -> None:
+        _require(1 <= self.shards <= 4096, "index.shards", "must be between 1 and 4096")
+        _require(self.num_neighbors >= 1, "index.num_neighbors", "must be >= 1")
+        _require(self.brute_force_below >= 0, "index.brute_force_below", "must be >= 0")
+        _require(0 < self.leaves_to_search_fraction <= 1, "index.leaves_to_search_fraction",
+                 "must be in (0, 1]")
+        _require(self.reorder_multiplier >= 1, "index.reorder_multiplier", "must be >= 1")
+        _require(self.dimensions_per_block >= 1, "index.dimensions_per_block", "must be >= 1")
+        _require(self.eval_queries >= 1, "index.eval_queries", "must be >= 1")
+        _require(0 <= self.recall_threshold <= 1, "index.recall_threshold", "must be in [0, 1]")
+        _require(self.retention >= 1, "index.retention", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_upload_bytes: int = 10_000_000
+    reload_interval_s: float = 5.0
+    default_k: int = 10
+    max_k: int = 100
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65535, "serving.port", "must be between 0 and 65535")
+        _require(self.max_upload_bytes > 0, "serving.max_upload_bytes", "must be > 0")
+        _require(self.reload_interval_s > 0, "serving.reload_interval_s", "must be > 0")
+        _require(1 <= self.default_k <= self.max_k, "serving.default_k", "must be in [1, max_k]")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some keys of some sections changed, e.g. replace(index={"shards": 4})."""
+        return from_dict(_deep_merge(self.to_dict(), sections))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key}: {message}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None:
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, value, non_none[0])
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    if origin in (Mapping, dict) or annotation is Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from nested plain data (as read from YAML)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r}; known: {', '.join(hints)}")
+        cls = hints[name]
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config section {name}: expected a mapping, got {value!r}")
+        field_hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in field_hints:
+                raise ConfigError(
+                    f"unknown config key {name}.{key}; known: {', '.join(field_hints)}")
+            kwargs[key] = _coerce(f"{name}.{key}", v, field_hints[key])
+        sections[name] = cls(**kwargs)
+    return Config(**sections).validate()
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file (local path or any Beam FileSystems URI)."""
+    p = str(path)
+    try:
+        if "://" in p:
+            from apache_beam.io.filesystems import FileSystems
+            with FileSystems.open(p) as f:
+                text = f.read().decode("utf-8")
+        else:
+            text = Path(p).read_text(encoding="utf-8")
+    except (OSError, IOError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """configs/default.yaml, deep-merged with the file at `path` and then `overrides`."""
+    data = read_yaml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return from_dict(data)

@@ -1,0 +1,144 @@
+"""The embeddings snapshot contract (see ../shared/DESIGN.md and docs/ARCHITECTURE.md).
+
+    <embeddings_root>/<run_id>/embeddings-SSSSS-of-NNNNN.parquet
+    <embeddings_root>/<run_id>/dead_letter-SSSSS-of-NNNNN.jsonl
+    <embeddings_root>/<run_id>/summary.json     written last: a snapshot without it is incomplete
+    <embeddings_root>/LATEST                    the newest complete run_id, written atomically
+
+Embedding rows: image_id, product_id, image_uri, content_sha256, model_id, view,
+embedding (fixed-size list of float32, L2-normalised), metadata (JSON object as text).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import filesystem as fs
+
+SUMMARY_FILE = "summary.json"
+LATEST_FILE = "LATEST"
+EMBEDDINGS_PREFIX = "embeddings"
+DEAD_LETTER_PREFIX = "dead_letter"
+
+DEAD_LETTER_FIELDS = ("image_id", "product_id", "image_uri", "stage", "error", "message")
+
+
+class SnapshotError(ValueError):
+    """A snapshot is missing, incomplete or does not follow the contract."""
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("image_id", pa.string()),
+        ("product_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("content_sha256", pa.string()),
+        ("model_id", pa.string()),
+        ("view", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("metadata", pa.string()),
+    ])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete snapshot loaded into memory (what build_index and merges read)."""
+    path: str
+    summary: dict[str, Any]
+    table: pa.Table  # embeddings rows, schema = embeddings_schema(dim)
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.schema.field("embedding").type.list_size)
+
+    def vectors(self) -> np.ndarray:
+        """float32 [num_rows, dim]."""
+        col = self.table.column("embedding").combine_chunks()
+        flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return flat.reshape(len(self.table), self.dim)
+
+
+def snapshot_path(root: str, run_id: str) -> str:
+    return fs.join(root, run_id)
+
+
+def is_complete(path: str) -> bool:
+    return fs.exists(fs.join(path, SUMMARY_FILE))
+
+
+def read_summary(path: str) -> dict[str, Any]:
+    summary_uri = fs.join(path, SUMMARY_FILE)
+    if not fs.exists(summary_uri):
+        raise SnapshotError(f"{path} is not a complete embeddings snapshot (no {SUMMARY_FILE})")
+    return fs.read_json(summary_uri)
+
+
+def embedding_files(path: str) -> list[str]:
+    return fs.match(fs.join(path, f"{EMBEDDINGS_PREFIX}-*.parquet"))
+
+
+def dead_letter_files(path: str) -> list[str]:
+    return fs.match(fs.join(path, f"{DEAD_LETTER_PREFIX}-*.jsonl"))
+
+
+def read_table(path: str) -> pa.Table:
+    """All embedding rows of a snapshot, as one Arrow table (may be empty)."""
+    summary = read_summary(path)
+    files = embedding_files(path)
+    dim = int(summary.get("dim") or 0)
+    if not files:
+        if not dim:
+            raise SnapshotError(f"{path}: no embeddings files and no dim in {SUMMARY_FILE}")
+        return embeddings_schema(dim).empty_table()
+    tables = []
+    for uri in files:
+        with fs.FileSystems.open(uri) as f:
+            tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables, promote_options="none") if len(tables) > 1 else tables[0]
+    missing = [n for n in embeddings_schema(1).names if n not in table.column_names]
+    if missing:
+        raise SnapshotError(f"{path}: embeddings files lack columns {missing}")
+    return table
+
+
+def load(path: str) -> Snapshot:
+    return Snapshot(path=path, summary=read_summary(path), table=read_table(path))
+
+
+def read_dead_letters(path: str) -> list[dict[str, Any]]:
+    rows = []
+    for uri in dead_letter_files(path):
+        for line in fs.read_text(uri).splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def latest(root: str) -> str | None:
+    """Path of the snapshot LATEST names under `root`, or None when there is none yet."""
+    pointer = fs.join(root, LATEST_FILE)
+    if not fs.exists(pointer):
+        return None
+    run_id = fs.read_text(pointer).strip()
+    path = snapshot_path(root, run_id)
+    if not is_complete(path):
+        raise SnapshotError(f"{pointer} names {run_id!r}, which is not a complete snapshot")
+    return path
+
+
+def mark_latest(root: str, run_id: str) -> None:
+    fs.write_bytes_atomic(fs.join(root, LATEST_FILE), (run_id + "\n").encode())
+
+
+def write_table(path: str, table: pa.Table, name: str = "embeddings-00000-of-00001.parquet") -> str:
+    """Write rows as one Parquet file of a snapshot (used by merges and tests)."""
+    uri = fs.join(path, name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    fs.write_bytes(uri, sink.getvalue().to_pybytes())
+    return uri

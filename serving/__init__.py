@@ -1,0 +1,1 @@
+"""Serving: load the published index, search by photo, HTTP API."""

