@@ -1,0 +1,75 @@
+"""Beam runner selection and pipeline options, from `config.runner`.
+
+DirectRunner: Beam's DirectRunner would first try the Prism runner, which downloads
+a binary, and fall back when that fails. Locally we go straight to the engine the
+DirectRunner falls back to for batch pipelines (the portable FnApiRunner), with
+`direct_running_mode` and `direct_num_workers` from the config: quiet, offline and
+the same on every run. Any other runner name is passed to Beam as is, with
+`config.runner.options` as pipeline options.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _option_flags(options: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in options.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"config key runner.options.{key}: not a pipeline option name")
+        if isinstance(value, bool):
+            if value:
+                flags.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            flags.extend(f"--{key}={v}" for v in value)
+        elif value is not None:
+            flags.append(f"--{key}={value}")
+    return flags
+
+
+def pipeline_options(config: Config, job_name: str, extra: dict[str, Any] | None = None
+                     ) -> PipelineOptions:
+    """PipelineOptions for `config.runner` (direct_* options only for the DirectRunner)."""
+    r = config.runner
+    opts: dict[str, Any] = {"job_name": re.sub(r"[^a-z0-9-]", "-", job_name.lower())[:60]}
+    if r.is_direct:
+        opts.update(direct_num_workers=r.direct_num_workers,
+                    direct_running_mode=r.direct_running_mode,
+                    default_sdk_harness_log_level="WARNING")
+    else:
+        opts["runner"] = r.name
+    opts.update(r.options)
+    opts.update(extra or {})
+    flags = _option_flags(opts)
+    if not r.is_direct and r.name == "DataflowRunner":
+        missing = [k for k in ("project", "region", "temp_location") if k not in opts]
+        if missing:
+            raise ConfigError("DataflowRunner needs runner.options " + ", ".join(missing))
+    if not r.is_direct and r.name == "FlinkRunner" and "flink_master" not in opts:
+        raise ConfigError("FlinkRunner needs runner.options.flink_master (host:port)")
+    return PipelineOptions(flags)
+
+
+def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = None
+                  ) -> beam.Pipeline:
+    """A Beam Pipeline on the configured runner."""
+    options = pipeline_options(config, job_name, extra)
+    if config.runner.is_direct:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        # Workers are subprocesses started by the FnApiRunner: they inherit the env.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        log.info("runner: DirectRunner engine (FnApiRunner), %s, %d workers",
+                 config.runner.direct_running_mode, config.runner.direct_num_workers)
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    log.info("runner: %s", config.runner.name)
+    return beam.Pipeline(options=options)
