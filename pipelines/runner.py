@@ -9,6 +9,7 @@ the same on every run. Any other runner name is passed to Beam as is, with
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -45,7 +46,9 @@ def pipeline_options(config: Config, job_name: str, extra: dict[str, Any] | None
     if r.is_direct:
         opts.update(direct_num_workers=r.direct_num_workers,
                     direct_running_mode=r.direct_running_mode,
-                    default_sdk_harness_log_level="WARNING")
+                    # Workers: our own progress logs, Beam/TF only when something is wrong.
+                    default_sdk_harness_log_level="ERROR",
+                    sdk_harness_log_level_overrides=json.dumps({"pipelines": "INFO"}))
     else:
         opts["runner"] = r.name
     opts.update(r.options)
@@ -65,11 +68,21 @@ def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = 
     """A Beam Pipeline on the configured runner."""
     options = pipeline_options(config, job_name, extra)
     if config.runner.is_direct:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        from apache_beam.portability.api import beam_provision_api_pb2
+        from apache_beam.runners.portability.fn_api_runner import fn_runner
+        from apache_beam.runners.portability.portable_runner import JobServiceHandle
         # Workers are subprocesses started by the FnApiRunner: they inherit the env.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # Worker logs reach stderr directly; the job service would repeat each of them.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.ERROR)
         log.info("runner: DirectRunner engine (FnApiRunner), %s, %d workers",
                  config.runner.direct_running_mode, config.runner.direct_num_workers)
-        return beam.Pipeline(runner=FnApiRunner(), options=options)
+        # As DirectRunner does: hand the options to the workers (log levels among them).
+        encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        provision = fn_runner.ExtendedProvisionInfo(
+            beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision),
+                             options=options)
     log.info("runner: %s", config.runner.name)
     return beam.Pipeline(options=options)

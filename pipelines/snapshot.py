@@ -131,6 +131,12 @@ def latest(root: str) -> str | None:
     return path
 
 
+def latest_run_id(root: str) -> str | None:
+    """The run_id LATEST names under `root`, or None."""
+    pointer = fs.join(root, LATEST_FILE)
+    return fs.read_text(pointer).strip() if fs.exists(pointer) else None
+
+
 def mark_latest(root: str, run_id: str) -> None:
     fs.write_bytes_atomic(fs.join(root, LATEST_FILE), (run_id + "\n").encode())
 

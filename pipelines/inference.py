@@ -1,0 +1,77 @@
+"""Beam RunInference ModelHandler for our embedding models.
+
+Beam's TFModelHandler* load with tf.keras.models.load_model, which cannot load a
+plain SavedModel under Keras 3; this handler loads through pipelines.models.Embedder
+(tf.saved_model.load / hub.load) and lets RunInference do what it is good at:
+batching (BatchElements), one model per worker process (shared.Shared), metrics.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from pipelines.models import Embedder, ModelError, ModelSpec, configure_tf_threads, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class _LazyEmbedder:
+    """Loads the model on the first batch: a worker that only reuses vectors never loads it."""
+
+    def __init__(self, load):
+        self._load = load
+        self._embedder: Embedder | None = None
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if self._embedder is None:
+            self._embedder = self._load()
+        return self._embedder.embed(images)
+
+
+class EmbeddingModelHandler(ModelHandler[np.ndarray, np.ndarray, _LazyEmbedder]):
+    """uint8 [S,S,3] images in, L2-normalised float32 [dim] embeddings out."""
+
+    def __init__(self, spec: ModelSpec, cache_dir: str, tf_threads: int, batch_size: int):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self._spec = spec.to_dict()
+        self._cache_dir = cache_dir
+        self._tf_threads = tf_threads
+
+    def load_model(self) -> _LazyEmbedder:
+        return _LazyEmbedder(self._load_embedder)
+
+    def _load_embedder(self) -> Embedder:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        configure_tf_threads(self._tf_threads)
+        spec = ModelSpec.from_dict(self._spec)
+        is_url = spec.path.startswith(("http://", "https://"))
+        if not is_url and not os.path.isdir(spec.path):
+            # A cluster worker: the launcher's cache path does not exist here, so resolve
+            # (and for builtin models, convert) locally and insist on the same fingerprint.
+            local = resolve_model(spec.handle, self._cache_dir,
+                                  spec.input_size if not spec.handle.startswith("builtin:")
+                                  else None)
+            if local.fingerprint != spec.fingerprint:
+                raise ModelError(f"model {spec.handle} on this worker has fingerprint "
+                                 f"{local.fingerprint[:12]}, the job expects "
+                                 f"{spec.fingerprint[:12]}")
+            spec = local
+        log.info("loading model %s from %s", spec.model_id, spec.path)
+        return Embedder(spec)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: _LazyEmbedder,
+                      inference_args: Optional[dict[str, Any]] = None
+                      ) -> Iterable[PredictionResult]:
+        vectors = model.embed(np.stack(batch))
+        # The example (a whole image) is not carried on: only the vector is needed.
+        return [PredictionResult(None, v, self._spec["fingerprint"][:12]) for v in vectors]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "catalog_search_embed"
