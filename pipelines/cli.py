@@ -12,10 +12,9 @@ import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable
 
-from pipelines.config import Config, ConfigError, load_config
+from pipelines.command import Command, UsageError
+from pipelines.config import ConfigError, load_config
 
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
@@ -28,17 +27,6 @@ _COMMAND_MODULES = {
     "model": "pipelines.efficientnet_lite",
     "sample-catalog": "pipelines.sample_catalog",
 }
-
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Config], int]
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments: printed with the usage line, exit code 2."""
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,111 @@
+"""Typed config loading, runner options, and the catalog-search CLI's argument errors."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Config, ConfigError, DEFAULT_CONFIG_PATH, load_config, read_yaml
+from pipelines.runner import pipeline_options
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_matches_the_dataclass_defaults():
+    # An installed (non-editable) package has no configs/ folder and falls back to the
+    # dataclass defaults: both must say the same.
+    assert load_config().to_dict() == Config().validate().to_dict()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"modle": {}}, "unknown config section 'modle'"),
+    ({"model": {"batchsize": 3}}, "unknown config key model.batchsize"),
+    ({"model": {"batch_size": "32"}}, "model.batch_size: expected an integer"),
+    ({"index": {"recall_threshold": 1.5}}, "index.recall_threshold"),
+    ({"augment": {"views": ["original", "sepia"]}}, "unknown view 'sepia'"),
+    ({"runner": {"direct_running_mode": "threads"}}, "runner.direct_running_mode"),
+])
+def test_bad_config_fails_fast_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=override)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_direct_runner_options():
+    opts = pipeline_options(load_config(), "catalog-embed-x").get_all_options()
+    assert opts["direct_running_mode"] == "multi_processing"
+    assert opts["direct_num_workers"] == 2
+    assert opts["runner"] is None  # the FnApiRunner engine is chosen in make_pipeline
+
+
+def test_dataflow_and_flink_option_files_assemble():
+    df = load_config(REPO / "configs" / "dataflow.yaml")
+    opts = pipeline_options(df, "catalog-embed-20261122").get_all_options()
+    assert opts["runner"] == "DataflowRunner"
+    assert opts["project"] == "my-gcp-project" and opts["region"] == "us-central1"
+    assert opts["temp_location"].startswith("gs://")
+    assert opts["experiments"] == ["use_runner_v2"]
+    assert opts["setup_file"] == "./setup.py"
+    assert opts["direct_running_mode"] == "in_memory"  # Beam's default: not set by us
+    fl = load_config(REPO / "configs" / "flink.yaml")
+    fopts = pipeline_options(fl, "j").get_all_options()
+    assert fopts["runner"] == "FlinkRunner" and fopts["flink_master"] == "flink-jobmanager:8081"
+    assert fopts["parallelism"] == 16
+
+
+def test_cluster_runner_without_required_options_fails_fast():
+    cfg = load_config(overrides={"runner": {"name": "DataflowRunner"}})
+    with pytest.raises(ConfigError, match="project, region, temp_location"):
+        pipeline_options(cfg, "j")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, timeout=120)
+
+
+def test_cli_help_lists_every_command():
+    r = _cli("--help")
+    assert r.returncode in (0, 2)
+    for cmd in ("embed", "build-index", "index-info", "query", "serve", "evaluate"):
+        assert cmd in r.stdout
+
+
+def test_cli_embed_argument_errors(tmp_path):
+    r = _cli("embed", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--manifest" in r.stderr
+    r = _cli("embed", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = _cli("embed", "--manifest", "x.csv", "--out", "o", "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fetch: {timeout_s: -1}\n")
+    r = _cli("--config", str(bad), "embed", "--manifest", "x.csv", "--out", "o")
+    assert r.returncode == 2 and "fetch.timeout_s" in r.stderr
+
+
+def test_cli_embed_prints_a_reconciled_summary(tiny_model, tmp_path):
+    from pipelines.sample_catalog import write_catalog
+    manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2, size=96)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{handle: {tiny_model}, cache_dir: {tmp_path / 'cache'}}}\n"
+                   "runner: {direct_running_mode: in_memory}\n")
+    r = _cli("embed", "--config", str(cfg), "--manifest", manifest, "--out", str(tmp_path / "e"),
+             "--run-id", "r1")
+    assert r.returncode == 0, r.stderr
+    assert "input rows   4" in r.stdout and "check        4 = 4 + 0 + 0  ok" in r.stdout
+    r = _cli("embed", "--config", str(cfg), "--manifest", manifest, "--out", str(tmp_path / "e"),
+             "--run-id", "r2", "--previous", "latest")
+    assert r.returncode == 0, r.stderr
+    assert "reused     4" in r.stdout
