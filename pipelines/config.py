@@ -117,6 +117,8 @@ class IndexConfig:
     eval_seed: int = 0
     recall_threshold: float = 0.95
     retention: int = 5
+    tune_recall_target: float | None = 0.98
+    training_threads: int = 0
 
     def validate(self) -> None:
         _require(1 <= self.shards <= 4096, "index.shards", "must be between 1 and 4096")
@@ -129,6 +131,10 @@ class IndexConfig:
         _require(self.eval_queries >= 1, "index.eval_queries", "must be >= 1")
         _require(0 <= self.recall_threshold <= 1, "index.recall_threshold", "must be in [0, 1]")
         _require(self.retention >= 1, "index.retention", "must be >= 1")
+        _require(self.tune_recall_target is None or 0 < self.tune_recall_target <= 1,
+                 "index.tune_recall_target", "must be null or in (0, 1]")
+        _require(self.training_threads >= 0, "index.training_threads",
+                 "must be >= 0 (0 = ScaNN default)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,223 @@
+"""Search several loaded index shards as one index, plus the exact brute-force reference.
+
+    shards = open_index(root).load_shards()          # pipelines.index_artifact
+    searcher = ShardedSearcher(shards)
+    scores, rows = searcher.search(queries, k=10)    # float32 [Q,k'], int64 [Q,k'] (-1 = none)
+    hits = searcher.hits(scores, rows)               # [[Hit(image_id, product_id, ...), ...]]
+    exact_scores, exact_rows = searcher.search_exact(queries, k=10)
+
+Global rows number the rows of all given shards in order: the rows of shards[0] first,
+then shards[1], ... `image_ids[row]`, `product_ids[row]`, `views[row]`,
+`image_uris[row]` and `metadata[row]` (JSON text) map a row back to the catalog;
+`vectors(rows)` returns the indexed vectors. Scores are dot products of L2-normalised
+vectors (cosine similarity), best first; k' = min(k, num_vectors). A query for which
+the approximate search finds fewer than k' neighbours gets score -inf and row -1 in the
+remaining slots (`hits` leaves those out).
+
+Each shard answers its own top-k with ScaNN (tree + asymmetric hashing + exact
+reordering, using the leaves_to_search tuned at build time, or brute force for small
+shards); the per-shard lists are merged into the global top-k.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# Database rows scored per block by `search_exact` (bounds its memory to Q x block).
+_EXACT_BLOCK_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour of a query, mapped back to the catalog."""
+    row: int
+    shard: int
+    score: float
+    image_id: str
+    product_id: str
+    view: str
+    image_uri: str
+    metadata: dict[str, Any]
+
+
+def search_exact(vectors: np.ndarray, queries: np.ndarray, k: int,
+                 block_rows: int = _EXACT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by dot product (brute force in numpy): (scores [Q,k'], indices [Q,k']).
+
+    k' = min(k, len(vectors)); best first; ties go to the lower index. Memory stays at
+    Q x block_rows scores however large `vectors` is (it may be a memory map).
+    """
+    queries = _as_queries(queries, vectors.shape[1] if vectors.ndim == 2 else None)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = int(vectors.shape[0])
+    k = min(int(k), n)
+    q = queries.shape[0]
+    if k == 0:
+        return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+    best_s = np.full((q, 0), -np.inf, np.float32)
+    best_i = np.zeros((q, 0), np.int64)
+    for start in range(0, n, block_rows):
+        block = np.asarray(vectors[start:start + block_rows], dtype=np.float32)
+        scores = queries @ block.T
+        kk = min(k, scores.shape[1])
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < scores.shape[1] \
+            else np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        cand_s = np.concatenate([best_s, np.take_along_axis(scores, part, axis=1)], axis=1)
+        cand_i = np.concatenate([best_i, part.astype(np.int64) + start], axis=1)
+        best_s, best_i = _top_k(cand_s, cand_i, k)
+    return best_s, best_i
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k per row of candidate lists; ties broken by the lower id."""
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2:
+        raise ValueError(f"queries must be a [Q, D] array, got shape {q.shape}")
+    if dim is not None and q.shape[1] != dim:
+        raise ValueError(f"queries have {q.shape[1]} dimensions, the index has {dim}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError("queries contain NaN or infinite values")
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+class ShardedSearcher:
+    """Several `LoadedShard`s searched as one index (see the module docstring)."""
+
+    def __init__(self, shards: Sequence[Any]):
+        if not shards:
+            raise ValueError("ShardedSearcher needs at least one shard")
+        dims = {int(s.dim) for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"shards have different dimensions: {sorted(dims)}")
+        self.shards = list(shards)
+        self.dim = dims.pop()
+        sizes = [int(s.num_vectors) for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_vectors = int(self.offsets[-1])
+        self.image_ids: list[str] = []
+        self.product_ids: list[str] = []
+        self.views: list[str] = []
+        self.image_uris: list[str] = []
+        self.metadata: list[str] = []
+        self._shard_of_row = np.repeat(np.arange(len(sizes)), sizes)
+        for s in self.shards:
+            self.image_ids += s.rows.column("image_id").to_pylist()
+            self.product_ids += s.rows.column("product_id").to_pylist()
+            self.views += s.rows.column("view").to_pylist()
+            self.image_uris += s.rows.column("image_uri").to_pylist()
+            self.metadata += s.rows.column("metadata").to_pylist()
+
+    # ---------------------------------------------------------------- approximate search
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate global top-k: (scores float32 [Q,k'], rows int64 [Q,k'])."""
+        queries = _as_queries(queries, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), self.num_vectors)
+        all_s, all_r = [], []
+        for offset, shard in zip(self.offsets[:-1], self.shards):
+            if shard.num_vectors == 0:
+                continue
+            s, r = self._search_shard(shard, queries, min(k, shard.num_vectors))
+            all_s.append(s)
+            all_r.append(np.where(r >= 0, r + offset, -1))
+        scores = np.concatenate(all_s, axis=1)
+        rows = np.concatenate(all_r, axis=1)
+        if len(all_s) == 1 and scores.shape[1] == k:
+            return scores, rows
+        return _top_k_rows(scores, rows, k)
+
+    @staticmethod
+    def _search_shard(shard: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's top-k (local rows, -1 / -inf padding where ScaNN found fewer)."""
+        brute = shard.kind == "scann_brute_force"
+        pre = -1 if brute else max(k, k * shard.reorder_multiplier)
+        leaves = -1 if brute else shard.leaves_to_search
+        if queries.shape[0] == 1:
+            idx, dist = shard.searcher.search(queries[0], k, pre, leaves)
+            idx = np.asarray(idx, np.int64)[None, :]
+            dist = np.asarray(dist, np.float32)[None, :]
+        else:
+            idx, dist = shard.searcher.search_batched(queries, k, pre if pre > 0 else None,
+                                                      leaves if leaves > 0 else None)
+            idx = np.asarray(idx, np.int64)
+            dist = np.asarray(dist, np.float32)
+        if idx.shape[1] < k:  # single-query search returns only what it found
+            pad = k - idx.shape[1]
+            idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan)
+        missing = np.isnan(dist)
+        return np.where(missing, -np.inf, dist).astype(np.float32), np.where(missing, -1, idx)
+
+    # ---------------------------------------------------------------- exact reference
+
+    def search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact global top-k over the shards' stored vectors: (scores, rows) like search."""
+        queries = _as_queries(queries, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), self.num_vectors)
+        all_s, all_r = [], []
+        for offset, shard in zip(self.offsets[:-1], self.shards):
+            if shard.num_vectors == 0:
+                continue
+            s, i = search_exact(shard.vectors(), queries, k)
+            all_s.append(s)
+            all_r.append(i + offset)
+        return _top_k_rows(np.concatenate(all_s, axis=1), np.concatenate(all_r, axis=1), k)
+
+    # ---------------------------------------------------------------- rows -> catalog
+
+    def vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 [len(rows), dim]: the indexed vectors of global rows."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_vectors):
+            raise IndexError(f"rows must be in [0, {self.num_vectors}), got {rows.min()}.."
+                             f"{rows.max()}")
+        out = np.empty((rows.size, self.dim), np.float32)
+        shard_idx = self._shard_of_row[rows] if rows.size else rows
+        for si in np.unique(shard_idx):
+            mask = shard_idx == si
+            local = rows[mask] - self.offsets[si]
+            out[mask] = np.asarray(self.shards[si].vectors()[local], np.float32)
+        return out
+
+    def hit(self, row: int, score: float) -> Hit:
+        """The catalog entry of one global row."""
+        row = int(row)
+        shard = int(self._shard_of_row[row])
+        text = self.metadata[row]
+        try:
+            meta = json.loads(text) if text else {}
+        except ValueError:
+            meta = {"_raw": text}
+        return Hit(row=row, shard=self.shards[shard].shard, score=float(score),
+                   image_id=self.image_ids[row], product_id=self.product_ids[row],
+                   view=self.views[row], image_uri=self.image_uris[row],
+                   metadata=meta if isinstance(meta, dict) else {"_value": meta})
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
+        """`search` output -> per query, its hits best first (padding left out)."""
+        return [[self.hit(r, s) for s, r in zip(srow, rrow) if r >= 0]
+                for srow, rrow in zip(scores, rows)]
+
+
+def _top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # Padding (-1) sorts last among equal -inf scores because lexsort breaks ties on rows
+    # ascending; map it to a large key so real rows win ties.
+    key_rows = np.where(rows < 0, np.iinfo(np.int64).max, rows)
+    order = np.lexsort((key_rows, -scores), axis=1)[:, :k]
+    return (np.take_along_axis(scores, order, axis=1).astype(np.float32),
+            np.take_along_axis(rows, order, axis=1))
