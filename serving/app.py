@@ -1,0 +1,419 @@
+"""HTTP search service (FastAPI): search by photo or vector, "more like this", a results page.
+
+    app = create_app(index_root, config)          # uvicorn.run(app, host=..., port=...)
+
+Endpoints (OpenAPI at /openapi.json, docs at /docs):
+    POST /v1/search                  multipart (image file + k, filters, collapse) or JSON
+                                     {"vector": [...], "k": 10, "filters": {...}}
+    GET  /v1/products/{id}/similar   "more like this" for a catalog product
+    GET  /v1/images/{image_id}       a catalog image of the loaded index (thumbnails)
+    POST /v1/reload                  check LATEST now (Airflow hand-off); 409 when refused
+    GET  /healthz  /readyz  /metrics (Prometheus text)
+    GET  /                           the search page (serving/static/)
+
+Bad input never yields a 500: oversized uploads 413, undecodable images, bad k or
+filters 422 with the reason, unknown products/images 404, no index loaded yet 503.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import mimetypes
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+
+from pipelines.config import Config
+from serving.searcher import (CatalogSearcher, IndexWatcher, NotReadyError, QueryError,
+                              SearchResults)
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Multipart framing and form fields on top of the image itself.
+_MULTIPART_OVERHEAD = 64 * 1024
+_JSON_BODY_LIMIT = 4 * 1024 * 1024
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_STATUS_BY_REASON = {"too_large": 413, "unknown_product": 404, "unknown_image": 404}
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, machine-readable reason, human message."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+class Metrics:
+    """Request counters and latency histograms, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, list[int]] = {}
+        self.latency_sum: dict[str, float] = {}
+        self.latency_count: dict[str, int] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (route, method, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            buckets = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS_S) + 1))
+            buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            self.latency_sum[route] = self.latency_sum.get(route, 0.0) + seconds
+            self.latency_count[route] = self.latency_count.get(route, 0) + 1
+
+    def error(self, route: str, reason: str) -> None:
+        with self._lock:
+            self.errors[(route, reason)] = self.errors.get((route, reason), 0) + 1
+
+    def render(self, searcher: CatalogSearcher) -> str:
+        lines = ["# HELP catalog_search_requests_total HTTP requests by route, method, status.",
+                 "# TYPE catalog_search_requests_total counter"]
+        with self._lock:
+            for (route, method, status), n in sorted(self.requests.items()):
+                lines.append(f'catalog_search_requests_total{{route="{route}",method="{method}",'
+                             f'status="{status}"}} {n}')
+            lines += ["# HELP catalog_search_errors_total Requests answered with an error, "
+                      "by route and reason.", "# TYPE catalog_search_errors_total counter"]
+            for (route, reason), n in sorted(self.errors.items()):
+                lines.append(f'catalog_search_errors_total{{route="{route}",reason="{reason}"}} '
+                             f'{n}')
+            lines += ["# HELP catalog_search_request_seconds Request latency.",
+                      "# TYPE catalog_search_request_seconds histogram"]
+            for route, buckets in sorted(self.latency.items()):
+                cumulative = 0
+                for bound, n in zip(LATENCY_BUCKETS_S + (float("inf"),), buckets):
+                    cumulative += n
+                    le = "+Inf" if bound == float("inf") else repr(bound)
+                    lines.append(f'catalog_search_request_seconds_bucket{{route="{route}",'
+                                 f'le="{le}"}} {cumulative}')
+                lines.append(f'catalog_search_request_seconds_sum{{route="{route}"}} '
+                             f'{self.latency_sum[route]:.6f}')
+                lines.append(f'catalog_search_request_seconds_count{{route="{route}"}} '
+                             f'{self.latency_count[route]}')
+        idx = searcher._current
+        lines += ["# HELP catalog_search_index_info The serving index version (value 1).",
+                  "# TYPE catalog_search_index_info gauge"]
+        if idx is not None:
+            lines.append(f'catalog_search_index_info{{version="{idx.version}"}} 1')
+        lines += ["# HELP catalog_search_index_vectors Vectors in the serving index.",
+                  "# TYPE catalog_search_index_vectors gauge",
+                  f"catalog_search_index_vectors {idx.num_vectors if idx else 0}",
+                  "# HELP catalog_search_index_ready 1 when an index version is loaded.",
+                  "# TYPE catalog_search_index_ready gauge",
+                  f"catalog_search_index_ready {1 if idx else 0}",
+                  "# HELP catalog_search_reloads_total Reload checks by outcome.",
+                  "# TYPE catalog_search_reloads_total counter"]
+        for status, n in sorted(searcher.reload_counts.items()):
+            lines.append(f'catalog_search_reloads_total{{outcome="{status}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+def _error_response(status: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"reason": reason, "message": message}}, status_code=status)
+
+
+def _api_error(e: Exception) -> ApiError:
+    if isinstance(e, QueryError):
+        return ApiError(_STATUS_BY_REASON.get(e.reason, 422), e.reason, str(e))
+    if isinstance(e, NotReadyError):
+        return ApiError(503, "not_ready", str(e))
+    raise e
+
+
+def _parse_k(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool):
+        raise ApiError(422, "bad_k", f"k must be an integer, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ApiError(422, "bad_k", f"k must be an integer, got {raw!r}") from None
+
+
+def _parse_filters(raw: Any) -> dict[str, Any] | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(422, "bad_filter", f"filters must be a JSON object: {e}") from None
+    if not isinstance(raw, dict):
+        raise ApiError(422, "bad_filter", "filters must be a JSON object of key -> value(s)")
+    return raw
+
+
+def _parse_bool(raw: Any, name: str, default: bool = True) -> bool:
+    if raw is None or raw == "":
+        return default
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(422, f"bad_{name}", f"{name} must be true or false, got {raw!r}")
+
+
+async def _read_body_limited(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, "too_large", f"request body of {declared} bytes is larger "
+                                                 f"than the limit of {limit}")
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"request body is larger than the limit of {limit}")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form()/json() parse what was already read
+    return body
+
+
+_SEARCH_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary",
+                              "description": "the query photo (JPEG, PNG, WebP, ...)"},
+                    "k": {"type": "integer", "minimum": 1},
+                    "filters": {"type": "string",
+                                "description": 'JSON object, e.g. {"category": "dairy"}'},
+                    "collapse": {"type": "boolean", "default": True,
+                                 "description": "best image per product (default) or images"},
+                }}},
+            "application/json": {"schema": {
+                "type": "object", "required": ["vector"],
+                "properties": {
+                    "vector": {"type": "array", "items": {"type": "number"}},
+                    "k": {"type": "integer", "minimum": 1},
+                    "filters": {"type": "object", "additionalProperties": True},
+                    "collapse": {"type": "boolean", "default": True},
+                }}},
+        },
+    },
+    "responses": {
+        "413": {"description": "upload larger than serving.max_upload_bytes"},
+        "422": {"description": "undecodable image, bad k, bad vector or bad filters"},
+        "503": {"description": "no index version loaded yet"},
+    },
+}
+
+
+def create_app(index_root: str, config: Config, *, version: str | None = None,
+               shard_ids: Sequence[int] | None = None, searcher: CatalogSearcher | None = None,
+               watch: bool = True) -> FastAPI:
+    """The search service for the index under `index_root`.
+
+    Loads LATEST (or `version`) at start-up (a failure leaves the service up but not
+    ready: /readyz 503), and with `watch` a background watcher hot-reloads whenever
+    LATEST changes. Pass `searcher` to serve an already opened CatalogSearcher.
+    """
+    searcher = searcher or CatalogSearcher(index_root, config=config, shard_ids=shard_ids)
+    metrics = Metrics()
+    watcher = IndexWatcher(searcher)
+    max_upload = config.serving.max_upload_bytes
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not searcher.ready:
+            outcome = await run_in_threadpool(searcher.reload, version)
+            if outcome.status != "loaded":
+                log.warning("starting without an index (not ready): %s", outcome.reason)
+        if watch and version is None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            watcher.stop()
+
+    app = FastAPI(title="Catalog visual search",
+                  description="Which catalog products look like this photo?",
+                  version="1", lifespan=lifespan)
+    app.state.searcher = searcher
+    app.state.metrics = metrics
+    app.state.watcher = watcher
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            response = _error_response(500, "internal", "internal error")
+        route = request.scope.get("route")
+        route_path = getattr(route, "path", None) or "(unmatched)"
+        metrics.observe(route_path, request.method, response.status_code,
+                        time.perf_counter() - started)
+        if response.status_code >= 400:
+            metrics.error(route_path, response.headers.get("x-error-reason",
+                                                           str(response.status_code)))
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        response = _error_response(e.status, e.reason, e.message)
+        response.headers["x-error-reason"] = e.reason
+        return response
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+                             for err in e.errors())
+        fields = {str(err.get("loc", ("",))[-1]) for err in e.errors()}
+        reason = ("bad_k" if fields == {"k"} else "bad_filter" if fields == {"filters"}
+                  else "bad_collapse" if fields == {"collapse"} else "bad_request")
+        response = _error_response(422, reason, problems or "invalid request")
+        response.headers["x-error-reason"] = reason
+        return response
+
+    def answer(results: SearchResults) -> dict[str, Any]:
+        out = results.to_dict()
+        for hit in out["results"]:
+            hit.pop("image_uri", None)  # internal storage paths stay internal
+            hit["image_url"] = f"/v1/images/{hit['image_id']}"
+        return out
+
+    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await run_in_threadpool(fn, *args, **kwargs)
+        except (QueryError, NotReadyError) as e:
+            raise _api_error(e) from None
+
+    @app.post("/v1/search", summary="Search by photo (multipart) or by vector (JSON)",
+              openapi_extra=_SEARCH_OPENAPI)
+    async def search(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            await _read_body_limited(request, max_upload + _MULTIPART_OVERHEAD)
+            try:
+                form = await request.form(max_files=1, max_fields=16,
+                                          max_part_size=max_upload + 1)
+            except Exception as e:  # MultiPartException and malformed bodies
+                raise ApiError(422, "bad_multipart", f"cannot parse the form: {e}") from None
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "missing_image", "multipart field 'image' (a file) is "
+                                                     "required")
+            data = await upload.read()
+            if len(data) > max_upload:
+                raise ApiError(413, "too_large", f"image is {len(data)} bytes; the limit is "
+                                                 f"{max_upload}")
+            k = _parse_k(form.get("k"))
+            filters = _parse_filters(form.get("filters"))
+            collapse = _parse_bool(form.get("collapse"), "collapse")
+            results = await call(searcher.search_image, data, k, filters, collapse)
+        elif content_type == "application/json":
+            body = await _read_body_limited(request, _JSON_BODY_LIMIT)
+            try:
+                payload = json.loads(body)
+            except ValueError as e:
+                raise ApiError(422, "bad_json", f"body is not valid JSON: {e}") from None
+            if not isinstance(payload, dict) or "vector" not in payload:
+                raise ApiError(422, "bad_vector", 'JSON body must be an object with "vector"')
+            unknown = set(payload) - {"vector", "k", "filters", "collapse"}
+            if unknown:
+                raise ApiError(422, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+            k = _parse_k(payload.get("k"))
+            filters = _parse_filters(payload.get("filters"))
+            collapse = _parse_bool(payload.get("collapse"), "collapse")
+            vector = payload["vector"]
+            if not isinstance(vector, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector):
+                raise ApiError(422, "bad_vector", "vector must be a list of numbers")
+            results = await call(searcher.search_vector, vector, k, filters, collapse)
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data with an 'image' file, or application/json "
+                           "with a 'vector'")
+        return answer(results)
+
+    @app.get("/v1/products/{product_id}/similar", summary='"More like this" for a product')
+    async def similar(product_id: str, k: int | None = Query(None),
+                      filters: str | None = Query(None, description="JSON object"),
+                      collapse: bool = Query(True)) -> dict[str, Any]:
+        results = await call(searcher.similar_to, product_id=product_id, k=k,
+                             filters=_parse_filters(filters), collapse=collapse)
+        return answer(results)
+
+    @app.get("/v1/images/{image_id}", summary="A catalog image of the loaded index",
+             response_class=Response)
+    async def image(image_id: str) -> Response:
+        try:
+            idx = searcher.current
+        except NotReadyError as e:
+            raise _api_error(e) from None
+        uri = idx.image_uri(image_id)
+        if uri is None:
+            raise ApiError(404, "unknown_image",
+                           f"image {image_id!r} is not in index version {idx.version}")
+        from pipelines import filesystem as fs
+        try:
+            data = await run_in_threadpool(fs.read_bytes, uri, config.fetch.max_bytes)
+        except Exception as e:
+            log.warning("image %s: cannot read %s: %s", image_id, uri, e)
+            raise ApiError(404, "image_unavailable",
+                           f"image {image_id!r} cannot be read from storage") from None
+        media = mimetypes.guess_type(uri)[0] or "application/octet-stream"
+        return Response(data, media_type=media,
+                        headers={"cache-control": "public, max-age=3600"})
+
+    @app.post("/v1/reload", summary="Check LATEST now and load it if it changed")
+    async def reload() -> JSONResponse:
+        outcome = await run_in_threadpool(searcher.reload)
+        status = 409 if outcome.status == "refused" else 200
+        return JSONResponse(outcome.to_dict(), status_code=status,
+                            headers={"x-error-reason": "refused"} if status == 409 else None)
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="An index version is loaded")
+    async def readyz() -> JSONResponse:
+        idx = searcher._current
+        if idx is None:
+            return JSONResponse({"ready": False, "version": None}, status_code=503,
+                                headers={"x-error-reason": "not_ready"})
+        return JSONResponse({"ready": True, **idx.describe()})
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(searcher),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"))
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,306 @@
+"""Retrieval quality of a published index on labelled query photos, with an HTML report.
+
+    catalog-search evaluate --index-root IDX --queries LABELLED_MANIFEST --out DIR
+
+A labelled query manifest is a catalog manifest (CSV / JSONL / Parquet: product_id,
+image_uri, optional category): a result is a hit when its product_id is the query's.
+Every query is embedded with the index's own model and decode/preprocess code, then
+searched twice: through the published (approximate, sharded) index and by exact
+brute-force search over the same vectors, so the two columns differ only by the index.
+
+Metrics (k = 1, 5, 10):
+- recall@k: the query's product is among the top-k products (results collapsed to the
+  best image per product; there is one relevant product per query, so this is hit rate);
+- precision@1: the top image is of the query's product;
+- mAP@10: mean average precision of the top-10 images (uncollapsed), relevant = images
+  of the query's product, normalised by min(10, images of that product in the index).
+Reported overall, by category and by product. `evaluate()` writes report.json and a
+self-contained report.html (thumbnails inlined as data: URIs) into the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+
+from pipelines import filesystem as fs
+from pipelines.command import Command, UsageError
+from pipelines.config import Config
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+MAP_DEPTH = 10
+EXAMPLE_RESULTS = 5
+METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "precision@1", "mAP@10")
+MODES = ("index", "exact")
+
+
+def _average_precision(relevant_flags: list[bool], num_relevant: int, depth: int) -> float:
+    denominator = min(depth, num_relevant)
+    if denominator == 0:
+        return 0.0
+    hits, total = 0, 0.0
+    for rank, rel in enumerate(relevant_flags[:depth], 1):
+        if rel:
+            hits += 1
+            total += hits / rank
+    return total / denominator
+
+
+def _query_metrics(product_id: str, products: list[str], images: list[str],
+                   num_relevant: int) -> dict[str, float]:
+    """Metrics of one query from its collapsed product list and uncollapsed image list."""
+    out = {f"recall@{k}": float(product_id in products[:k]) for k in KS}
+    out["precision@1"] = float(bool(images) and images[0] == product_id)
+    out["mAP@10"] = _average_precision([p == product_id for p in images], num_relevant,
+                                       MAP_DEPTH)
+    return out
+
+
+def _mean(rows: Iterable[dict[str, float]]) -> dict[str, float]:
+    rows = list(rows)
+    if not rows:
+        return {name: 0.0 for name in METRIC_NAMES}
+    return {name: float(np.mean([r[name] for r in rows])) for name in METRIC_NAMES}
+
+
+def _thumbnail(data: bytes, side: int = 112) -> str:
+    """A small JPEG data: URI of an image (or an empty string when it cannot be read)."""
+    from PIL import Image
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (side * 2, side * 2))
+        img = img.convert("RGB")
+        img.thumbnail((side, side))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
+    except Exception:
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
+             version: str | None = None, max_examples: int = 40) -> dict[str, Any]:
+    """Evaluate the index LATEST (or `version`) names on a labelled query manifest.
+
+    Writes out_dir/report.json and out_dir/report.html; returns the report dict
+    ("overall": {"index": metrics, "exact": metrics}, "by_category", "by_product", ...).
+    """
+    from pipelines.manifest import read_rows
+    from serving.searcher import CatalogSearcher, QueryError, collect_hits
+
+    started = time.perf_counter()
+    searcher = CatalogSearcher.open(index_root, version=version, config=config)
+    idx = searcher.current
+    embedder = idx.embedder
+    assert embedder is not None
+
+    rows = list(read_rows(0, queries))
+    skipped: list[dict[str, str]] = []
+    usable: list[dict[str, Any]] = []
+    pixels: list[np.ndarray] = []
+    for row in rows:
+        if row.get("error"):
+            reason, message = row["error"]
+            skipped.append({"source": row.get("source", ""), "reason": reason,
+                            "message": message})
+            continue
+        if not idx.product_rows(row["product_id"]):
+            skipped.append({"source": row.get("source", ""), "reason": "product_not_indexed",
+                            "message": f"product {row['product_id']!r} has no image in index "
+                                       f"version {idx.version}"})
+            continue
+        try:
+            data = fs.read_bytes(row["image_uri"], max_bytes=config.fetch.max_bytes)
+            pixels.append(embedder.preprocess(data))
+        except QueryError as e:
+            skipped.append({"source": row.get("source", ""), "reason": e.reason,
+                            "message": str(e)})
+            continue
+        except Exception as e:  # unreadable file, too large
+            skipped.append({"source": row.get("source", ""), "reason": "unreadable",
+                            "message": f"{row['image_uri']}: {e}"})
+            continue
+        usable.append(row)
+    if not usable:
+        raise ValueError(f"{queries}: no usable query (of {len(rows)} rows; "
+                         f"{len(skipped)} skipped, first: {skipped[:1]})")
+    log.info("evaluate: embedding %d queries (%d skipped)", len(usable), len(skipped))
+    t_embed = time.perf_counter()
+    batch = config.model.batch_size
+    vectors = np.concatenate([embedder.embed_arrays(np.stack(pixels[i:i + batch]))
+                              for i in range(0, len(pixels), batch)])
+    embed_s = time.perf_counter() - t_embed
+
+    per_query: list[dict[str, Any]] = []
+    search_s = {m: 0.0 for m in MODES}
+    for row, vector in zip(usable, vectors):
+        pid = row["product_id"]
+        entry: dict[str, Any] = {"product_id": pid, "image_uri": row["image_uri"],
+                                 "category": str(row["metadata"].get("category", "")),
+                                 "source": row.get("source", "")}
+        num_relevant = len(idx.product_rows(pid))
+        for mode in MODES:
+            t0 = time.perf_counter()
+            by_product = collect_hits(idx, vector, max(KS), collapse=True, exact=mode == "exact")
+            by_image = collect_hits(idx, vector, MAP_DEPTH, collapse=False,
+                                    exact=mode == "exact")
+            search_s[mode] += time.perf_counter() - t0
+            entry[mode] = _query_metrics(pid, [h.product_id for h in by_product],
+                                         [h.product_id for h in by_image], num_relevant)
+            if mode == "index":
+                entry["results"] = [{"product_id": h.product_id, "image_id": h.image_id,
+                                     "score": round(h.score, 4), "hit": h.product_id == pid}
+                                    for h in by_product[:EXAMPLE_RESULTS]]
+        per_query.append(entry)
+
+    def grouped(key: str) -> dict[str, dict[str, Any]]:
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for q in per_query:
+            groups[q[key] or "(none)"].append(q)
+        return {name: {"queries": len(qs), **{m: _mean(q[m] for q in qs) for m in MODES}}
+                for name, qs in sorted(groups.items())}
+
+    report = {
+        "index_root": index_root,
+        "version": idx.version,
+        "model_id": (idx.manifest.get("model") or {}).get("model_id"),
+        "num_vectors": idx.num_vectors,
+        "num_products": idx.num_products,
+        "queries_file": queries,
+        "queries": len(per_query),
+        "skipped": skipped,
+        "overall": {m: _mean(q[m] for q in per_query) for m in MODES},
+        "by_category": grouped("category"),
+        "by_product": grouped("product_id"),
+        "index_evaluation": idx.manifest.get("evaluation"),
+        "timings_s": {"total": round(time.perf_counter() - started, 2),
+                      "embed": round(embed_s, 2),
+                      **{f"search_{m}": round(s, 3) for m, s in search_s.items()}},
+        "per_query": per_query,
+    }
+    fs.write_json(fs.join(out_dir, "report.json"), report)
+    fs.write_bytes(fs.join(out_dir, "report.html"),
+                   render_html(report, idx, max_examples).encode("utf-8"))
+    log.info("evaluate: %d queries, recall@1 %.3f (exact %.3f), report in %s", len(per_query),
+             report["overall"]["index"]["recall@1"], report["overall"]["exact"]["recall@1"],
+             out_dir)
+    return report
+
+
+def _metrics_table(title: str, groups: dict[str, dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(m)}<br><small>index / exact</small></th>"
+                   for m in METRIC_NAMES)
+    body = []
+    for name, g in groups.items():
+        cells = "".join(f"<td>{g['index'][m]:.3f} / {g['exact'][m]:.3f}</td>"
+                        for m in METRIC_NAMES)
+        body.append(f"<tr><th>{html.escape(name)}</th><td>{g['queries']}</td>{cells}</tr>")
+    return (f"<h2>{html.escape(title)}</h2><table><tr><th></th><th>queries</th>{head}</tr>"
+            + "".join(body) + "</table>")
+
+
+def _pick_examples(per_query: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Evenly spread queries, half of them misses when there are misses (deterministic)."""
+    misses = [q for q in per_query if not q["index"]["recall@1"]]
+    hits = [q for q in per_query if q["index"]["recall@1"]]
+
+    def spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+        if n <= 0 or not items:
+            return []
+        step = max(1, len(items) // n)
+        return items[::step][:n]
+    chosen_misses = spread(misses, count // 2)
+    return spread(hits, count - len(chosen_misses)) + chosen_misses
+
+
+def render_html(report: dict[str, Any], idx: Any, max_examples: int = 40) -> str:
+    """A self-contained HTML page: metric tables and query → result thumbnails."""
+    overall = {"all queries": {"queries": report["queries"], **report["overall"]}}
+    examples = []
+    for q in _pick_examples(report["per_query"], max_examples):
+        try:
+            query_thumb = _thumbnail(fs.read_bytes(q["image_uri"]))
+        except Exception:
+            query_thumb = ""
+        cells = [f'<figure class="query"><img src="{query_thumb}" alt="query"><figcaption>'
+                 f'query<br>{html.escape(q["product_id"])}</figcaption></figure>']
+        for r in q["results"]:
+            uri = idx.image_uri(r["image_id"])
+            try:
+                thumb = _thumbnail(fs.read_bytes(uri)) if uri else ""
+            except Exception:
+                thumb = ""
+            mark = "hit" if r["hit"] else "miss"
+            cells.append(f'<figure class="{mark}"><img src="{thumb}" alt="{mark}">'
+                         f'<figcaption>{"✔" if r["hit"] else "✘"} '
+                         f'{html.escape(r["product_id"])}<br>{r["score"]:.3f}</figcaption>'
+                         f'</figure>')
+        examples.append('<div class="row">' + "".join(cells) + "</div>")
+    skipped = "".join(f"<li>{html.escape(s['source'])}: {html.escape(s['reason'])}: "
+                      f"{html.escape(s['message'])}</li>" for s in report["skipped"][:50])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation of {html.escape(report['version'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5rem; font-size: .85rem; }}
+td, th {{ border: 1px solid #ccc; padding: .25rem .5rem; text-align: right; }}
+.row {{ display: flex; gap: .4rem; margin-bottom: .6rem; align-items: flex-start; }}
+figure {{ margin: 0; width: 116px; text-align: center; font-size: .75rem; }}
+figure img {{ width: 112px; height: 112px; object-fit: contain; background: #eee; border: 3px solid transparent; }}
+.query img {{ border-color: #23395d; }} .hit img {{ border-color: #1a9641; }} .miss img {{ border-color: #d7191c; }}
+</style></head><body>
+<h1>Evaluation of index version {html.escape(report['version'])}</h1>
+<p>Index <code>{html.escape(report['index_root'])}</code> · model {html.escape(str(report['model_id']))}
+· {report['num_vectors']} vectors · {report['num_products']} products · {report['queries']} queries
+from <code>{html.escape(report['queries_file'])}</code> ({len(report['skipped'])} skipped).
+Each cell: published index / exact search. Recall@k on products (best image per product);
+precision@1 and mAP@10 on images.</p>
+{_metrics_table("Overall", overall)}
+{_metrics_table("By category", report["by_category"])}
+<h2>Examples (query → top {EXAMPLE_RESULTS} products; green = same product)</h2>
+{''.join(examples)}
+{_metrics_table("By product", report["by_product"])}
+{f'<h2>Skipped queries</h2><ul>{skipped}</ul>' if skipped else ''}
+</body></html>
+"""
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
+    p.add_argument("--queries", required=True,
+                   help="labelled query manifest (CSV/JSONL/Parquet: product_id, image_uri, "
+                        "optional category)")
+    p.add_argument("--out", default="out/evaluation", help="folder for report.html/report.json")
+    p.add_argument("--version", help="index version (default: what LATEST names)")
+    p.add_argument("--examples", type=int, default=40, help="query rows shown in the HTML")
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    if not fs.exists(args.queries):
+        raise UsageError(f"--queries {args.queries} does not exist")
+    if args.examples < 0:
+        raise UsageError("--examples must be >= 0")
+    report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
+                      max_examples=args.examples)
+    print(f"index version {report['version']}: {report['queries']} queries "
+          f"({len(report['skipped'])} skipped), {report['num_vectors']} vectors")
+    print(f"{'':<14}" + "".join(f"{m:>13}" for m in METRIC_NAMES))
+    for mode in MODES:
+        print(f"{mode:<14}" + "".join(f"{report['overall'][mode][m]:>13.3f}"
+                                       for m in METRIC_NAMES))
+    print(f"report: {fs.join(args.out, 'report.html')}")
+    return 0
+
+
+COMMANDS = {"evaluate": Command(
+    help="recall@1/5/10, precision@1, mAP@10 of an index on labelled queries (+ HTML report)",
+    add_arguments=_add_arguments, run=_run)}

@@ -1,0 +1,643 @@
+"""Search the published catalog index: "which catalog products look like this photo?".
+
+    searcher = CatalogSearcher.open(index_root, config=config)     # LATEST, all shards
+    results = searcher.search_image(photo_bytes, k=10, filters={"category": "dairy"})
+    results = searcher.search_vector(vector, k=10)
+    results = searcher.similar_to(product_id="P0003", k=10)        # "more like this"
+
+A `CatalogSearcher` holds one `LoadedIndex` (an immutable, fully loaded index version:
+its shards, its row table and the query embedder built from the version's own model,
+with the same decode/preprocess code as the embed pipeline). `reload()` loads a new
+version beside the serving one, verifies it and swaps one reference; a request keeps
+the `LoadedIndex` it started with, so in-flight requests finish on the old version.
+A version that fails to load or verify is refused with a logged reason and the old one
+keeps serving. `IndexWatcher` calls `reload()` whenever LATEST changes.
+
+Results are collapsed to products by default (best-scoring image per product) and can
+be filtered on metadata (`{"category": "dairy"}`, a value or a list of accepted values;
+`product_id` and `image_id` are filterable too).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from pipelines.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+# Rows examined to learn which metadata keys exist (for validating filter keys).
+_METADATA_KEY_SAMPLE = 20_000
+# Self-recall probe run on every version before it may serve.
+_VERIFY_PROBES = 8
+_MAX_FILTER_KEYS = 16
+_MAX_FILTER_VALUES = 100
+
+
+class QueryError(ValueError):
+    """A query cannot be answered as asked; `reason` is a short machine-readable cause.
+
+    Reasons: bad_k, bad_filter, bad_vector, unknown_product, unknown_image, too_large,
+    and the decode reasons of pipelines.image_decode.DecodeError (not_an_image, empty,
+    truncated, corrupt, too_many_pixels).
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class IndexLoadError(RuntimeError):
+    """An index version cannot be loaded or fails verification."""
+
+
+class NotReadyError(RuntimeError):
+    """No index version is loaded yet."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One result: a catalog image (the best one of its product when collapsed)."""
+    product_id: str
+    image_id: str
+    score: float
+    metadata: dict[str, Any]
+    image_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    """The answer to one query."""
+    version: str
+    k: int
+    collapsed: bool
+    hits: list[SearchHit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "k": self.k, "collapsed": self.collapsed,
+                "results": [h.to_dict() for h in self.hits], "timings_ms": self.timings_ms}
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What `CatalogSearcher.reload` did: loaded, unchanged or refused (with the reason)."""
+    status: str
+    version: str | None
+    serving_version: str | None
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- query embedder
+
+class QueryEmbedder:
+    """Photo bytes -> embedding, with the index's model and the pipeline's decode/preprocess."""
+
+    def __init__(self, model: Mapping[str, Any], config: Config):
+        from pipelines.models import Embedder, ModelSpec, resolve_model
+        recorded = ModelSpec.from_dict(dict(model))
+        try:
+            spec = resolve_model(recorded.handle, config.model.resolved_cache_dir(),
+                                 recorded.input_size)
+        except Exception as e:  # ModelError, conversion errors, missing directories
+            raise IndexLoadError(f"model {recorded.handle!r} of the index cannot be resolved "
+                                 f"here: {e}") from e
+        if spec.fingerprint != recorded.fingerprint:
+            raise IndexLoadError(
+                f"model {recorded.handle!r} resolves to fingerprint {spec.fingerprint[:12]} here "
+                f"but the index was built with {recorded.fingerprint[:12]}: query embeddings "
+                f"would not match the catalog's")
+        self.spec = spec
+        self.config = config
+        self._embedder = Embedder(spec)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """bytes -> uint8 [S,S,3]; raises QueryError with the decode reason."""
+        from pipelines.image_decode import DecodeError, load_and_preprocess
+        try:
+            return load_and_preprocess(data, self.spec.input_size, self.config)
+        except DecodeError as e:
+            raise QueryError(e.reason, f"image cannot be used: {e}") from e
+
+    def embed_arrays(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,S,S,3] -> float32 [N,dim], L2-normalised."""
+        return self._embedder.embed(images)
+
+    def embed_bytes(self, data: bytes) -> np.ndarray:
+        """One photo -> float32 [dim]."""
+        return self.embed_arrays(self.preprocess(data)[None])[0]
+
+
+# --------------------------------------------------------------------------- loaded index
+
+class LoadedIndex:
+    """One index version in memory. Immutable once built; shared by concurrent requests."""
+
+    def __init__(self, version: str, manifest: Mapping[str, Any], shard_ids: list[int],
+                 backend: "_ShardBackend", embedder: QueryEmbedder | None):
+        self.version = version
+        self.manifest = dict(manifest)
+        self.shard_ids = shard_ids
+        self.embedder = embedder
+        self._backend = backend
+        self.num_vectors = backend.num_rows
+        self.dim = int(manifest.get("dim") or backend.dim)
+        self.loaded_at = time.time()
+        images: dict[str, list[int]] = {}
+        for i, img in enumerate(backend.image_ids):
+            images.setdefault(img, []).append(i)  # several rows when views are separate
+        self._image_rows = images
+        self.has_views = len(images) < backend.num_rows
+        products: dict[str, list[int]] = {}
+        for i, pid in enumerate(backend.product_ids):
+            products.setdefault(pid, []).append(i)
+        self._product_rows = products
+        step = max(1, self.num_vectors // _METADATA_KEY_SAMPLE)
+        keys: set[str] = {"product_id", "image_id"}
+        for i in range(0, self.num_vectors, step):
+            keys.update(self.metadata(i))
+        self.filter_keys = frozenset(keys)
+
+    @property
+    def num_products(self) -> int:
+        return len(self._product_rows)
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        text = self._backend.metadata[row]
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def hit(self, row: int, score: float) -> SearchHit:
+        b = self._backend
+        return SearchHit(product_id=b.product_ids[row], image_id=b.image_ids[row],
+                         score=float(score), metadata=self.metadata(row),
+                         image_uri=b.image_uris[row] if b.image_uris is not None else None)
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self._image_rows
+
+    def image_uri(self, image_id: str) -> str | None:
+        rows = self._image_rows.get(image_id)
+        if not rows or self._backend.image_uris is None:
+            return None
+        return self._backend.image_uris[rows[0]]
+
+    def image_rows(self, image_id: str) -> list[int]:
+        return self._image_rows.get(image_id, [])
+
+    def product_rows(self, product_id: str) -> list[int]:
+        return self._product_rows.get(product_id, [])
+
+    def vectors_of(self, rows: Sequence[int]) -> np.ndarray:
+        return self._backend.vectors_of(rows)
+
+    def search(self, queries: np.ndarray, n: int, exact: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [Q,D] -> (scores [Q,n'], global rows [Q,n'], -1 = none), best first."""
+        n = max(1, min(int(n), self.num_vectors))
+        return self._backend.search(np.ascontiguousarray(queries, dtype=np.float32), n, exact)
+
+    def describe(self) -> dict[str, Any]:
+        model = self.manifest.get("model") or {}
+        return {"version": self.version, "num_vectors": self.num_vectors,
+                "num_products": self.num_products, "dim": self.dim, "shards": self.shard_ids,
+                "model_id": model.get("model_id"), "created_at": self.manifest.get("created_at"),
+                "loaded_at": self.loaded_at}
+
+
+class _ShardBackend:
+    """Adapter over pipelines.index_artifact / pipelines.sharded_search: rows + search."""
+
+    def __init__(self, shards: list[Any]):
+        from pipelines.sharded_search import ShardedSearcher
+        self._searcher = ShardedSearcher(shards)
+        s = self._searcher
+        self.num_rows = int(s.num_vectors)
+        self.dim = int(s.dim)
+        self.image_ids = s.image_ids
+        self.product_ids = s.product_ids
+        self.metadata = s.metadata
+        self.image_uris = getattr(s, "image_uris", None)
+
+    def search(self, queries: np.ndarray, n: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        if exact:
+            return self._searcher.search_exact(queries, n)
+        return self._searcher.search(queries, n)
+
+    def vectors_of(self, rows: Sequence[int]) -> np.ndarray:
+        return self._searcher.vectors(np.asarray(rows, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- filters
+
+def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
+                     ) -> dict[str, frozenset[str]]:
+    """{"key": value | [values]} -> {"key": accepted values as strings}; QueryError if bad."""
+    if filters is None:
+        return {}
+    if not isinstance(filters, Mapping):
+        raise QueryError("bad_filter", f"filters must be an object of key -> value(s), "
+                                       f"got {type(filters).__name__}")
+    if len(filters) > _MAX_FILTER_KEYS:
+        raise QueryError("bad_filter", f"at most {_MAX_FILTER_KEYS} filter keys")
+    known = set(known_keys) if known_keys is not None else None
+    out: dict[str, frozenset[str]] = {}
+    for key, value in filters.items():
+        if not isinstance(key, str) or not key:
+            raise QueryError("bad_filter", f"filter key {key!r} must be a non-empty string")
+        if known is not None and key not in known:
+            raise QueryError("bad_filter", f"filter key {key!r} is not a metadata field of this "
+                                           f"index; known: {', '.join(sorted(known))}")
+        values = value if isinstance(value, list) else [value]
+        if not values or len(values) > _MAX_FILTER_VALUES:
+            raise QueryError("bad_filter", f"filter {key!r} needs 1 to {_MAX_FILTER_VALUES} "
+                                           f"values")
+        for v in values:
+            if isinstance(v, (dict, list)) or v is None:
+                raise QueryError("bad_filter", f"filter {key!r}: values must be strings, numbers "
+                                               f"or booleans, got {v!r}")
+        out[key] = frozenset(_filter_text(v) for v in values)
+    return out
+
+
+def _filter_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _matches(hit_fields: Mapping[str, Any], filters: Mapping[str, frozenset[str]]) -> bool:
+    for key, accepted in filters.items():
+        value = hit_fields.get(key)
+        if value is None or _filter_text(value) not in accepted:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- searcher
+
+class CatalogSearcher:
+    """Serves one index version at a time, from a local or object-store index root."""
+
+    def __init__(self, index_root: str, config: Config | None = None,
+                 shard_ids: Sequence[int] | None = None, load_embedder: bool = True):
+        self.index_root = index_root
+        self.config = config or load_config()
+        self.shard_ids = sorted(set(int(s) for s in shard_ids)) if shard_ids else None
+        self.load_embedder = load_embedder
+        self._current: LoadedIndex | None = None
+        self._reload_lock = threading.Lock()
+        self._refused: dict[str, str] = {}
+        self._embedders: dict[str, QueryEmbedder] = {}
+        self.reload_counts = {"loaded": 0, "unchanged": 0, "refused": 0}
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, index_root: str, version: str | None = None,
+             shard_ids: Sequence[int] | None = None, config: Config | None = None,
+             load_embedder: bool = True) -> "CatalogSearcher":
+        """Load LATEST (or `version`) now; raises IndexLoadError when it cannot serve."""
+        searcher = cls(index_root, config=config, shard_ids=shard_ids,
+                       load_embedder=load_embedder)
+        outcome = searcher.reload(version=version)
+        if outcome.status != "loaded":
+            raise IndexLoadError(outcome.reason or f"no index version to load at {index_root}")
+        return searcher
+
+    @property
+    def current(self) -> LoadedIndex:
+        """The serving version; NotReadyError before the first successful load."""
+        idx = self._current
+        if idx is None:
+            raise NotReadyError(f"no index version loaded from {self.index_root} yet")
+        return idx
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def version(self) -> str | None:
+        idx = self._current
+        return idx.version if idx is not None else None
+
+    def latest_version(self) -> str | None:
+        from pipelines.index_artifact import read_latest
+        return read_latest(self.index_root)
+
+    def reload(self, version: str | None = None, force: bool = False) -> ReloadOutcome:
+        """Load `version` (default: what LATEST names) if it is not serving; verify; swap.
+
+        Never raises for a bad version: the outcome says "refused" with the reason and the
+        serving version is kept. A version refused before is not retried unless `force`.
+        """
+        with self._reload_lock:
+            started = time.perf_counter()
+            serving = self.version
+            try:
+                target = version or self.latest_version()
+            except Exception as e:
+                return self._refuse(None, f"cannot read LATEST under {self.index_root}: {e}",
+                                    started, remember=False)
+            if target is None:
+                return self._refuse(None, f"no published version under {self.index_root} "
+                                          f"(LATEST is missing)", started, remember=False)
+            if target == serving:
+                self.reload_counts["unchanged"] += 1
+                return ReloadOutcome("unchanged", target, serving)
+            if target in self._refused and not force:
+                return ReloadOutcome("refused", target, serving, self._refused[target])
+            try:
+                loaded = self._load(target)
+            except Exception as e:  # IndexLoadError and anything a broken artifact raises
+                return self._refuse(target, str(e) or type(e).__name__, started)
+            self._current = loaded  # the swap: one reference assignment
+            self._refused.pop(target, None)
+            self.reload_counts["loaded"] += 1
+            seconds = time.perf_counter() - started
+            log.info("serving index version %s (%d vectors, %d products, shards %s) "
+                     "after %.2fs; previous: %s", loaded.version, loaded.num_vectors,
+                     loaded.num_products, loaded.shard_ids, seconds, serving)
+            return ReloadOutcome("loaded", target, target, seconds=seconds)
+
+    def _refuse(self, target: str | None, reason: str, started: float,
+                remember: bool = True) -> ReloadOutcome:
+        self.reload_counts["refused"] += 1
+        if target is not None and remember:
+            self._refused[target] = reason
+        log.error("index version %s refused (still serving %s): %s",
+                  target or "(none)", self.version or "nothing", reason)
+        return ReloadOutcome("refused", target, self.version, reason,
+                             time.perf_counter() - started)
+
+    def _embedder_for(self, model: Mapping[str, Any]) -> QueryEmbedder:
+        fingerprint = str(model.get("fingerprint", ""))
+        embedder = self._embedders.get(fingerprint)
+        if embedder is None:
+            embedder = QueryEmbedder(model, self.config)
+            self._embedders = {fingerprint: embedder}  # keep only the newest model
+        return embedder
+
+    def _load(self, version: str) -> LoadedIndex:
+        from pipelines.index_artifact import open_index
+        try:
+            artifact = open_index(self.index_root, version=version, verify=True)
+        except Exception as e:
+            raise IndexLoadError(f"version {version}: cannot open: {e}") from e
+        manifest = artifact.manifest
+        all_ids = list(range(len(manifest.get("shards") or [])))
+        shard_ids = self.shard_ids or all_ids
+        unknown = [s for s in shard_ids if s not in all_ids]
+        if unknown:
+            raise IndexLoadError(f"version {version} has shards {all_ids}; asked for {unknown}")
+        shards = artifact.load_shards(shard_ids=shard_ids)
+        backend = _ShardBackend(shards)
+        embedder = self._embedder_for(manifest["model"]) if self.load_embedder else None
+        loaded = LoadedIndex(version, manifest, shard_ids, backend, embedder)
+        verify_loaded(loaded)
+        return loaded
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def check_k(self, k: int | None) -> int:
+        """k or the default; QueryError unless 1 <= k <= serving.max_k."""
+        if k is None:
+            return self.config.serving.default_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise QueryError("bad_k", f"k must be an integer, got {k!r}")
+        if not 1 <= int(k) <= self.config.serving.max_k:
+            raise QueryError("bad_k", f"k must be between 1 and {self.config.serving.max_k}, "
+                                      f"got {k}")
+        return int(k)
+
+    def search_image(self, data: bytes, k: int | None = None,
+                     filters: Mapping[str, Any] | None = None,
+                     collapse: bool = True) -> SearchResults:
+        """Products that look like the photo `data` (JPEG/PNG/... bytes)."""
+        idx = self.current
+        k = self.check_k(k)
+        parsed = validate_filters(filters, idx.filter_keys)
+        limit = self.config.serving.max_upload_bytes
+        if len(data) > limit:
+            raise QueryError("too_large", f"image is {len(data)} bytes; the limit is {limit}")
+        if idx.embedder is None:
+            raise QueryError("no_model", "this searcher was opened without a query model")
+        t0 = time.perf_counter()
+        pixels = idx.embedder.preprocess(data)
+        t1 = time.perf_counter()
+        vector = idx.embedder.embed_arrays(pixels[None])[0]
+        t2 = time.perf_counter()
+        results = self._run(idx, vector, k, parsed, collapse, exclude_rows=())
+        results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
+        return results
+
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int | None = None,
+                      filters: Mapping[str, Any] | None = None,
+                      collapse: bool = True) -> SearchResults:
+        """Products nearest to an embedding (normalised here; dimension must match)."""
+        idx = self.current
+        k = self.check_k(k)
+        parsed = validate_filters(filters, idx.filter_keys)
+        return self._run(idx, self.check_vector(vector, idx.dim), k, parsed, collapse, ())
+
+    def similar_to(self, product_id: str | None = None, image_id: str | None = None,
+                   k: int | None = None, filters: Mapping[str, Any] | None = None,
+                   collapse: bool = True) -> SearchResults:
+        """"More like this": products like a catalog product (mean of its images) or image.
+
+        The product (or image) itself is left out of the results.
+        """
+        if (product_id is None) == (image_id is None):
+            raise QueryError("bad_query", "give exactly one of product_id or image_id")
+        idx = self.current
+        k = self.check_k(k)
+        parsed = validate_filters(filters, idx.filter_keys)
+        if product_id is not None:
+            rows = idx.product_rows(product_id)
+            if not rows:
+                raise QueryError("unknown_product",
+                                 f"product {product_id!r} is not in index version {idx.version}")
+            exclude_product = product_id
+        else:
+            rows = idx.image_rows(image_id)
+            if not rows:
+                raise QueryError("unknown_image",
+                                 f"image {image_id!r} is not in index version {idx.version}")
+            exclude_product = None
+        vectors = idx.vectors_of(rows)
+        vector = _normalise(vectors.mean(axis=0))
+        return self._run(idx, vector, k, parsed, collapse, exclude_rows=rows,
+                         exclude_product=exclude_product)
+
+    @staticmethod
+    def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
+        """A finite, non-zero vector of the index's dimension, L2-normalised."""
+        try:
+            v = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise QueryError("bad_vector", f"vector must be a list of numbers: {e}") from e
+        if v.ndim != 1 or v.shape[0] != dim:
+            raise QueryError("bad_vector", f"vector must have {dim} numbers, got shape "
+                                           f"{list(v.shape)}")
+        if not np.all(np.isfinite(v)):
+            raise QueryError("bad_vector", "vector has NaN or infinite values")
+        if not np.any(v):
+            raise QueryError("bad_vector", "vector is all zeros")
+        return _normalise(v)
+
+    def _run(self, idx: LoadedIndex, vector: np.ndarray, k: int,
+             filters: Mapping[str, frozenset[str]], collapse: bool,
+             exclude_rows: Iterable[int], exclude_product: str | None = None,
+             exact: bool = False) -> SearchResults:
+        t0 = time.perf_counter()
+        hits = collect_hits(idx, vector, k, filters, collapse, exclude_rows, exclude_product,
+                            exact)
+        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
+                             timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
+
+
+def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
+                 filters: Mapping[str, frozenset[str]] | None = None, collapse: bool = True,
+                 exclude_rows: Iterable[int] = (), exclude_product: str | None = None,
+                 exact: bool = False) -> list[SearchHit]:
+    """Top-k hits for one normalised query vector: over-fetch images, filter, collapse.
+
+    Asks the index for more neighbours (x4 each round) until k hits survive filtering and
+    product collapsing, or the whole index has been asked for.
+    """
+    excluded = set(int(r) for r in exclude_rows)
+    extra = len(excluded) + (len(idx.product_rows(exclude_product)) if exclude_product else 0)
+    needs_more = collapse or bool(filters) or extra > 0 or idx.has_views
+    fetch = min(idx.num_vectors, (max(4 * k, 32) if needs_more else k) + extra)
+    while True:
+        scores, rows = idx.search(vector[None], fetch, exact=exact)
+        hits: list[SearchHit] = []
+        seen: set[str] = set()
+        for score, row in zip(scores[0], rows[0]):
+            row = int(row)
+            if row < 0 or row in excluded:
+                continue
+            hit = idx.hit(row, float(score))
+            if exclude_product is not None and hit.product_id == exclude_product:
+                continue
+            if filters and not _matches({**hit.metadata, "product_id": hit.product_id,
+                                         "image_id": hit.image_id}, filters):
+                continue
+            key = hit.product_id if collapse else hit.image_id  # views of one image: once
+            if key in seen:
+                continue
+            seen.add(key)
+            hits.append(hit)
+            if len(hits) == k:
+                return hits
+        if fetch >= idx.num_vectors:
+            return hits
+        fetch = min(idx.num_vectors, fetch * 4)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
+
+
+def verify_loaded(idx: LoadedIndex) -> None:
+    """Refuse a version that would serve wrong answers; raises IndexLoadError with why."""
+    manifest = idx.manifest
+    if idx.num_vectors == 0:
+        raise IndexLoadError(f"version {idx.version}: the loaded shards hold no vectors")
+    shards = manifest.get("shards") or []
+    expected = sum(int(shards[s].get("num_vectors", 0)) for s in idx.shard_ids
+                   if s < len(shards))
+    if expected and expected != idx.num_vectors:
+        raise IndexLoadError(f"version {idx.version}: manifest says shards {idx.shard_ids} hold "
+                             f"{expected} vectors, loaded {idx.num_vectors}")
+    if idx.embedder is not None and idx.embedder.spec.dim and idx.embedder.spec.dim != idx.dim:
+        raise IndexLoadError(f"version {idx.version}: model {idx.embedder.spec.model_id} gives "
+                             f"{idx.embedder.spec.dim}-d vectors, the index holds {idx.dim}-d")
+    rng = np.random.default_rng(0)
+    probes = rng.choice(idx.num_vectors, size=min(_VERIFY_PROBES, idx.num_vectors),
+                        replace=False)
+    vectors = idx.vectors_of(probes)
+    if vectors.shape != (len(probes), idx.dim) or not np.all(np.isfinite(vectors)):
+        raise IndexLoadError(f"version {idx.version}: stored vectors are malformed "
+                             f"(shape {vectors.shape}, expected [{len(probes)}, {idx.dim}])")
+    scores, rows = idx.search(vectors, min(10, idx.num_vectors))
+    found = 0
+    for probe, vec, row_scores, row_ids in zip(probes, vectors, scores, rows):
+        # A probe is found when its own row, or a row with an identical score (a duplicate
+        # image), comes back in its top 10.
+        own = float(vec @ vec)
+        if int(probe) in set(int(r) for r in row_ids) or np.any(np.abs(row_scores - own) < 1e-4):
+            found += 1
+    if found < len(probes) * 0.75:
+        raise IndexLoadError(f"version {idx.version}: self-search found only {found} of "
+                             f"{len(probes)} probe vectors in their own top 10")
+    if idx.embedder is not None:
+        # One forward pass so the first request does not pay for graph tracing.
+        size = idx.embedder.spec.input_size
+        probe_vec = idx.embedder.embed_arrays(np.full((1, size, size, 3), 128, np.uint8))
+        if probe_vec.shape[1] != idx.dim:
+            raise IndexLoadError(f"version {idx.version}: model gives {probe_vec.shape[1]}-d "
+                                 f"vectors, the index holds {idx.dim}-d")
+
+
+# --------------------------------------------------------------------------- hot reload
+
+class IndexWatcher:
+    """Background thread: every `interval_s`, load what LATEST names if it changed."""
+
+    def __init__(self, searcher: CatalogSearcher, interval_s: float | None = None):
+        self.searcher = searcher
+        self.interval_s = interval_s or searcher.config.serving.reload_interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_outcome: ReloadOutcome | None = None
+
+    def start(self) -> "IndexWatcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="index-watcher",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def check_now(self) -> ReloadOutcome:
+        outcome = self.searcher.reload()
+        self.last_outcome = outcome
+        return outcome
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_now()
+            except Exception:  # the watcher must outlive any single bad check
+                log.exception("index watcher: reload check failed")
