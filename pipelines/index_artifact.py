@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import filesystem as fs
-from pipelines.cli import Command, UsageError
+from pipelines.command import Command, UsageError
 from pipelines.config import Config
 
 log = logging.getLogger(__name__)

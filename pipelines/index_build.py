@@ -37,7 +37,6 @@ Steps (run_build_index):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -60,7 +59,7 @@ import pyarrow.parquet as pq
 from pipelines import filesystem as fs
 from pipelines import index_artifact as art
 from pipelines import snapshot as snap
-from pipelines.cli import Command, UsageError
+from pipelines.command import Command, UsageError
 from pipelines.config import Config
 from pipelines.sharded_search import ShardedSearcher, search_exact
 
@@ -198,7 +197,8 @@ def prepare_snapshot(snapshot: snap.Snapshot, num_shards: int,
                               f"model_id; cannot record which model the index serves")
     for name in ("image_id", "product_id", "view"):
         col = table.column(name)
-        empty = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))
+        empty = pc.fill_null(pc.or_kleene(pc.is_null(col),
+                                          pc.equal(pc.utf8_length(col), 0)), True)
         bad_rows = np.flatnonzero(empty.to_numpy(zero_copy_only=False))
         if len(bad_rows):
             ids = [table.column("image_id")[int(i)].as_py() for i in bad_rows[:_EXAMPLES]]

@@ -1,0 +1,340 @@
+"""build_index on real snapshots: real Beam pipelines, real ScaNN indexes, real files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines import filesystem as fs
+from pipelines import index_artifact as art
+from pipelines import snapshot
+from pipelines.cli import main as cli_main
+from pipelines.config import Config, load_config
+from pipelines.index_build import (IndexBuildError, RecallGateError, run_build_index,
+                                   shard_for)
+from pipelines.sharded_search import ShardedSearcher, search_exact
+
+MODEL_ID = "testmodel@0123456789ab"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def clustered_vectors(n: int, dim: int, seed: int = 0, clusters: int | None = None,
+                      spread: float = 0.3) -> np.ndarray:
+    """Unit vectors around random centres (clusters=0: uniform on the sphere)."""
+    rng = np.random.default_rng(seed)
+    clusters = max(1, n // 50) if clusters is None else clusters
+    if clusters == 0:
+        v = rng.standard_normal((n, dim)).astype(np.float32)
+    else:
+        centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+        v = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal(
+            (n, dim)).astype(np.float32)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def snapshot_table(vectors: np.ndarray, image_ids: Sequence[str] | None = None,
+                   views: Sequence[str] | None = None, model_id: str = MODEL_ID) -> pa.Table:
+    n, dim = vectors.shape
+    ids = list(image_ids) if image_ids is not None else [f"img{i:06d}" for i in range(n)]
+    return pa.table({
+        "image_id": ids,
+        "product_id": [f"P{int(i[3:]) // 3:05d}" if i[3:].isdigit() else f"P-{i}" for i in ids],
+        "image_uri": [f"file:///catalog/{i}.jpg" for i in ids],
+        "content_sha256": ["0" * 64] * n,
+        "model_id": [model_id] * n,
+        "view": list(views) if views is not None else ["original"] * n,
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        "metadata": [json.dumps({"title": f"item {i}", "category": "c" + str(k % 3)})
+                     for k, i in enumerate(ids)],
+    }, schema=snapshot.embeddings_schema(dim))
+
+
+def write_snapshot(path: str, vectors: np.ndarray, image_ids: Sequence[str] | None = None,
+                   views: Sequence[str] | None = None, model_id: str = MODEL_ID,
+                   table: pa.Table | None = None) -> str:
+    """A complete embeddings snapshot folder (Parquet + summary.json), as the embed job writes."""
+    dim = int(vectors.shape[1]) if vectors is not None else 0
+    if table is None:
+        table = snapshot_table(vectors, image_ids, views, model_id)
+    snapshot.write_table(path, table)
+    fs.write_json(fs.join(path, snapshot.SUMMARY_FILE), {
+        "model": {"handle": "test", "model_id": model_id, "dim": dim, "input_size": 64,
+                  "fingerprint": "0123456789ab" * 4},
+        "dim": dim, "run_id": os.path.basename(path), "input_rows": table.num_rows})
+    return path
+
+
+def make_config(**index) -> Config:
+    """In-process DirectRunner (FnApiRunner in_memory) unless the test asks otherwise."""
+    runner = index.pop("runner", {"direct_running_mode": "in_memory", "direct_num_workers": 1})
+    return load_config(overrides={"runner": runner, "index": {"eval_queries": 200, **index}})
+
+
+def exact_ids(snapshot_path: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, list]:
+    snap = snapshot.load(snapshot_path)
+    scores, idx = search_exact(snap.vectors(), queries, k)
+    ids = snap.table.column("image_id").to_pylist()
+    return scores, [[ids[i] for i in row] for row in idx]
+
+
+# --------------------------------------------------------------------------- builds
+
+def test_sharded_brute_force_equals_exact_search(tmp_path):
+    vectors = clustered_vectors(420, 32, seed=1)
+    snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    config = make_config(shards=3, runner={"direct_running_mode": "multi_processing",
+                                           "direct_num_workers": 2})
+    manifest = run_build_index(snap_path, root, config)
+
+    assert art.read_latest(root) == manifest["version"]
+    assert manifest["status"] == "passed" and manifest["num_vectors"] == 420
+    assert [s["kind"] for s in manifest["shards"]] == ["scann_brute_force"] * 3
+    assert sum(s["num_vectors"] for s in manifest["shards"]) == 420
+    assert len(manifest["build"]["worker_pids"]) == 2  # shards were built in 2 processes
+    assert manifest["evaluation"]["recall@10"] == 1.0
+    assert manifest["evaluation"]["recall@1"] == 1.0
+    for s in manifest["shards"]:
+        names = {f["name"] for f in s["files"]}
+        assert {"rows.parquet", "dataset.npy", "scann_assets.pbtxt"} <= names
+        assert all(len(f["sha256"]) == 64 for f in s["files"])
+
+    # the artifact is movable: ScaNN assets use relative paths, no pickled docids
+    moved = str(tmp_path / "moved")
+    shutil.copytree(root, moved)
+    shutil.rmtree(root)
+    opened = art.open_index(moved)
+    shards = opened.load_shards()
+    for sh in shards:
+        assert not os.path.exists(os.path.join(sh.local_dir, "scann_docids.pkl"))
+        assert str(tmp_path) not in open(os.path.join(sh.local_dir, "scann_assets.pbtxt")).read()
+        assert all(shard_for(i, 3) == sh.shard for i in sh.rows.column("image_id").to_pylist())
+    searcher = ShardedSearcher(shards)
+    queries = clustered_vectors(40, 32, seed=99)  # new vectors, not in the index
+    scores, rows = searcher.search(queries, 10)
+    want_scores, want_ids = exact_ids(snap_path, queries, 10)
+    assert [[searcher.image_ids[r] for r in row] for row in rows] == want_ids
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    hits = searcher.hits(scores, rows)
+    assert hits[0][0].metadata["title"] == f"item {hits[0][0].image_id}"
+    assert hits[0][0].product_id.startswith("P")
+
+
+def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
+    vectors = clustered_vectors(3000, 64, seed=2)
+    snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    manifest = run_build_index(snap_path, root, make_config(shards=2, brute_force_below=0))
+    ev = manifest["evaluation"]
+    assert ev["passed"] and ev["recall@10"] >= 0.95 and ev["threshold"] == 0.95
+    for s in manifest["shards"]:
+        assert s["kind"] == "scann_tree_ah"
+        assert s["num_leaves"] == round(s["num_vectors"] ** 0.5)
+        assert 1 <= s["search"]["leaves_to_search"] <= s["num_leaves"]
+        assert s["tuning"]["shard_recall"] >= 0.98
+        assert {"ah_codebook.pb", "hashed_dataset.npy"} <= {f["name"] for f in s["files"]}
+    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    queries = vectors[:50]
+    _, rows = searcher.search(queries, 5)
+    assert [searcher.image_ids[r[0]] for r in rows] == [f"img{i:06d}" for i in range(50)]
+
+
+def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
+    root = str(tmp_path / "index")
+    good = write_snapshot(str(tmp_path / "good"), clustered_vectors(300, 64, seed=3))
+    first = run_build_index(good, root, make_config())["version"]
+
+    # uniform vectors: neighbours spread over many leaves; search 1 leaf, no reordering slack
+    poor = write_snapshot(str(tmp_path / "poor"), clustered_vectors(3000, 64, seed=4,
+                                                                    clusters=0))
+    config = make_config(brute_force_below=0, tune_recall_target=None,
+                         leaves_to_search_fraction=0.01, reorder_multiplier=1,
+                         dimensions_per_block=8)
+    with pytest.raises(RecallGateError) as err:
+        run_build_index(poor, root, config, version="v-poor")
+    e = err.value
+    assert e.measured < 0.95 and e.threshold == 0.95
+    assert f"{e.measured:.4f}" in str(e) and "0.9500" in str(e) and "recall@10" in str(e)
+    assert art.read_latest(root) == first
+    assert art.open_index(root).version == first
+    states = {v.version: v.state for v in art.list_versions(root)}
+    assert states == {first: "passed", "v-poor": "rejected"}
+    rejected_dir = art.version_dir(root, "v-poor")
+    assert "below the recall threshold" in fs.read_text(fs.join(rejected_dir, art.REJECTED_FILE))
+    manifest = art.read_manifest(root, "v-poor")
+    assert manifest["evaluation"]["passed"] is False
+    assert manifest["evaluation"]["recall@10"] == pytest.approx(e.measured)
+    with pytest.raises(art.IndexArtifactError, match="not servable"):
+        art.open_index(root, "v-poor")
+    # still there for inspection
+    inspected = art.open_index(root, "v-poor", allow_unpublished=True).load_shards()
+    assert inspected[0].num_vectors == 3000
+    with pytest.raises(art.IndexArtifactError, match="only passed versions publish"):
+        art.publish_version(root, "v-poor")
+
+
+def test_crash_between_version_and_latest_keeps_previous_version(tmp_path, monkeypatch):
+    root = str(tmp_path / "index")
+    snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(200, 16, seed=5))
+    first = run_build_index(snap_path, root, make_config(), version="v0001")["version"]
+
+    def crash(index_root: str, version: str) -> None:
+        raise KeyboardInterrupt("simulated crash before LATEST is written")
+
+    monkeypatch.setattr(art, "write_latest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_build_index(snap_path, root, make_config(), version="v0002")
+    monkeypatch.undo()
+    assert art.read_latest(root) == first
+    assert art.open_index(root).version == "v0001"
+    assert {v.version: v.is_latest for v in art.list_versions(root)} == {
+        "v0001": True, "v0002": False}
+
+
+def test_views_are_separate_rows_of_one_image(tmp_path):
+    base = clustered_vectors(100, 16, seed=6)
+    views = clustered_vectors(100, 16, seed=7)
+    vectors = np.concatenate([base, views])
+    ids = [f"img{i:06d}" for i in range(100)] * 2
+    view_names = ["original"] * 100 + ["hflip"] * 100
+    snap_path = write_snapshot(str(tmp_path / "snap"), vectors, ids, view_names)
+    root = str(tmp_path / "index")
+    manifest = run_build_index(snap_path, root, make_config(shards=2))
+    assert manifest["num_vectors"] == 200 and manifest["num_images"] == 100
+    assert manifest["views"] == ["hflip", "original"]
+    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    _, rows = searcher.search(views[:5], 1)
+    assert [(searcher.image_ids[r[0]], searcher.views[r[0]]) for r in rows] == [
+        (f"img{i:06d}", "hflip") for i in range(5)]
+
+
+def test_empty_shard_is_recorded_and_skipped(tmp_path):
+    # ids chosen so that shard 3 of 4 receives none of them
+    ids = [f"img{i:06d}" for i in range(200) if shard_for(f"img{i:06d}", 4) != 3][:12]
+    vectors = clustered_vectors(12, 8, seed=8)
+    snap_path = write_snapshot(str(tmp_path / "snap"), vectors, ids)
+    root = str(tmp_path / "index")
+    manifest = run_build_index(snap_path, root, make_config(shards=4))
+    empty = manifest["shards"][3]
+    assert empty["kind"] == "empty" and empty["num_vectors"] == 0
+    assert [f["name"] for f in empty["files"]] == ["rows.parquet"]
+    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    scores, rows = searcher.search(vectors, 20)  # k larger than the index: k' = 12
+    assert rows.shape == (12, 12) and (rows >= 0).all()
+    assert [searcher.image_ids[r[0]] for r in rows] == ids
+
+
+def test_existing_version_name_is_refused(tmp_path):
+    root = str(tmp_path / "index")
+    snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(50, 8, seed=9))
+    run_build_index(snap_path, root, make_config(), version="v1")
+    with pytest.raises(IndexBuildError, match="already exists"):
+        run_build_index(snap_path, root, make_config(), version="v1")
+    with pytest.raises(IndexBuildError, match="invalid index version name"):
+        run_build_index(snap_path, root, make_config(), version="../escape")
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _bad_snapshot(kind: str, path: str) -> tuple[str, int]:
+    """A snapshot with one kind of defect; returns (path, shards to ask for)."""
+    v = clustered_vectors(20, 8, seed=10)
+    if kind == "empty":
+        write_snapshot(path, v, table=snapshot.embeddings_schema(8).empty_table())
+        fs.write_json(fs.join(path, snapshot.SUMMARY_FILE),
+                      {"model": {"model_id": MODEL_ID, "dim": 8}, "dim": 8, "run_id": "r"})
+    elif kind == "mixed_dimensions":
+        write_snapshot(path, v[:10])
+        snapshot.write_table(path, snapshot_table(clustered_vectors(10, 12, seed=11),
+                                                  [f"img9{i:05d}" for i in range(10)]),
+                             name="embeddings-00001-of-00002.parquet")
+    elif kind == "nan":
+        v[7, 3] = np.nan
+        write_snapshot(path, v)
+    elif kind == "zero":
+        v[4] = 0.0
+        write_snapshot(path, v)
+    elif kind == "not_normalised":
+        v[2] *= 3.0
+        write_snapshot(path, v)
+    elif kind == "duplicate":
+        ids = [f"img{i:06d}" for i in range(20)]
+        ids[5] = ids[6]
+        write_snapshot(path, v, ids)
+    elif kind == "too_many_shards":
+        write_snapshot(path, v)
+        return path, 21
+    elif kind == "mixed_models":
+        table = snapshot_table(v)
+        models = [MODEL_ID] * 19 + ["other@1"]
+        table = table.set_column(table.schema.get_field_index("model_id"), "model_id",
+                                 pa.array(models))
+        write_snapshot(path, v, table=table)
+    elif kind == "missing_product_id":
+        table = snapshot_table(v)
+        pids = table.column("product_id").to_pylist()
+        pids[3] = None
+        table = table.set_column(1, "product_id", pa.array(pids, pa.string()))
+        write_snapshot(path, v, table=table)
+    return path, 2
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty", "has no embedding rows"),
+    ("mixed_dimensions", "mixed embedding dimensions"),
+    ("nan", "1 vectors contain NaN or infinite values, e.g. image_id 'img000007'"),
+    ("zero", "1 zero vectors .* image_id 'img000004'"),
+    ("not_normalised", "not L2-normalised.*img000002 \\(norm 3.0000\\)"),
+    ("duplicate", "1 duplicate \\(image_id, view\\) pairs, e.g. \\('img000006', 'original'\\)"),
+    ("too_many_shards", "21 shards requested but .* only 20 vectors"),
+    ("mixed_models", "mixes embeddings of several models"),
+    ("missing_product_id", "1 rows have no product_id"),
+])
+def test_bad_input_fails_clearly_and_publishes_nothing(tmp_path, kind, message):
+    path, shards = _bad_snapshot(kind, str(tmp_path / "snap"))
+    root = str(tmp_path / "index")
+    with pytest.raises(IndexBuildError, match=message):
+        run_build_index(path, root, make_config(shards=shards))
+    assert not os.path.exists(root)
+
+
+def test_not_a_snapshot_is_a_clear_error(tmp_path):
+    with pytest.raises(IndexBuildError, match="neither a complete embeddings snapshot"):
+        run_build_index(str(tmp_path), str(tmp_path / "index"), make_config())
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_build_index_and_index_info(tmp_path, capsys):
+    emb_root = str(tmp_path / "embeddings")
+    write_snapshot(fs.join(emb_root, "run1"), clustered_vectors(120, 16, seed=12))
+    snapshot.mark_latest(emb_root, "run1")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("runner: {direct_running_mode: in_memory, direct_num_workers: 1}\n"
+                   "index: {eval_queries: 50}\n")
+    root = str(tmp_path / "index")
+    rc = cli_main(["build-index", "--config", str(cfg), "--embeddings", emb_root,
+                   "--index-root", root, "--shards", "2", "--version", "v1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out["version"] == "v1" and out["latest"] == "v1"
+    assert out["shards"] == 2 and out["num_vectors"] == 120 and out["recall@10"] == 1.0
+
+    assert cli_main(["index-info", "--index-root", root]) == 0
+    text = capsys.readouterr().out
+    assert "LATEST:     v1" in text and "recall@10=1.0000" in text and "passed" in text
+    assert cli_main(["index-info", "--index-root", root, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["latest"] == "v1" and info["versions"][0]["num_vectors"] == 120
+
+    rc = cli_main(["build-index", "--config", str(cfg), "--embeddings", emb_root,
+                   "--index-root", root, "--shards", "500"])
+    assert rc == 1 and "500 shards requested" in capsys.readouterr().err
+    rc = cli_main(["build-index", "--config", str(cfg), "--embeddings", emb_root,
+                   "--index-root", root, "--shards", "0"])
+    assert rc == 2 and "--shards must be >= 1" in capsys.readouterr().err
