@@ -1,0 +1,66 @@
+"""catalog_backfill: add a catalog drop without re-embedding the whole catalog.
+
+Trigger it with Params naming the drop, e.g. {"manifests": ["gs://bucket/drops/2025-06-01.csv"]}.
+
+validate_params (refuses missing, unreadable or empty drops before any Beam job starts)
+    -> embed (Beam: embeds only the drop, merged with the latest snapshot into a new one;
+              a drop row whose image_id already exists replaces it, reported as replaced)
+    -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
+    -> publish (check LATEST and counts; emit the index Asset event with version and counts)
+
+The task logic lives in pipelines/orchestration.py (see docs/AIRFLOW.md).
+"""
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, dag, task
+
+from pipelines import orchestration as orch
+
+INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
+
+
+@dag(
+    dag_id="catalog_backfill",
+    schedule=None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=orch.task_defaults(),
+    params=orch.dag_params(orch.BACKFILL),
+    tags=["catalog-search"],
+    doc_md=__doc__,
+)
+def catalog_backfill():
+    @task
+    def validate_params(params=None, dag_run=None) -> dict:
+        """Refuse bad params (and a missing, unreadable or empty drop) before Beam starts."""
+        run_date = dag_run.logical_date or dag_run.run_after
+        return orch.validate_params(params, orch.BACKFILL, run_date).to_dict()
+
+    @task
+    def embed_drop(plan: dict) -> dict:
+        """Beam embed job: the drop only, merged with the latest snapshot (drop rows win)."""
+        return orch.launch_step(orch.EMBED_STEP, {"plan": plan})
+
+    @task
+    def build_index(plan: dict, embed_summary: dict) -> dict:
+        """Beam build_index job: merged snapshot -> gated index version, published as LATEST."""
+        return orch.launch_step(orch.BUILD_INDEX_STEP,
+                                {"plan": plan, "embed_summary": embed_summary})
+
+    @task(outlets=[INDEX_ASSET])
+    def publish(plan: dict, embed_summary: dict, index_manifest: dict,
+                outlet_events=None) -> dict:
+        """Check LATEST and the counts; the index Asset event carries version and counts."""
+        extra = orch.publish(orch.RunPlan.from_dict(plan), embed_summary, index_manifest)
+        outlet_events[INDEX_ASSET].extra = extra
+        return extra
+
+    plan = validate_params()
+    summary = embed_drop(plan)
+    manifest = build_index(plan, summary)
+    publish(plan, summary, manifest)
+
+
+catalog_backfill()

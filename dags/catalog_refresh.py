@@ -1,0 +1,63 @@
+"""catalog_refresh: keep the visual search index fresh, every night.
+
+validate_params -> embed (Beam, incremental against the previous snapshot)
+    -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
+    -> publish (check LATEST and counts; emit the index Asset event with version and counts)
+
+The task logic lives in pipelines/orchestration.py; Beam jobs run in a subprocess with the
+pipeline's interpreter (see docs/AIRFLOW.md for why, and for the runner options).
+"""
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, dag, task
+
+from pipelines import orchestration as orch
+
+INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
+
+
+@dag(
+    dag_id="catalog_refresh",
+    schedule="@daily",
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=orch.task_defaults(),
+    params=orch.dag_params(orch.REFRESH),
+    tags=["catalog-search"],
+    doc_md=__doc__,
+)
+def catalog_refresh():
+    @task
+    def validate_params(params=None, dag_run=None) -> dict:
+        """Refuse bad params before any Beam job starts; the run's plan."""
+        run_date = dag_run.logical_date or dag_run.run_after
+        return orch.validate_params(params, orch.REFRESH, run_date).to_dict()
+
+    @task
+    def embed(plan: dict) -> dict:
+        """Beam embed job: the catalog -> snapshot <embeddings_root>/<run_id>/."""
+        return orch.launch_step(orch.EMBED_STEP, {"plan": plan})
+
+    @task
+    def build_index(plan: dict, embed_summary: dict) -> dict:
+        """Beam build_index job: snapshot -> gated index version, published as LATEST."""
+        return orch.launch_step(orch.BUILD_INDEX_STEP,
+                                {"plan": plan, "embed_summary": embed_summary})
+
+    @task(outlets=[INDEX_ASSET])
+    def publish(plan: dict, embed_summary: dict, index_manifest: dict,
+                outlet_events=None) -> dict:
+        """Check LATEST and the counts; the index Asset event carries version and counts."""
+        extra = orch.publish(orch.RunPlan.from_dict(plan), embed_summary, index_manifest)
+        outlet_events[INDEX_ASSET].extra = extra
+        return extra
+
+    plan = validate_params()
+    summary = embed(plan)
+    manifest = build_index(plan, summary)
+    publish(plan, summary, manifest)
+
+
+catalog_refresh()

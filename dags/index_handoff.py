@@ -1,0 +1,49 @@
+"""index_handoff: tell the search service that a new index version exists.
+
+Scheduled on the index Asset that catalog_refresh and catalog_backfill update: each
+published version triggers a run, which calls the service's POST /v1/reload (the
+service then loads LATEST) and checks that it now serves the version. With no
+serving_url the version is only recorded in the task log and XCom; the service also
+polls LATEST on its own (serving.reload_interval_s), so this is the fast path.
+"""
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+from pipelines import orchestration as orch
+
+INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
+
+
+@dag(
+    dag_id="index_handoff",
+    schedule=[INDEX_ASSET],
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    default_args=orch.task_defaults(retries=3),
+    params={
+        "serving_url": Param(os.environ.get(orch.SERVING_URL_ENV, ""), type="string",
+                             description="search service base URL, e.g. http://127.0.0.1:8080;"
+                                         " empty = only record the version"),
+        "index_root": Param(orch.default_params(orch.REFRESH)["index_root"], type="string",
+                            minLength=1,
+                            description="index root to read LATEST from on a manual run"),
+    },
+    tags=["catalog-search"],
+    doc_md=__doc__,
+)
+def index_handoff():
+    @task
+    def notify_search_service(params=None, triggering_asset_events=None) -> dict:
+        """POST /v1/reload for the version of the triggering Asset event (or LATEST)."""
+        events = list((triggering_asset_events or {}).get(INDEX_ASSET, []))
+        extra = events[-1].extra if events else None
+        return orch.hand_off(extra, params["serving_url"], params["index_root"])
+
+    notify_search_service()
+
+
+index_handoff()

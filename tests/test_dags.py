@@ -1,0 +1,299 @@
+"""The Airflow DAGs, for real: DagBag import, structure and Params, and dag.test() runs.
+
+Every Airflow run happens in a subprocess (`python -m pipelines.demo run-dag ...`) with
+its own SQLite AIRFLOW_HOME, set before airflow is imported; this pytest process never
+imports airflow. The DAG runs use the tiny test SavedModel (tests/tiny_model.py) and
+generated catalogs, and launch the real Beam jobs on the DirectRunner.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipelines import index_artifact as art
+from pipelines import snapshot
+from pipelines.sample_catalog import write_catalog
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAG_IDS = {"catalog_refresh", "catalog_backfill", "index_handoff"}
+D1, D2, D3 = "2025-03-01T00:00:00+00:00", "2025-03-02T06:00:00+00:00", "2025-03-03T00:00:00+00:00"
+RUN_D1, RUN_D2 = "20250301T000000Z-refresh", "20250302T060000Z-backfill"
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO})
+    env.pop("AIRFLOW_HOME", None)
+    env.update(extra or {})
+    return env
+
+
+def run_dag(home: str, dag_id: str, conf: dict, logical_date: str) -> tuple[dict, str]:
+    """Run a DAG with dag.test() in a fresh interpreter; (report, combined output)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.demo", "run-dag", dag_id, "--airflow-home", home,
+         "--conf", json.dumps(conf), "--logical-date", logical_date],
+        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    output = proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DAG_RUN_REPORT ")]
+    assert lines, f"no report from run-dag (exit {proc.returncode}):\n{output[-6000:]}"
+    return json.loads(lines[-1][len("DAG_RUN_REPORT "):]), output
+
+
+def _rename_products(src_manifest: str, dst_manifest: str, prefix: str) -> list[dict]:
+    """Copy a manifest with product/image ids renamed P... -> <prefix>... (new products)."""
+    with open(src_manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["product_id"] = prefix + r["product_id"][1:]
+        r["image_id"] = prefix + r["image_id"][1:]
+    with open(dst_manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _tree_state(*roots: str) -> dict[str, str]:
+    """{path: sha256 of the content} of every file under the roots."""
+    state = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    state[path] = hashlib.sha256(f.read()).hexdigest()
+    return state
+
+
+# ------------------------------------------------------------------ import and structure
+
+STRUCTURE_SCRIPT = textwrap.dedent("""
+    import json, socket, sys
+    def no_network(self, address, *a, **k):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access while importing DAGs: {address}")
+        return real_connect(self, address, *a, **k)
+    real_connect = socket.socket.connect
+    socket.socket.connect = no_network
+    from pipelines import demo
+    demo.use_airflow_home(sys.argv[1])
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=demo.DAGS_FOLDER)
+    out = {"errors": bag.import_errors, "dags": {}}
+    for dag_id, dag in bag.dags.items():
+        out["dags"][dag_id] = {
+            "schedule": str(dag.schedule),
+            "timetable": type(dag.timetable).__name__,
+            "catchup": dag.catchup,
+            "params": {k: {"value": "<required>" if type(dag.params.get_param(k).value).__name__
+                           == "ArgNotSet" else dag.params.get_param(k).value,
+                           "schema": dag.params.get_param(k).schema}
+                       for k in dag.params},
+            "tasks": {t.task_id: {"downstream": sorted(t.downstream_task_ids),
+                                  "retries": t.retries,
+                                  "backoff": t.retry_exponential_backoff,
+                                  "policy": type(t.retry_policy).__name__,
+                                  "outlets": [o.name for o in t.outlets]}
+                      for t in dag.tasks},
+            "asset_schedule": [a.name for a in getattr(
+                getattr(dag.timetable, "asset_condition", None), "objects", [])],
+        }
+    print("STRUCTURE " + json.dumps(out, default=str))
+""")
+
+
+@pytest.fixture(scope="module")
+def structure(tmp_path_factory) -> dict:
+    home = str(tmp_path_factory.mktemp("airflow-structure"))
+    proc = subprocess.run([sys.executable, "-c", STRUCTURE_SCRIPT, home], capture_output=True,
+                          text=True, env=_env(), cwd=REPO, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STRUCTURE ")]
+    assert lines, f"DagBag script failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return json.loads(lines[-1][len("STRUCTURE "):])
+
+
+def test_dagbag_imports_without_errors_or_network(structure):
+    assert structure["errors"] == {}
+    assert set(structure["dags"]) == DAG_IDS
+
+
+def test_run_dags_structure_retries_and_asset(structure):
+    for dag_id, embed in (("catalog_refresh", "embed"), ("catalog_backfill", "embed_drop")):
+        d = structure["dags"][dag_id]
+        tasks = d["tasks"]
+        assert set(tasks) == {"validate_params", embed, "build_index", "publish"}
+        assert tasks["validate_params"]["downstream"] == sorted([embed, "build_index", "publish"])
+        assert tasks[embed]["downstream"] == ["build_index", "publish"]
+        assert tasks["build_index"]["downstream"] == ["publish"]
+        assert tasks["publish"]["outlets"] == ["catalog_search_index"]
+        for t in tasks.values():
+            assert t["retries"] >= 1 and t["backoff"] > 0
+            assert t["policy"] == "ExceptionRetryPolicy"
+        assert d["catchup"] is False
+    assert structure["dags"]["catalog_refresh"]["timetable"] != "NullTimetable"
+    assert structure["dags"]["catalog_refresh"]["schedule"] == "@daily"
+    assert structure["dags"]["catalog_backfill"]["timetable"] == "NullTimetable"
+    handoff = structure["dags"]["index_handoff"]
+    assert handoff["asset_schedule"] == ["catalog_search_index"]
+    assert set(handoff["tasks"]) == {"notify_search_service"}
+
+
+def test_params_are_typed(structure):
+    refresh = structure["dags"]["catalog_refresh"]["params"]
+    backfill = structure["dags"]["catalog_backfill"]["params"]
+    expected = {"manifests", "embeddings_root", "index_root", "config_file", "runner",
+                "runner_options", "shards", "recall_threshold", "retention", "model_handle",
+                "config_overrides"}
+    assert set(refresh) == set(backfill) == expected
+    assert refresh["manifests"]["schema"]["type"] == "array"
+    assert refresh["manifests"]["schema"]["minItems"] == 1
+    assert isinstance(refresh["manifests"]["value"], list)
+    assert backfill["manifests"]["value"] == "<required>"  # the drop must be named
+    assert refresh["shards"]["schema"] == {"type": ["null", "integer"], "minimum": 1}
+    assert refresh["recall_threshold"]["schema"]["maximum"] == 1
+    assert refresh["runner_options"]["schema"]["type"] == "object"
+    assert refresh["config_file"]["value"] is None and refresh["runner_options"]["value"] == {}
+
+
+# ------------------------------------------------------------------ full dag.test() runs
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model) -> dict:
+    """Generated catalog + drop, roots and an Airflow home shared by the ordered runs below."""
+    root = str(tmp_path_factory.mktemp("dag-runs"))
+    manifest = write_catalog(os.path.join(root, "catalog"), num_products=8, images_per_product=2,
+                             size=96, seed=1)
+    # The drop: 3 new products (renamed ids), plus one row repeating an existing image_id.
+    raw_drop = write_catalog(os.path.join(root, "drop-src"), num_products=3, images_per_product=2,
+                             size=96, seed=7)
+    drop = os.path.join(root, "drop", "manifest.csv")
+    os.makedirs(os.path.dirname(drop))
+    rows = _rename_products(raw_drop, drop, "D")
+    with open(drop, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow(["P0001", "P0001-0", rows[0]["image_uri"], "replaced image",
+                                "snacks"])
+    empty_drop = os.path.join(root, "empty.csv")
+    with open(empty_drop, "w", encoding="utf-8") as f:
+        f.write("product_id,image_id,image_uri\n")
+    conf = {
+        "manifests": [manifest],
+        "embeddings_root": os.path.join(root, "embeddings"),
+        "index_root": os.path.join(root, "index"),
+        "model_handle": tiny_model,
+        "shards": 2,
+        "config_overrides": {
+            "model": {"cache_dir": os.path.join(root, "cache"), "batch_size": 16},
+            "index": {"eval_queries": 20},
+        },
+    }
+    return {"root": root, "home": os.path.join(root, "airflow"), "manifest": manifest,
+            "drop": drop, "drop_rows": rows, "empty_drop": empty_drop, "conf": conf}
+
+
+def test_refresh_then_rerun_same_date_changes_nothing_else(world):
+    conf, index_root, emb_root = world["conf"], world["conf"]["index_root"], world["conf"]["embeddings_root"]
+    report, output = run_dag(world["home"], "catalog_refresh", conf, D1)
+    assert report["state"] == "success", output[-8000:]
+    assert set(report["tasks"].values()) == {"success"}
+    assert art.read_latest(index_root) == RUN_D1
+    assert snapshot.latest_run_id(emb_root) == RUN_D1
+    [extra] = report["asset_events"]
+    assert extra["version"] == RUN_D1
+    assert extra["input_rows"] == 16 == extra["embedded"] + extra["reused"] + extra["dead_lettered"]
+    assert extra["embedded"] == 16 and extra["num_vectors"] == 16 and extra["num_shards"] == 2
+    manifest = art.read_manifest(index_root, RUN_D1)
+    assert manifest["num_vectors"] == 16 and manifest["num_products"] == 8
+
+    before = _tree_state(emb_root, index_root)
+    report2, output2 = run_dag(world["home"], "catalog_refresh", conf, D1)
+    assert report2["state"] == "success", output2[-8000:]
+    assert report2["asset_events"][0]["version"] == RUN_D1
+    assert "already holds exactly snapshot" in output2
+    after = _tree_state(emb_root, index_root)
+    own_snapshot = os.path.join(emb_root, RUN_D1) + os.sep
+    changed = {p for p in set(before) | set(after)
+               if before.get(p) != after.get(p) and not p.startswith(own_snapshot)}
+    assert changed == set(), f"a re-run of the same date changed other outputs: {changed}"
+    assert art.read_latest(index_root) == RUN_D1
+    assert [v.version for v in art.list_versions(index_root)] == [RUN_D1]
+
+
+def test_backfill_bad_params_are_refused_before_beam(world):
+    conf, index_root = world["conf"], world["conf"]["index_root"]
+    for manifests, reason in (([os.path.join(world["root"], "missing.csv")], "does not exist"),
+                              ([world["empty_drop"]], "holds no rows")):
+        report, output = run_dag(world["home"], "catalog_backfill",
+                                 {**conf, "manifests": manifests}, D2)
+        assert report["state"] == "failed", output[-6000:]
+        assert report["tasks"]["validate_params"] == "failed"
+        assert report["tasks"]["embed_drop"] == "upstream_failed"
+        assert reason in output
+        assert "launching embed" not in output
+        assert art.read_latest(index_root) == RUN_D1
+    # Malformed by schema: Airflow refuses the run conf itself.
+    report, output = run_dag(world["home"], "catalog_backfill", {**conf, "manifests": "x.csv"}, D2)
+    assert report["state"] in ("refused", "failed"), output[-6000:]
+    assert "launching embed" not in output
+    assert art.read_latest(index_root) == RUN_D1
+
+
+def test_backfill_adds_the_drop_and_products_are_found(world, tiny_model):
+    conf, index_root, emb_root = world["conf"], world["conf"]["index_root"], world["conf"]["embeddings_root"]
+    report, output = run_dag(world["home"], "catalog_backfill",
+                             {**conf, "manifests": [world["drop"]]}, D2)
+    assert report["state"] == "success", output[-8000:]
+    assert art.read_latest(index_root) == RUN_D2
+    assert snapshot.latest_run_id(emb_root) == RUN_D2
+    [extra] = report["asset_events"]
+    # drop: 6 new images + 1 repeating P0001-0; 15 of the 16 earlier images carried forward
+    assert extra["input_rows"] == 7 and extra["embedded"] == 7
+    assert extra["replaced_existing"] == 1 and extra["carried_forward"] == 15
+    assert extra["num_vectors"] == 22 == extra["num_images"]
+    assert "replaced existing rows (the drop wins)" in output
+    manifest = art.read_manifest(index_root, RUN_D2)
+    assert manifest["num_products"] == 11
+    assert [v.version for v in art.list_versions(index_root)] == [RUN_D1, RUN_D2]
+
+    from pipelines.config import load_config
+    from serving.searcher import CatalogSearcher
+    config = load_config(overrides={"model": {"handle": tiny_model,
+                                              "cache_dir": conf["config_overrides"]["model"]["cache_dir"]}})
+    searcher = CatalogSearcher.open(index_root, config=config)
+    assert searcher.version == RUN_D2
+    found = 0
+    for row in world["drop_rows"]:
+        with open(row["image_uri"], "rb") as f:
+            hits = searcher.search_image(f.read(), k=3).hits
+        found += hits[0].product_id == row["product_id"]
+    assert found == len(world["drop_rows"]), "backfilled products are not found by their images"
+
+
+def test_failed_gate_keeps_latest_and_says_why(world):
+    conf, index_root = world["conf"], world["conf"]["index_root"]
+    # 5 separate views per image -> >= 256 rows in one shard -> a ScaNN tree searched with
+    # one leaf and no reordering cannot reach recall 1.0.
+    failing = {**conf, "shards": 1, "recall_threshold": 1.0,
+               "config_overrides": {**conf["config_overrides"],
+                                    "augment": {"views": ["original", "hflip", "crop", "rotate",
+                                                          "jitter"], "mode": "separate"},
+                                    "index": {"eval_queries": 100, "tune_recall_target": None,
+                                              "leaves_to_search_fraction": 0.01,
+                                              "reorder_multiplier": 1, "brute_force_below": 0}}}
+    catalog = write_catalog(os.path.join(world["root"], "catalog-big"), num_products=26,
+                            images_per_product=2, size=64, seed=3)
+    report, output = run_dag(world["home"], "catalog_refresh", {**failing, "manifests": [catalog]}, D3)
+    assert report["state"] == "failed", output[-8000:]
+    assert report["tasks"]["build_index"] == "failed"
+    assert report["tasks"]["publish"] == "upstream_failed"
+    assert report["asset_events"] == []
+    assert "RecallGateError" in output and "recall@" in output
+    assert "a retry cannot fix it" in output  # the retry policy failed the task at once
+    assert art.read_latest(index_root) == RUN_D2
