@@ -1,0 +1,175 @@
+"""The search page in a real headless Chromium, driven over the Chrome DevTools protocol:
+open the page, put a photo into the file input, see result thumbnails with scores."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from pipelines import filesystem as fs
+from serving.app import create_app
+from test_serving_helpers import LiveServer, jpeg_bytes, serving_world
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _ensure_chromium() -> str:
+    """Path of Debian's chromium, installing it with apt-get when missing; skip if impossible."""
+    if os.path.exists(CHROMIUM):
+        return CHROMIUM
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
+                       env=env, capture_output=True, timeout=900)
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed and `apt-get install chromium` was not possible "
+                    "(needs root and a package mirror)")
+    return CHROMIUM
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Browser:
+    """Headless chromium with a remote-debugging port and a minimal CDP client."""
+
+    def __init__(self, binary: str) -> None:
+        self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
+             f"--remote-debugging-port={self.port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def page_ws_url(self, timeout: float = 30.0) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list",
+                                            timeout=2) as r:
+                    targets = json.load(r)
+                pages = [t for t in targets if t.get("type") == "page"]
+                if pages:
+                    return pages[0]["webSocketDebuggerUrl"]
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("chromium did not open its DevTools endpoint")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+class Cdp:
+    """Send DevTools commands over one page websocket and wait for their answers."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    async def send(self, method: str, **params):
+        self.next_id += 1
+        my_id = self.next_id
+        await self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self.ws.recv())
+            if message.get("id") == my_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    async def evaluate(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=True)
+        return result.get("result", {}).get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 60.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+async def _drive(ws_url: str, page_url: str, photo: str, bad_photo: str) -> dict:
+    import websockets
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        cdp = Cdp(ws)
+        await cdp.send("Page.enable")
+        await cdp.send("DOM.enable")
+        await cdp.send("Runtime.enable")
+        await cdp.send("Page.navigate", url=page_url)
+        await cdp.wait_for("document.readyState === 'complete' && "
+                           "document.getElementById('index-status').textContent.includes('index')")
+        status = await cdp.evaluate("document.getElementById('index-status').textContent")
+
+        async def upload(path: str) -> None:
+            doc = await cdp.send("DOM.getDocument")
+            node = await cdp.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
+                                  selector="#file-input")
+            await cdp.send("DOM.setFileInputFiles", files=[path], nodeId=node["nodeId"])
+
+        await upload(photo)
+        await cdp.wait_for("document.body.dataset.state === 'results'")
+        # Every thumbnail has loaded from /v1/images/... (naturalWidth > 0).
+        await cdp.wait_for("[...document.querySelectorAll('#results img')].length > 0 && "
+                           "[...document.querySelectorAll('#results img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+        results = await cdp.evaluate("""[...document.querySelectorAll('#results li')].map(li => ({
+            product: li.dataset.productId,
+            score: li.querySelector('.score').textContent,
+            img: li.querySelector('img').getAttribute('src'),
+            text: li.textContent}))""")
+        message = await cdp.evaluate("document.getElementById('message').textContent")
+        await upload(bad_photo)
+        await cdp.wait_for("document.body.dataset.state === 'error'")
+        error = await cdp.evaluate("document.getElementById('message').textContent")
+        return {"status": status, "results": results, "message": message, "error": error}
+
+
+def test_page_upload_shows_result_thumbnails(tmp_path):
+    chromium = _ensure_chromium()
+    world = serving_world()
+    row = world.catalog_rows()[10]
+    photo = str(tmp_path / "query.jpg")
+    with open(photo, "wb") as f:
+        f.write(fs.read_bytes(row["image_uri"]))
+    bad = str(tmp_path / "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(jpeg_bytes()[:200])
+    app = create_app(world.index_root, world.config, watch=False)
+    browser = Browser(chromium)
+    try:
+        with LiveServer(app) as live:
+            seen = asyncio.run(_drive(browser.page_ws_url(), live.url + "/", photo, bad))
+    finally:
+        browser.close()
+    assert "v0001" in seen["status"]
+    results = seen["results"]
+    assert len(results) == 10
+    assert results[0]["product"] == row["product_id"]
+    assert results[0]["score"] == "score 1.000"
+    assert results[0]["img"] == f"/v1/images/{row['image_id']}"
+    assert row["category"] in results[0]["text"] and row["title"] in results[0]["text"]
+    assert "10 results from index v0001" in seen["message"]
+    assert seen["error"].startswith("error 422")
