@@ -29,9 +29,23 @@ _COMMAND_MODULES = {
 }
 
 
-def _quiet_libraries() -> None:
+class _DropKnownNoise(logging.Filter):
+    """Beam logs a misleading warning when the optional GCP client libraries are absent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Before any library import: our format, and Beam/TF only when something is wrong."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKnownNoise())
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -70,8 +84,8 @@ _HELP_LINES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
+    _configure_logging("-v" in argv or "--verbose" in argv)
     chosen = next((a for a in argv if a in _COMMAND_MODULES), None)
     if chosen is None:
         top = argparse.ArgumentParser(
@@ -91,10 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser, commands = build_parser(only=chosen)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = load_config(getattr(args, "config", None))
         return int(commands[args.command].run(args, config) or 0)
