@@ -159,6 +159,8 @@ class ShardedSearcher:
             idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan)
         missing = np.isnan(dist)
+        if not missing.any():
+            return dist, idx
         return np.where(missing, -np.inf, dist).astype(np.float32), np.where(missing, -1, idx)
 
     # ---------------------------------------------------------------- exact reference
