@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -128,25 +130,70 @@ def _saved_model_exists(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
-def _hash_dir(path: str) -> str:
-    """sha256 over the relative paths and contents of every file of a (local or remote) dir."""
-    h = hashlib.sha256()
+def _list_files(path: str) -> list[str]:
+    """Relative paths ("/"-separated, sorted) of every file under a local or remote dir."""
     if _is_remote(path):
         from pipelines import filesystem
         prefix = path.rstrip("/") + "/"
-        for uri in filesystem.match(prefix + "**"):
-            h.update(uri[len(prefix):].encode())
-            h.update(filesystem.read_bytes(uri))
-        return h.hexdigest()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode())
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+        return sorted(uri[len(prefix):] for uri in filesystem.match(prefix + "**"))
+    rels = []
+    for root, _dirs, files in os.walk(path):
+        rels += [os.path.relpath(os.path.join(root, n), path).replace(os.sep, "/") for n in files]
+    return sorted(rels)
+
+
+def _hash_dir(path: str) -> str:
+    """sha256 over the relative paths and contents of every file of a (local or remote) dir."""
+    h = hashlib.sha256()
+    for rel in _list_files(path):
+        h.update(rel.encode())
+        if _is_remote(path):
+            from pipelines import filesystem
+            h.update(filesystem.read_bytes(f"{path.rstrip('/')}/{rel}"))
+            continue
+        with open(os.path.join(path, *rel.split("/")), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def local_model_dir(spec: ModelSpec) -> str:
+    """A local directory holding the spec's SavedModel: remote ones are copied once per machine.
+
+    TensorFlow cannot open every Beam FileSystems scheme, so a SavedModel on an object store
+    is downloaded through pipelines.filesystem into the temp dir, checked against the spec's
+    fingerprint (the model must not change between launch and load), and reused by later
+    loads on the same machine.
+    """
+    if not _is_remote(spec.path):
+        return spec.path
+    from pipelines import filesystem
+    root = os.path.join(tempfile.gettempdir(), "catalog-search-models")
+    dest = os.path.join(root, spec.fingerprint[:32])
+    if os.path.isfile(os.path.join(dest, "saved_model.pb")):
+        return dest
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
+    try:
+        for rel in _list_files(spec.path):
+            target = os.path.join(tmp, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(filesystem.read_bytes(f"{spec.path}/{rel}"))
+        got = hashlib.sha256(f"{_hash_dir(tmp)}|{spec.input_size}|{spec.mean}|{spec.std}"
+                             .encode()).hexdigest()
+        if got != spec.fingerprint:
+            raise ModelError(f"SavedModel at {spec.path} changed since it was resolved "
+                             f"(fingerprint {got[:12]}, expected {spec.fingerprint[:12]})")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.isfile(os.path.join(dest, "saved_model.pb")):
+                raise
+            # another process finished the same download first: use its copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def _read_metadata(path: str, required: bool = True) -> dict[str, Any] | None:
@@ -274,7 +321,7 @@ class Embedder:
                 import tensorflow_hub as hub
                 obj = hub.load(spec.path)
             else:
-                obj = tf.saved_model.load(spec.path)
+                obj = tf.saved_model.load(local_model_dir(spec))
         except (OSError, ValueError, tf.errors.OpError) as e:
             raise ModelError(f"cannot load model {spec.handle!r} from {spec.path}: {e}") from e
         self._module = obj  # keeps the variables alive

@@ -222,3 +222,60 @@ def test_cli_info_and_export(race, embedder, tmp_path, monkeypatch, capsys):
                                atol=1e-6)
     assert main(["model", "export", "--out", str(dest)]) == 2   # refuses a non-empty dir
     assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- layer-level checks
+# Reference: EfficientNet-PyTorch's Conv2dStaticSamePadding (ZeroPad2d(total // 2,
+# total - total // 2) then an unpadded conv), BatchNorm2d in eval mode with eps 1e-3 (not
+# folded), ReLU6 -- computed in numpy from the raw checkpoint tensors.
+
+def _torch_style_conv_bn_relu6(x, state, conv, bn, stride, pad, depthwise):
+    """x: [H, W, C] float64 -> [H', W', out] as the PyTorch module computes it."""
+    w = state[f"{conv}.weight"].astype(np.float64)             # [out, in/groups, kh, kw]
+    k = w.shape[-1]
+    x = np.pad(x, ((pad[0], pad[1]), (pad[0], pad[1]), (0, 0)))
+    out_size = (x.shape[0] - k) // stride + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(0, 1))
+    win = win[::stride, ::stride][:out_size, :out_size]        # [H', W', C, kh, kw]
+    if depthwise:
+        y = np.einsum("hwcij,cij->hwc", win, w[:, 0])
+    else:
+        y = np.einsum("hwcij,ocij->hwo", win, w)
+    g, b = state[f"{bn}.weight"], state[f"{bn}.bias"]
+    mean, var = state[f"{bn}.running_mean"], state[f"{bn}.running_var"]
+    y = (y - mean) / np.sqrt(var + 1e-3) * g + b
+    return np.clip(y, 0, 6)
+
+
+@pytest.fixture(scope="module")
+def in_process_module():
+    from pipelines.torch_checkpoint import load_state_dict
+    state = load_state_dict(efficientnet_lite.weights_path())
+    return state, efficientnet_lite.build_module(efficientnet_lite.fold_weights(state))
+
+
+def test_static_same_padding_of_the_downsampling_layers():
+    sp = efficientnet_lite.same_padding
+    # stem 3x3/2 on 224, blocks 1 (3x3/2 on 112), 3 (5x5/2 on 56), 5 (3x3/2 on 28),
+    # 11 (5x5/2 on 14); stride 1 keeps the size: k // 2 each side
+    assert [sp(224, 3, 2), sp(112, 3, 2), sp(56, 5, 2), sp(28, 3, 2), sp(14, 5, 2)] == \
+        [(0, 1), (0, 1), (1, 2), (0, 1), (1, 2)]
+    assert sp(56, 3, 1) == (1, 1) and sp(7, 5, 1) == (2, 2) and sp(7, 1, 1) == (0, 0)
+
+
+def test_folded_layers_match_the_pytorch_module(in_process_module):
+    import tensorflow as tf
+    state, module = in_process_module
+    photo = (_photo("chelsea").astype(np.float64) - 127.0) / 128.0
+    got = module.stem(tf.constant(photo[None], tf.float32)).numpy()[0]
+    want = _torch_style_conv_bn_relu6(photo, state, "_conv_stem", "_bn0", 2, (0, 1), False)
+    assert got.shape == want.shape == (112, 112, 32)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    # block 3's 5x5 stride-2 depthwise conv: asymmetric (1, 2) padding
+    x = np.random.default_rng(0).uniform(0, 6, (56, 56, 144))
+    layers, _ = module.blocks[3]
+    got = layers[1](tf.constant(x[None], tf.float32)).numpy()[0]
+    want = _torch_style_conv_bn_relu6(x, state, "_blocks.3._depthwise_conv", "_blocks.3._bn1",
+                                      2, (1, 2), True)
+    assert got.shape == want.shape == (28, 28, 144)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
