@@ -35,16 +35,66 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_dag(home: str, dag_id: str, conf: dict, logical_date: str) -> tuple[dict, str]:
-    """Run a DAG with dag.test() in a fresh interpreter; (report, combined output)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.demo", "run-dag", dag_id, "--airflow-home", home,
-         "--conf", json.dumps(conf), "--logical-date", logical_date],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
-    output = proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DAG_RUN_REPORT ")]
-    assert lines, f"no report from run-dag (exit {proc.returncode}):\n{output[-6000:]}"
-    return json.loads(lines[-1][len("DAG_RUN_REPORT "):]), output
+DRIVER_SCRIPT = textwrap.dedent("""
+    import json, sys, traceback
+    from datetime import datetime
+    from pipelines import demo
+    demo.use_airflow_home(sys.argv[1])
+    print("DRIVER_READY", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            report = demo.run_dag(request["dag_id"], request["conf"],
+                                  datetime.fromisoformat(request["logical_date"]))
+        except Exception as e:  # Param validation refuses the run conf itself
+            traceback.print_exc()
+            report = {"dag_id": request["dag_id"], "state": "refused",
+                      "error": f"{type(e).__name__}: {e}", "tasks": {}, "asset_events": []}
+        print("DAG_RUN_REPORT " + json.dumps(report), flush=True)
+""")
+
+
+class AirflowSession:
+    """One interpreter with a SQLite AIRFLOW_HOME that runs DAGs with dag.test() on request.
+
+    Sharing it between runs pays Airflow's start-up once; the pytest process itself never
+    imports airflow.
+    """
+
+    def __init__(self, home: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT, home], cwd=REPO,
+                                     env=_env(), text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._read_until("DRIVER_READY")
+
+    def _read_until(self, marker: str) -> tuple[str, str]:
+        lines = []
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker):].strip(), "".join(lines)
+            lines.append(line)
+        raise AssertionError(f"the Airflow driver exited ({self.proc.wait()}) before "
+                             f"{marker}:\n{''.join(lines)[-8000:]}")
+
+    def run(self, dag_id: str, conf: dict, logical_date: str) -> tuple[dict, str]:
+        """Run a DAG once; (report, the run's log output)."""
+        self.proc.stdin.write(json.dumps({"dag_id": dag_id, "conf": conf,
+                                          "logical_date": logical_date}) + "\n")
+        self.proc.stdin.flush()
+        report, output = self._read_until("DAG_RUN_REPORT ")
+        return json.loads(report), output
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def fast(conf: dict) -> dict:
+    """The conf with Beam's in-process DirectRunner mode (the first run uses the default,
+    multi-processing with 2 workers; later runs save the worker start-up)."""
+    overrides = dict(conf.get("config_overrides") or {})
+    overrides["runner"] = {"direct_running_mode": "in_memory", "direct_num_workers": 1}
+    return {**conf, "config_overrides": overrides}
 
 
 def _rename_products(src_manifest: str, dst_manifest: str, prefix: str) -> list[dict]:
@@ -166,7 +216,7 @@ def test_params_are_typed(structure):
 # ------------------------------------------------------------------ full dag.test() runs
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model) -> dict:
+def world(tmp_path_factory, tiny_model):
     """Generated catalog + drop, roots and an Airflow home shared by the ordered runs below."""
     root = str(tmp_path_factory.mktemp("dag-runs"))
     manifest = write_catalog(os.path.join(root, "catalog"), num_products=8, images_per_product=2,
@@ -194,13 +244,15 @@ def world(tmp_path_factory, tiny_model) -> dict:
             "index": {"eval_queries": 20},
         },
     }
-    return {"root": root, "home": os.path.join(root, "airflow"), "manifest": manifest,
-            "drop": drop, "drop_rows": rows, "empty_drop": empty_drop, "conf": conf}
+    session = AirflowSession(os.path.join(root, "airflow"))
+    yield {"root": root, "session": session, "manifest": manifest, "drop": drop,
+           "drop_rows": rows, "empty_drop": empty_drop, "conf": conf}
+    session.close()
 
 
 def test_refresh_then_rerun_same_date_changes_nothing_else(world):
     conf, index_root, emb_root = world["conf"], world["conf"]["index_root"], world["conf"]["embeddings_root"]
-    report, output = run_dag(world["home"], "catalog_refresh", conf, D1)
+    report, output = world["session"].run("catalog_refresh", conf, D1)
     assert report["state"] == "success", output[-8000:]
     assert set(report["tasks"].values()) == {"success"}
     assert art.read_latest(index_root) == RUN_D1
@@ -213,7 +265,7 @@ def test_refresh_then_rerun_same_date_changes_nothing_else(world):
     assert manifest["num_vectors"] == 16 and manifest["num_products"] == 8
 
     before = _tree_state(emb_root, index_root)
-    report2, output2 = run_dag(world["home"], "catalog_refresh", conf, D1)
+    report2, output2 = world["session"].run("catalog_refresh", fast(conf), D1)
     assert report2["state"] == "success", output2[-8000:]
     assert report2["asset_events"][0]["version"] == RUN_D1
     assert "already holds exactly snapshot" in output2
@@ -230,8 +282,8 @@ def test_backfill_bad_params_are_refused_before_beam(world):
     conf, index_root = world["conf"], world["conf"]["index_root"]
     for manifests, reason in (([os.path.join(world["root"], "missing.csv")], "does not exist"),
                               ([world["empty_drop"]], "holds no rows")):
-        report, output = run_dag(world["home"], "catalog_backfill",
-                                 {**conf, "manifests": manifests}, D2)
+        report, output = world["session"].run("catalog_backfill",
+                                              fast({**conf, "manifests": manifests}), D2)
         assert report["state"] == "failed", output[-6000:]
         assert report["tasks"]["validate_params"] == "failed"
         assert report["tasks"]["embed_drop"] == "upstream_failed"
@@ -239,7 +291,7 @@ def test_backfill_bad_params_are_refused_before_beam(world):
         assert "launching embed" not in output
         assert art.read_latest(index_root) == RUN_D1
     # Malformed by schema: Airflow refuses the run conf itself.
-    report, output = run_dag(world["home"], "catalog_backfill", {**conf, "manifests": "x.csv"}, D2)
+    report, output = world["session"].run("catalog_backfill", {**conf, "manifests": "x.csv"}, D2)
     assert report["state"] in ("refused", "failed"), output[-6000:]
     assert "launching embed" not in output
     assert art.read_latest(index_root) == RUN_D1
@@ -247,8 +299,8 @@ def test_backfill_bad_params_are_refused_before_beam(world):
 
 def test_backfill_adds_the_drop_and_products_are_found(world, tiny_model):
     conf, index_root, emb_root = world["conf"], world["conf"]["index_root"], world["conf"]["embeddings_root"]
-    report, output = run_dag(world["home"], "catalog_backfill",
-                             {**conf, "manifests": [world["drop"]]}, D2)
+    report, output = world["session"].run("catalog_backfill",
+                                          fast({**conf, "manifests": [world["drop"]]}), D2)
     assert report["state"] == "success", output[-8000:]
     assert art.read_latest(index_root) == RUN_D2
     assert snapshot.latest_run_id(emb_root) == RUN_D2
@@ -289,7 +341,8 @@ def test_failed_gate_keeps_latest_and_says_why(world):
                                               "reorder_multiplier": 1, "brute_force_below": 0}}}
     catalog = write_catalog(os.path.join(world["root"], "catalog-big"), num_products=26,
                             images_per_product=2, size=64, seed=3)
-    report, output = run_dag(world["home"], "catalog_refresh", {**failing, "manifests": [catalog]}, D3)
+    report, output = world["session"].run("catalog_refresh",
+                                          fast({**failing, "manifests": [catalog]}), D3)
     assert report["state"] == "failed", output[-8000:]
     assert report["tasks"]["build_index"] == "failed"
     assert report["tasks"]["publish"] == "upstream_failed"
@@ -297,3 +350,22 @@ def test_failed_gate_keeps_latest_and_says_why(world):
     assert "RecallGateError" in output and "recall@" in output
     assert "a retry cannot fix it" in output  # the retry policy failed the task at once
     assert art.read_latest(index_root) == RUN_D2
+
+
+def test_handoff_reloads_the_search_service(world, tiny_model):
+    from test_serving_helpers import LiveServer
+
+    from pipelines.config import load_config
+    from serving.app import create_app
+    conf, index_root = world["conf"], world["conf"]["index_root"]
+    config = load_config(overrides={"model": {"handle": tiny_model,
+                                              "cache_dir": conf["config_overrides"]["model"]["cache_dir"]}})
+    app = create_app(index_root, config, version=RUN_D1, watch=False)
+    with LiveServer(app) as live:
+        report, output = world["session"].run(
+            "index_handoff", {"serving_url": live.url, "index_root": index_root}, D2)
+        assert report["state"] == "success", output[-6000:]
+        import httpx
+        ready = httpx.get(live.url + "/readyz", timeout=30).json()
+    assert ready["version"] == RUN_D2
+    assert f"POST {live.url}/v1/reload -> 200" in output
