@@ -522,18 +522,24 @@ class CatalogSearcher:
 def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
                  filters: Mapping[str, frozenset[str]] | None = None, collapse: bool = True,
                  exclude_rows: Iterable[int] = (), exclude_product: str | None = None,
-                 exact: bool = False) -> list[SearchHit]:
+                 exact: bool = False,
+                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[SearchHit]:
     """Top-k hits for one normalised query vector: over-fetch images, filter, collapse.
 
     Asks the index for more neighbours (x4 each round) until k hits survive filtering and
-    product collapsing, or the whole index has been asked for.
+    product collapsing, or the whole index has been asked for. `neighbours` (scores [n],
+    rows [n]) from an earlier batched search, if given, are used for the first round.
     """
     excluded = set(int(r) for r in exclude_rows)
     extra = len(excluded) + (len(idx.product_rows(exclude_product)) if exclude_product else 0)
     needs_more = collapse or bool(filters) or extra > 0 or idx.has_views
     fetch = min(idx.num_vectors, (max(4 * k, 32) if needs_more else k) + extra)
     while True:
-        scores, rows = idx.search(vector[None], fetch, exact=exact)
+        if neighbours is not None:
+            scores, rows = neighbours[0][None], neighbours[1][None]
+            fetch, neighbours = max(1, scores.shape[1]), None
+        else:
+            scores, rows = idx.search(vector[None], fetch, exact=exact)
         hits: list[SearchHit] = []
         seen: set[str] = set()
         for score, row in zip(scores[0], rows[0]):
