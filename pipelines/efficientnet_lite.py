@@ -227,15 +227,15 @@ def build_module(weights: LiteWeights) -> Any:
                 x = x + y if residual else y
             return tf.reduce_mean(self.head(x), axis=[1, 2])
 
-        @tf.function(input_signature=[_IMAGES_SPEC()])
+        @tf.function(input_signature=[_images_spec()])
         def __call__(self, images: Any) -> Any:
             return tf.math.l2_normalize(self.pooled_features(images), axis=1)
 
-        @tf.function(input_signature=[_IMAGES_SPEC()])
+        @tf.function(input_signature=[_images_spec()])
         def embedding_signature(self, images: Any) -> dict[str, Any]:
             return {"embedding": self.__call__(images)}
 
-        @tf.function(input_signature=[_IMAGES_SPEC()])
+        @tf.function(input_signature=[_images_spec()])
         def classify_signature(self, images: Any) -> dict[str, Any]:
             logits = tf.matmul(self.pooled_features(images), self.fc_kernel) + self.fc_bias
             return {"logits": logits}
@@ -243,7 +243,8 @@ def build_module(weights: LiteWeights) -> Any:
     return EfficientNetLite0()
 
 
-def _IMAGES_SPEC() -> Any:  # noqa: N802 - reads like the constant it stands for
+def _images_spec() -> Any:
+    """The one input of every function of the SavedModel."""
     import tensorflow as tf
     return tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="images")
 
@@ -434,6 +435,9 @@ def export_saved_model(src: str, out: str) -> int:
     Local destinations are written to a sibling temp dir and renamed into place.
     """
     from pipelines import filesystem
+    if filesystem.is_local(out) and os.path.isfile(out[len("file://"):]
+                                                   if out.startswith("file://") else out):
+        raise UsageError(f"--out {out} is an existing file, not a directory")
     if filesystem.list_children(out):
         raise UsageError(f"--out {out} already exists and is not empty")
     files = []

@@ -279,3 +279,14 @@ def test_folded_layers_match_the_pytorch_module(in_process_module):
                                       2, (1, 2), True)
     assert got.shape == want.shape == (28, 28, 144)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_cli_bench(race, monkeypatch, capsys):
+    from pipelines.cli import main
+    cache, _, _ = race
+    monkeypatch.setenv("CATALOG_SEARCH_CACHE", cache)
+    assert main(["model", "bench", "--batch-size", "2", "--batches", "1", "--threads", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s (batch 2 x 1, 224px" in out
+    assert main(["model", "bench", "--batch-size", "0"]) == 2
+    assert "--batch-size and --batches must be >= 1" in capsys.readouterr().err
