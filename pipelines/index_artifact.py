@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -483,11 +482,6 @@ def open_index(index_root: str, version: str | None = None, verify: bool = True,
     if verify:
         opened.check_files()
     return opened
-
-
-def read_rows(data: bytes) -> pa.Table:
-    """A rows.parquet file's bytes as an Arrow table."""
-    return pq.read_table(io.BytesIO(data))
 
 
 # --------------------------------------------------------------------------- CLI
