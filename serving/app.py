@@ -103,7 +103,7 @@ class Metrics:
                              f'{self.latency_sum[route]:.6f}')
                 lines.append(f'catalog_search_request_seconds_count{{route="{route}"}} '
                              f'{self.latency_count[route]}')
-        idx = searcher._current
+        idx = searcher.loaded
         lines += ["# HELP catalog_search_index_info The serving index version (value 1).",
                   "# TYPE catalog_search_index_info gauge"]
         if idx is not None:
@@ -400,7 +400,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
 
     @app.get("/readyz", summary="An index version is loaded")
     async def readyz() -> JSONResponse:
-        idx = searcher._current
+        idx = searcher.loaded
         if idx is None:
             return JSONResponse({"ready": False, "version": None}, status_code=503,
                                 headers={"x-error-reason": "not_ready"})

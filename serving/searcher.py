@@ -312,6 +312,10 @@ class CatalogSearcher:
         self._refused: dict[str, str] = {}
         self._embedders: dict[str, QueryEmbedder] = {}
         self.reload_counts = {"loaded": 0, "unchanged": 0, "refused": 0}
+        # Object-store shards are copied here (ScaNN loads local files), one folder per
+        # version; only the serving and the previous version's copies are kept.
+        self._copies_root: str | None = None
+        self._copied_versions: list[str] = []
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -334,6 +338,11 @@ class CatalogSearcher:
         if idx is None:
             raise NotReadyError(f"no index version loaded from {self.index_root} yet")
         return idx
+
+    @property
+    def loaded(self) -> LoadedIndex | None:
+        """The serving version, or None before the first successful load."""
+        return self._current
 
     @property
     def ready(self) -> bool:
@@ -373,9 +382,11 @@ class CatalogSearcher:
             try:
                 loaded = self._load(target)
             except Exception as e:  # IndexLoadError and anything a broken artifact raises
+                self._prune_copies(keep={serving})
                 return self._refuse(target, str(e) or type(e).__name__, started)
             self._current = loaded  # the swap: one reference assignment
             self._refused.pop(target, None)
+            self._prune_copies(keep={target, serving})
             self.reload_counts["loaded"] += 1
             seconds = time.perf_counter() - started
             log.info("serving index version %s (%d vectors, %d products, shards %s) "
@@ -393,6 +404,27 @@ class CatalogSearcher:
         return ReloadOutcome("refused", target, self.version, reason,
                              time.perf_counter() - started)
 
+    def _cache_dir(self, version: str) -> str | None:
+        """Where a remote version's shard files are copied (None for a local root)."""
+        from pipelines import filesystem as fs
+        if fs.is_local(self.index_root):
+            return None
+        if self._copies_root is None:
+            import tempfile
+            self._copies_root = tempfile.mkdtemp(prefix="catalog-serving-")
+        if version not in self._copied_versions:
+            self._copied_versions.append(version)
+        return self._copies_root
+
+    def _prune_copies(self, keep: set[str | None]) -> None:
+        if self._copies_root is None:
+            return
+        import os
+        import shutil
+        for version in [v for v in self._copied_versions if v not in keep]:
+            shutil.rmtree(os.path.join(self._copies_root, version), ignore_errors=True)
+            self._copied_versions.remove(version)
+
     def _embedder_for(self, model: Mapping[str, Any]) -> QueryEmbedder:
         fingerprint = str(model.get("fingerprint", ""))
         embedder = self._embedders.get(fingerprint)
@@ -404,7 +436,8 @@ class CatalogSearcher:
     def _load(self, version: str) -> LoadedIndex:
         from pipelines.index_artifact import open_index
         try:
-            artifact = open_index(self.index_root, version=version, verify=True)
+            artifact = open_index(self.index_root, version=version, verify=True,
+                                  cache_dir=self._cache_dir(version))
         except Exception as e:
             raise IndexLoadError(f"version {version}: cannot open: {e}") from e
         manifest = artifact.manifest

@@ -208,3 +208,55 @@ def snapshot_subset(world: ServingWorld, dest: str, drop_products: set[str]) -> 
                    run_id=os.path.basename(dest))
     fs.write_json(fs.join(dest, snapshot.SUMMARY_FILE), summary)
     return dest
+
+
+def register_object_store_stand_in() -> str:
+    """Register `servingtestfs://<abs path>`: a Beam FileSystem over local folders that
+    stands in for an object store (no is_local shortcut applies to it); returns the scheme."""
+    from apache_beam.io.filesystem import MatchResult
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    scheme = "servingtestfs"
+    prefix = f"{scheme}://"
+    if getattr(register_object_store_stand_in, "done", False):
+        return scheme
+
+    class ServingTestFileSystem(LocalFileSystem):
+        @classmethod
+        def scheme(cls) -> str:
+            return scheme
+
+        @staticmethod
+        def _local(uri: str) -> str:
+            return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+        def join(self, basepath, *paths):
+            return basepath.rstrip("/") + "/" + "/".join(p.strip("/") for p in paths)
+
+        def mkdirs(self, path):
+            return super().mkdirs(self._local(path))
+
+        def create(self, path, *args, **kwargs):
+            return super().create(self._local(path), *args, **kwargs)
+
+        def open(self, path, *args, **kwargs):
+            return super().open(self._local(path), *args, **kwargs)
+
+        def exists(self, path):
+            return super().exists(self._local(path))
+
+        def delete(self, paths):
+            return super().delete([self._local(p) for p in paths])
+
+        def match(self, patterns, limits=None):
+            results = super().match([self._local(p) for p in patterns], limits)
+            out = []
+            for pattern, result in zip(patterns, results):
+                for m in result.metadata_list:
+                    m.path = prefix + m.path
+                out.append(MatchResult(pattern, result.metadata_list))
+            return out
+
+    # Beam finds file systems through __subclasses__ (weak references): keep the class alive.
+    register_object_store_stand_in.done = ServingTestFileSystem
+    return scheme

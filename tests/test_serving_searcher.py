@@ -13,6 +13,7 @@ from pipelines import filesystem as fs
 from serving.searcher import (CatalogSearcher, IndexLoadError, IndexWatcher, QueryError,
                               validate_filters)
 from test_serving_helpers import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,
+                                  register_object_store_stand_in,
                                   jpeg_bytes, serving_world, snapshot_subset)
 
 
@@ -241,3 +242,21 @@ def test_watcher_loads_new_latest(world, tmp_path):
 def test_open_without_index_fails_with_reason(tmp_path, world):
     with pytest.raises(IndexLoadError, match="LATEST"):
         CatalogSearcher.open(str(tmp_path / "empty"), config=world.config)
+
+
+def test_object_store_root_is_copied_locally_and_old_copies_pruned(world, tmp_path):
+    scheme = register_object_store_stand_in()
+    root = copy_index(world, str(tmp_path / "index"))
+    build_index(snapshot_subset(world, str(tmp_path / "s2"), {"P0004"}), root, world.config,
+                version="v0002")
+    build_index(world.snapshot, root, world.config, version="v0003")
+    remote = f"{scheme}://{root}"
+    searcher = CatalogSearcher.open(remote, version="v0001", config=world.config)
+    copies = searcher._copies_root
+    assert copies and not copies.startswith(root)
+    assert searcher.search_vector(np.ones(searcher.current.dim), k=2).version == "v0001"
+    assert searcher.reload(version="v0002").status == "loaded"
+    assert searcher.reload(version="v0003").status == "loaded"
+    # Local copies: the serving version and the previous one only.
+    assert sorted(os.listdir(copies)) == ["v0002", "v0003"]
+    assert searcher.similar_to(product_id="P0004", k=3).version == "v0003"
