@@ -475,12 +475,15 @@ def benchmark(spec: Any, batch_size: int, batches: int) -> dict[str, float]:
     images = np.random.default_rng(0).integers(
         0, 256, (batch_size, spec.input_size, spec.input_size, 3), dtype=np.uint8)
     embedder.embed(images)
-    ready = time.monotonic()
+    ready, cpu_ready = time.monotonic(), time.process_time()
     for _ in range(batches):
         embedder.embed(images)
     elapsed = time.monotonic() - ready
+    cpu = time.process_time() - cpu_ready
+    # CPU time per image is much less sensitive than images/s to other load on the machine.
     return {"load_and_warmup_s": ready - started, "timed_s": elapsed,
-            "images_per_s": batch_size * batches / elapsed}
+            "images_per_s": batch_size * batches / elapsed,
+            "cpu_ms_per_image": 1000 * cpu / (batch_size * batches)}
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -497,8 +500,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         result = benchmark(spec, args.batch_size, args.batches)
         print(f"{spec.model_id}: {result['images_per_s']:.1f} images/s "
               f"(batch {args.batch_size} x {args.batches}, {spec.input_size}px, "
-              f"tf threads {threads or 'default'}; load + warm-up "
-              f"{result['load_and_warmup_s']:.1f}s)")
+              f"tf threads {threads or 'default'}; {result['cpu_ms_per_image']:.1f} CPU ms/image; "
+              f"load + warm-up {result['load_and_warmup_s']:.1f}s)")
         return 0
     if args.model_action == "info":
         if args.json:
