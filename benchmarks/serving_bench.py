@@ -168,7 +168,7 @@ def run_load(url: str, make_request: Callable[[Any], Any], clients: int, seconds
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
+    for noisy in ("apache_beam", "absl", "tensorflow", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     p = argparse.ArgumentParser(description="serving latency / throughput / hot-reload bench")
     p.add_argument("--num-vectors", type=int, default=1_000_000)

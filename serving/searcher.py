@@ -169,6 +169,8 @@ class LoadedIndex:
         for i, pid in enumerate(backend.product_ids):
             products.setdefault(pid, []).append(i)
         self._product_rows = products
+        # Starts at the mean images per product; refined by collect_hits as queries run.
+        self.rows_per_product_hit = max(1.0, backend.num_rows / max(1, len(products)))
         step = max(1, self.num_vectors // _METADATA_KEY_SAMPLE)
         keys: set[str] = {"product_id", "image_id"}
         for i in range(0, self.num_vectors, step):
@@ -194,6 +196,16 @@ class LoadedIndex:
         return SearchHit(product_id=b.product_ids[row], image_id=b.image_ids[row],
                          score=float(score), metadata=self.metadata(row),
                          image_uri=b.image_uris[row] if b.image_uris is not None else None)
+
+    def learn_rows_per_product_hit(self, observed: float) -> None:
+        """Update the running estimate of rows scanned per distinct product in results."""
+        self.rows_per_product_hit = 0.9 * self.rows_per_product_hit + 0.1 * observed
+
+    def product_id(self, row: int) -> str:
+        return self._backend.product_ids[row]
+
+    def image_id(self, row: int) -> str:
+        return self._backend.image_ids[row]
 
     def has_image(self, image_id: str) -> bool:
         return image_id in self._image_rows
@@ -566,7 +578,10 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
     excluded = set(int(r) for r in exclude_rows)
     extra = len(excluded) + (len(idx.product_rows(exclude_product)) if exclude_product else 0)
     needs_more = collapse or bool(filters) or extra > 0 or idx.has_views
-    fetch = min(idx.num_vectors, (max(4 * k, 32) if needs_more else k) + extra)
+    # Collapsing to products needs about k x (rows scanned per distinct product) rows;
+    # that ratio is learned from earlier queries, so one search round is usually enough.
+    first = int(k * idx.rows_per_product_hit * 1.25) if collapse else 4 * k
+    fetch = min(idx.num_vectors, (max(first, 32) if needs_more else k) + extra)
     while True:
         if neighbours is not None:
             scores, rows = neighbours[0][None], neighbours[1][None]
@@ -575,22 +590,24 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
             scores, rows = idx.search(vector[None], fetch, exact=exact)
         hits: list[SearchHit] = []
         seen: set[str] = set()
-        for score, row in zip(scores[0], rows[0]):
-            row = int(row)
+        for scanned, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
             if row < 0 or row in excluded:
                 continue
-            hit = idx.hit(row, float(score))
-            if exclude_product is not None and hit.product_id == exclude_product:
+            product_id = idx.product_id(row)
+            if exclude_product is not None and product_id == exclude_product:
                 continue
+            key = product_id if collapse else idx.image_id(row)  # views of one image: once
+            if key in seen:
+                continue
+            hit = idx.hit(row, score)
             if filters and not _matches({**hit.metadata, "product_id": hit.product_id,
                                          "image_id": hit.image_id}, filters):
-                continue
-            key = hit.product_id if collapse else hit.image_id  # views of one image: once
-            if key in seen:
                 continue
             seen.add(key)
             hits.append(hit)
             if len(hits) == k:
+                if collapse and not filters:
+                    idx.learn_rows_per_product_hit(scanned / k)
                 return hits
         if fetch >= idx.num_vectors:
             return hits

@@ -7,13 +7,12 @@ import os
 import threading
 
 import httpx
-import numpy as np
 import pytest
 
 from pipelines import filesystem as fs
 from serving.app import create_app
 from serving.searcher import CatalogSearcher
-from test_serving_helpers import (LiveServer, build_index, copy_index, jpeg_bytes,
+from test_serving_helpers import (LiveServer, build_index, copy_index,
                                   serving_world, snapshot_subset)
 
 
@@ -151,7 +150,7 @@ def test_bad_input_never_500(client, world, case):
     elif case == "vector_missing":
         r = client.post("/v1/search", json={"k": 3})
     elif case == "json_broken":
-        r = client.post("/v1/search", content=b'{"vector": [1,', 
+        r = client.post("/v1/search", content=b'{"vector": [1,',
                         headers={"content-type": "application/json"})
     elif case == "json_unknown_field":
         r = client.post("/v1/search", json={"vector": [1.0] * 48, "kk": 3})
