@@ -6,6 +6,7 @@ Endpoints (OpenAPI at /openapi.json, docs at /docs):
     POST /v1/search                  multipart (image file + k, filters, collapse) or JSON
                                      {"vector": [...], "k": 10, "filters": {...}}
     GET  /v1/products/{id}/similar   "more like this" for a catalog product
+    GET  /v1/images/{id}/similar     "more like this" for a catalog image
     GET  /v1/images/{image_id}       a catalog image of the loaded index (thumbnails)
     POST /v1/reload                  check LATEST now (Airflow hand-off); 409 when refused
     GET  /healthz  /readyz  /metrics (Prometheus text)
@@ -362,6 +363,14 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
                       filters: str | None = Query(None, description="JSON object"),
                       collapse: bool = Query(True)) -> dict[str, Any]:
         results = await call(searcher.similar_to, product_id=product_id, k=k,
+                             filters=_parse_filters(filters), collapse=collapse)
+        return answer(results)
+
+    @app.get("/v1/images/{image_id}/similar", summary='"More like this" for a catalog image')
+    async def similar_image(image_id: str, k: int | None = Query(None),
+                            filters: str | None = Query(None, description="JSON object"),
+                            collapse: bool = Query(True)) -> dict[str, Any]:
+        results = await call(searcher.similar_to, image_id=image_id, k=k,
                              filters=_parse_filters(filters), collapse=collapse)
         return answer(results)
 

@@ -81,6 +81,11 @@ def test_search_by_vector_and_similar(client, world):
     assert r.status_code == 200
     ids = [h["product_id"] for h in r.json()["results"]]
     assert len(ids) == 4 and "P0002" not in ids
+    r = client.get("/v1/images/P0002-0/similar", params={"k": 3, "collapse": "false"})
+    assert r.status_code == 200
+    ids = [h["image_id"] for h in r.json()["results"]]
+    assert len(ids) == 3 and "P0002-0" not in ids
+    assert client.get("/v1/images/NOPE/similar").status_code == 404
     r = client.get("/v1/products/P0002/similar",
                    params={"filters": json.dumps({"category": "dairy"})})
     assert r.status_code == 200
