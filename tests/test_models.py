@@ -9,8 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from apache_beam.io.filesystem import MatchResult
-from apache_beam.io.localfilesystem import LocalFileSystem
+from object_store_stand_in import register_prefixed_filesystem
 
 from pipelines.models import (METADATA_FILE, Embedder, ModelError, ModelSpec, local_model_dir,
                               resolve_model)
@@ -18,50 +17,7 @@ from pipelines.models import (METADATA_FILE, Embedder, ModelError, ModelSpec, lo
 tf = pytest.importorskip("tensorflow")
 
 SCHEME = "catalogtestfs"
-
-
-class PrefixedLocalFileSystem(LocalFileSystem):
-    """A Beam FileSystem for `catalogtestfs://<abs path>` URIs, stored in local directories.
-
-    Stands in for an object store so remote-handle code paths (Beam FileSystems reads,
-    model export, local copies for TensorFlow) run for real in tests.
-    """
-
-    PREFIX = f"{SCHEME}://"
-
-    @classmethod
-    def scheme(cls) -> str:
-        return SCHEME
-
-    def _local(self, uri: str) -> str:
-        return uri[len(self.PREFIX):] if uri.startswith(self.PREFIX) else uri
-
-    def join(self, basepath, *paths):
-        return basepath.rstrip("/") + "/" + "/".join(p.strip("/") for p in paths)
-
-    def mkdirs(self, path):
-        return super().mkdirs(self._local(path))
-
-    def create(self, path, *args, **kwargs):
-        return super().create(self._local(path), *args, **kwargs)
-
-    def open(self, path, *args, **kwargs):
-        return super().open(self._local(path), *args, **kwargs)
-
-    def exists(self, path):
-        return super().exists(self._local(path))
-
-    def delete(self, paths):
-        return super().delete([self._local(p) for p in paths])
-
-    def match(self, patterns, limits=None):
-        results = super().match([self._local(p) for p in patterns], limits)
-        out = []
-        for pattern, result in zip(patterns, results):
-            for m in result.metadata_list:
-                m.path = self.PREFIX + m.path
-            out.append(MatchResult(pattern, result.metadata_list))
-        return out
+register_prefixed_filesystem(SCHEME)
 
 
 def _save_module(module, path: str, meta: dict | None = None, signatures=None) -> str:

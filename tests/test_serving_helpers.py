@@ -15,35 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TINY_INPUT_SIZE = 64
+from tiny_model import TINY_INPUT_SIZE, make_tiny_model  # noqa: F401 (re-exported)
+
 NUM_PRODUCTS = 12
 IMAGES_PER_PRODUCT = 3
-
-
-def make_tiny_model(out_dir: str, seed: int = 0) -> str:
-    """A small SavedModel: uint8-range float images [N,64,64,3] -> 48-d embeddings."""
-    import tensorflow as tf
-
-    class Tiny(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            rng = np.random.default_rng(seed)
-            self.k1 = tf.Variable(rng.normal(0, 0.3, (5, 5, 3, 16)).astype(np.float32))
-            self.k2 = tf.Variable(rng.normal(0, 0.2, (3, 3, 16, 24)).astype(np.float32))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, TINY_INPUT_SIZE, TINY_INPUT_SIZE, 3],
-                                                    tf.float32)])
-        def __call__(self, x):
-            y = tf.nn.relu(tf.nn.conv2d(x, self.k1, strides=2, padding="SAME"))
-            y = tf.nn.relu(tf.nn.conv2d(y, self.k2, strides=2, padding="SAME"))
-            return tf.concat([tf.reduce_mean(y, axis=[1, 2]), tf.reduce_max(y, axis=[1, 2])], 1)
-
-    path = os.path.join(out_dir, "tiny_model")
-    tf.saved_model.save(Tiny(), path)
-    os.makedirs(os.path.join(path, "assets"), exist_ok=True)
-    with open(os.path.join(path, "assets", "catalog_search_model.json"), "w") as f:
-        json.dump({"input_size": TINY_INPUT_SIZE, "mean": 127.5, "std": 64.0, "dim": 48}, f)
-    return path
 
 
 def write_snapshot(manifest_csv: str, out_path: str, config) -> str:
@@ -211,52 +186,7 @@ def snapshot_subset(world: ServingWorld, dest: str, drop_products: set[str]) -> 
 
 
 def register_object_store_stand_in() -> str:
-    """Register `servingtestfs://<abs path>`: a Beam FileSystem over local folders that
-    stands in for an object store (no is_local shortcut applies to it); returns the scheme."""
-    from apache_beam.io.filesystem import MatchResult
-    from apache_beam.io.localfilesystem import LocalFileSystem
-
-    scheme = "servingtestfs"
-    prefix = f"{scheme}://"
-    if getattr(register_object_store_stand_in, "done", False):
-        return scheme
-
-    class ServingTestFileSystem(LocalFileSystem):
-        @classmethod
-        def scheme(cls) -> str:
-            return scheme
-
-        @staticmethod
-        def _local(uri: str) -> str:
-            return uri[len(prefix):] if uri.startswith(prefix) else uri
-
-        def join(self, basepath, *paths):
-            return basepath.rstrip("/") + "/" + "/".join(p.strip("/") for p in paths)
-
-        def mkdirs(self, path):
-            return super().mkdirs(self._local(path))
-
-        def create(self, path, *args, **kwargs):
-            return super().create(self._local(path), *args, **kwargs)
-
-        def open(self, path, *args, **kwargs):
-            return super().open(self._local(path), *args, **kwargs)
-
-        def exists(self, path):
-            return super().exists(self._local(path))
-
-        def delete(self, paths):
-            return super().delete([self._local(p) for p in paths])
-
-        def match(self, patterns, limits=None):
-            results = super().match([self._local(p) for p in patterns], limits)
-            out = []
-            for pattern, result in zip(patterns, results):
-                for m in result.metadata_list:
-                    m.path = prefix + m.path
-                out.append(MatchResult(pattern, result.metadata_list))
-            return out
-
-    # Beam finds file systems through __subclasses__ (weak references): keep the class alive.
-    register_object_store_stand_in.done = ServingTestFileSystem
-    return scheme
+    """Register `servingtestfs://<abs path>` (an object-store stand-in); returns the scheme."""
+    from object_store_stand_in import register_prefixed_filesystem
+    register_prefixed_filesystem("servingtestfs")
+    return "servingtestfs"
