@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -122,6 +122,13 @@ class ShardedSearcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Approximate global top-k: (scores float32 [Q,k'], rows int64 [Q,k'])."""
+        return self._merged_top_k(queries, k, self._search_shard)
+
+    def _merged_top_k(self, queries: np.ndarray, k: int,
+                      search_shard: Callable[[Any, np.ndarray, int],
+                                             tuple[np.ndarray, np.ndarray]]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Each non-empty shard's top-k by `search_shard`, merged into the global top-k."""
         queries = _as_queries(queries, self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -130,7 +137,7 @@ class ShardedSearcher:
         for offset, shard in zip(self.offsets[:-1], self.shards):
             if shard.num_vectors == 0:
                 continue
-            s, r = self._search_shard(shard, queries, min(k, shard.num_vectors))
+            s, r = search_shard(shard, queries, min(k, shard.num_vectors))
             all_s.append(s)
             all_r.append(np.where(r >= 0, r + offset, -1))
         scores = np.concatenate(all_s, axis=1)
@@ -167,18 +174,8 @@ class ShardedSearcher:
 
     def search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact global top-k over the shards' stored vectors: (scores, rows) like search."""
-        queries = _as_queries(queries, self.dim)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        k = min(int(k), self.num_vectors)
-        all_s, all_r = [], []
-        for offset, shard in zip(self.offsets[:-1], self.shards):
-            if shard.num_vectors == 0:
-                continue
-            s, i = search_exact(shard.vectors(), queries, k)
-            all_s.append(s)
-            all_r.append(i + offset)
-        return _top_k_rows(np.concatenate(all_s, axis=1), np.concatenate(all_r, axis=1), k)
+        return self._merged_top_k(
+            queries, k, lambda shard, q, kk: search_exact(shard.vectors(), q, kk))
 
     # ---------------------------------------------------------------- rows -> catalog
 
