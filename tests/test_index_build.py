@@ -142,7 +142,10 @@ def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
     searcher = ShardedSearcher(art.open_index(root).load_shards())
     queries = vectors[:50]
     _, rows = searcher.search(queries, 5)
-    assert [searcher.image_ids[r[0]] for r in rows] == [f"img{i:06d}" for i in range(50)]
+    # An approximate index tuned to 0.98 recall may miss a vector's own row now and then
+    # (ScaNN's multi-threaded training is not bit-for-bit repeatable): at most 2 of 50.
+    found = sum(searcher.image_ids[r[0]] == f"img{i:06d}" for i, r in enumerate(rows))
+    assert found >= 48, f"only {found} of 50 vectors found themselves at top-1"
 
 
 def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
