@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipelines.checksums import sha256_file
 from pipelines.command import Command, UsageError
 from pipelines.config import Config
 from pipelines.torch_checkpoint import load_state_dict
@@ -280,11 +281,7 @@ def file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA256_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA256_CACHE[key] = h.hexdigest()
+        _SHA256_CACHE[key] = sha256_file(path)[0]
     return _SHA256_CACHE[key]
 
 

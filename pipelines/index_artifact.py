@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import filesystem as fs
+from pipelines.checksums import sha256_file
 from pipelines.command import Command, UsageError
 from pipelines.config import Config
 
@@ -63,7 +64,6 @@ STATUS_INCOMPLETE = "incomplete"
 ROW_COLUMNS = ("image_id", "view", "product_id", "image_uri", "metadata")
 
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
-_CHUNK = 1 << 22
 
 
 class IndexArtifactError(ValueError):
@@ -121,17 +121,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_local_file(path: str) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of a local file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def local_dir_checksums(folder: str) -> list[dict[str, Any]]:
     """[{name, sha256, bytes}] for every file below a local folder (names relative, '/')."""
     out = []
@@ -139,7 +128,7 @@ def local_dir_checksums(folder: str) -> list[dict[str, Any]]:
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            digest, size = sha256_local_file(full)
+            digest, size = sha256_file(full)
             rel = os.path.relpath(full, folder).replace(os.sep, "/")
             out.append({"name": rel, "sha256": digest, "bytes": size})
     return sorted(out, key=lambda f: f["name"])
@@ -430,7 +419,7 @@ class IndexVersion:
                     raise IndexIntegrityError(f"version {self.version} shard {entry['shard']}: "
                                               f"file {path} is missing")
                 if self.verify:
-                    digest, size = sha256_local_file(path)
+                    digest, size = sha256_file(path)
                     _check_file(self.version, entry["shard"], path, f, digest, size)
             return local
         root = self.cache_dir or tempfile.mkdtemp(prefix="catalog-index-")

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.checksums import update_from_file
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("efficientnet_lite0",)
 # Written into every SavedModel we produce (and read back for local directories).
@@ -151,9 +153,7 @@ def _hash_dir(path: str) -> str:
             from pipelines import filesystem
             h.update(filesystem.read_bytes(f"{path.rstrip('/')}/{rel}"))
             continue
-        with open(os.path.join(path, *rel.split("/")), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        update_from_file(h, os.path.join(path, *rel.split("/")))
     return h.hexdigest()
 
 
