@@ -40,7 +40,7 @@ class DecodeError(ValueError):
 
 # Formats accepted for query uploads (serving): the common photo formats, decoded by
 # Pillow's own code; nothing that hands the bytes to an external program (EPS, PDF...).
-QUERY_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+QUERY_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG covers MPO
 
 
 def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None,

@@ -618,7 +618,8 @@ class CatalogSearcher:
     def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
         """A finite, non-zero vector of the index's dimension, L2-normalised."""
         try:
-            v = np.asarray(vector, dtype=np.float32)
+            with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused below
+                v = np.asarray(vector, dtype=np.float32)
         except (TypeError, ValueError, OverflowError) as e:
             raise QueryError("bad_vector", f"vector must be a list of finite numbers: "
                                            f"{reprlib.repr(str(e))}") from e
