@@ -9,9 +9,9 @@ generated index (tests/test_serving_helpers.serving_world; no downloads) and mea
    answers by status; any 5xx is a failure.
 2. bombs: the server's VmRSS before and VmHWM (peak) after --bombs concurrent uploads
    of a 6000x6000 1-bit PNG (4.4 KB each), then of a 3999x3999 one (just under
-   serving.max_query_pixels: decoded, max_concurrent_queries at a time). --legacy-limits runs the server with the
-   limits before issue 9 (query pixel limit = decode.max_pixels, no decode-slot bound)
-   for the "before" figure.
+   serving.max_query_pixels: decoded, max_concurrent_queries at a time).
+   --legacy-limits runs the server with the limits before issue 9 (query pixel limit =
+   decode.max_pixels, no decode-slot bound) for the "before" figure.
 3. hot swap under load: --clients concurrent clients (vector and image queries) while
    LATEST flips between two versions and POST /v1/reload (with the token) runs --swaps
    times; every non-200 answer or transport error is a failed request.
@@ -142,7 +142,8 @@ def bomb_memory(url: str, pid: int, bombs: int, side: int = 6000) -> dict[str, A
     with ThreadPoolExecutor(bombs) as pool:
         statuses = list(pool.map(send, range(bombs)))
     after = _vm_kib(pid)
-    return {"bombs": bombs, "side": side, "bomb_bytes": len(bomb), "seconds": round(time.perf_counter() - t0, 2),
+    return {"bombs": bombs, "side": side, "bomb_bytes": len(bomb),
+            "seconds": round(time.perf_counter() - t0, 2),
             "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
             "rss_before_mb": round(before["VmRSS"] / 1024, 1),
             "peak_rss_after_mb": round(after["VmHWM"] / 1024, 1),

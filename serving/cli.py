@@ -46,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "serving.allowed_model_handles; model.handle and builtin:* are trusted)")
 
 
-def _with_allowed_models(args: argparse.Namespace, config: Config) -> Config:
+def with_allowed_models(args: argparse.Namespace, config: Config) -> Config:
+    """`config` with the --allow-model handles added to serving.allowed_model_handles."""
     if not args.allow_model:
         return config
     handles = list(config.serving.allowed_model_handles) + list(args.allow_model)
@@ -66,7 +67,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 def _run_query(args: argparse.Namespace, config: Config) -> int:
     from pipelines import filesystem as fs
     from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
-    config = _with_allowed_models(args, config)
+    config = with_allowed_models(args, config)
     filters = _parse_filters(args.filters)
     for uri in args.images:
         if not fs.exists(uri):
@@ -121,7 +122,7 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
 
     from serving.app import create_app
     from serving.auth import AdminTokenError, admin_token_from_env, read_token_file
-    config = _with_allowed_models(args, config)
+    config = with_allowed_models(args, config)
     try:
         token = (read_token_file(args.admin_token_file) if args.admin_token_file
                  else admin_token_from_env())
