@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         swaps: list[dict[str, Any]] = []
 
         def do_swaps() -> None:
-            with httpx.Client(base_url=url, timeout=900) as c:
+            from serving.auth import admin_token_from_env, bearer_header
+            with httpx.Client(base_url=url, timeout=900,  # the server reads the same env
+                              headers=bearer_header(admin_token_from_env())) as c:
                 for i in range(args.swaps):
                     target = "bench-b" if i % 2 == 0 else "bench-a"
                     art.write_latest(index_root, target)

@@ -145,12 +145,34 @@ class ServingConfig:
     reload_interval_s: float = 5.0
     default_k: int = 10
     max_k: int = 100
+    # Query uploads: pixels one decode may hold (after JPEG draft), far below decode.max_pixels.
+    max_query_pixels: int = 16_000_000
+    # Decode+embed slots; requests beyond them wait in a bounded queue, then get 503.
+    max_concurrent_queries: int = 4
+    max_queued_queries: int = 32
+    queue_timeout_s: float = 10.0
+    # JSON bodies (and `filters` JSON): size and nesting limits checked before parsing.
+    max_json_bytes: int = 1_000_000
+    max_json_depth: int = 8
+    # Model handles an index manifest may name besides model.handle and builtin:* models.
+    allowed_model_handles: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serving.port", "must be between 0 and 65535")
         _require(self.max_upload_bytes > 0, "serving.max_upload_bytes", "must be > 0")
         _require(self.reload_interval_s > 0, "serving.reload_interval_s", "must be > 0")
         _require(1 <= self.default_k <= self.max_k, "serving.default_k", "must be in [1, max_k]")
+        _require(self.max_query_pixels > 0, "serving.max_query_pixels", "must be > 0")
+        _require(self.max_concurrent_queries >= 1, "serving.max_concurrent_queries",
+                 "must be >= 1")
+        _require(self.max_queued_queries >= 0, "serving.max_queued_queries", "must be >= 0")
+        _require(self.queue_timeout_s >= 0, "serving.queue_timeout_s", "must be >= 0")
+        _require(self.max_json_bytes >= 1024, "serving.max_json_bytes", "must be >= 1024")
+        _require(2 <= self.max_json_depth <= 64, "serving.max_json_depth",
+                 "must be between 2 and 64")
+        for handle in self.allowed_model_handles:
+            _require(bool(handle and handle.strip()), "serving.allowed_model_handles",
+                     "must not contain empty handles")
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,23 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+# Formats accepted for query uploads (serving): the common photo formats, decoded by
+# Pillow's own code; nothing that hands the bytes to an external program (EPS, PDF...).
+QUERY_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG covers MPO
+
+
 def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None,
-                 max_bytes: int | None = None) -> Image.Image:
+                 max_bytes: int | None = None, max_decoded_pixels: int | None = None,
+                 formats: Sequence[str] | None = None) -> Image.Image:
     """Decode bytes into an RGB image.
 
     With `target_size`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8)
     whose result still covers target_size / CENTER_CROP_FRACTION on its shorter side,
     which is several times faster than a full decode and loses nothing the model sees.
+    `max_pixels` limits the size the file declares; `max_decoded_pixels` (a tighter limit
+    for untrusted uploads) limits the pixels actually decoded into memory, i.e. after the
+    JPEG draft reduction, and is checked before any pixel data is decoded. `formats`
+    restricts the accepted Pillow formats (default: any Pillow can open).
     Raises DecodeError with reason: empty, too_large, not_an_image, too_many_pixels,
     truncated, corrupt.
     """
@@ -55,7 +65,7 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
     except Image.DecompressionBombError as e:
         raise DecodeError("too_many_pixels", str(e)) from e
     except Image.DecompressionBombWarning as e:
@@ -75,7 +85,16 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None
             scale = min(w, h) / need
             if scale >= 2:
                 img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+        if max_decoded_pixels is not None:
+            dw, dh = img.size  # after draft: what load() will allocate
+            if dw * dh > max_decoded_pixels:
+                raise DecodeError(
+                    "too_many_pixels",
+                    f"{w}x{h} {img.format or 'image'} decodes to {dw}x{dh} = {dw * dh} pixels, "
+                    f"more than the limit of {max_decoded_pixels} for this input")
         img.load()
+    except DecodeError:
+        raise
     except OSError as e:
         text = str(e)
         reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
@@ -179,8 +198,15 @@ def preprocess_views(img: Image.Image, views: Sequence[str], *, size: int, resiz
             for v in views]
 
 
-def load_and_preprocess(data: bytes, size: int, config: "Config") -> np.ndarray:
-    """bytes -> uint8 [size,size,3] exactly as the pipeline's 'original' view (for serving)."""
+def load_and_preprocess(data: bytes, size: int, config: "Config", *,
+                        max_decoded_pixels: int | None = None,
+                        formats: Sequence[str] | None = None) -> np.ndarray:
+    """bytes -> uint8 [size,size,3] exactly as the pipeline's 'original' view (for serving).
+
+    Serving passes `max_decoded_pixels=config.serving.max_query_pixels` and
+    `formats=QUERY_FORMATS` for uploads (see decode_image).
+    """
     img = decode_image(data, max_pixels=config.decode.max_pixels, target_size=size,
-                       max_bytes=config.fetch.max_bytes)
+                       max_bytes=config.fetch.max_bytes, max_decoded_pixels=max_decoded_pixels,
+                       formats=formats)
     return preprocess(img, size, config.decode.resize)

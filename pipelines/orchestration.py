@@ -663,6 +663,8 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
 
     The version comes from the triggering Asset event's extra, or (a manual run) from the
     index LATEST. With no serving_url the version is only recorded (returned and logged).
+    When CATALOG_SEARCH_ADMIN_TOKEN (or _FILE) is set in the worker's environment, the
+    request carries it as a bearer token (the service then requires it).
     Raises StepError when the service cannot be reached or answers with an error.
     """
     version = (event_extra or {}).get("version") or _read_index_latest(index_root)
@@ -676,8 +678,14 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
         log.info("new index version %s (no serving_url: recorded only)", version)
         return {**record, "notified": False}
     url = serving_url.rstrip("/") + "/v1/reload"
+    from serving.auth import AdminTokenError, admin_token_from_env, bearer_header
+    try:
+        token = admin_token_from_env()  # CATALOG_SEARCH_ADMIN_TOKEN(_FILE), as the server's
+    except AdminTokenError as e:
+        raise OrchestrationError(f"cannot hand off to {url}: {e}") from None
     request = urllib.request.Request(url, data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **bearer_header(token)})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body = response.read().decode("utf-8", errors="replace")

@@ -41,6 +41,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
     p.add_argument("--version", help="index version to load (default: what LATEST names)")
     p.add_argument("--shards", help="load only these shards, e.g. 0,1 (default: all)")
+    p.add_argument("--allow-model", action="append", default=[], metavar="HANDLE",
+                   help="trust this model handle if an index names it (repeatable; adds to "
+                        "serving.allowed_model_handles; model.handle and builtin:* are trusted)")
+
+
+def with_allowed_models(args: argparse.Namespace, config: Config) -> Config:
+    """`config` with the --allow-model handles added to serving.allowed_model_handles."""
+    if not args.allow_model:
+        return config
+    handles = list(config.serving.allowed_model_handles) + list(args.allow_model)
+    return config.replace(serving={"allowed_model_handles": handles})
 
 
 def _query_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +67,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 def _run_query(args: argparse.Namespace, config: Config) -> int:
     from pipelines import filesystem as fs
     from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
+    config = with_allowed_models(args, config)
     filters = _parse_filters(args.filters)
     for uri in args.images:
         if not fs.exists(uri):
@@ -99,20 +111,36 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default serving.host)")
     p.add_argument("--port", type=int, help="port (default serving.port)")
     p.add_argument("--no-watch", action="store_true", help="do not hot-reload when LATEST changes")
+    p.add_argument("--admin-token-file", metavar="PATH",
+                   help="file holding the bearer token that POST /v1/reload requires (default: "
+                        "$CATALOG_SEARCH_ADMIN_TOKEN or the file $CATALOG_SEARCH_ADMIN_TOKEN_FILE "
+                        "names; none set = no auth)")
 
 
 def _run_serve(args: argparse.Namespace, config: Config) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.auth import AdminTokenError, admin_token_from_env, read_token_file
+    config = with_allowed_models(args, config)
+    try:
+        token = (read_token_file(args.admin_token_file) if args.admin_token_file
+                 else admin_token_from_env())
+    except AdminTokenError as e:
+        raise UsageError(str(e)) from None
     host = args.host or config.serving.host
     port = config.serving.port if args.port is None else args.port
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {port}")
     if "://" not in args.index_root and not os.path.isdir(args.index_root):
         raise UsageError(f"--index-root {args.index_root} is not a directory")
+    if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without an admin token: anyone who can reach the port can "
+                    "POST /v1/reload (set CATALOG_SEARCH_ADMIN_TOKEN_FILE or --admin-token-file)",
+                    host)
     app = create_app(args.index_root, config, version=args.version,
-                     shard_ids=_parse_shards(args.shards), watch=not args.no_watch)
+                     shard_ids=_parse_shards(args.shards), watch=not args.no_watch,
+                     admin_token=token)
     log.info("serving %s on http://%s:%d", args.index_root, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

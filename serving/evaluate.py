@@ -298,6 +298,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/evaluation", help="folder for report.html/report.json")
     p.add_argument("--version", help="index version (default: what LATEST names)")
     p.add_argument("--examples", type=int, default=40, help="query rows shown in the HTML")
+    p.add_argument("--allow-model", action="append", default=[], metavar="HANDLE",
+                   help="trust this model handle if the index names it (repeatable; adds to "
+                        "serving.allowed_model_handles)")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -305,6 +308,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"--queries {args.queries} does not exist")
     if args.examples < 0:
         raise UsageError("--examples must be >= 0")
+    from serving.cli import with_allowed_models
+    config = with_allowed_models(args, config)
     report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
                       max_examples=args.examples)
     print(f"index version {report['version']}: {report['queries']} queries "

@@ -19,8 +19,11 @@ be filtered on metadata (`{"category": "dairy"}`, a value or a list of accepted 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import reprlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,12 +106,52 @@ class ReloadOutcome:
 
 # --------------------------------------------------------------------------- query embedder
 
+def _normalise_handle(handle: str) -> str:
+    """A model handle in a comparable form: local paths absolute and resolved."""
+    handle = handle.strip()
+    if handle.startswith("builtin:"):
+        return handle
+    if "://" in handle and not handle.startswith("file://"):
+        return handle.rstrip("/")
+    local = handle[len("file://"):] if handle.startswith("file://") else handle
+    return os.path.realpath(os.path.abspath(os.path.expanduser(local)))
+
+
+def check_model_allowed(handle: Any, config: Config) -> str:
+    """The manifest's model handle if serving may load it; IndexLoadError naming why not.
+
+    An index artifact is data: the model it names is only loaded when the operator
+    trusts it: a builtin:NAME model (our own code and the packaged weights), the
+    operator's `model.handle`, or a handle listed in `serving.allowed_model_handles`.
+    Anything else (a URL or directory only the manifest names) is refused unloaded.
+    """
+    if not isinstance(handle, str) or not handle.strip():
+        raise IndexLoadError(f"the index manifest names no usable model handle ({handle!r})")
+    if handle.startswith("builtin:"):
+        return handle
+    allowed = {_normalise_handle(h) for h in (config.model.handle,
+                                              *config.serving.allowed_model_handles)}
+    if _normalise_handle(handle) in allowed:
+        return handle
+    raise IndexLoadError(
+        f"model handle {reprlib.repr(handle)} named by the index manifest is not trusted by "
+        f"this server: serving loads only builtin:* models, model.handle "
+        f"({config.model.handle!r}) and serving.allowed_model_handles; add the handle to "
+        f"serving.allowed_model_handles (or --allow-model) if the operator trusts it")
+
+
 class QueryEmbedder:
     """Photo bytes -> embedding, with the index's model and the pipeline's decode/preprocess."""
 
     def __init__(self, model: Mapping[str, Any], config: Config):
         from pipelines.models import Embedder, ModelSpec, resolve_model
-        recorded = ModelSpec.from_dict(dict(model))
+        if not isinstance(model, Mapping):
+            raise IndexLoadError("the index manifest has no model object")
+        check_model_allowed(model.get("handle"), config)
+        try:
+            recorded = ModelSpec.from_dict(dict(model))
+        except (KeyError, TypeError) as e:
+            raise IndexLoadError(f"the index manifest's model is malformed: {e}") from e
         try:
             spec = resolve_model(recorded.handle, config.model.resolved_cache_dir(),
                                  recorded.input_size)
@@ -129,10 +172,16 @@ class QueryEmbedder:
         return self.spec.fingerprint
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """bytes -> uint8 [S,S,3]; raises QueryError with the decode reason."""
-        from pipelines.image_decode import DecodeError, load_and_preprocess
+        """Query bytes -> uint8 [S,S,3]; raises QueryError with the decode reason.
+
+        Uploads get the tighter limits: serving.max_query_pixels decoded pixels and the
+        common photo formats only (pipelines.image_decode.QUERY_FORMATS).
+        """
+        from pipelines.image_decode import QUERY_FORMATS, DecodeError, load_and_preprocess
         try:
-            return load_and_preprocess(data, self.spec.input_size, self.config)
+            return load_and_preprocess(data, self.spec.input_size, self.config,
+                                       max_decoded_pixels=self.config.serving.max_query_pixels,
+                                       formats=QUERY_FORMATS)
         except DecodeError as e:
             raise QueryError(e.reason, f"image cannot be used: {e}") from e
 
@@ -278,18 +327,21 @@ def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
     out: dict[str, frozenset[str]] = {}
     for key, value in filters.items():
         if not isinstance(key, str) or not key:
-            raise QueryError("bad_filter", f"filter key {key!r} must be a non-empty string")
+            raise QueryError("bad_filter", f"filter key {reprlib.repr(key)} must be a non-empty "
+                                           f"string")
         if known is not None and key not in known:
-            raise QueryError("bad_filter", f"filter key {key!r} is not a metadata field of this "
-                                           f"index; known: {', '.join(sorted(known))}")
+            raise QueryError("bad_filter", f"filter key {reprlib.repr(key)} is not a metadata "
+                                           f"field of this index; known: "
+                                           f"{', '.join(sorted(known))}")
         values = value if isinstance(value, list) else [value]
         if not values or len(values) > _MAX_FILTER_VALUES:
-            raise QueryError("bad_filter", f"filter {key!r} needs 1 to {_MAX_FILTER_VALUES} "
-                                           f"values")
+            raise QueryError("bad_filter", f"filter {reprlib.repr(key)} needs 1 to "
+                                           f"{_MAX_FILTER_VALUES} values")
         for v in values:
             if isinstance(v, (dict, list)) or v is None:
-                raise QueryError("bad_filter", f"filter {key!r}: values must be strings, numbers "
-                                               f"or booleans, got {v!r}")
+                raise QueryError("bad_filter", f"filter {reprlib.repr(key)}: values must be "
+                                               f"strings, numbers or booleans, got "
+                                               f"{reprlib.repr(v)}")
         out[key] = frozenset(_filter_text(v) for v in values)
     return out
 
@@ -321,7 +373,8 @@ class CatalogSearcher:
         self.load_embedder = load_embedder
         self._current: LoadedIndex | None = None
         self._reload_lock = threading.Lock()
-        self._refused: dict[str, str] = {}
+        # version -> (reason, stamp of its files when refused); retried once the stamp changes
+        self._refused: dict[str, tuple[str, str]] = {}
         self._embedders: dict[str, QueryEmbedder] = {}
         self.reload_counts = {"loaded": 0, "unchanged": 0, "refused": 0}
         # Object-store shards are copied here (ScaNN loads local files), one folder per
@@ -373,7 +426,9 @@ class CatalogSearcher:
         """Load `version` (default: what LATEST names) if it is not serving; verify; swap.
 
         Never raises for a bad version: the outcome says "refused" with the reason and the
-        serving version is kept. A version refused before is not retried unless `force`.
+        serving version is kept. A version refused before is not retried unless its files
+        changed since (names, sizes, modification times: a repaired version loads on the
+        next check) or `force` is given.
         """
         with self._reload_lock:
             started = time.perf_counter()
@@ -389,13 +444,15 @@ class CatalogSearcher:
             if target == serving:
                 self.reload_counts["unchanged"] += 1
                 return ReloadOutcome("unchanged", target, serving)
-            if target in self._refused and not force:
-                return ReloadOutcome("refused", target, serving, self._refused[target])
+            stamp = self._version_stamp(target)
+            refused = self._refused.get(target)
+            if refused is not None and not force and refused[1] == stamp:
+                return ReloadOutcome("refused", target, serving, refused[0])
             try:
                 loaded = self._load(target)
             except Exception as e:  # IndexLoadError and anything a broken artifact raises
                 self._prune_copies(keep={serving})
-                return self._refuse(target, str(e) or type(e).__name__, started)
+                return self._refuse(target, str(e) or type(e).__name__, started, stamp=stamp)
             self._current = loaded  # the swap: one reference assignment
             self._refused.pop(target, None)
             self._prune_copies(keep={target, serving})
@@ -406,11 +463,31 @@ class CatalogSearcher:
                      loaded.num_products, loaded.shard_ids, seconds, serving)
             return ReloadOutcome("loaded", target, target, seconds=seconds)
 
+    def _version_stamp(self, version: str) -> str:
+        """A cheap digest of a version folder's files (paths, sizes, mtimes); "" if unlistable.
+
+        Changes when any file of the version is replaced, so a refused version is retried
+        after it is repaired, without hashing the shard files on every check.
+        """
+        from apache_beam.io.filesystems import FileSystems
+
+        from pipelines import filesystem as fs
+        from pipelines.index_artifact import version_dir
+        try:
+            folder = version_dir(self.index_root, version)
+            found = FileSystems.match([fs.join(folder, "**")])[0].metadata_list
+            h = hashlib.sha256()
+            for m in sorted(found, key=lambda m: m.path):
+                h.update(f"{m.path}|{m.size_in_bytes}|{m.last_updated_in_seconds}\n".encode())
+            return h.hexdigest()
+        except Exception:  # noqa: BLE001 - a version we cannot list is not retried blindly
+            return ""
+
     def _refuse(self, target: str | None, reason: str, started: float,
-                remember: bool = True) -> ReloadOutcome:
+                remember: bool = True, stamp: str = "") -> ReloadOutcome:
         self.reload_counts["refused"] += 1
         if target is not None and remember:
-            self._refused[target] = reason
+            self._refused[target] = (reason, stamp)
         log.error("index version %s refused (still serving %s): %s",
                   target or "(none)", self.version or "nothing", reason)
         return ReloadOutcome("refused", target, self.version, reason,
@@ -541,9 +618,11 @@ class CatalogSearcher:
     def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
         """A finite, non-zero vector of the index's dimension, L2-normalised."""
         try:
-            v = np.asarray(vector, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise QueryError("bad_vector", f"vector must be a list of numbers: {e}") from e
+            with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused below
+                v = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise QueryError("bad_vector", f"vector must be a list of finite numbers: "
+                                           f"{reprlib.repr(str(e))}") from e
         if v.ndim != 1 or v.shape[0] != dim:
             raise QueryError("bad_vector", f"vector must have {dim} numbers, got shape "
                                            f"{list(v.shape)}")

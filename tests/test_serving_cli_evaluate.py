@@ -19,9 +19,22 @@ def world():
     return serving_world()
 
 
+def _trust(world) -> list[str]:
+    """The index was built with the tiny test model, not the default config's builtin one:
+    the operator must say it trusts that model (issue 9 #4)."""
+    return ["--allow-model", world.config.model.handle]
+
+
+def test_query_refuses_a_model_it_was_not_told_to_trust(world, capsys):
+    row = world.catalog_rows()[2]
+    assert main(["query", "--index-root", world.index_root, row["image_uri"]]) == 1
+    assert "not trusted" in capsys.readouterr().out
+
+
 def test_query_prints_a_results_table(world, capsys):
     row = world.catalog_rows()[2]
-    code = main(["query", "--index-root", world.index_root, "-k", "3", row["image_uri"]])
+    code = main(["query", "--index-root", world.index_root, *_trust(world), "-k", "3",
+                 row["image_uri"]])
     out = capsys.readouterr().out
     assert code == 0, out
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
@@ -34,15 +47,16 @@ def test_query_json_filters_and_errors(world, tmp_path, capsys):
     row = world.catalog_rows()[0]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"definitely not a jpeg")
-    code = main(["query", "--index-root", world.index_root, "--json", "--filters",
+    code = main(["query", "--index-root", world.index_root, *_trust(world), "--json", "--filters",
                  json.dumps({"category": "dairy"}), row["image_uri"], str(broken)])
     out = capsys.readouterr().out
     assert code == 1  # one of the two images could not be searched
     first = json.loads(out.splitlines()[0])
     assert {h["metadata"]["category"] for h in first["results"]} == {"dairy"}
     assert "broken.jpg: not_an_image" in out
-    assert main(["query", "--index-root", world.index_root, "-k", "0", row["image_uri"]]) == 2
-    assert main(["query", "--index-root", world.index_root, "--filters", "[1]",
+    assert main(["query", "--index-root", world.index_root, *_trust(world), "-k", "0",
+                 row["image_uri"]]) == 2
+    assert main(["query", "--index-root", world.index_root, *_trust(world), "--filters", "[1]",
                  row["image_uri"]]) == 2
     assert main(["query", "--index-root", world.index_root, str(tmp_path / "none.jpg")]) == 2
     assert main(["query", "--index-root", world.index_root, "--shards", "a,b",
@@ -111,8 +125,8 @@ def test_evaluate_catalog_against_itself_is_perfect_at_1(world, tmp_path):
 
 def test_evaluate_cli(world, tmp_path, capsys):
     out = str(tmp_path / "cli")
-    code = main(["evaluate", "--index-root", world.index_root, "--queries", world.queries,
-                 "--out", out, "--examples", "3"])
+    code = main(["evaluate", "--index-root", world.index_root, *_trust(world), "--queries",
+                 world.queries, "--out", out, "--examples", "3"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "recall@1" in printed and printed.count("\nindex ") == 1
