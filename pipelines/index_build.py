@@ -418,6 +418,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     fs.write_json(task.result_uri, report)
     log.info("shard %d/%d: %s, %d vectors, %.1fs", task.shard, task.num_shards,
              report["kind"], n, report["build_seconds"])
+    from pipelines import progress
+    progress.tick()
     return report
 
 
@@ -529,7 +531,10 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
                 tune_queries_uri=tune_uri, params=params))
         stage_s = time.time() - started
         t0 = time.time()
-        _run_build_pipeline(config, tasks)
+        from pipelines import progress
+        with progress.report_progress("build-index", len(tasks), "shards",
+                                      enabled=config.runner.is_direct):
+            _run_build_pipeline(config, tasks)
         beam_s = time.time() - t0
         reports = []
         for t in tasks:

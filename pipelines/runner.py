@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 from typing import Any
 
 import apache_beam as beam
@@ -82,7 +84,21 @@ def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = 
         encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
         provision = fn_runner.ExtendedProvisionInfo(
             beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-        return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision),
+        environment = None
+        if config.runner.direct_running_mode == "multi_processing":
+            # Beam's own worker command, through pipelines.beam_worker (drops known noise
+            # such as "apitools not found" before Beam is imported in the worker). The
+            # FnApiRunner only uses a given environment in its in_memory mode; the worker
+            # count still comes from direct_num_workers.
+            from apache_beam.transforms import environments
+            environment = environments.SubprocessSDKEnvironment.from_command_string(
+                f"{shlex.quote(sys.executable)} -m pipelines.beam_worker")
+            from apache_beam.options.pipeline_options import DirectOptions
+            options.view_as(DirectOptions).direct_running_mode = "in_memory"
+            logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner"
+                              ).setLevel(logging.ERROR)  # "in_memory with N workers" warning
+        return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision,
+                                                          default_environment=environment),
                              options=options)
     log.info("runner: %s", config.runner.name)
     return beam.Pipeline(options=options)

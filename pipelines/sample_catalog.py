@@ -146,8 +146,9 @@ def write_catalog(out_dir: str, num_products: int = 20, images_per_product: int 
             for j in range(images_per_product):
                 path = os.path.join(img_dir, f"{p.product_id}_{j}.jpg")
                 render_image(p, size, rng).save(path, quality=90)
-                w.writerow([p.product_id, f"{p.product_id}-{j}", os.path.abspath(path),
-                            p.title, p.category])
+                # relative to the manifest's folder (how manifests resolve them): movable
+                w.writerow([p.product_id, f"{p.product_id}-{j}",
+                            f"images/{p.product_id}_{j}.jpg", p.title, p.category])
     if queries_per_product:
         qdir = os.path.join(out_dir, "queries")
         os.makedirs(qdir, exist_ok=True)
@@ -158,18 +159,23 @@ def write_catalog(out_dir: str, num_products: int = 20, images_per_product: int 
                 for j in range(queries_per_product):
                     path = os.path.join(qdir, f"{p.product_id}_q{j}.jpg")
                     render_image(p, size, rng, query=True).save(path, quality=85)
-                    w.writerow([p.product_id, f"{p.product_id}-q{j}", os.path.abspath(path),
-                                p.category])
+                    w.writerow([p.product_id, f"{p.product_id}-q{j}",
+                                f"queries/{p.product_id}_q{j}.jpg", p.category])
     return manifest
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder for images/ and manifest.csv")
-    p.add_argument("--products", type=int, default=20)
-    p.add_argument("--images-per-product", type=int, default=3)
-    p.add_argument("--queries-per-product", type=int, default=2)
-    p.add_argument("--size", type=int, default=320, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True,
+                   help="folder for images/, queries/, manifest.csv and queries.csv")
+    p.add_argument("--products", type=int, default=20,
+                   help="number of products (one category-typical shape each; default 20)")
+    p.add_argument("--images-per-product", type=int, default=3,
+                   help="catalog images per product, in manifest.csv (default 3)")
+    p.add_argument("--queries-per-product", type=int, default=2,
+                   help="labelled query photos per product, in queries.csv (default 2; 0 = none)")
+    p.add_argument("--size", type=int, default=320, help="image side in pixels (default 320)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same images (default 0)")
 
 
 def _run(args: argparse.Namespace, config) -> int:
