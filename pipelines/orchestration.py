@@ -55,6 +55,8 @@ PIPELINE_PYTHON_ENV = "CATALOG_SEARCH_PYTHON"
 DATA_ROOT_ENV = "CATALOG_SEARCH_DATA"
 #: Environment variable with the search service's base URL for the hand-off DAG.
 SERVING_URL_ENV = "CATALOG_SEARCH_SERVING_URL"
+#: Environment variable overriding the DAG tasks' retry count (the demo sets 0: fail fast).
+TASK_RETRIES_ENV = "CATALOG_SEARCH_TASK_RETRIES"
 
 #: The Airflow Asset both refresh and backfill update (see dags/); consumers schedule on it.
 INDEX_ASSET_NAME = "catalog_search_index"
@@ -521,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipelines.beam_worker import DropKnownNoise
+    logging.getLogger().addFilter(DropKnownNoise())
     with open(args.input, encoding="utf-8") as f:
         payload = json.load(f)
     permanent = _permanent_errors()
@@ -578,8 +582,14 @@ def launch_step(step: str, payload: Mapping[str, Any], python: str | None = None
     if rc == 0 and result and result.get("ok"):
         return result["result"]
     if rc == PERMANENT_EXIT_CODE and result:
-        raise PermanentStepError(f"{step} failed ({result.get('error_type')}): {result['error']}")
-    raise StepError(f"{step} exited with status {rc}; last output:\n" + "\n".join(tail))
+        error: Exception = PermanentStepError(
+            f"{step} failed ({result.get('error_type')}): {result['error']}")
+    else:
+        last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
+        error = StepError(f"{step} exited with status {rc}: {last}\nlast output:\n"
+                          + "\n".join(tail))
+    log.error("%s", str(error).split("\n", 1)[0])
+    raise error
 
 
 # ---------------------------------------------------------------------------------------
@@ -702,8 +712,18 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
 def task_defaults(retries: int = 2, retry_delay: timedelta = timedelta(minutes=2)
                   ) -> dict[str, Any]:
     """default_args of the DAGs: retries with exponential backoff, except for failures a retry
-    cannot fix (bad params, bad input, failed evaluation gate), which fail the task at once."""
+    cannot fix (bad params, bad input, failed evaluation gate), which fail the task at once.
+    $CATALOG_SEARCH_TASK_RETRIES overrides `retries` (the demo runs with 0)."""
     from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
+    override = os.environ.get(TASK_RETRIES_ENV)
+    if override is not None and override.strip():
+        try:
+            retries = int(override)
+        except ValueError:
+            raise OrchestrationError(f"${TASK_RETRIES_ENV} must be an integer >= 0, "
+                                     f"got {override!r}") from None
+        if retries < 0:
+            raise OrchestrationError(f"${TASK_RETRIES_ENV} must be >= 0, got {retries}")
     policy = ExceptionRetryPolicy(rules=[RetryRule(
         exception=[PermanentStepError, OrchestrationError], action=RetryAction.FAIL,
         reason="bad params, bad input or a failed evaluation gate: a retry cannot fix it")])
