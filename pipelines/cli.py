@@ -83,6 +83,23 @@ _HELP_LINES = {
 }
 
 
+def _check_dependencies(args: argparse.Namespace, config) -> None:
+    """One line naming the pip extra, before any work, when the runner or a gs:// / s3://
+    argument needs an optional Beam dependency that is not installed."""
+    uris = []
+    for value in vars(args).values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and "://" in v:
+                uris.append(v)
+    runner = getattr(args, "runner", None)
+    if not uris and not runner and config.runner.is_direct:
+        return
+    from pipelines.runner import check_runner_dependencies
+    if runner:
+        config = config.replace(runner={"name": runner})
+    check_runner_dependencies(config, uris)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging("-v" in argv or "--verbose" in argv)
@@ -107,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(getattr(args, "config", None))
+        _check_dependencies(args, config)
         return int(commands[args.command].run(args, config) or 0)
     except ConfigError as e:
         print(f"catalog-search {args.command}: configuration error: {e}", file=sys.stderr)

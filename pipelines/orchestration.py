@@ -301,6 +301,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
     run_id = run_id_for(kind, run_date)
     from pipelines.runner import pipeline_options
     try:
+        # (Beam's optional dependencies are checked by the step, in the pipeline interpreter)
         options = pipeline_options(config, f"catalog-{kind}-{run_id}")
     except ConfigError as e:
         raise OrchestrationError(f"params give an invalid runner configuration: {e}") from e
@@ -502,6 +503,9 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
 
 def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     plan = RunPlan.from_dict(payload["plan"])
+    from pipelines.runner import check_runner_dependencies
+    check_runner_dependencies(plan.config(), [*plan.manifests, plan.embeddings_root,
+                                              plan.index_root])
     if step == EMBED_STEP:
         return embed_step(plan)
     if step == BUILD_INDEX_STEP:
