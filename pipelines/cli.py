@@ -55,6 +55,7 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
                     "sharded ScaNN index, search it.")
     parser.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, Command] = {}
     for name, module_name in _COMMAND_MODULES.items():
@@ -81,6 +82,15 @@ _HELP_LINES = {
     "model": "convert/inspect the builtin model",
     "sample-catalog": "write the bundled sample catalog (generated images + manifest)",
 }
+
+
+def _version_text() -> str:
+    """`catalog-search X.Y.Z` from the installed distribution (or the source tree's setup.py)."""
+    from importlib import metadata
+    try:
+        return f"catalog-search {metadata.version('catalog-visual-search')}"
+    except metadata.PackageNotFoundError:
+        return "catalog-search (not installed: source tree)"
 
 
 def _check_dependencies(args: argparse.Namespace, config) -> None:
@@ -113,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    + "\n\nRun `catalog-search COMMAND --help` for a command's options.",
             formatter_class=argparse.RawDescriptionHelpFormatter)
         top.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
+        top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        top.add_argument("--version", action="version", version=_version_text())
         top.add_argument("command", nargs="?", help="one of: " + ", ".join(_COMMAND_MODULES))
         args, _ = top.parse_known_args(argv)
         if args.command and args.command not in _COMMAND_MODULES:

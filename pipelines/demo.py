@@ -120,7 +120,7 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
           f"{products * 2} query photos) to {catalog_dir}")
     manifest = write_catalog(catalog_dir, num_products=products,
                              images_per_product=images_per_product, size=size, seed=0,
-                             queries_per_product=2)
+                             queries_per_product=2, relative_uris=True)
     queries = os.path.join(catalog_dir, "queries.csv")
     print(f"Airflow home (SQLite): {os.path.join(workdir, 'airflow')}")
     use_airflow_home(os.path.join(workdir, "airflow"))

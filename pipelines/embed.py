@@ -436,6 +436,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="override model.handle")
     p.add_argument("--runner", help="override runner.name (e.g. DataflowRunner)")
     p.add_argument("--workers", type=int, help="override runner.direct_num_workers")
+    p.add_argument("--json", action="store_true",
+                   help="print the run summary (summary.json) as one JSON object")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -463,7 +465,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     except EmbedError as e:
         print(f"catalog-search embed: error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    print(json.dumps(summary, sort_keys=True, default=str) if args.json
+          else format_summary(summary))
     return 0
 
 

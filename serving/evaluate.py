@@ -20,6 +20,7 @@ self-contained report.html (thumbnails inlined as data: URIs) into the output fo
 from __future__ import annotations
 
 import argparse
+import json
 import base64
 import html
 import io
@@ -298,6 +299,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/evaluation", help="folder for report.html/report.json")
     p.add_argument("--version", help="index version (default: what LATEST names)")
     p.add_argument("--examples", type=int, default=40, help="query rows shown in the HTML")
+    p.add_argument("--json", action="store_true",
+                   help="print the overall metrics as one JSON object instead of a table")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -307,6 +310,11 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--examples must be >= 0")
     report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
                       max_examples=args.examples)
+    if args.json:
+        print(json.dumps({"version": report["version"], "queries": report["queries"],
+                          "skipped": len(report["skipped"]), "overall": report["overall"],
+                          "report": fs.join(args.out, "report.html")}, sort_keys=True))
+        return 0
     print(f"index version {report['version']}: {report['queries']} queries "
           f"({len(report['skipped'])} skipped), {report['num_vectors']} vectors")
     print(f"{'':<14}" + "".join(f"{m:>13}" for m in METRIC_NAMES))
