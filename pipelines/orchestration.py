@@ -55,6 +55,9 @@ PIPELINE_PYTHON_ENV = "CATALOG_SEARCH_PYTHON"
 DATA_ROOT_ENV = "CATALOG_SEARCH_DATA"
 #: Environment variable with the search service's base URL for the hand-off DAG.
 SERVING_URL_ENV = "CATALOG_SEARCH_SERVING_URL"
+#: Airflow connection (HTTP) of the search service for the hand-off DAG; e.g. from
+#: AIRFLOW_CONN_CATALOG_SEARCH_API='http://127.0.0.1:8081' or the UI (Admin > Connections).
+SERVING_CONN_ID = "catalog_search_api"
 #: Environment variable overriding the DAG tasks' retry count (the demo sets 0: fail fast).
 TASK_RETRIES_ENV = "CATALOG_SEARCH_TASK_RETRIES"
 
@@ -669,6 +672,39 @@ def publish(plan: RunPlan, embed_summary: Mapping[str, Any],
     }
     log.info("published %s: %s", version, json.dumps(extra, sort_keys=True))
     return extra
+
+
+def serving_url_from_connection(conn_id: str) -> str | None:
+    """Base URL of the Airflow connection `conn_id` (http/https), or None when it does not
+    exist. Looked up through Airflow (secrets backends, AIRFLOW_CONN_<ID>, the database)."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+    try:
+        conn = Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+    host = (conn.host or "").strip()
+    if not host:
+        raise OrchestrationError(f"Airflow connection {conn_id!r} has no host")
+    if "://" in host:
+        return host.rstrip("/")
+    scheme = conn.schema if conn.schema in ("http", "https") else (
+        "https" if conn.conn_type == "https" else "http")
+    return f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
+
+
+def resolve_serving_url(serving_url: str | None, conn_id: str | None) -> str:
+    """The hand-off target: the serving_url param if given, else the Airflow connection
+    `conn_id`, else $CATALOG_SEARCH_SERVING_URL (for dag.test without connections); ""
+    when none is set (the version is only recorded)."""
+    if serving_url:
+        return serving_url
+    if conn_id:
+        url = serving_url_from_connection(conn_id)
+        if url:
+            log.info("search service from Airflow connection %s: %s", conn_id, url)
+            return url
+    return os.environ.get(SERVING_URL_ENV, "")
 
 
 def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, index_root: str,
