@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test test-onednn demo clean
+.PHONY: venv test test-onednn demo clean airflow-up airflow-down
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test-onednn: venv
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo
+
+# The local Airflow stack of docs/AIRFLOW.md (standalone, SQLite under out/airflow).
+airflow-up: venv
+	$(PY) -m pipelines.airflow_local up --home out/airflow --data out/data
+
+airflow-down:
+	$(PY) -m pipelines.airflow_local down --home out/airflow
 
 clean:
 	rm -rf out .pytest_cache

@@ -2,13 +2,13 @@
 
 Scheduled on the index Asset that catalog_refresh and catalog_backfill update: each
 published version triggers a run, which calls the service's POST /v1/reload (the
-service then loads LATEST) and checks that it now serves the version. With no
-serving_url the version is only recorded in the task log and XCom; the service also
+service then loads LATEST) and checks that it now serves the version. The service's URL:
+the serving_url param, else the Airflow HTTP connection `catalog_search_api` (param
+serving_conn_id), else $CATALOG_SEARCH_SERVING_URL (for dag.test). With none the version
+is only recorded in the task log and XCom; the service also
 polls LATEST on its own (serving.reload_interval_s), so this is the fast path.
 """
 from __future__ import annotations
-
-import os
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
@@ -25,9 +25,14 @@ INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
     catchup=False,
     default_args=orch.task_defaults(retries=3),
     params={
-        "serving_url": Param(os.environ.get(orch.SERVING_URL_ENV, ""), type="string",
+        "serving_conn_id": Param(orch.SERVING_CONN_ID, type=["null", "string"],
+                                 description="Airflow HTTP connection of the search service "
+                                             "(used when serving_url is empty)"),
+        "serving_url": Param("", type="string",
                              description="search service base URL, e.g. http://127.0.0.1:8080;"
-                                         " empty = only record the version"),
+                                         " empty = the connection, else "
+                                         "$CATALOG_SEARCH_SERVING_URL, else only record the "
+                                         "version"),
         "index_root": Param(orch.default_params(orch.REFRESH)["index_root"], type="string",
                             minLength=1,
                             description="index root to read LATEST from on a manual run"),
@@ -41,7 +46,8 @@ def index_handoff():
         """POST /v1/reload for the version of the triggering Asset event (or LATEST)."""
         events = list((triggering_asset_events or {}).get(INDEX_ASSET, []))
         extra = events[-1].extra if events else None
-        return orch.hand_off(extra, params["serving_url"], params["index_root"])
+        url = orch.resolve_serving_url(params.get("serving_url"), params.get("serving_conn_id"))
+        return orch.hand_off(extra, url, params["index_root"])
 
     notify_search_service()
 

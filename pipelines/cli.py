@@ -55,6 +55,7 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
                     "sharded ScaNN index, search it.")
     parser.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, Command] = {}
     for name, module_name in _COMMAND_MODULES.items():
@@ -83,6 +84,32 @@ _HELP_LINES = {
 }
 
 
+def _version_text() -> str:
+    """`catalog-search X.Y.Z` from the installed distribution (or the source tree's setup.py)."""
+    from importlib import metadata
+    try:
+        return f"catalog-search {metadata.version('catalog-visual-search')}"
+    except metadata.PackageNotFoundError:
+        return "catalog-search (not installed: source tree)"
+
+
+def _check_dependencies(args: argparse.Namespace, config) -> None:
+    """One line naming the pip extra, before any work, when the runner or a gs:// / s3://
+    argument needs an optional Beam dependency that is not installed."""
+    uris = []
+    for value in vars(args).values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and "://" in v:
+                uris.append(v)
+    runner = getattr(args, "runner", None)
+    if not uris and not runner and config.runner.is_direct:
+        return
+    from pipelines.runner import check_runner_dependencies
+    if runner:
+        config = config.replace(runner={"name": runner})
+    check_runner_dependencies(config, uris)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging("-v" in argv or "--verbose" in argv)
@@ -96,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    + "\n\nRun `catalog-search COMMAND --help` for a command's options.",
             formatter_class=argparse.RawDescriptionHelpFormatter)
         top.add_argument("--config", help="YAML file deep-merged over configs/default.yaml")
+        top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        top.add_argument("--version", action="version", version=_version_text())
         top.add_argument("command", nargs="?", help="one of: " + ", ".join(_COMMAND_MODULES))
         args, _ = top.parse_known_args(argv)
         if args.command and args.command not in _COMMAND_MODULES:
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(getattr(args, "config", None))
+        _check_dependencies(args, config)
         return int(commands[args.command].run(args, config) or 0)
     except ConfigError as e:
         print(f"catalog-search {args.command}: configuration error: {e}", file=sys.stderr)

@@ -107,7 +107,8 @@ def lookup_table(report: Mapping[str, Any], titles: Mapping[str, str], rows: int
 
 
 def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size: int = 320,
-             model_handle: str | None = None, shards: int = 2) -> dict[str, Any]:
+             model_handle: str | None = None, shards: int = 2,
+             config_file: str | None = None) -> dict[str, Any]:
     """The whole demo (see the module docstring); returns the refresh run's report."""
     from pipelines.sample_catalog import write_catalog
 
@@ -119,7 +120,7 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
           f"{products * 2} query photos) to {catalog_dir}")
     manifest = write_catalog(catalog_dir, num_products=products,
                              images_per_product=images_per_product, size=size, seed=0,
-                             queries_per_product=2)
+                             queries_per_product=2, relative_uris=True)
     queries = os.path.join(catalog_dir, "queries.csv")
     print(f"Airflow home (SQLite): {os.path.join(workdir, 'airflow')}")
     use_airflow_home(os.path.join(workdir, "airflow"))
@@ -130,17 +131,28 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
                             "index_root": index_root, "shards": shards}
     if model_handle:
         conf["model_handle"] = model_handle
+    if config_file:
+        conf["config_file"] = os.path.abspath(config_file)
     print("running catalog_refresh with dag.test(), conf:", json.dumps(conf))
-    report = run_dag("catalog_refresh", conf)
+    errors = _ErrorLines()
+    logging.getLogger("pipelines").addHandler(errors)
+    try:
+        report = run_dag("catalog_refresh", conf)
+    finally:
+        logging.getLogger("pipelines").removeHandler(errors)
     _print_run(report)
     if report["state"] != "success":
-        raise DemoError(f"catalog_refresh ended {report['state']}: see the task log above")
+        failed = [t for t, state in report["tasks"].items() if state == "failed"]
+        raise DemoError(f"catalog_refresh ended {report['state']} (failed: "
+                        f"{', '.join(failed) or 'none'}): "
+                        + (errors.lines[-1] if errors.lines else "see the task log above"))
     handoff = run_dag("index_handoff", {"index_root": index_root})
     _print_run(handoff)
 
     from pipelines.config import load_config
     from serving.evaluate import evaluate
-    config = load_config(overrides={"model": {"handle": model_handle}} if model_handle else None)
+    config = load_config(config_file,
+                         overrides={"model": {"handle": model_handle}} if model_handle else None)
     out_dir = os.path.join(workdir, "report")
     result = evaluate(index_root, queries, out_dir, config)
     print()
@@ -152,6 +164,17 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
           f"recall@5 {overall['recall@5']:.3f}, mAP@10 {overall['mAP@10']:.3f}")
     print(f"results page: {os.path.join(out_dir, 'report.html')}")
     return report
+
+
+class _ErrorLines(logging.Handler):
+    """Keeps the ERROR messages of our loggers (a failed step's reason) for the final line."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().split("\n", 1)[0])
 
 
 def _print_run(report: Mapping[str, Any]) -> None:
@@ -201,31 +224,77 @@ def _run_dag_cli(argv: Sequence[str]) -> int:
     return 0 if report["state"] == "success" else 1
 
 
+#: Set in the demo's own child process (the parent only supervises it).
+_CHILD_ENV = "CATALOG_SEARCH_DEMO_CHILD"
+
+
+def _quiet_airflow() -> None:
+    """Hide Airflow's internals (DAG parsing, scheduling loop, task runner) unless -v.
+
+    Task logs (our steps' output, progress lines, errors) still show: the `pipelines`
+    loggers write to stdout themselves.
+    """
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("AIRFLOW__LOGGING__FAB_LOGGING_LEVEL", "WARNING")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("pipelines")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run-dag":
         return _run_dag_cli(argv[1:])
     p = argparse.ArgumentParser(prog="python -m pipelines.demo",
                                 description="Run catalog_refresh end to end with dag.test() on "
-                                            "the sample catalog, then show sample lookups.")
+                                            "the sample catalog, then show sample lookups. "
+                                            "Tasks are not retried: a failing step ends the "
+                                            "demo with its error (exit 1); Ctrl-C stops it and "
+                                            "every process it started.")
     p.add_argument("--workdir", default="out/demo", help="everything goes here (default out/demo)")
-    p.add_argument("--products", type=int, default=20)
-    p.add_argument("--images-per-product", type=int, default=3)
+    p.add_argument("--products", type=int, default=20, help="sample catalog products (default 20)")
+    p.add_argument("--images-per-product", type=int, default=3,
+                   help="catalog images per product (default 3)")
     p.add_argument("--size", type=int, default=320, help="image side in pixels")
     p.add_argument("--model", help="model handle (default: the config's, builtin efficientnet)")
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shards", type=int, default=2, help="index shards (default 2)")
+    p.add_argument("--config", help="YAML config file for the run (the DAG's config_file param)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Airflow's own logs (DAG parsing, scheduling, task runner)")
     args = p.parse_args(argv)
     if args.products < 2 or args.images_per_product < 1 or args.size < 64 or args.shards < 1:
         p.error("--products must be >= 2, --images-per-product >= 1, --size >= 64, --shards >= 1")
+    if args.config and not os.path.isfile(args.config):
+        p.error(f"--config {args.config}: no such file")
+    if os.environ.get(_CHILD_ENV) != "1":
+        # Supervise: the demo runs in its own process group, so Ctrl-C / SIGTERM stop it,
+        # its Beam step subprocesses and their workers (dag.test itself ignores SIGTERM).
+        from pipelines.procgroup import run_supervised
+        env = dict(os.environ, **{_CHILD_ENV: "1"})
+        rc = run_supervised([sys.executable, "-m", "pipelines.demo", *argv], env=env)
+        if rc > 128:
+            print(f"demo: stopped by signal {rc - 128}", file=sys.stderr)
+        return rc
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.orchestration import TASK_RETRIES_ENV
+    os.environ[TASK_RETRIES_ENV] = "0"  # fail fast: a demo step is not retried
+    from pipelines.beam_worker import DropKnownNoise
+    logging.getLogger().addFilter(DropKnownNoise())
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        _quiet_airflow()
     try:
-        run_demo(args.workdir, args.products, args.images_per_product, args.size, args.model,
-                 args.shards)
+        report = run_demo(args.workdir, args.products, args.images_per_product, args.size,
+                          args.model, args.shards, args.config)
     except DemoError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if report["state"] == "success" else 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from pipelines import filesystem as fs
-from pipelines import snapshot
+from pipelines import progress, snapshot
 from pipelines.cli import Command, UsageError
 from pipelines.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.fetch import FetchError, fetch_bytes
@@ -98,6 +98,7 @@ class SplitValid(beam.DoFn):
         Metrics.counter(NAMESPACE, "input_rows").inc()
         if row["error"]:
             reason, message = row["error"]
+            progress.tick()
             yield beam.pvalue.TaggedOutput("dead", _dead_letter(row, "manifest", reason, message))
         else:
             yield row["image_id"], row
@@ -120,6 +121,7 @@ class ResolveImage(beam.DoFn):
             elif previous:
                 yield beam.pvalue.TaggedOutput("count", DROPPED)
             return
+        progress.tick(len(current))  # fused with decode + inference: leads them by a batch
         winner = current[-1]
         for dup in current[:-1]:
             yield beam.pvalue.TaggedOutput("dead", _dead_letter(
@@ -177,7 +179,7 @@ class DecodeViews(beam.DoFn):
         Metrics.counter(NAMESPACE, "decoded").inc()
         self._decoded += 1
         if self._decoded % PROGRESS_EVERY == 0:
-            log.info("worker %d: %d images decoded", os.getpid(), self._decoded)
+            log.debug("worker %d: %d images decoded", os.getpid(), self._decoded)
         yield beam.pvalue.TaggedOutput("info", (info["image_id"], info))
         for view, array in views:
             yield (info["image_id"], view), array
@@ -370,8 +372,9 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     pipeline = make_pipeline(config, f"catalog-embed-{run_id}")
     build_pipeline(pipeline, uris, snapshot_dir, settings, previous, config)
     pipeline_started = time.time()
-    result = pipeline.run()
-    result.wait_until_finish()
+    with progress.report_progress("embed", input_rows, "rows", enabled=config.runner.is_direct):
+        result = pipeline.run()
+        result.wait_until_finish()
     pipeline_s = time.time() - pipeline_started
 
     counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
@@ -433,6 +436,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="override model.handle")
     p.add_argument("--runner", help="override runner.name (e.g. DataflowRunner)")
     p.add_argument("--workers", type=int, help="override runner.direct_num_workers")
+    p.add_argument("--json", action="store_true",
+                   help="print the run summary (summary.json) as one JSON object")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -460,7 +465,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     except EmbedError as e:
         print(f"catalog-search embed: error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    print(json.dumps(summary, sort_keys=True, default=str) if args.json
+          else format_summary(summary))
     return 0
 
 

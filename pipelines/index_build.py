@@ -418,6 +418,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     fs.write_json(task.result_uri, report)
     log.info("shard %d/%d: %s, %d vectors, %.1fs", task.shard, task.num_shards,
              report["kind"], n, report["build_seconds"])
+    from pipelines import progress
+    progress.tick()
     return report
 
 
@@ -529,7 +531,10 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
                 tune_queries_uri=tune_uri, params=params))
         stage_s = time.time() - started
         t0 = time.time()
-        _run_build_pipeline(config, tasks)
+        from pipelines import progress
+        with progress.report_progress("build-index", len(tasks), "shards",
+                                      enabled=config.runner.is_direct):
+            _run_build_pipeline(config, tasks)
         beam_s = time.time() - t0
         reports = []
         for t in tasks:
@@ -600,6 +605,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
     p.add_argument("--shards", type=int, help="number of shards (default: config index.shards)")
     p.add_argument("--version", help="version name (default: UTC time + short hash)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object instead of text")
     p.add_argument("--recall-threshold", type=float,
                    help="override index.recall_threshold (recall@k below it: not published)")
 
@@ -626,10 +633,19 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         print(f"catalog-search build-index: {e}", file=sys.stderr)
         return 3
     ev = manifest["evaluation"]
-    print(json.dumps({"version": manifest["version"], "latest": art.read_latest(args.index_root),
-                      "num_vectors": manifest["num_vectors"], "shards": len(manifest["shards"]),
-                      ev["metric"]: ev[ev["metric"]], "recall@1": ev["recall@1"],
-                      "threshold": ev["threshold"]}, sort_keys=True))
+    result = {"version": manifest["version"], "latest": art.read_latest(args.index_root),
+              "num_vectors": manifest["num_vectors"], "shards": len(manifest["shards"]),
+              ev["metric"]: ev[ev["metric"]], "recall@1": ev["recall@1"],
+              "threshold": ev["threshold"]}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    print(f"version      {result['version']}  "
+          f"({'published as LATEST' if result['latest'] == result['version'] else 'passed; LATEST is ' + str(result['latest'])})\n"
+          f"vectors      {result['num_vectors']} in {result['shards']} shard(s)\n"
+          f"evaluation   {ev['metric']} {ev[ev['metric']]:.4f}, recall@1 {ev['recall@1']:.4f} "
+          f"(threshold {ev['threshold']:.2f})\n"
+          f"index root   {args.index_root}")
     return 0
 
 

@@ -18,6 +18,10 @@ from pipelines.models import Embedder, ModelError, ModelSpec, configure_tf_threa
 
 log = logging.getLogger(__name__)
 
+#: Model cache of a worker image (set by docker/worker.Dockerfile, where the builtin model
+#: is converted at build time); also the default cache everywhere (ModelConfig).
+WORKER_CACHE_ENV = "CATALOG_SEARCH_CACHE"
+
 
 class _LazyEmbedder:
     """Loads the model on the first batch: a worker that only reuses vectors never loads it."""
@@ -52,7 +56,10 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, np.ndarray, _LazyEmbedder])
         if not is_url and not os.path.isdir(spec.path):
             # A cluster worker: the launcher's cache path does not exist here, so resolve
             # (and for builtin models, convert) locally and insist on the same fingerprint.
-            local = resolve_model(spec.handle, self._cache_dir,
+            # The worker image's baked cache ($CATALOG_SEARCH_CACHE, docker/worker.Dockerfile)
+            # comes first: the launcher's cache_dir is a path on another machine.
+            cache_dir = os.environ.get(WORKER_CACHE_ENV) or self._cache_dir
+            local = resolve_model(spec.handle, cache_dir,
                                   spec.input_size if not spec.handle.startswith("builtin:")
                                   else None)
             if local.fingerprint != spec.fingerprint:

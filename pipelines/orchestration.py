@@ -55,6 +55,11 @@ PIPELINE_PYTHON_ENV = "CATALOG_SEARCH_PYTHON"
 DATA_ROOT_ENV = "CATALOG_SEARCH_DATA"
 #: Environment variable with the search service's base URL for the hand-off DAG.
 SERVING_URL_ENV = "CATALOG_SEARCH_SERVING_URL"
+#: Airflow connection (HTTP) of the search service for the hand-off DAG; e.g. from
+#: AIRFLOW_CONN_CATALOG_SEARCH_API='http://127.0.0.1:8081' or the UI (Admin > Connections).
+SERVING_CONN_ID = "catalog_search_api"
+#: Environment variable overriding the DAG tasks' retry count (the demo sets 0: fail fast).
+TASK_RETRIES_ENV = "CATALOG_SEARCH_TASK_RETRIES"
 
 #: The Airflow Asset both refresh and backfill update (see dags/); consumers schedule on it.
 INDEX_ASSET_NAME = "catalog_search_index"
@@ -299,6 +304,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
     run_id = run_id_for(kind, run_date)
     from pipelines.runner import pipeline_options
     try:
+        # (Beam's optional dependencies are checked by the step, in the pipeline interpreter)
         options = pipeline_options(config, f"catalog-{kind}-{run_id}")
     except ConfigError as e:
         raise OrchestrationError(f"params give an invalid runner configuration: {e}") from e
@@ -500,6 +506,9 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
 
 def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     plan = RunPlan.from_dict(payload["plan"])
+    from pipelines.runner import check_runner_dependencies
+    check_runner_dependencies(plan.config(), [*plan.manifests, plan.embeddings_root,
+                                              plan.index_root])
     if step == EMBED_STEP:
         return embed_step(plan)
     if step == BUILD_INDEX_STEP:
@@ -521,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipelines.beam_worker import DropKnownNoise
+    logging.getLogger().addFilter(DropKnownNoise())
     with open(args.input, encoding="utf-8") as f:
         payload = json.load(f)
     permanent = _permanent_errors()
@@ -578,8 +589,14 @@ def launch_step(step: str, payload: Mapping[str, Any], python: str | None = None
     if rc == 0 and result and result.get("ok"):
         return result["result"]
     if rc == PERMANENT_EXIT_CODE and result:
-        raise PermanentStepError(f"{step} failed ({result.get('error_type')}): {result['error']}")
-    raise StepError(f"{step} exited with status {rc}; last output:\n" + "\n".join(tail))
+        error: Exception = PermanentStepError(
+            f"{step} failed ({result.get('error_type')}): {result['error']}")
+    else:
+        last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
+        error = StepError(f"{step} exited with status {rc}: {last}\nlast output:\n"
+                          + "\n".join(tail))
+    log.error("%s", str(error).split("\n", 1)[0])
+    raise error
 
 
 # ---------------------------------------------------------------------------------------
@@ -657,6 +674,39 @@ def publish(plan: RunPlan, embed_summary: Mapping[str, Any],
     return extra
 
 
+def serving_url_from_connection(conn_id: str) -> str | None:
+    """Base URL of the Airflow connection `conn_id` (http/https), or None when it does not
+    exist. Looked up through Airflow (secrets backends, AIRFLOW_CONN_<ID>, the database)."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+    try:
+        conn = Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+    host = (conn.host or "").strip()
+    if not host:
+        raise OrchestrationError(f"Airflow connection {conn_id!r} has no host")
+    if "://" in host:
+        return host.rstrip("/")
+    scheme = conn.schema if conn.schema in ("http", "https") else (
+        "https" if conn.conn_type == "https" else "http")
+    return f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
+
+
+def resolve_serving_url(serving_url: str | None, conn_id: str | None) -> str:
+    """The hand-off target: the serving_url param if given, else the Airflow connection
+    `conn_id`, else $CATALOG_SEARCH_SERVING_URL (for dag.test without connections); ""
+    when none is set (the version is only recorded)."""
+    if serving_url:
+        return serving_url
+    if conn_id:
+        url = serving_url_from_connection(conn_id)
+        if url:
+            log.info("search service from Airflow connection %s: %s", conn_id, url)
+            return url
+    return os.environ.get(SERVING_URL_ENV, "")
+
+
 def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, index_root: str,
              timeout_s: float = 30.0) -> dict[str, Any]:
     """Tell the search service that a new index version exists: POST <serving_url>/v1/reload.
@@ -710,8 +760,18 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
 def task_defaults(retries: int = 2, retry_delay: timedelta = timedelta(minutes=2)
                   ) -> dict[str, Any]:
     """default_args of the DAGs: retries with exponential backoff, except for failures a retry
-    cannot fix (bad params, bad input, failed evaluation gate), which fail the task at once."""
+    cannot fix (bad params, bad input, failed evaluation gate), which fail the task at once.
+    $CATALOG_SEARCH_TASK_RETRIES overrides `retries` (the demo runs with 0)."""
     from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
+    override = os.environ.get(TASK_RETRIES_ENV)
+    if override is not None and override.strip():
+        try:
+            retries = int(override)
+        except ValueError:
+            raise OrchestrationError(f"${TASK_RETRIES_ENV} must be an integer >= 0, "
+                                     f"got {override!r}") from None
+        if retries < 0:
+            raise OrchestrationError(f"${TASK_RETRIES_ENV} must be >= 0, got {retries}")
     policy = ExceptionRetryPolicy(rules=[RetryRule(
         exception=[PermanentStepError, OrchestrationError], action=RetryAction.FAIL,
         reason="bad params, bad input or a failed evaluation gate: a retry cannot fix it")])

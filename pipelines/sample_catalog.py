@@ -132,8 +132,13 @@ def render_image(p: Product, size: int, rng: random.Random, query: bool = False)
 
 
 def write_catalog(out_dir: str, num_products: int = 20, images_per_product: int = 3,
-                  size: int = 320, seed: int = 0, queries_per_product: int = 0) -> str:
-    """Write images and manifest.csv (and queries.csv when asked); returns the manifest path."""
+                  size: int = 320, seed: int = 0, queries_per_product: int = 0,
+                  relative_uris: bool = False) -> str:
+    """Write images and manifest.csv (and queries.csv when asked); returns the manifest path.
+
+    relative_uris: image_uri relative to the manifest's folder (`images/P0000_0.jpg`, how
+    manifests resolve them), so the folder can be moved; otherwise absolute paths.
+    """
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     rng = random.Random(seed)
@@ -146,8 +151,8 @@ def write_catalog(out_dir: str, num_products: int = 20, images_per_product: int 
             for j in range(images_per_product):
                 path = os.path.join(img_dir, f"{p.product_id}_{j}.jpg")
                 render_image(p, size, rng).save(path, quality=90)
-                w.writerow([p.product_id, f"{p.product_id}-{j}", os.path.abspath(path),
-                            p.title, p.category])
+                uri = f"images/{p.product_id}_{j}.jpg" if relative_uris else os.path.abspath(path)
+                w.writerow([p.product_id, f"{p.product_id}-{j}", uri, p.title, p.category])
     if queries_per_product:
         qdir = os.path.join(out_dir, "queries")
         os.makedirs(qdir, exist_ok=True)
@@ -158,26 +163,41 @@ def write_catalog(out_dir: str, num_products: int = 20, images_per_product: int 
                 for j in range(queries_per_product):
                     path = os.path.join(qdir, f"{p.product_id}_q{j}.jpg")
                     render_image(p, size, rng, query=True).save(path, quality=85)
-                    w.writerow([p.product_id, f"{p.product_id}-q{j}", os.path.abspath(path),
-                                p.category])
+                    uri = (f"queries/{p.product_id}_q{j}.jpg" if relative_uris
+                           else os.path.abspath(path))
+                    w.writerow([p.product_id, f"{p.product_id}-q{j}", uri, p.category])
     return manifest
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder for images/ and manifest.csv")
-    p.add_argument("--products", type=int, default=20)
-    p.add_argument("--images-per-product", type=int, default=3)
-    p.add_argument("--queries-per-product", type=int, default=2)
-    p.add_argument("--size", type=int, default=320, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True,
+                   help="folder for images/, queries/, manifest.csv and queries.csv")
+    p.add_argument("--products", type=int, default=20,
+                   help="number of products (one category-typical shape each; default 20)")
+    p.add_argument("--images-per-product", type=int, default=3,
+                   help="catalog images per product, in manifest.csv (default 3)")
+    p.add_argument("--queries-per-product", type=int, default=2,
+                   help="labelled query photos per product, in queries.csv (default 2; 0 = none)")
+    p.add_argument("--size", type=int, default=320, help="image side in pixels (default 320)")
+    p.add_argument("--json", action="store_true",
+                   help="print {manifest, queries, images} as JSON instead of the manifest path")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same images (default 0)")
 
 
 def _run(args: argparse.Namespace, config) -> int:
     if args.products < 1 or args.images_per_product < 1 or args.size < 64:
         raise UsageError("--products and --images-per-product must be >= 1, --size >= 64")
     manifest = write_catalog(args.out, args.products, args.images_per_product, args.size,
-                             args.seed, args.queries_per_product)
-    print(manifest)
+                             args.seed, args.queries_per_product, relative_uris=True)
+    if args.json:
+        import json
+        queries = os.path.join(args.out, "queries.csv")
+        print(json.dumps({"manifest": manifest,
+                          "queries": queries if args.queries_per_product else None,
+                          "images": args.products * args.images_per_product}))
+    else:
+        print(manifest)
     return 0
 
 

@@ -18,9 +18,10 @@ def _parse_shards(text: str | None) -> list[int] | None:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UsageError(f"--shards must be comma-separated shard numbers, got {text!r}") from None
+        raise UsageError(f"--shard-subset must be comma-separated shard numbers, got {text!r}"
+                         ) from None
     if not ids or any(i < 0 for i in ids):
-        raise UsageError(f"--shards must list shard numbers >= 0, got {text!r}")
+        raise UsageError(f"--shard-subset must list shard numbers >= 0, got {text!r}")
     return ids
 
 
@@ -40,7 +41,8 @@ def _parse_filters(text: str | None) -> dict | None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
     p.add_argument("--version", help="index version to load (default: what LATEST names)")
-    p.add_argument("--shards", help="load only these shards, e.g. 0,1 (default: all)")
+    p.add_argument("--shard-subset", metavar="IDS",
+                   help="load only these shard numbers, e.g. 0,1 (default: all shards)")
     p.add_argument("--allow-model", action="append", default=[], metavar="HANDLE",
                    help="trust this model handle if an index names it (repeatable; adds to "
                         "serving.allowed_model_handles; model.handle and builtin:* are trusted)")
@@ -68,13 +70,18 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
     from pipelines import filesystem as fs
     from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
     config = with_allowed_models(args, config)
+    # every argument is checked before the index is loaded (which takes seconds)
     filters = _parse_filters(args.filters)
+    shard_ids = _parse_shards(args.shard_subset)
+    if args.k is not None and not 1 <= args.k <= config.serving.max_k:
+        raise UsageError(f"-k must be between 1 and {config.serving.max_k} "
+                         f"(serving.max_k), got {args.k}")
     for uri in args.images:
         if not fs.exists(uri):
             raise UsageError(f"query image {uri} does not exist")
     try:
         searcher = CatalogSearcher.open(args.index_root, version=args.version,
-                                        shard_ids=_parse_shards(args.shards), config=config)
+                                        shard_ids=shard_ids, config=config)
     except IndexLoadError as e:
         print(f"catalog-search query: cannot load the index: {e}")
         return 1
@@ -132,15 +139,25 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
     port = config.serving.port if args.port is None else args.port
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {port}")
-    if "://" not in args.index_root and not os.path.isdir(args.index_root):
+    shard_ids = _parse_shards(args.shard_subset)
+    if "://" not in args.index_root and os.path.exists(args.index_root) \
+            and not os.path.isdir(args.index_root):
         raise UsageError(f"--index-root {args.index_root} is not a directory")
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s without an admin token: anyone who can reach the port can "
                     "POST /v1/reload (set CATALOG_SEARCH_ADMIN_TOKEN_FILE or --admin-token-file)",
                     host)
+    if args.no_watch and args.version is None and "://" not in args.index_root \
+            and not os.path.isdir(args.index_root):
+        raise UsageError(f"--index-root {args.index_root} does not exist (and --no-watch "
+                         "would never pick up a first version)")
+    if "://" not in args.index_root and not os.path.isdir(args.index_root):
+        # Before the first refresh: serve, not ready (/readyz 503), until a version is
+        # published there (the watcher polls LATEST; POST /v1/reload loads it at once).
+        log.warning("index root %s does not exist yet: not ready until a version is "
+                    "published there", args.index_root)
     app = create_app(args.index_root, config, version=args.version,
-                     shard_ids=_parse_shards(args.shards), watch=not args.no_watch,
-                     admin_token=token)
+                     shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
     log.info("serving %s on http://%s:%d", args.index_root, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

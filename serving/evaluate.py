@@ -20,6 +20,7 @@ self-contained report.html (thumbnails inlined as data: URIs) into the output fo
 from __future__ import annotations
 
 import argparse
+import json
 import base64
 import html
 import io
@@ -301,6 +302,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-model", action="append", default=[], metavar="HANDLE",
                    help="trust this model handle if the index names it (repeatable; adds to "
                         "serving.allowed_model_handles)")
+    p.add_argument("--json", action="store_true",
+                   help="print the overall metrics as one JSON object instead of a table")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -312,6 +315,11 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     config = with_allowed_models(args, config)
     report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
                       max_examples=args.examples)
+    if args.json:
+        print(json.dumps({"version": report["version"], "queries": report["queries"],
+                          "skipped": len(report["skipped"]), "overall": report["overall"],
+                          "report": fs.join(args.out, "report.html")}, sort_keys=True))
+        return 0
     print(f"index version {report['version']}: {report['queries']} queries "
           f"({len(report['skipped'])} skipped), {report['num_vectors']} vectors")
     print(f"{'':<14}" + "".join(f"{m:>13}" for m in METRIC_NAMES))

@@ -50,18 +50,30 @@ def test_direct_runner_options():
 
 
 def test_dataflow_and_flink_option_files_assemble():
-    df = load_config(REPO / "configs" / "dataflow.yaml")
+    # the shipped files hold example values (refused, tests/test_worker_image.py): set ours
+    def with_options(name, **options):  # runner.options is replaced as a whole by a merge
+        path = REPO / "configs" / name
+        merged = {**read_yaml(path)["runner"]["options"], **options}
+        return load_config(path, {"runner": {"options": merged}})
+
+    df = with_options("dataflow.yaml", **{
+        "project": "shop-prod", "temp_location": "gs://shop-ml/tmp",
+        "staging_location": "gs://shop-ml/staging",
+        "sdk_container_image": "us-docker.pkg.dev/shop-prod/cs/beam-worker:0.1.0"})
     opts = pipeline_options(df, "catalog-embed-20261122").get_all_options()
     assert opts["runner"] == "DataflowRunner"
-    assert opts["project"] == "my-gcp-project" and opts["region"] == "us-central1"
+    assert opts["project"] == "shop-prod" and opts["region"] == "us-central1"
     assert opts["temp_location"].startswith("gs://")
     assert opts["experiments"] == ["use_runner_v2"]
-    assert opts["setup_file"] == "./setup.py"
+    assert opts["sdk_container_image"] == "us-docker.pkg.dev/shop-prod/cs/beam-worker:0.1.0"
+    assert opts["setup_file"] is None  # the image has the package
     assert opts["direct_running_mode"] == "in_memory"  # Beam's default: not set by us
-    fl = load_config(REPO / "configs" / "flink.yaml")
+    fl = with_options("flink.yaml", environment_config="registry.shop/cs/beam-worker:0.1.0")
     fopts = pipeline_options(fl, "j").get_all_options()
     assert fopts["runner"] == "FlinkRunner" and fopts["flink_master"] == "flink-jobmanager:8081"
     assert fopts["parallelism"] == 16
+    assert fopts["environment_type"] == "DOCKER"
+    assert fopts["environment_config"] == "registry.shop/cs/beam-worker:0.1.0"
 
 
 def test_cluster_runner_without_required_options_fails_fast():

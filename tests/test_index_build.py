@@ -323,7 +323,7 @@ def test_cli_build_index_and_index_info(tmp_path, capsys):
                    "index: {eval_queries: 50}\n")
     root = str(tmp_path / "index")
     rc = cli_main(["build-index", "--config", str(cfg), "--embeddings", emb_root,
-                   "--index-root", root, "--shards", "2", "--version", "v1"])
+                   "--index-root", root, "--shards", "2", "--version", "v1", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["version"] == "v1" and out["latest"] == "v1"
     assert out["shards"] == 2 and out["num_vectors"] == 120 and out["recall@10"] == 1.0

@@ -49,21 +49,30 @@ def test_plan_maps_params_onto_config(tmp_path, catalog):
 def test_dataflow_options_assembled_from_config_file_and_params(tmp_path, catalog):
     plan = orch.validate_params(_params(
         tmp_path, catalog, config_file=os.path.join(REPO, "configs", "dataflow.yaml"),
-        runner_options={"project": "shop-prod", "max_num_workers": 8}), orch.REFRESH, DATE)
+        runner_options={"project": "shop-prod", "max_num_workers": 8,
+                        "temp_location": "gs://shop-ml/tmp",
+                        "staging_location": "gs://shop-ml/staging",
+                        "sdk_container_image": "registry.shop/cs/beam-worker:0.1.0"}),
+        orch.REFRESH, DATE)
     opts = plan.beam_options
     assert opts["runner"] == "DataflowRunner"
     assert opts["project"] == "shop-prod"             # the param wins over the file
     assert opts["max_num_workers"] == 8
     assert opts["region"] == "us-central1"            # kept from configs/dataflow.yaml
-    assert opts["temp_location"] == "gs://my-bucket/tmp"
+    assert opts["temp_location"] == "gs://shop-ml/tmp"
+    assert opts["sdk_container_image"] == "registry.shop/cs/beam-worker:0.1.0"
     assert opts["experiments"] == ["use_runner_v2"]
     assert opts["job_name"] == "catalog-refresh-20250301t000000z-refresh"
     assert "direct_num_workers" not in opts
 
 
 def test_flink_options_and_runner_param(tmp_path, catalog):
+    flink = os.path.join(REPO, "configs", "flink.yaml")
+    with pytest.raises(orch.OrchestrationError, match="environment_config: .*example value"):
+        orch.validate_params(_params(tmp_path, catalog, config_file=flink), orch.REFRESH, DATE)
     plan = orch.validate_params(_params(
-        tmp_path, catalog, config_file=os.path.join(REPO, "configs", "flink.yaml")),
+        tmp_path, catalog, config_file=flink,
+        runner_options={"environment_config": "registry.shop/cs/beam-worker:0.1.0"}),
         orch.REFRESH, DATE)
     assert plan.beam_options["runner"] == "FlinkRunner"
     assert plan.beam_options["flink_master"] == "flink-jobmanager:8081"

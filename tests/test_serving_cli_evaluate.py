@@ -59,17 +59,24 @@ def test_query_json_filters_and_errors(world, tmp_path, capsys):
     assert main(["query", "--index-root", world.index_root, *_trust(world), "--filters", "[1]",
                  row["image_uri"]]) == 2
     assert main(["query", "--index-root", world.index_root, str(tmp_path / "none.jpg")]) == 2
-    assert main(["query", "--index-root", world.index_root, "--shards", "a,b",
+    assert main(["query", "--index-root", world.index_root, "--shard-subset", "a,b",
                  row["image_uri"]]) == 2
-    assert "--shards must be" in capsys.readouterr().err
+    assert "--shard-subset must be" in capsys.readouterr().err
+    # arguments are checked before any index is loaded: no index is needed to refuse -k 0
+    assert main(["query", "--index-root", str(tmp_path / "no-index"), "-k", "0",
+                 row["image_uri"]]) == 2
+    assert "-k must be between 1 and" in capsys.readouterr().err
     assert main(["query", "--index-root", str(tmp_path / "no-index"), row["image_uri"]]) == 1
 
 
 def test_serve_rejects_bad_arguments(world, tmp_path, capsys):
     assert main(["serve", "--index-root", world.index_root, "--port", "70000"]) == 2
-    assert main(["serve", "--index-root", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--index-root", str(tmp_path / "missing"), "--no-watch"]) == 2
+    (tmp_path / "a-file").write_text("")
+    assert main(["serve", "--index-root", str(tmp_path / "a-file")]) == 2
     err = capsys.readouterr().err
     assert "--port must be between" in err and "is not a directory" in err
+    assert "--no-watch would never pick up" in err.replace("(and ", "")
 
 
 def _queries_with_problems(world, tmp_path) -> str:

@@ -1,0 +1,113 @@
+"""The local Airflow stack of docs/AIRFLOW.md: start it, stop all of it.
+
+    python -m pipelines.airflow_local up   [--home out/airflow] [--data out/data]
+    python -m pipelines.airflow_local down [--home out/airflow]
+    python -m pipelines.airflow_local status [--home out/airflow]
+
+`up` runs `airflow standalone` (scheduler, dag-processor, triggerer, API server + UI on
+http://localhost:8080) in its own process group, detached, with this venv's bin/ first
+on PATH (standalone starts its components as `airflow …` subprocesses), a SQLite
+AIRFLOW_HOME, dags/ as DAGs folder and no examples; log in HOME/stack.log, group id in
+HOME/stack.pid. It writes the sample catalog to DATA/catalog first if it is missing
+(catalog_refresh's default manifest). `down` stops the whole group (SIGTERM, then SIGKILL
+after 20 s): the scheduler and its executor processes included, which a SIGTERM to
+`standalone` alone leaves running.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+from pipelines import procgroup
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stack_env(home: str, data: str) -> dict[str, str]:
+    """Environment of the stack (also what to export in a shell that uses the `airflow` CLI)."""
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    return dict(os.environ, **{
+        "AIRFLOW_HOME": os.path.abspath(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(REPO_ROOT, "dags"),
+        "CATALOG_SEARCH_DATA": os.path.abspath(data),
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+    })
+
+
+def _pid_file(home: str) -> str:
+    return os.path.join(os.path.abspath(home), "stack.pid")
+
+
+def _running(home: str) -> int | None:
+    try:
+        with open(_pid_file(home), encoding="utf-8") as f:
+            pgid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pgid if procgroup.group_alive(pgid) else None
+
+
+def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
+    """Start the stack (detached); its process group id."""
+    if (pgid := _running(home)) is not None:
+        print(f"airflow stack already running (process group {pgid}); "
+              f"stop it with: make airflow-down")
+        return pgid
+    os.makedirs(home, exist_ok=True)
+    manifest = os.path.join(data, "catalog", "manifest.csv")
+    if not os.path.exists(manifest):
+        from pipelines.sample_catalog import write_catalog
+        write_catalog(os.path.join(data, "catalog"), queries_per_product=2, relative_uris=True)
+        print(f"wrote the sample catalog: {manifest}")
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    log_path = os.path.join(home, "stack.log")
+    with open(log_path, "ab") as log:
+        proc = procgroup.start([os.path.join(bin_dir, "airflow"), *command],
+                               env=stack_env(home, data), stdout=log, stderr=log)
+    with open(_pid_file(home), "w", encoding="utf-8") as f:
+        f.write(str(proc.pid))
+    print(f"airflow {' '.join(command)} started (process group {proc.pid}); log: {log_path}")
+    print(f"UI/API: http://localhost:8080 (admin password: "
+          f"{os.path.join(os.path.abspath(home), 'simple_auth_manager_passwords.json.generated')})")
+    return proc.pid
+
+
+def down(home: str, grace_s: float = 20.0) -> bool:
+    """Stop every process of the stack; True when none is left."""
+    pgid = _running(home)
+    if pgid is None:
+        print("airflow stack not running")
+        return True
+    ok = procgroup.stop_group(pgid, grace_s)
+    print(f"airflow stack (process group {pgid}) " + ("stopped" if ok else "NOT fully stopped"))
+    if ok:
+        os.remove(_pid_file(home))
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.airflow_local",
+                                description="Start / stop the local Airflow stack (SQLite).")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--home", default="out/airflow", help="AIRFLOW_HOME (default out/airflow)")
+    p.add_argument("--data", default="out/data",
+                   help="CATALOG_SEARCH_DATA: catalog, embeddings, index (default out/data)")
+    args = p.parse_args(argv)
+    if args.action == "up":
+        up(args.home, args.data)
+        return 0
+    if args.action == "down":
+        return 0 if down(args.home) else 1
+    pgid = _running(args.home)
+    print(f"running (process group {pgid})" if pgid else "not running")
+    return 0 if pgid else 1
+
+
+if __name__ == "__main__":
+    time.tzset()
+    sys.exit(main())
