@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.beam_worker import LAUNCHER_PID_ENV
 from pipelines.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,37 @@ def pipeline_options(config: Config, job_name: str, extra: dict[str, Any] | None
     return PipelineOptions(flags)
 
 
+def worker_command() -> str:
+    """The command line of local SDK worker processes: pipelines.beam_worker, which exits
+    when the launcher dies, then runs Beam's sdk_worker_main."""
+    return f"{shlex.quote(sys.executable)} -m pipelines.beam_worker"
+
+
+def _watched_runner_class():
+    """FnApiRunner whose multi-processing workers start through `worker_command()`.
+
+    FnApiRunner.run_pipeline sets its default environment to a SubprocessSDKEnvironment
+    running `python -m apache_beam.runners.worker.sdk_worker_main`; this subclass turns
+    that assignment into the same environment with our worker command.
+    """
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.transforms import environments
+
+    class WatchedFnApiRunner(fn_runner.FnApiRunner):
+        @property
+        def _default_environment(self):
+            return self.__dict__.get("_watched_default_environment")
+
+        @_default_environment.setter
+        def _default_environment(self, env) -> None:
+            if isinstance(env, environments.SubprocessSDKEnvironment):
+                env = environments.SubprocessSDKEnvironment.from_command_string(
+                    command_string=worker_command())
+            self.__dict__["_watched_default_environment"] = env
+
+    return WatchedFnApiRunner
+
+
 def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = None
                   ) -> beam.Pipeline:
     """A Beam Pipeline on the configured runner."""
@@ -82,7 +116,9 @@ def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = 
         encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
         provision = fn_runner.ExtendedProvisionInfo(
             beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-        return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision),
+        # Workers exit when this process dies (pipelines/beam_worker.py).
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        return beam.Pipeline(runner=_watched_runner_class()(provision_info=provision),
                              options=options)
     log.info("runner: %s", config.runner.name)
     return beam.Pipeline(options=options)
