@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-slow demo bench clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: venv   # the long reliability variants (every crash point)
+	$(PY) -m pytest -q -m slow tests
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo
