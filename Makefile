@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test test-onednn demo clean airflow-up airflow-down
+.PHONY: venv test test-slow test-onednn demo clean airflow-up airflow-down
 
 venv: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: venv   # the long reliability variants (every crash point)
+	$(PY) -m pytest -q -m slow tests
 
 # The builtin model and a CLI pipeline run with oneDNN forced on (any x86 CPU) and off.
 ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py

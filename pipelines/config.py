@@ -48,9 +48,11 @@ class FetchConfig:
     retries: int = 2
     backoff_s: float = 0.5
     max_bytes: int = 20_000_000
+    deadline_s: float = 60.0
 
     def validate(self) -> None:
         _require(self.timeout_s > 0, "fetch.timeout_s", "must be > 0")
+        _require(self.deadline_s > 0, "fetch.deadline_s", "must be > 0")
         _require(0 <= self.retries <= 10, "fetch.retries", "must be between 0 and 10")
         _require(self.backoff_s >= 0, "fetch.backoff_s", "must be >= 0")
         _require(self.max_bytes > 0, "fetch.max_bytes", "must be > 0")
@@ -81,6 +83,15 @@ class AugmentConfig:
         _require(len(set(self.views)) == len(self.views), "augment.views", "has duplicates")
         _require(self.mode in ("mean", "separate"), "augment.mode",
                  f"must be 'mean' or 'separate', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    max_dead_letter_fraction: float = 0.5
+
+    def validate(self) -> None:
+        _require(0 <= self.max_dead_letter_fraction <= 1, "embed.max_dead_letter_fraction",
+                 f"must be in [0, 1], got {self.max_dead_letter_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)

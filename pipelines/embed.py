@@ -40,11 +40,13 @@ from pipelines.image_decode import DecodeError, decode_image, preprocess_views
 from pipelines.inference import EmbeddingModelHandler
 from pipelines.manifest import ManifestError, check_manifest, expand_manifests, read_rows
 from pipelines.models import ModelError, ModelSpec, resolve_model
+from pipelines.names import InvalidNameError, check_segment
 from pipelines.runner import make_pipeline
 
 log = logging.getLogger(__name__)
 NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
+PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration: a retry cannot fix it
 PROGRESS_EVERY = 200
 
 # Outcome counters; every input row ends in exactly one of the first three.
@@ -52,8 +54,23 @@ EMBEDDED, REUSED, DEAD = "embedded", "reused", "dead_lettered"
 CARRIED, DROPPED, REPLACED = "carried_forward", "dropped_from_previous", "replaced_existing"
 
 
+FAILED_SUMMARY_FILE = "failed_summary.json"
+
+
 class EmbedError(ValueError):
     """The job cannot start (bad manifest, model, previous snapshot) or its counts do not add up."""
+
+
+class DeadLetterRateError(EmbedError):
+    """Too many rows were dead-lettered (or none embedded): the run failed, LATEST stays.
+
+    The snapshot folder keeps its dead letters and `failed_summary.json` for inspection
+    but has no summary.json, so no reader treats it as a snapshot.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +343,35 @@ def summarize(counts: dict[str, int], input_rows: int) -> dict[str, Any]:
     return out
 
 
+def check_failure_rate(summary: dict[str, Any], max_fraction: float) -> None:
+    """DeadLetterRateError when more than `max_fraction` of the input rows were
+    dead-lettered, or when no row was embedded or reused at all."""
+    n = summary["input_rows"]
+    dead = summary[DEAD]
+    fraction = dead / n if n else 1.0
+    kept = summary[EMBEDDED] + summary[REUSED]
+    if fraction <= max_fraction and kept > 0:
+        return
+    top = sorted(summary["dead_letter_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in top) or "none"
+    what = ("no row was embedded or reused" if kept == 0 else
+            f"dead-letter fraction {fraction:.3f} is above the maximum {max_fraction:g}")
+    raise DeadLetterRateError(
+        f"run failed: {what} ({dead} of {n} input rows dead-lettered; embed."
+        f"max_dead_letter_fraction = {max_fraction:g}); top reasons: {reasons}; LATEST "
+        "was not moved", summary)
+
+
+def check_roots(out_root: str, previous: str | None = None) -> None:
+    """EmbedError when a root's URI scheme has no filesystem (naming the pip extra)."""
+    for what, uri in (("--out", out_root), ("--previous", previous)):
+        if uri is not None:
+            try:
+                fs.check_supported(uri, what)
+            except fs.UnsupportedUriError as e:
+                raise EmbedError(str(e)) from e
+
+
 def run_embed(manifests: Sequence[str], out_root: str, config: Config,
               run_id: str | None = None, previous: str | None = None,
               merge_previous: bool = False) -> dict[str, Any]:
@@ -333,10 +379,24 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
 
     previous: a snapshot path to reuse unchanged vectors from (None: embed everything).
     merge_previous: keep previous rows whose image_id is not in `manifests` (backfill).
-    Re-running with the same run_id replaces that snapshot and nothing else.
+    Re-running with the same run_id replaces that snapshot and nothing else; the run_id
+    is checked (pipelines.names) before anything is deleted or written.
+    Raises EmbedError (nothing touched) for bad input, DeadLetterRateError when more than
+    config.embed.max_dead_letter_fraction of the rows are dead-lettered (LATEST stays).
     """
     started = time.time()
-    run_id = run_id or default_run_id()
+    run_id = default_run_id() if run_id is None else run_id
+    try:
+        snapshot.check_run_id(run_id, "run_id")
+    except snapshot.SnapshotError as e:
+        raise EmbedError(str(e)) from e
+    check_roots(out_root, previous)
+    out_root = fs.normalize(out_root)
+    previous = fs.normalize(previous) if previous else previous
+    try:
+        snapshot.latest_run_id(out_root)  # a corrupted LATEST: refuse before any work
+    except snapshot.SnapshotError as e:
+        raise EmbedError(f"--out {out_root}: {e}; fix or remove it first") from e
     try:
         uris = expand_manifests(list(manifests))
         input_rows = sum(check_manifest(u) for u in uris)
@@ -379,6 +439,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
 
     counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
     summary = summarize(counts, input_rows)
+    summary["max_dead_letter_fraction"] = config.embed.max_dead_letter_fraction
     summary.update({
         "run_id": run_id, "snapshot": snapshot_dir, "manifests": uris,
         "previous_snapshot": previous, "merge_previous": merge_previous,
@@ -394,6 +455,14 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
         "created_at": datetime.now(timezone.utc).isoformat(),
     })
     fs.delete_files([fs.join(snapshot_dir, COUNTS_FILE)])
+    try:
+        check_failure_rate(summary, config.embed.max_dead_letter_fraction)
+    except DeadLetterRateError as e:
+        summary["status"] = "failed"
+        summary["failure"] = str(e)
+        fs.write_json(fs.join(snapshot_dir, FAILED_SUMMARY_FILE), summary)  # not a snapshot
+        log.error("%s", e)
+        raise
     fs.write_json(fs.join(snapshot_dir, snapshot.SUMMARY_FILE), summary)  # complete from here on
     current = snapshot.latest_run_id(out_root)
     if current is None or run_id >= current:
@@ -401,7 +470,8 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     return summary
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(s: dict[str, Any], ok: bool = True) -> str:
+    """The human-readable report of a run (ok=False: a run the failure-rate guard failed)."""
     lines = [
         f"snapshot     {s['snapshot']}",
         f"model        {s['model_id']}  ({s['dim']}-d, views {'+'.join(s['augment']['views'])}"
@@ -420,6 +490,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"time         {t['total_s']:.1f}s total, {t['pipeline_s']:.1f}s pipeline"
                  + (f", {t['embedded_per_s']:.1f} embedded images/s" if t["embedded_per_s"] else ""))
     lines.append(f"check        {s['input_rows']} = {s[EMBEDDED]} + {s[REUSED]} + {s[DEAD]}  ok")
+    if not ok:
+        lines.append(f"status       FAILED: {s.get('failure', 'too many rows dead-lettered')}")
     return "\n".join(lines)
 
 
@@ -432,7 +504,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse unchanged vectors from this snapshot; 'latest' = ROOT/LATEST")
     p.add_argument("--merge-previous", action="store_true",
                    help="keep previous rows not in the manifest (catalog-drop backfill)")
-    p.add_argument("--run-id", help="snapshot name (default: UTC timestamp)")
+    p.add_argument("--run-id", help="snapshot name (default: UTC timestamp); letters, digits, "
+                                    "'.', '_', '-', starting with a letter or digit")
+    p.add_argument("--max-dead-letter-fraction", type=float, metavar="F",
+                   help="override embed.max_dead_letter_fraction: a run dead-lettering more "
+                        "than this fraction of its rows fails with exit 3, LATEST unchanged")
     p.add_argument("--model", help="override model.handle")
     p.add_argument("--runner", help="override runner.name (e.g. DataflowRunner)")
     p.add_argument("--workers", type=int, help="override runner.direct_num_workers")
@@ -450,19 +526,41 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         if args.workers < 1:
             raise UsageError("--workers must be >= 1")
         overrides.setdefault("runner", {})["direct_num_workers"] = args.workers
+    if args.max_dead_letter_fraction is not None:
+        if not 0 <= args.max_dead_letter_fraction <= 1:
+            raise UsageError(f"--max-dead-letter-fraction must be in [0, 1], got "
+                             f"{args.max_dead_letter_fraction}")
+        overrides["embed"] = {"max_dead_letter_fraction": args.max_dead_letter_fraction}
     if overrides:
         config = config.replace(**overrides)
-    if args.run_id is not None and (not args.run_id or "/" in args.run_id):
-        raise UsageError(f"--run-id {args.run_id!r} must be a non-empty name without '/'")
+    if args.run_id is not None:
+        try:
+            check_segment(args.run_id, "--run-id")
+        except InvalidNameError as e:
+            raise UsageError(str(e)) from e
+    roots = [("--out", args.out)]
+    if args.previous not in (None, "latest"):
+        roots.append(("--previous", args.previous))
+    for what, uri in roots:
+        if not uri or not uri.strip():
+            raise UsageError(f"{what} must not be empty")
+        try:
+            fs.check_supported(uri, what)
+        except fs.UnsupportedUriError as e:
+            raise UsageError(str(e)) from e
     previous = args.previous
-    if previous == "latest":
-        previous = snapshot.latest(args.out)
-        if previous is None:
-            log.info("no LATEST snapshot under %s yet: embedding everything", args.out)
     try:
+        if previous == "latest":
+            previous = snapshot.latest(args.out)
+            if previous is None:
+                log.info("no LATEST snapshot under %s yet: embedding everything", args.out)
         summary = run_embed(args.manifest, args.out, config, run_id=args.run_id,
                             previous=previous, merge_previous=args.merge_previous)
-    except EmbedError as e:
+    except DeadLetterRateError as e:
+        print(format_summary(e.summary, ok=False))
+        print(f"catalog-search embed: {e}", file=sys.stderr)
+        return PERMANENT_FAILURE_EXIT_CODE
+    except (EmbedError, snapshot.SnapshotError) as e:
         print(f"catalog-search embed: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, sort_keys=True, default=str) if args.json

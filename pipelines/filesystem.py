@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 import uuid
 from typing import Any, Iterable
 
@@ -14,26 +15,88 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 
+#: Schemes Beam serves only with an optional extra installed: scheme -> pip requirement.
+SCHEME_EXTRAS = {"gs": "apache-beam[gcp]", "s3": "apache-beam[aws]",
+                 "azfs": "apache-beam[azure]", "hdfs": "apache-beam[hadoop] (hdfs)"}
+
+
+class TooLargeError(ValueError):
+    """A file is larger than the byte limit it was read with."""
+
+
+class UnsupportedUriError(ValueError):
+    """No Beam filesystem serves a URI's scheme (unknown, or its extra is not installed)."""
+
+    def __init__(self, uri: str, scheme: str, extra: str | None):
+        if extra:
+            message = (f"{uri}: the {scheme}:// filesystem is not available; install it with "
+                       f"pip install '{extra}'")
+        else:
+            message = (f"{uri}: unsupported URI scheme {scheme!r}; use a local path, file://, "
+                       f"gs://, s3:// or http(s)://")
+        super().__init__(message)
+        self.scheme = scheme
+        self.extra = extra
+
+
+def normalize(uri: str) -> str:
+    """`file://` URIs become plain local paths (`file:///a%20b` -> `/a b`); others as given.
+
+    Beam's local filesystem does not understand the file:// prefix, so every helper
+    here (and the fetch/manifest readers) normalises first.
+    """
+    if uri.startswith("file://"):
+        rest = uri[len("file://"):]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        return urllib.parse.unquote(rest) or "/"
+    return uri
+
+
+def scheme_of(uri: str) -> str:
+    """"" for local paths (and file://), else the URI scheme in lower case."""
+    uri = normalize(uri)
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
+def check_supported(uri: str, what: str | None = None) -> str:
+    """`uri` normalised when a Beam filesystem serves it, else UnsupportedUriError (naming
+    the pip extra to install for gs://, s3://, ...); `what` prefixes the message."""
+    uri = normalize(uri)
+    scheme = scheme_of(uri)
+    if scheme:
+        try:
+            FileSystems.get_filesystem(uri)
+        except ValueError as e:
+            err = UnsupportedUriError(uri, scheme, SCHEME_EXTRAS.get(scheme))
+            if what:
+                err.args = (f"{what}: {err.args[0]}",)
+            raise err from e
+    return uri
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:
+    base = normalize(base)
     return FileSystems.join(base, *parts) if parts else base
 
 
 def exists(uri: str) -> bool:
-    return FileSystems.exists(uri)
+    return FileSystems.exists(check_supported(uri))
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """Whole file; with `max_bytes`, raises ValueError when the file is larger."""
+    """Whole file; with `max_bytes`, raises TooLargeError (a ValueError) when it is larger."""
+    uri = check_supported(uri)
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         if max_bytes is None:
             return f.read()
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ValueError(f"{uri} is larger than {max_bytes} bytes")
+        raise TooLargeError(f"{uri} is larger than {max_bytes} bytes")
     return data
 
 
@@ -47,6 +110,7 @@ def read_json(uri: str) -> Any:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a file; parent folders are created for local paths."""
+    uri = check_supported(uri)
     if is_local(uri):
         os.makedirs(os.path.dirname(os.path.abspath(uri)) or ".", exist_ok=True)
     with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -59,10 +123,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     Local: a temp file in the same folder, fsync, then rename (atomic on POSIX).
     Object stores: a single object upload is already all-or-nothing.
     """
+    uri = check_supported(uri)
     if not is_local(uri):
         write_bytes(uri, data)
         return
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
@@ -84,15 +149,15 @@ def write_json(uri: str, obj: Any, atomic: bool = True) -> None:
 
 def match(pattern: str) -> list[str]:
     """Sorted paths matching a glob pattern; empty when nothing matches."""
-    result = FileSystems.match([pattern])[0]
+    result = FileSystems.match([check_supported(pattern)])[0]
     return sorted(m.path for m in result.metadata_list)
 
 
 def list_children(folder: str) -> list[str]:
     """Names (not paths) of the immediate entries of a folder; empty if it does not exist."""
+    folder = check_supported(folder)
     if is_local(folder):
-        path = folder[len("file://"):] if folder.startswith("file://") else folder
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     prefix = folder.rstrip("/") + "/"
     names = set()
     for p in match(prefix + "**"):
@@ -104,10 +169,10 @@ def list_children(folder: str) -> list[str]:
 
 def delete_tree(folder: str) -> None:
     """Delete a folder (or object prefix) and everything below it; no error if absent."""
+    folder = check_supported(folder)
     if is_local(folder):
         import shutil
-        path = folder[len("file://"):] if folder.startswith("file://") else folder
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return
     paths = match(folder.rstrip("/") + "/**")
     if paths:
@@ -115,6 +180,6 @@ def delete_tree(folder: str) -> None:
 
 
 def delete_files(paths: Iterable[str]) -> None:
-    paths = [p for p in paths if exists(p)]
+    paths = [check_supported(p) for p in paths if exists(p)]
     if paths:
         FileSystems.delete(paths)

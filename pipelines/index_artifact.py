@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import os
-import re
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ from pipelines import filesystem as fs
 from pipelines.checksums import sha256_file
 from pipelines.command import Command, UsageError
 from pipelines.config import Config
+from pipelines.names import InvalidNameError, check_segment, is_safe_segment
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ STATUS_INCOMPLETE = "incomplete"
 # Row table columns (rows.parquet), in shard row order (= ScaNN datapoint index).
 ROW_COLUMNS = ("image_id", "view", "product_id", "image_uri", "metadata")
 
-_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 
 
 class IndexArtifactError(ValueError):
@@ -94,13 +94,13 @@ def shard_relpath(shard: int, num_shards: int) -> str:
     return f"{SHARDS_DIR}/{shard_name(shard, num_shards)}"
 
 
-def check_version_name(version: str) -> str:
-    """The name itself, or IndexArtifactError when it cannot be a version folder name."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version) or ".." in version:
-        raise IndexArtifactError(
-            f"invalid index version name {version!r}: use letters, digits, '.', '_' and '-' "
-            f"(at most 128 characters, starting with a letter or digit)")
-    return version
+def check_version_name(version: str, what: str = "index version name") -> str:
+    """The name itself, or IndexArtifactError when it cannot be a version folder name
+    (the rule of `pipelines.names.check_segment`, shared with run ids)."""
+    try:
+        return check_segment(version, what)
+    except InvalidNameError as e:
+        raise IndexArtifactError(f"invalid {e}") from e
 
 
 def new_version_name(salt: str = "", now: dt.datetime | None = None) -> str:
@@ -158,6 +158,60 @@ def read_manifest(index_root: str, version: str) -> dict[str, Any]:
     return manifest
 
 
+_SHARD_KINDS = ("scann_tree_ah", "scann_brute_force", "empty")
+
+
+def check_manifest_structure(manifest: dict[str, Any], version: str) -> None:
+    """IndexIntegrityError when a manifest's shard table is malformed or inconsistent.
+
+    Checks the fields the loader relies on (so a tampered manifest is refused with a
+    reason, not a KeyError): dim, num_vectors = sum of the shards' num_vectors, shard
+    numbers 0..N-1, each shard's path exactly `shards/shard-XXXXX-of-NNNNN` and its file
+    names plain relative names (nothing outside the shard folder), known shard kinds.
+    """
+    def bad(msg: str) -> IndexIntegrityError:
+        return IndexIntegrityError(f"version {version}: manifest {msg}")
+
+    dim, total, shards = manifest.get("dim"), manifest.get("num_vectors"), manifest.get("shards")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise bad(f"has an invalid dim {dim!r}")
+    if not isinstance(shards, list) or not shards:
+        raise bad("has no shard table")
+    counted = 0
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise bad(f"shard entry {i} is not an object")
+        if entry.get("shard") != i:
+            raise bad(f"shard entry {i} names shard {entry.get('shard')!r}")
+        if entry.get("path") != shard_relpath(i, len(shards)):
+            raise bad(f"shard {i} has path {entry.get('path')!r}, expected "
+                      f"{shard_relpath(i, len(shards))!r}")
+        n = entry.get("num_vectors")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise bad(f"shard {i} has an invalid num_vectors {n!r}")
+        counted += n
+        if entry.get("kind") not in _SHARD_KINDS:
+            raise bad(f"shard {i} has an unknown kind {entry.get('kind')!r}")
+        files = entry.get("files")
+        if not isinstance(files, list):
+            raise bad(f"shard {i} lists no files")
+        names = []
+        for f in files:
+            name = f.get("name") if isinstance(f, dict) else None
+            if (not isinstance(name, str) or not name or name.startswith("/")
+                    or any(not is_safe_segment(part) for part in name.split("/"))
+                    or not isinstance(f.get("sha256"), str)
+                    or not isinstance(f.get("bytes"), int)):
+                raise bad(f"shard {i} has an invalid file entry {f!r}")
+            names.append(name)
+        if ROWS_FILE not in names:
+            raise bad(f"shard {i} lists no {ROWS_FILE}")
+        if entry["kind"] != "empty" and "dataset.npy" not in names:
+            raise bad(f"shard {i} lists no dataset.npy")
+    if counted != total:
+        raise bad(f"says num_vectors {total!r}, but its shards hold {counted}")
+
+
 def write_manifest(index_root: str, version: str, manifest: dict[str, Any]) -> str:
     """Write manifest.json atomically: the version is complete once this returns."""
     uri = manifest_uri(index_root, version)
@@ -176,8 +230,17 @@ def read_latest(index_root: str) -> str | None:
     pointer = fs.join(index_root, LATEST_FILE)
     if not fs.exists(pointer):
         return None
-    name = fs.read_text(pointer).strip()
-    return check_version_name(name) if name else None
+    try:
+        name = fs.read_bytes(pointer, max_bytes=4096).decode("utf-8").strip()
+    except ValueError as e:  # larger than any version name, or not UTF-8
+        raise IndexArtifactError(f"{pointer} is corrupted: it does not hold a version name "
+                                 f"({type(e).__name__})") from e
+    if not name:
+        return None
+    try:
+        return check_version_name(name, f"version name in {pointer}")
+    except IndexArtifactError as e:
+        raise IndexArtifactError(f"{pointer} is corrupted: {e}") from e
 
 
 def version_state(index_root: str, version: str) -> str:
@@ -213,7 +276,7 @@ def list_versions(index_root: str) -> list[VersionInfo]:
     latest = read_latest(index_root)
     out = []
     for name in fs.list_children(versions_dir(index_root)):
-        if not _VERSION_RE.match(name):
+        if not is_safe_segment(name):
             continue
         try:
             manifest: dict[str, Any] | None = read_manifest(index_root, name)
@@ -265,7 +328,11 @@ def publish_version(index_root: str, version: str, retention: int | None = None,
         raise IndexArtifactError(f"index version {version} has status "
                                  f"{manifest.get('status')!r}; only passed versions publish")
     with _publish_lock(index_root):
-        current = read_latest(index_root)
+        try:
+            current = read_latest(index_root)
+        except IndexArtifactError as e:  # garbage in LATEST: replaced by a verified version
+            log.warning("%s; replacing it with %s", e, version)
+            current = None
         if current is not None and current > version and not allow_rollback:
             log.warning("LATEST already names %s, newer than %s; leaving it", current, version)
             published = False
@@ -394,6 +461,10 @@ class IndexVersion:
                                       f"{ROWS_FILE} has {rows.num_rows} rows, manifest says "
                                       f"{entry['num_vectors']}")
         searcher = None
+        if self.verify and entry["kind"] != "empty":
+            check_shard_vectors(os.path.join(local, "dataset.npy"), entry["num_vectors"],
+                                int(self.manifest["dim"]),
+                                f"version {self.version} shard {entry['shard']}")
         if entry["kind"] != "empty":
             searcher = scann_ops_pybind.load_searcher(local, assets_backcompat_shim=False)
             if searcher.size() != entry["num_vectors"]:
@@ -437,6 +508,41 @@ class IndexVersion:
         return local
 
 
+#: Stored vectors must be L2-normalised: |norm - 1| <= this (float32 rounding is ~1e-6).
+NORM_TOLERANCE = 1e-3
+_NORM_BLOCK_ROWS = 65536
+
+
+def check_shard_vectors(path: str, num_vectors: int, dim: int, where: str) -> None:
+    """IndexIntegrityError unless `path` (a shard's dataset.npy) holds float32
+    [num_vectors, dim] vectors, all finite and of unit length within NORM_TOLERANCE.
+
+    Checksums only prove the files are the ones the manifest lists; this catches a
+    shard whose vectors were zeroed or scaled and whose checksums were recomputed (it
+    would otherwise load and silently drop out of every result). Every row is checked,
+    in blocks, from a memory map.
+    """
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexIntegrityError(f"{where}: dataset.npy is not a readable array: {e}") from e
+    if vectors.dtype != np.float32 or vectors.shape != (num_vectors, dim):
+        raise IndexIntegrityError(f"{where}: dataset.npy holds {vectors.dtype} "
+                                  f"{list(vectors.shape)}, manifest says float32 "
+                                  f"[{num_vectors}, {dim}]")
+    for start in range(0, num_vectors, _NORM_BLOCK_ROWS):
+        block = np.asarray(vectors[start:start + _NORM_BLOCK_ROWS], dtype=np.float64)
+        if not np.all(np.isfinite(block)):
+            raise IndexIntegrityError(f"{where}: dataset.npy holds NaN or infinite values")
+        norms = np.linalg.norm(block, axis=1)
+        off = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+        if off.size:
+            raise IndexIntegrityError(
+                f"{where}: {off.size} vectors in rows {start}..{start + len(block) - 1} are "
+                f"not unit length (row {start + int(off[0])} has norm {norms[off[0]]:.6f}; "
+                f"tolerance {NORM_TOLERANCE}); the shard's vectors were altered")
+
+
 def _check_file(version: str, shard: int, where: str, expected: dict[str, Any],
                 digest: str, size: int) -> None:
     if digest != expected["sha256"] or size != expected["bytes"]:
@@ -467,43 +573,126 @@ def open_index(index_root: str, version: str | None = None, verify: bool = True,
     if manifest.get("status") != STATUS_PASSED and not allow_unpublished:
         raise IndexArtifactError(f"index version {version} has status "
                                  f"{manifest.get('status')!r} and is not servable")
+    check_manifest_structure(manifest, version)
     opened = IndexVersion(index_root, version, manifest, verify=verify, cache_dir=cache_dir)
     if verify:
         opened.check_files()
     return opened
 
 
+def verify_version(index_root: str, version: str) -> None:
+    """Fully verify one version (manifest structure, every file's size and sha256, row
+    counts, vector norms, the searchers load); IndexArtifactError names the first problem.
+    Works for rejected versions too (they are verified, not served)."""
+    opened = open_index(index_root, version, verify=True, allow_unpublished=True)
+    opened.load_shards()
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
+    p.add_argument("--index-root", required=True,
+                   help="index root (local path, file://, gs://, s3://)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="verify every version with a manifest (checksums, row counts, vector "
+                        "norms, searchers load); corrupted ones are reported as such; exit 1 "
+                        "when any is corrupted")
+
+
+STATUS_CORRUPTED = "corrupted"
+
+
+def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
+    """What `index-info` prints: LATEST, and each version's state and summary.
+
+    Never raises for a damaged root: a LATEST that holds garbage is reported under
+    `latest_error`; with `verify`, a version that fails verification gets state
+    "corrupted" and its reason under `error` (a passed version is only reported passed
+    when it verifies).
+    """
+    report: dict[str, Any] = {"index_root": index_root, "latest": None, "latest_error": None,
+                              "verified": verify, "versions": []}
+    try:
+        report["latest"] = read_latest(index_root)
+    except IndexArtifactError as e:
+        report["latest_error"] = str(e)
+    names = fs.list_children(versions_dir(index_root))
+    for name in names:
+        if not is_safe_segment(name):
+            continue
+        entry: dict[str, Any] = {"version": name, "state": STATUS_INCOMPLETE,
+                                 "latest": name == report["latest"], "error": None}
+        manifest = None
+        if fs.exists(manifest_uri(index_root, name)):
+            try:
+                manifest = read_manifest(index_root, name)
+            except IndexArtifactError as e:
+                entry.update(state=STATUS_CORRUPTED, error=str(e))
+        if manifest is not None:
+            info = VersionInfo(name, STATUS_PASSED if manifest.get("status") == STATUS_PASSED
+                               else STATUS_REJECTED, entry["latest"], manifest)
+            entry.update(info.summary())
+            entry["error"] = None
+            if verify:
+                try:
+                    verify_version(index_root, name)
+                    entry["verified"] = True
+                except Exception as e:  # any failure to load is a corrupted version
+                    entry.update(state=STATUS_CORRUPTED, verified=False,
+                                 error=f"{type(e).__name__}: {e}"
+                                 if not isinstance(e, IndexArtifactError) else str(e))
+        report["versions"].append(entry)
+    if report["latest"] and report["latest"] not in names:
+        report["latest_error"] = (f"LATEST names {report['latest']}, which does not exist "
+                                  f"under {versions_dir(index_root)}")
+    return report
 
 
 def _run_info(args: argparse.Namespace, config: Config) -> int:
-    if not args.index_root:
+    if not args.index_root or not args.index_root.strip():
         raise UsageError("--index-root must not be empty")
-    versions = list_versions(args.index_root)
-    latest = read_latest(args.index_root)
-    report = {"index_root": args.index_root, "latest": latest,
-              "versions": [v.summary() for v in versions]}
+    try:
+        root = fs.check_supported(args.index_root, "--index-root")
+    except fs.UnsupportedUriError as e:
+        raise UsageError(str(e)) from e
+    if fs.is_local(root) and not os.path.isdir(root):
+        print(f"catalog-search index-info: error: --index-root {args.index_root} is not a "
+              "folder", file=sys.stderr)
+        return 1
+    try:
+        report = info_report(root, verify=args.verify)
+    except (IndexArtifactError, OSError) as e:
+        print(f"catalog-search index-info: error: {e}", file=sys.stderr)
+        return 1
+    corrupted = [v["version"] for v in report["versions"] if v["state"] == STATUS_CORRUPTED]
+    rc = 1 if corrupted or report["latest_error"] else 0
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
+        return rc
     print(f"index root: {args.index_root}")
-    print(f"LATEST:     {latest or '(none published)'}")
-    if not versions:
+    if report["latest_error"]:
+        print(f"LATEST:     ERROR: {report['latest_error']}")
+    else:
+        print(f"LATEST:     {report['latest'] or '(none published)'}")
+    if not report["versions"]:
         print("no versions")
-        return 0
+        return rc
     print(f"{'':2}{'version':<32} {'state':<10} {'vectors':>9} {'shards':>6} {'recall':<24} "
           f"created_at")
-    for v in versions:
-        s = v.summary()
-        recall = " ".join(f"{k}={val:.4f}" for k, val in sorted(s["recall"].items()))
-        print(f"{'*' if v.is_latest else ' ':2}{v.version:<32} {v.state:<10} "
-              f"{s['num_vectors'] if s['num_vectors'] is not None else '-':>9} "
-              f"{s['num_shards'] or '-':>6} {recall or '-':<24} {s['created_at'] or '-'}")
-    return 0
+    for v in report["versions"]:
+        recall = " ".join(f"{k}={val:.4f}" for k, val in sorted((v.get("recall") or {}).items())
+                          if isinstance(val, (int, float)))
+        nv = v.get("num_vectors")
+        print(f"{'*' if v['latest'] else ' ':2}{v['version']:<32} {v['state']:<10} "
+              f"{nv if nv is not None else '-':>9} "
+              f"{v.get('num_shards') or '-':>6} {recall or '-':<24} {v.get('created_at') or '-'}")
+        if v.get("error"):
+            print(f"{'':4}{v['error']}")
+    if args.verify:
+        print(f"verified: {len(report['versions']) - len(corrupted)} ok, {len(corrupted)} "
+              f"corrupted" + (f" ({', '.join(corrupted)})" if corrupted else ""))
+    return rc
 
 
 COMMANDS = {

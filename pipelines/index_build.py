@@ -60,6 +60,7 @@ from pipelines import filesystem as fs
 from pipelines import index_artifact as art
 from pipelines import snapshot as snap
 from pipelines.command import Command, UsageError
+from pipelines.names import InvalidNameError, check_segment
 from pipelines.config import Config
 from pipelines.sharded_search import ShardedSearcher, search_exact
 
@@ -489,6 +490,17 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     """
     started = time.time()
     ix = config.index
+    if version is not None:
+        try:
+            art.check_version_name(version)
+        except art.IndexArtifactError as e:
+            raise IndexBuildError(str(e)) from e
+    for what, uri in (("embeddings", embeddings), ("index root", index_root)):
+        try:
+            fs.check_supported(uri, what)
+        except fs.UnsupportedUriError as e:
+            raise IndexBuildError(str(e)) from e
+    embeddings, index_root = fs.normalize(embeddings), fs.normalize(index_root)
     snapshot = load_snapshot(embeddings)
     prepared = prepare_snapshot(snapshot, ix.shards, ix.dimensions_per_block)
     del snapshot
@@ -623,6 +635,18 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         overrides["recall_threshold"] = args.recall_threshold
     if overrides:
         config = config.replace(index=overrides)
+    if args.version is not None:
+        try:
+            check_segment(args.version, "--version")
+        except InvalidNameError as e:
+            raise UsageError(str(e)) from e
+    for what, uri in (("--embeddings", args.embeddings), ("--index-root", args.index_root)):
+        if not uri or not uri.strip():
+            raise UsageError(f"{what} must not be empty")
+        try:
+            fs.check_supported(uri, what)
+        except fs.UnsupportedUriError as e:
+            raise UsageError(str(e)) from e
     try:
         manifest = run_build_index(args.embeddings, args.index_root, config,
                                    version=args.version)

@@ -12,14 +12,23 @@ Rows are plain dicts (cheap to pickle between Beam workers):
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import decimal
 import io
 import json
+import math
 import os
+import re
 from typing import Any, Iterator
 
 from pipelines import filesystem as fs
 
 REQUIRED = ("product_id", "image_uri")
+ID_FIELDS = ("product_id", "image_uri", "image_id")
+TEXT_FIELDS = ("title", "category", "updated_at")
+MAX_ID_LENGTH = 1024          # longer product_id / image_id: dead letter `id_too_long`
+MAX_MANIFEST_BYTES = 2_000_000_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # in ids or image_uri: dead letter invalid_characters
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
 
@@ -42,28 +51,41 @@ def expand_manifests(patterns: list[str]) -> list[str]:
         raise ManifestError("no manifest given")
     uris: list[str] = []
     for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ManifestError(f"manifest URI must be a non-empty string, got {pattern!r}")
         if pattern.startswith(("http://", "https://")):
+            manifest_format(pattern.split("?", 1)[0])
             uris.append(pattern)
             continue
+        try:
+            pattern = fs.check_supported(pattern, "manifest")
+        except fs.UnsupportedUriError as e:
+            raise ManifestError(str(e)) from e
         matched = fs.match(pattern) if any(c in pattern for c in "*?[") else (
             [pattern] if fs.exists(pattern) else [])
         if not matched:
             raise ManifestError(f"manifest {pattern} does not exist")
         for uri in matched:
+            if fs.is_local(uri) and os.path.isdir(uri):
+                raise ManifestError(f"manifest {uri} is a directory, not a manifest file")
             manifest_format(uri)
             uris.append(uri)
     return uris
 
 
 def _read_manifest_bytes(uri: str) -> bytes:
-    if uri.startswith(("http://", "https://")):
-        from pipelines.fetch import fetch_bytes
-        from pipelines.config import FetchConfig
-        return fetch_bytes(uri, FetchConfig(max_bytes=2_000_000_000))
+    from pipelines.config import FetchConfig
+    from pipelines.fetch import FetchError, fetch_bytes, read_local_file
     try:
+        if uri.startswith(("http://", "https://")):
+            return fetch_bytes(uri, FetchConfig(max_bytes=MAX_MANIFEST_BYTES, deadline_s=600.0))
+        if fs.is_local(uri):  # regular files only: a FIFO or device must not block the job
+            return read_local_file(fs.normalize(uri), MAX_MANIFEST_BYTES)
         return fs.read_bytes(uri)
+    except FetchError as e:
+        raise ManifestError(f"cannot read manifest {uri}: {e} ({e.reason})") from e
     except Exception as e:
-        raise ManifestError(f"cannot read manifest {uri}: {e}") from e
+        raise ManifestError(f"cannot read manifest {uri}: {type(e).__name__}: {e}") from e
 
 
 def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -75,28 +97,39 @@ def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
         except UnicodeDecodeError as e:
             raise ManifestError(f"{uri}: not UTF-8 text: {e}") from e
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames:
-            raise ManifestError(f"{uri}: empty CSV (no header row)")
-        missing = [c for c in REQUIRED if c not in reader.fieldnames]
-        if missing:
-            raise ManifestError(f"{uri}: CSV header lacks required column(s) {missing}; "
-                                f"found {reader.fieldnames}")
-        for record in reader:
-            if None in record:  # more fields than the header names
-                yield reader.line_num, f"row has {len(record) - 1 + len(record[None])} fields, " \
-                                       f"header has {len(reader.fieldnames)}"
-            else:
-                yield reader.line_num, record
+        try:
+            fieldnames = reader.fieldnames
+            if not fieldnames:
+                raise ManifestError(f"{uri}: empty CSV (no header row)")
+            missing = [c for c in REQUIRED if c not in fieldnames]
+            if missing:
+                raise ManifestError(f"{uri}: CSV header lacks required column(s) {missing}; "
+                                    f"found {[n[:40] for n in fieldnames[:20]]}")
+            for record in reader:
+                if None in record:  # more fields than the header names
+                    yield reader.line_num, (f"row has {len(record) - 1 + len(record[None])} "
+                                            f"fields, header has {len(fieldnames)}")
+                else:
+                    yield reader.line_num, record
+        except csv.Error as e:  # a NUL byte, a field over the size limit, ...
+            raise ManifestError(f"{uri}: not a readable CSV file near line "
+                                f"{reader.line_num}: {e}") from e
     elif fmt == "jsonl":
-        for n, line in enumerate(data.decode("utf-8-sig", errors="replace").splitlines(), 1):
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{uri}: not UTF-8 text: {e}") from e
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, f"invalid JSON: {e}"
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield n, f"invalid JSON: {str(e)[:200]}"
                 continue
-            yield n, record if isinstance(record, dict) else "a JSON line must be an object"
+            yield n, record if isinstance(record, dict) else (
+                f"a JSON line must be an object, got {type(record).__name__} "
+                "(the manifest format is JSON Lines: one object per line)")
     else:
         import pyarrow.parquet as pq
         try:
@@ -106,14 +139,61 @@ def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
         missing = [c for c in REQUIRED if c not in table.column_names]
         if missing:
             raise ManifestError(f"{uri}: Parquet schema lacks required column(s) {missing}")
-        for n, record in enumerate(table.to_pylist(), 1):
-            yield n, record
+        n = 0
+        for batch in table.to_batches(max_chunksize=10_000):
+            for record in batch.to_pylist():
+                n += 1
+                yield n, record
 
 
 def _text(value: Any) -> str:
     if value is None:
         return ""
     return str(value).strip()
+
+
+def _type_error(name: str, value: Any) -> str | None:
+    """Why a manifest field's value has the wrong type, or None when it is acceptable.
+
+    product_id / image_id / image_uri: text (or an integer id); title / category /
+    updated_at: a scalar (text, number, date); other columns: anything JSON can hold.
+    Bytes are never accepted (they would be stringified as b'...').
+    """
+    if value is None:
+        return None
+    kind = type(value).__name__
+    if name in ID_FIELDS:
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return None
+        return f"column {name} holds a {kind}; expected text"
+    if name in TEXT_FIELDS:
+        if isinstance(value, (str, int, float, decimal.Decimal, dt.date, dt.datetime,
+                              dt.time)) and not isinstance(value, bool):
+            return None
+        return f"column {name} holds a {kind}; expected text, a number or a date"
+    return _nested_bytes(name, value)
+
+
+def _nested_bytes(name: str, value: Any, depth: int = 0) -> str | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"column {name} holds binary data (bytes); expected text or JSON values"
+    if depth > 32:
+        return f"column {name} is nested more than 32 levels deep"
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return None
+    for item in items:
+        problem = _nested_bytes(name, item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
 def _resolve_uri(image_uri: str, manifest_uri: str) -> str:
@@ -132,13 +212,37 @@ def validate_record(record: Any, uri: str, line: int, manifest_index: int) -> di
     if isinstance(record, str):
         row["error"] = ("invalid_row", f"{source}: {record}")
         return row
+    for name, value in record.items():
+        problem = _type_error(str(name), value)
+        if problem:
+            row["image_id"] = _text(record.get("image_id")) if isinstance(
+                record.get("image_id"), str) else ""
+            row["product_id"] = _text(record.get("product_id")) if isinstance(
+                record.get("product_id"), str) else ""
+            row["error"] = ("wrong_type", f"{source}: {problem}")
+            return row
     product_id = _text(record.get("product_id"))
     image_uri = _text(record.get("image_uri"))
     image_id = _text(record.get("image_id")) or product_id
     metadata = {k: v for k, v in record.items()
-                if k not in ("product_id", "image_uri", "image_id") and v not in (None, "")}
+                if k not in ID_FIELDS and not _missing(v)}
     row.update(image_id=image_id, product_id=product_id, metadata=_jsonable(metadata))
-    if not product_id:
+    bad_chars = [n for n, v in (("product_id", product_id), ("image_id", image_id),
+                                ("image_uri", image_uri)) if _CONTROL.search(v)]
+    if bad_chars:
+        row.update(image_id=_CONTROL.sub("?", image_id)[:64],
+                   product_id=_CONTROL.sub("?", product_id)[:64])
+        row["error"] = ("invalid_characters", f"{source}: {bad_chars[0]} contains control "
+                                              "characters (NUL, newline, ...)")
+        return row
+    too_long = [(n, len(v)) for n, v in (("product_id", product_id), ("image_id", image_id))
+                if len(v) > MAX_ID_LENGTH]
+    if too_long:
+        row.update(image_id=image_id[:64] + "...", product_id=product_id[:64] + "...")
+        name, length = too_long[0]
+        row["error"] = ("id_too_long", f"{source}: {name} is {length} characters long; at "
+                                       f"most {MAX_ID_LENGTH} are allowed")
+    elif not product_id:
         row["error"] = ("missing_product_id", f"{source}: product_id is empty")
     elif not image_uri:
         row["error"] = ("missing_image_uri", f"{source}: image_uri is empty")
@@ -148,7 +252,16 @@ def validate_record(record: Any, uri: str, line: int, manifest_index: int) -> di
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    """Plain JSON values (dates and decimals as text; NaN/inf as null)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.loads(json.dumps(clean(value), default=str))
 
 
 def read_rows(manifest_index: int, uri: str) -> Iterator[dict[str, Any]]:
@@ -159,5 +272,25 @@ def read_rows(manifest_index: int, uri: str) -> Iterator[dict[str, Any]]:
 
 
 def check_manifest(uri: str) -> int:
-    """Read a whole manifest before a job starts; returns its row count, raises ManifestError."""
-    return sum(1 for _ in read_rows(0, uri))
+    """Read a whole manifest before a job starts; returns its row count, raises ManifestError.
+
+    Besides unreadable files, refuses a manifest none of whose records can be parsed (every
+    JSON line invalid), or none of whose records name a required field (a JSONL file of
+    other objects): such a file is not a catalog manifest, and is better refused whole than
+    dead-lettered row by row.
+    """
+    rows = unparsable = without_required = 0
+    first_error = None
+    for line, record in _raw_records(uri, _read_manifest_bytes(uri)):
+        rows += 1
+        if isinstance(record, str):
+            unparsable += 1
+            first_error = first_error or f"line {line}: {record}"
+        elif not any(k in record for k in REQUIRED):
+            without_required += 1
+    if rows and unparsable == rows:
+        raise ManifestError(f"{uri}: no record can be parsed ({rows} tried); first error: "
+                            f"{first_error}")
+    if rows and unparsable + without_required == rows:
+        raise ManifestError(f"{uri}: no record has the required fields {list(REQUIRED)}")
+    return rows

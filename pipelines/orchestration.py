@@ -139,7 +139,17 @@ def run_id_for(kind: str, run_date: datetime) -> str:
         raise ValueError(f"unknown run kind {kind!r}; choose from {', '.join(KINDS)}")
     if run_date.tzinfo is None:
         run_date = run_date.replace(tzinfo=timezone.utc)
-    return f"{run_date.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{kind}"
+    return check_run_id(f"{run_date.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{kind}")
+
+
+def check_run_id(run_id: Any, what: str = "run_id") -> str:
+    """`run_id` when it is a safe snapshot / version name (pipelines.names), else
+    OrchestrationError: a run plan from XCom or a param never names a path."""
+    from pipelines.names import InvalidNameError, check_segment
+    try:
+        return check_segment(run_id, what)
+    except InvalidNameError as e:
+        raise OrchestrationError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,10 @@ class RunPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunPlan":
+        """The plan from its JSON form; OrchestrationError when malformed or when its run_id
+        is not a safe name (checked before any step deletes or writes)."""
+        if isinstance(d, Mapping) and "run_id" in d:
+            check_run_id(d["run_id"], "run plan run_id")
         try:
             return cls(kind=d["kind"], run_id=d["run_id"], manifests=tuple(d["manifests"]),
                        embeddings_root=d["embeddings_root"], index_root=d["index_root"],

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.beam_worker import LAUNCHER_PID_ENV
 from pipelines.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,12 @@ def pipeline_options(config: Config, job_name: str, extra: dict[str, Any] | None
     return PipelineOptions(flags)
 
 
+def worker_command() -> str:
+    """The command line of local SDK worker processes: pipelines.beam_worker, which exits
+    when the launcher dies, then runs Beam's sdk_worker_main."""
+    return f"{shlex.quote(sys.executable)} -m pipelines.beam_worker"
+
+
 def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = None
                   ) -> beam.Pipeline:
     """A Beam Pipeline on the configured runner."""
@@ -158,17 +165,18 @@ def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = 
             beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
         environment = None
         if config.runner.direct_running_mode == "multi_processing":
-            # Beam's own worker command, through pipelines.beam_worker (drops known noise
-            # such as "apitools not found" before Beam is imported in the worker). The
-            # FnApiRunner only uses a given environment in its in_memory mode; the worker
-            # count still comes from direct_num_workers.
+            # Beam's own worker command, through pipelines.beam_worker: workers exit when
+            # this process dies, and known noise such as "apitools not found" is dropped.
+            # The FnApiRunner only uses a given environment in its in_memory mode; the
+            # worker count still comes from direct_num_workers.
             from apache_beam.transforms import environments
             environment = environments.SubprocessSDKEnvironment.from_command_string(
-                f"{shlex.quote(sys.executable)} -m pipelines.beam_worker")
+                worker_command())
             from apache_beam.options.pipeline_options import DirectOptions
             options.view_as(DirectOptions).direct_running_mode = "in_memory"
             logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner"
                               ).setLevel(logging.ERROR)  # "in_memory with N workers" warning
+            os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision,
                                                           default_environment=environment),
                              options=options)

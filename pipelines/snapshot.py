@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import filesystem as fs
+from pipelines.names import InvalidNameError, check_segment
 
 SUMMARY_FILE = "summary.json"
 LATEST_FILE = "LATEST"
@@ -63,8 +64,17 @@ class Snapshot:
         return flat.reshape(len(self.table), self.dim)
 
 
+def check_run_id(run_id: str, what: str = "run id") -> str:
+    """`run_id` when it is a safe snapshot folder name (pipelines.names), else SnapshotError."""
+    try:
+        return check_segment(run_id, what)
+    except InvalidNameError as e:
+        raise SnapshotError(str(e)) from e
+
+
 def snapshot_path(root: str, run_id: str) -> str:
-    return fs.join(root, run_id)
+    """`<root>/<run_id>`; SnapshotError when run_id is not a safe single folder name."""
+    return fs.join(root, check_run_id(run_id))
 
 
 def is_complete(path: str) -> bool:
@@ -124,7 +134,9 @@ def latest(root: str) -> str | None:
     pointer = fs.join(root, LATEST_FILE)
     if not fs.exists(pointer):
         return None
-    run_id = fs.read_text(pointer).strip()
+    run_id = latest_run_id(root)
+    if run_id is None:
+        return None
     path = snapshot_path(root, run_id)
     if not is_complete(path):
         raise SnapshotError(f"{pointer} names {run_id!r}, which is not a complete snapshot")
@@ -132,13 +144,26 @@ def latest(root: str) -> str | None:
 
 
 def latest_run_id(root: str) -> str | None:
-    """The run_id LATEST names under `root`, or None."""
+    """The run_id LATEST names under `root`, or None; SnapshotError when LATEST holds
+    anything but a safe run id (garbage, a path, binary bytes)."""
     pointer = fs.join(root, LATEST_FILE)
-    return fs.read_text(pointer).strip() if fs.exists(pointer) else None
+    if not fs.exists(pointer):
+        return None
+    try:
+        text: str | None = fs.read_bytes(pointer, max_bytes=4096).decode("utf-8").strip()
+    except (ValueError, UnicodeDecodeError):  # larger than any run id, or not UTF-8
+        text = None
+    if not text:
+        raise SnapshotError(f"{pointer} is empty or not text; it should name a run id")
+    try:
+        return check_segment(text, f"the run id in {pointer}")
+    except InvalidNameError as e:
+        raise SnapshotError(f"{pointer} is corrupted: {e}") from e
 
 
 def mark_latest(root: str, run_id: str) -> None:
-    fs.write_bytes_atomic(fs.join(root, LATEST_FILE), (run_id + "\n").encode())
+    """Point `<root>/LATEST` at a run id, atomically (the id is checked first)."""
+    fs.write_bytes_atomic(fs.join(root, LATEST_FILE), (check_run_id(run_id) + "\n").encode())
 
 
 def write_table(path: str, table: pa.Table, name: str = "embeddings-00000-of-00001.parquet") -> str:

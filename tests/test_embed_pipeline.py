@@ -64,7 +64,9 @@ def bad_catalog(tmp_path):
 def test_every_bad_row_is_dead_lettered_with_a_reason_and_counts_reconcile(
         bad_catalog, embed_config, tmp_path):
     out = str(tmp_path / "emb")
-    s = run_embed([bad_catalog], out, embed_config, run_id="r1")
+    # 7 of 13 rows are bad on purpose: above the default failure-rate guard (0.5).
+    config = embed_config.replace(embed={"max_dead_letter_fraction": 0.6})
+    s = run_embed([bad_catalog], out, config, run_id="r1")
     assert s["input_rows"] == 13
     assert s["embedded"] == 6  # good, cmyk, deep, pal, rot, dup (new)
     assert s["reused"] == 0
