@@ -36,7 +36,7 @@ for extra in (HERE, os.path.join(REPO, "tests"), os.path.join(REPO, "tests", "re
     if extra not in sys.path:
         sys.path.insert(0, extra)
 
-from serving_bench import _free_port, clone_version, run_load  # noqa: E402
+from serving_bench import _free_port, clone_version, run_load, wait_ready  # noqa: E402
 
 SOAK_TOKEN = "soak-admin-token-0123456789abcdef"
 
@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve with the pre-issue-9 limits (for the 'before' bomb figure)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import httpx
     import yaml
 
     from pipelines import filesystem as fs
@@ -191,16 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--no-watch"], cwd=REPO, env=env, stdout=log, stderr=log)
     report: dict[str, Any] = {"legacy_limits": args.legacy_limits}
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not become ready; see {args.workdir}/serve.log")
-            time.sleep(0.3)
+        wait_ready(url, server, 300, os.path.join(args.workdir, "serve.log"))
         rows = world.catalog_rows()
         images = [fs.read_bytes(r["image_uri"]) for r in rows[:6]]
         idx = CatalogSearcher.open(index_root, version="v0001", config=world.config,

@@ -115,6 +115,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, server: subprocess.Popen, timeout_s: float, log_path: str) -> None:
+    """Poll GET /readyz until 200; SystemExit if the server exits or `timeout_s` passes."""
+    import httpx
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise SystemExit(f"server did not become ready; see {log_path}")
+        time.sleep(0.3)
+
+
 def run_load(url: str, make_request: Callable[[Any], Any], clients: int, seconds: float,
              max_requests: int, during: Callable[[], None] | None = None) -> dict[str, Any]:
     """Concurrent clients until time or request budget is spent (or `during` returns)."""
@@ -267,16 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         stdout=open(os.path.join(args.workdir, "serve.log"), "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 900
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not become ready; see {args.workdir}/serve.log")
-            time.sleep(0.5)
+        wait_ready(url, server, 900, os.path.join(args.workdir, "serve.log"))
         vec_bodies = [{"vector": q.tolist(), "k": 10} for q in queries]
         counter = iter(range(10**9))
 
