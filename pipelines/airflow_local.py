@@ -1,6 +1,6 @@
 """The local Airflow stack of docs/AIRFLOW.md: start it, stop all of it.
 
-    python -m pipelines.airflow_local up   [--home out/airflow] [--data out/data]
+    python -m pipelines.airflow_local up   [--home out/airflow] [--data out/data] [--wait 300]
     python -m pipelines.airflow_local down [--home out/airflow]
     python -m pipelines.airflow_local status [--home out/airflow]
 
@@ -8,7 +8,10 @@
 http://localhost:8080) in its own process group, detached, with this venv's bin/ first
 on PATH (standalone starts its components as `airflow …` subprocesses), a SQLite
 AIRFLOW_HOME, dags/ as DAGs folder and no examples; log in HOME/stack.log, group id in
-HOME/stack.pid. It writes the sample catalog to DATA/catalog first if it is missing
+HOME/stack.pid; it then waits (up to --wait seconds, 0: not at all) until the
+dag-processor has stored this project's DAGs, so that `airflow dags unpause …` right
+after it finds them (exit 1 with the log's tail if the stack dies or the wait runs out).
+It writes the sample catalog to DATA/catalog first if it is missing
 (catalog_refresh's default manifest). `down` stops the whole group (SIGTERM, then SIGKILL
 after 20 s): the scheduler and its executor processes included, which a SIGTERM to
 `standalone` alone leaves running.
@@ -17,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import time
+from contextlib import closing
 from typing import Sequence
 
 from pipelines import procgroup
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The DAGs of dags/ that `up` waits for (docs/AIRFLOW.md unpauses and triggers these).
+DAG_IDS = ("catalog_refresh", "catalog_backfill", "index_handoff")
 
 
 def stack_env(home: str, data: str) -> dict[str, str]:
@@ -77,6 +84,40 @@ def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
     return proc.pid
 
 
+def stored_dags(home: str) -> set[str]:
+    """DAG ids the dag-processor has stored in HOME's SQLite database (empty before it has)."""
+    db = os.path.join(os.path.abspath(home), "airflow.db")
+    if not os.path.exists(db):
+        return set()
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            return {row[0] for row in conn.execute("SELECT dag_id FROM dag")}
+    except sqlite3.Error:  # not migrated yet, or locked for a moment
+        return set()
+
+
+def wait_ready(home: str, pgid: int, timeout_s: float,
+               dag_ids: Sequence[str] = DAG_IDS) -> bool:
+    """Wait until `dag_ids` are stored; False (with the log's tail) if the stack dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if set(dag_ids) <= stored_dags(home):
+            print(f"airflow stack ready: DAGs {', '.join(dag_ids)} loaded")
+            return True
+        if not procgroup.group_alive(pgid):
+            break
+        time.sleep(1.0)
+    what = "stopped" if not procgroup.group_alive(pgid) else f"not ready after {timeout_s:.0f} s"
+    print(f"airflow stack {what}; missing DAGs: "
+          f"{', '.join(sorted(set(dag_ids) - stored_dags(home)))}; last lines of the log:")
+    try:
+        with open(os.path.join(home, "stack.log"), encoding="utf-8", errors="replace") as f:
+            print("".join(f.readlines()[-30:]), end="")
+    except OSError:
+        pass
+    return False
+
+
 def down(home: str, grace_s: float = 20.0) -> bool:
     """Stop every process of the stack; True when none is left."""
     pgid = _running(home)
@@ -97,10 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--home", default="out/airflow", help="AIRFLOW_HOME (default out/airflow)")
     p.add_argument("--data", default="out/data",
                    help="CATALOG_SEARCH_DATA: catalog, embeddings, index (default out/data)")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="up: wait this long for the DAGs to be loaded (default 300; 0: return "
+                        "at once)")
     args = p.parse_args(argv)
     if args.action == "up":
-        up(args.home, args.data)
-        return 0
+        pgid = up(args.home, args.data)
+        return 0 if args.wait <= 0 or wait_ready(args.home, pgid, args.wait) else 1
     if args.action == "down":
         return 0 if down(args.home) else 1
     pgid = _running(args.home)

@@ -471,6 +471,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--handle", help="model handle (default: model.handle from the config)")
     export.add_argument("--out", required=True, help="destination directory; must not exist "
                                                      "or be empty")
+    export.add_argument("--json", action="store_true",
+                        help="print the result (handle, model id, files, out) as JSON")
     bench = actions.add_parser("bench", help="model-only throughput (images/s) on random "
                                              "images in this process")
     bench.add_argument("--handle", help="model handle (default: model.handle from the config)")
@@ -591,6 +593,11 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if spec.path.startswith(("http://", "https://")) or not os.path.isdir(spec.path):
         raise UsageError(f"{spec.handle} is not a local SavedModel directory; nothing to export")
     n = export_saved_model(spec.path, args.out)
+    if args.json:
+        print(json.dumps({"handle": spec.handle, "model_id": spec.model_id,
+                          "fingerprint": spec.fingerprint, "files": n, "out": args.out},
+                         sort_keys=True))
+        return 0
     print(f"exported {spec.handle} ({spec.model_id}, {n} files) to {args.out}")
     print(f"use it with model.handle: {args.out}")
     return 0

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
+from typing import Any, Callable
 
 from pipelines.command import Command, UsageError
 from pipelines.config import Config
@@ -118,6 +120,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default serving.host)")
     p.add_argument("--port", type=int, help="port (default serving.port)")
     p.add_argument("--no-watch", action="store_true", help="do not hot-reload when LATEST changes")
+    p.add_argument("--json", action="store_true",
+                   help="once listening, print one JSON line on stdout (url, host, port, pid, "
+                        "index_root, version, ready); all logs go to stderr")
     p.add_argument("--admin-token-file", metavar="PATH",
                    help="file holding the bearer token that POST /v1/reload requires (default: "
                         "$CATALOG_SEARCH_ADMIN_TOKEN or the file $CATALOG_SEARCH_ADMIN_TOKEN_FILE "
@@ -159,8 +164,40 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
     app = create_app(args.index_root, config, version=args.version,
                      shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
     log.info("serving %s on http://%s:%d", args.index_root, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    log_config = None
+    if args.json:  # uvicorn's access log goes to stdout by default: keep stdout for the JSON line
+        log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    server = _listening_server(
+        uvicorn.Config(app, host=host, port=port, log_level="info",
+                       **({"log_config": log_config} if log_config else {})),
+        (lambda bound: _print_started(app, args.index_root, bound)) if args.json else None)
+    server.run()
     return 0
+
+
+def _listening_server(config: Any, on_started: Callable[[tuple], None] | None) -> Any:
+    """A uvicorn.Server that calls `on_started(sockname)` once it is listening."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None and self.servers:
+                on_started(self.servers[0].sockets[0].getsockname())
+
+    return _Server(config)
+
+
+def _print_started(app: Any, index_root: str, bound: tuple) -> None:
+    """The `serve --json` startup line (the bound port, also when --port 0)."""
+    host, port = bound[0], bound[1]
+    loaded = app.state.searcher.loaded
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    print(json.dumps({"event": "listening", "url": url, "host": host, "port": port,
+                      "pid": os.getpid(), "index_root": index_root,
+                      "version": loaded.version if loaded is not None else None,
+                      "ready": loaded is not None}, sort_keys=True), flush=True)
 
 
 COMMANDS = {
