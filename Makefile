@@ -5,11 +5,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test test-onednn demo clean
+.PHONY: venv test test-onednn lint demo clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -24,6 +24,12 @@ ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
 test-onednn: venv
 	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS)
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(ONEDNN_TESTS)
+
+# ruff and mypy, configured in pyproject.toml.
+LINT_PATHS := pipelines serving dags benchmarks tests
+lint: venv
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo

@@ -31,6 +31,9 @@ DEV = [
     "pytest>=8",
     "httpx>=0.27",
     "scikit-image>=0.24",  # real photos (skimage.data) for the model-conversion test
+    "ruff>=0.6",  # `make lint`; rules in pyproject.toml
+    "mypy>=1.11",
+    "types-PyYAML",
 ]
 
 setup(
