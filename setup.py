@@ -42,7 +42,8 @@ setup(
     description="Catalog visual search: Beam embedding jobs, sharded ScaNN indexes, Airflow DAGs, serving.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipelines", "pipelines.*", "serving", "serving.*"]),
-    package_data={"serving": ["static/*"], "pipelines": ["sample_catalog/*"]},
+    # configs/default.yaml ships as pipelines/configs/default.yaml (a symlink in the repo).
+    package_data={"serving": ["static/*"], "pipelines": ["configs/default.yaml"]},
     install_requires=PIPELINES,
     extras_require={
         "pipelines": [],
