@@ -353,7 +353,7 @@ def test_failed_gate_keeps_latest_and_says_why(world):
 
 
 def test_handoff_reloads_the_search_service(world, tiny_model):
-    from test_serving_helpers import LiveServer
+    from serving_fixtures import LiveServer
 
     from pipelines.config import load_config
     from serving.app import create_app

@@ -16,7 +16,7 @@ import pytest
 
 from pipelines import filesystem as fs
 from serving.app import create_app
-from test_serving_helpers import LiveServer, jpeg_bytes, serving_world
+from serving_fixtures import LiveServer, jpeg_bytes, serving_world
 
 CHROMIUM = "/usr/bin/chromium"
 
