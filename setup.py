@@ -23,9 +23,9 @@ SERVING = [
     "uvicorn>=0.30",
     "python-multipart>=0.0.9",
 ]
+# No Beam provider: the DAGs launch jobs as TaskFlow subprocesses (docs/AIRFLOW.md).
 AIRFLOW = [
     "apache-airflow>=3.3,<3.4",
-    "apache-airflow-providers-apache-beam>=6",
 ]
 DEV = [
     "pytest>=8",
