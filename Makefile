@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test test-onednn lint demo clean
+.PHONY: venv test test-fast test-onednn lint browser demo clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
+
+# Under a minute: leaves out the tests marked slow or heavy (markers in pyproject.toml).
+test-fast: venv
+	$(PY) -m pytest -q -rs -m "not slow and not heavy" tests
 
 # The builtin model and a CLI pipeline run with oneDNN forced on (any x86 CPU) and off.
 ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
@@ -30,6 +34,12 @@ LINT_PATHS := pipelines serving dags benchmarks tests
 lint: venv
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy
+
+# The page test (tests/test_serving_page.py) drives a headless Chromium and is skipped
+# without one. Debian's package; needs root (or run the apt-get line with sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo
