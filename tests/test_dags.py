@@ -21,6 +21,8 @@ from pipelines import index_artifact as art
 from pipelines import snapshot
 from pipelines.sample_catalog import write_catalog
 
+pytestmark = pytest.mark.heavy  # real DAG runs: Airflow, Beam jobs, index builds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAG_IDS = {"catalog_refresh", "catalog_backfill", "index_handoff"}
 D1, D2, D3 = "2025-03-01T00:00:00+00:00", "2025-03-02T06:00:00+00:00", "2025-03-03T00:00:00+00:00"

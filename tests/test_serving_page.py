@@ -18,6 +18,8 @@ from pipelines import filesystem as fs
 from serving.app import create_app
 from serving_fixtures import LiveServer, jpeg_bytes, serving_world
 
+pytestmark = pytest.mark.heavy  # a headless Chromium
+
 # A system browser is a set-up step (`make browser`, README), not something a test installs.
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
