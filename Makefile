@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml
 test: venv
 	$(PY) -m pytest -q -rs tests
 
-# Under a minute: leaves out the tests marked slow or heavy (markers in pyproject.toml).
+# The quick loop (~40 s of CPU): leaves out the tests marked slow or heavy (pyproject.toml).
 test-fast: venv
 	$(PY) -m pytest -q -rs -m "not slow and not heavy" tests
 
