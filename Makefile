@@ -5,11 +5,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv test test-slow test-onednn demo clean airflow-up airflow-down
+.PHONY: venv test test-fast test-slow test-onednn lint browser demo clean airflow-up airflow-down
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -17,16 +17,33 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -rs tests
 
-test-slow: venv   # the long reliability variants (every crash point)
-	$(PY) -m pytest -q -m slow tests
+# The quick loop (~40 s of CPU): leaves out the tests marked slow or heavy (pyproject.toml).
+test-fast: venv
+	$(PY) -m pytest -q -rs -m "not slow and not heavy" tests
+
+# The long variants (every crash point, long soaks, the documented Airflow stack, ...).
+test-slow: venv
+	$(PY) -m pytest -q -rs -m slow tests
 
 # The builtin model and a CLI pipeline run with oneDNN forced on (any x86 CPU) and off.
 ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
 test-onednn: venv
 	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS)
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(ONEDNN_TESTS)
+
+# ruff and mypy, configured in pyproject.toml.
+LINT_PATHS := pipelines serving dags benchmarks tests
+lint: venv
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy
+
+# The page test (tests/test_serving_page.py) drives a headless Chromium and is skipped
+# without one. Debian's package; needs root (or run the apt-get line with sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 demo: venv
 	$(PY) -m pipelines.demo --workdir out/demo

@@ -23,14 +23,17 @@ SERVING = [
     "uvicorn>=0.30",
     "python-multipart>=0.0.9",
 ]
+# No Beam provider: the DAGs launch jobs as TaskFlow subprocesses (docs/AIRFLOW.md).
 AIRFLOW = [
     "apache-airflow>=3.3,<3.4",
-    "apache-airflow-providers-apache-beam>=6",
 ]
 DEV = [
     "pytest>=8",
     "httpx>=0.27",
     "scikit-image>=0.24",  # real photos (skimage.data) for the model-conversion test
+    "ruff>=0.6",  # `make lint`; rules in pyproject.toml
+    "mypy>=1.11",
+    "types-PyYAML",
 ]
 
 setup(
@@ -39,7 +42,8 @@ setup(
     description="Catalog visual search: Beam embedding jobs, sharded ScaNN indexes, Airflow DAGs, serving.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipelines", "pipelines.*", "serving", "serving.*"]),
-    package_data={"serving": ["static/*"], "pipelines": ["sample_catalog/*"]},
+    # configs/default.yaml ships as pipelines/configs/default.yaml (a symlink in the repo).
+    package_data={"serving": ["static/*"], "pipelines": ["configs/default.yaml"]},
     install_requires=PIPELINES,
     extras_require={
         "pipelines": [],

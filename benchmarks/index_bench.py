@@ -158,7 +158,7 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         _, rows = searcher.search(queries, K)
         found = np.array([[int(searcher.image_ids[r][3:]) if r >= 0 else -1 for r in row]
                           for row in rows])
-        batched, one = qps(lambda q: searcher.search(q, K), queries, args.single_queries)
+        batched, one = qps(lambda q, s=searcher: s.search(q, K), queries, args.single_queries)
         result["scann"][str(shards)] = {
             "build_wall_seconds": round(build_s, 1),
             "beam_seconds": manifest["build"]["beam_seconds"],

@@ -4,7 +4,7 @@
         [--swaps 40] [--legacy-limits]
 
 Starts `catalog-search serve` in a subprocess (admin token set) on the test suite's tiny
-generated index (tests/test_serving_helpers.serving_world; no downloads) and measures:
+generated index (tests/serving_fixtures.serving_world; no downloads) and measures:
 1. hostile: every request kind of tests/reliability/hostile_http.py, --rounds times:
    answers by status; any 5xx is a failure.
 2. bombs: the server's VmRSS before and VmHWM (peak) after --bombs concurrent uploads
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines import filesystem as fs
     from serving.searcher import CatalogSearcher
-    from test_serving_helpers import copy_index, serving_world
+    from serving_fixtures import copy_index, serving_world
 
     os.makedirs(args.workdir, exist_ok=True)
     world = serving_world()

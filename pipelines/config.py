@@ -15,7 +15,9 @@ from typing import Any, Mapping
 
 import yaml
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# configs/default.yaml, shipped inside the package (pipelines/configs/default.yaml is a
+# symlink to it that setuptools packages as a file) so a wheel install has the same defaults.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 AUGMENT_VIEWS = ("original", "hflip", "crop", "rotate", "jitter")
 
@@ -319,7 +321,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """configs/default.yaml, deep-merged with the file at `path` and then `overrides`."""
-    data = read_yaml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+    data = read_yaml(DEFAULT_CONFIG_PATH)
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     if overrides:

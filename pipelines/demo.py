@@ -190,7 +190,7 @@ def _parse_date(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--logical-date {text!r} is not an ISO date: {e}")
+        raise argparse.ArgumentTypeError(f"--logical-date {text!r} is not an ISO date: {e}") from e
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 

@@ -330,7 +330,7 @@ def _check_previous(previous: str, fingerprint: str, merge_previous: bool) -> bo
 def summarize(counts: dict[str, int], input_rows: int) -> dict[str, Any]:
     """Counts by outcome; raises EmbedError when they do not reconcile with the input."""
     reasons = {k[len("dead:"):]: v for k, v in counts.items() if k.startswith("dead:")}
-    out = {"input_rows": input_rows, EMBEDDED: counts.get(EMBEDDED, 0),
+    out: dict[str, Any] = {"input_rows": input_rows, EMBEDDED: counts.get(EMBEDDED, 0),
            REUSED: counts.get(REUSED, 0), DEAD: sum(reasons.values()),
            "dead_letter_reasons": dict(sorted(reasons.items())),
            CARRIED: counts.get(CARRIED, 0), DROPPED: counts.get(DROPPED, 0),

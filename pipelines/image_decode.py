@@ -65,7 +65,8 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
+            img: Image.Image = Image.open(io.BytesIO(data),
+                                          formats=list(formats) if formats else None)
     except Image.DecompressionBombError as e:
         raise DecodeError("too_many_pixels", str(e)) from e
     except Image.DecompressionBombWarning as e:
@@ -154,7 +155,7 @@ def augment_view(img: Image.Image, view: str, *, image_id: str, seed: int) -> Im
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
         return img.crop((x, y, x + cw, y + ch))
     if view == "rotate":
-        return img.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR, expand=False,
+        return img.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR, expand=False,
                           fillcolor=_WHITE)
     if view == "jitter":
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.8, 1.2))
@@ -174,13 +175,13 @@ def preprocess(img: Image.Image, size: int, resize: str = "center_crop") -> np.n
         short = int(round(size / CENTER_CROP_FRACTION))
         scale = short / min(w, h)
         nw, nh = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     elif resize == "pad":
         scale = size / max(w, h)
         nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-        fitted = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        fitted = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
         img = Image.new("RGB", (size, size), _WHITE)
         img.paste(fitted, ((size - nw) // 2, (size - nh) // 2))
     else:

@@ -397,6 +397,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
             searcher = builder.build()
             tuning: dict[str, Any] = {"target": p.tune_recall_target}
             if p.tune_recall_target is not None:
+                assert vectors is not None  # n > 0 here
                 queries = np.load(io.BytesIO(fs.read_bytes(task.tune_queries_uri)))
                 leaves, tuned = _tune_leaves(searcher, vectors, queries, min(k, n),
                                              pre_reorder, num_leaves, p.tune_recall_target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -26,7 +26,7 @@ WORKER_CACHE_ENV = "CATALOG_SEARCH_CACHE"
 class _LazyEmbedder:
     """Loads the model on the first batch: a worker that only reuses vectors never loads it."""
 
-    def __init__(self, load):
+    def __init__(self, load: Callable[[], Embedder]) -> None:
         self._load = load
         self._embedder: Embedder | None = None
 
@@ -36,7 +36,7 @@ class _LazyEmbedder:
         return self._embedder.embed(images)
 
 
-class EmbeddingModelHandler(ModelHandler[np.ndarray, np.ndarray, _LazyEmbedder]):
+class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbedder]):
     """uint8 [S,S,3] images in, L2-normalised float32 [dim] embeddings out."""
 
     def __init__(self, spec: ModelSpec, cache_dir: str, tf_threads: int, batch_size: int):

@@ -86,6 +86,7 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
                              + ", ".join(BUILTIN_PREFIX + m for m in sorted(VARIANTS)))
         path = ensure_saved_model(cache_dir, name)
         meta = _read_metadata(path)
+        assert meta is not None  # required=True raises instead of returning None
         if input_size is not None and input_size != meta["input_size"]:
             raise ModelError(f"{handle} takes {meta['input_size']}px inputs; "
                              f"model.input_size={input_size} is not supported")

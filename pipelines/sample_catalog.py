@@ -34,8 +34,8 @@ class Product:
     title: str
     category: str
     shape: str
-    body: tuple[int, int, int]
-    accent: tuple[int, int, int]
+    body: tuple[int, ...]         # RGB
+    accent: tuple[int, ...]       # RGB
     pattern: int          # 0 stripes, 1 dots, 2 band, 3 chevron
 
 
@@ -108,10 +108,10 @@ def _draw_product(p: Product, size: int, rng: random.Random) -> Image.Image:
 def render_image(p: Product, size: int, rng: random.Random, query: bool = False) -> Image.Image:
     """One shot of a product: random pose, scale, offset, lighting and background."""
     product = _draw_product(p, size, rng)
-    product = product.rotate(rng.uniform(-12, 12), resample=Image.BICUBIC, expand=False)
+    product = product.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BICUBIC, expand=False)
     scale = rng.uniform(0.75, 1.0) if not query else rng.uniform(0.55, 0.85)
     side = int(size * scale)
-    product = product.resize((side, side), Image.BICUBIC)
+    product = product.resize((side, side), Image.Resampling.BICUBIC)
     if query:
         bg_color = tuple(rng.randint(90, 200) for _ in range(3))
     else:

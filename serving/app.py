@@ -217,8 +217,8 @@ class Metrics:
                   f"catalog_search_index_ready {1 if idx else 0}",
                   "# HELP catalog_search_reloads_total Reload checks by outcome.",
                   "# TYPE catalog_search_reloads_total counter"]
-        for status, n in sorted(searcher.reload_counts.items()):
-            lines.append(f'catalog_search_reloads_total{{outcome="{status}"}} {n}')
+        for outcome, n in sorted(searcher.reload_counts.items()):
+            lines.append(f'catalog_search_reloads_total{{outcome="{outcome}"}} {n}')
         return "\n".join(lines) + "\n"
 
 
@@ -403,7 +403,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
     app.state.admin_token_set = token is not None
 
     @app.middleware("http")
-    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def observe(request: Request, call_next):
         started = time.perf_counter()
         try:
             response = await call_next(request)

@@ -79,7 +79,7 @@ def _thumbnail(data: bytes, side: int = 112) -> str:
     """A small JPEG data: URI of an image (or an empty string when it cannot be read)."""
     from PIL import Image
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.draft("RGB", (side * 2, side * 2))
         img = img.convert("RGB")
         img.thumbnail((side, side))
@@ -186,7 +186,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         return {name: {"queries": len(qs), **{m: _mean(q[m] for q in qs) for m in MODES}}
                 for name, qs in sorted(groups.items())}
 
-    report = {
+    report: dict[str, Any] = {
         "index_root": index_root,
         "version": idx.version,
         "model_id": (idx.manifest.get("model") or {}).get("model_id"),

@@ -271,7 +271,7 @@ class LoadedIndex:
     def product_rows(self, product_id: str) -> list[int]:
         return self._product_rows.get(product_id, [])
 
-    def vectors_of(self, rows: Sequence[int]) -> np.ndarray:
+    def vectors_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._backend.vectors_of(rows)
 
     def search(self, queries: np.ndarray, n: int, exact: bool = False
@@ -307,7 +307,7 @@ class _ShardBackend:
             return self._searcher.search_exact(queries, n)
         return self._searcher.search(queries, n)
 
-    def vectors_of(self, rows: Sequence[int]) -> np.ndarray:
+    def vectors_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._searcher.vectors(np.asarray(rows, dtype=np.int64))
 
 
@@ -604,6 +604,7 @@ class CatalogSearcher:
                                  f"product {product_id!r} is not in index version {idx.version}")
             exclude_product = product_id
         else:
+            assert image_id is not None  # exactly one of the two was given (checked above)
             rows = idx.image_rows(image_id)
             if not rows:
                 raise QueryError("unknown_image",

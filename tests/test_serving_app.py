@@ -12,8 +12,8 @@ import pytest
 from pipelines import filesystem as fs
 from serving.app import create_app
 from serving.searcher import CatalogSearcher
-from test_serving_helpers import (LiveServer, build_index, copy_index,
-                                  serving_world, snapshot_subset)
+from serving_fixtures import (LiveServer, build_index, copy_index,
+                              serving_world, snapshot_subset)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.cli import main
 from serving.evaluate import METRIC_NAMES, evaluate
-from test_serving_helpers import NUM_PRODUCTS, jpeg_bytes, serving_world
+from serving_fixtures import NUM_PRODUCTS, jpeg_bytes, serving_world
 
 
 @pytest.fixture(scope="module")

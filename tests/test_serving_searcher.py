@@ -12,9 +12,9 @@ import pytest
 from pipelines import filesystem as fs
 from serving.searcher import (CatalogSearcher, IndexLoadError, IndexWatcher, QueryError,
                               validate_filters)
-from test_serving_helpers import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,
-                                  register_object_store_stand_in,
-                                  jpeg_bytes, serving_world, snapshot_subset)
+from serving_fixtures import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,
+                              register_object_store_stand_in,
+                              jpeg_bytes, serving_world, snapshot_subset)
 
 
 @pytest.fixture(scope="module")

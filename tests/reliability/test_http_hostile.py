@@ -28,7 +28,7 @@ from pipelines import filesystem as fs
 from pipelines import index_artifact as art
 from pipelines import snapshot
 from serving.app import create_app
-from test_serving_helpers import LiveServer, build_index, copy_index, serving_world
+from serving_fixtures import LiveServer, build_index, copy_index, serving_world
 
 TOKEN = "t0ken-for-tests-0123456789abcdef"
 WEIRD_ID = "sku/1?x=1#frag <b>&amp;"

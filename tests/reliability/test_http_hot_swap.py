@@ -14,7 +14,7 @@ import pytest
 from pipelines import filesystem as fs
 from serving.app import create_app
 from serving.searcher import CatalogSearcher
-from test_serving_helpers import LiveServer, copy_index, serving_world
+from serving_fixtures import LiveServer, copy_index, serving_world
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 from reliability_soak import hot_swap_under_load  # noqa: E402
