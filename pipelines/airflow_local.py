@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.wait <= 0 or wait_ready(args.home, pgid, args.wait) else 1
     if args.action == "down":
         return 0 if down(args.home) else 1
-    pgid = _running(args.home)
-    print(f"running (process group {pgid})" if pgid else "not running")
-    return 0 if pgid else 1
+    running = _running(args.home)
+    print(f"running (process group {running})" if running else "not running")
+    return 0 if running else 1
 
 
 if __name__ == "__main__":

@@ -164,13 +164,11 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
     app = create_app(args.index_root, config, version=args.version,
                      shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
     log.info("serving %s on http://%s:%d", args.index_root, host, port)
-    log_config = None
+    log_config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     if args.json:  # uvicorn's access log goes to stdout by default: keep stdout for the JSON line
-        log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
     server = _listening_server(
-        uvicorn.Config(app, host=host, port=port, log_level="info",
-                       **({"log_config": log_config} if log_config else {})),
+        uvicorn.Config(app, host=host, port=port, log_level="info", log_config=log_config),
         (lambda bound: _print_started(app, args.index_root, bound)) if args.json else None)
     server.run()
     return 0

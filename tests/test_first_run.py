@@ -7,7 +7,6 @@ every command speaks `--json`; `--version`. Real CLI subprocesses, real HTTP on 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

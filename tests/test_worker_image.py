@@ -45,7 +45,7 @@ def _setup_requirements() -> list[str]:
 
 
 def _req_name(req: str) -> str:
-    return re.split(r"[<>=~!\[ ]", req, 1)[0].lower()
+    return re.split(r"[<>=~!\[ ]", req, maxsplit=1)[0].lower()
 
 
 def test_dockerfile_base_image_is_the_installed_beam():

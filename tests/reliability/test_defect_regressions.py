@@ -238,7 +238,7 @@ def test_defect8_fifo_and_device_are_refused_not_read(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     for uri in (str(fifo), "/dev/zero", str(tmp_path)):
-        done, value = _in_thread(lambda: fetch_bytes(uri, FetchConfig()), 5)
+        done, value = _in_thread(lambda uri=uri: fetch_bytes(uri, FetchConfig()), 5)
         assert done, f"fetching {uri} blocked"
         assert isinstance(value, FetchError) and value.reason == "not_regular_file", value
 
