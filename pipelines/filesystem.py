@@ -167,6 +167,26 @@ def list_children(folder: str) -> list[str]:
     return sorted(names)
 
 
+def last_modified(folder: str) -> float | None:
+    """Newest modification time (epoch seconds) of the folder or anything below it; None if
+    it does not exist."""
+    folder = check_supported(folder)
+    if is_local(folder):
+        if not os.path.exists(folder):
+            return None
+        newest = os.stat(folder).st_mtime
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    pass  # deleted while we walked
+        return newest
+    result = FileSystems.match([folder.rstrip("/") + "/**"])[0]
+    times = [m.last_updated_in_seconds for m in result.metadata_list]
+    return max(times) if times else None
+
+
 def delete_tree(folder: str) -> None:
     """Delete a folder (or object prefix) and everything below it; no error if absent."""
     folder = check_supported(folder)

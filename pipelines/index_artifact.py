@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -61,6 +62,8 @@ LOCK_FILE = ".publish.lock"
 STATUS_PASSED = "passed"
 STATUS_REJECTED = "rejected"
 STATUS_INCOMPLETE = "incomplete"
+# Retention leaves an incomplete version alone until nothing in it changed for this long.
+INCOMPLETE_GRACE_S = 3600.0
 # Row table columns (rows.parquet), in shard row order (= ScaNN datapoint index).
 ROW_COLUMNS = ("image_id", "view", "product_id", "image_uri", "metadata")
 
@@ -352,7 +355,9 @@ def apply_retention(index_root: str, keep: int, _locked: bool = False) -> list[s
 
     Keeps the newest `keep` passed versions and always the one LATEST names. Rejected and
     incomplete versions are deleted only when older than the oldest kept passed version
-    (so a build still running, or a fresh rejection, stays for inspection).
+    (so a fresh rejection stays for inspection), and an incomplete one only once nothing
+    in it changed for INCOMPLETE_GRACE_S: it may be a build still writing its shards (a
+    build that started before a newer version was published has the older name).
     """
     if keep < 1:
         raise IndexArtifactError(f"retention must keep at least 1 version, got {keep}")
@@ -372,9 +377,14 @@ def apply_retention(index_root: str, keep: int, _locked: bool = False) -> list[s
     for v in versions:
         if v.version in kept:
             continue
-        if v.state == STATUS_PASSED or v.version < oldest_kept:
-            fs.delete_tree(version_dir(index_root, v.version))
-            deleted.append(v.version)
+        if v.state != STATUS_PASSED and v.version > oldest_kept:
+            continue
+        if v.state == STATUS_INCOMPLETE:
+            changed = fs.last_modified(version_dir(index_root, v.version))
+            if changed is not None and time.time() - changed < INCOMPLETE_GRACE_S:
+                continue
+        fs.delete_tree(version_dir(index_root, v.version))
+        deleted.append(v.version)
     if deleted:
         log.info("retention (keep %d): deleted %s", keep, ", ".join(deleted))
     return deleted

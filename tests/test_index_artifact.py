@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,22 @@ def test_retention_keeps_newest_and_never_latest(built, tmp_path):
     assert art.open_index(root).version == "v0004"
     with pytest.raises(art.IndexArtifactError, match="at least 1"):
         art.apply_retention(root, keep=0)
+
+
+def test_retention_spares_an_older_build_still_writing_until_it_goes_quiet(built, tmp_path):
+    """A build that started before a newer version was published has the older name: its
+    folder is incomplete while it writes shards, and retention must not delete it then."""
+    root = copy_root(built, str(tmp_path / "index"))
+    os.makedirs(os.path.join(art.version_dir(root, "v0001b"), "shards"))  # writing shards
+    for name in ("v0002", "v0003"):
+        add_version(root, name)
+    assert art.publish_version(root, "v0003", retention=1) is True
+    assert [v.version for v in art.list_versions(root)] == ["v0001b", "v0003"]
+    stale = time.time() - art.INCOMPLETE_GRACE_S - 60  # a crashed build, quiet for long
+    for dirpath, _dirs, _files in os.walk(art.version_dir(root, "v0001b")):
+        os.utime(dirpath, (stale, stale))
+    assert art.apply_retention(root, keep=1) == ["v0001b"]
+    assert [v.version for v in art.list_versions(root)] == ["v0003"]
 
 
 def test_retention_through_builds(tmp_path):
