@@ -28,7 +28,8 @@ Steps (run_build_index):
     paths, plus rows.parquet, into versions/<version>/shards/shard-XXXXX-of-NNNNN/
     (object stores: via a local temp folder), with the sha256 of every file.
       - shards with fewer than max(brute_force_below, 256) vectors: exact brute force;
-      - otherwise tree (num_leaves = round(sqrt(n))) + asymmetric hashing + float32
+      - otherwise tree (leaves of about sqrt(total vectors) each: round(sqrt(n)) for one
+        shard, see leaves_for) + asymmetric hashing + float32
         reordering. The search budget is global: the tuning queries' global k-th exact
         score (merged over all shards in the pipeline) tells each shard which of its
         rows belong to a global top-k; each shard picks the fewest leaves_to_search that
@@ -704,6 +705,18 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
     return report
 
 
+def leaves_for(shard_rows: int, total_rows: int) -> int:
+    """Tree leaves of a shard: leaves of about sqrt(total_rows) vectors each.
+
+    One shard gets round(sqrt(n)) leaves; N shards together get about as many leaves, of
+    the same size, as one shard of the whole catalog would, so searching a fraction of
+    every shard's leaves scans about as many vectors as the same fraction of one shard
+    (with sqrt(shard rows) per shard they would scan sqrt(N) times more).
+    """
+    leaf_size = math.sqrt(max(1, total_rows))
+    return max(2, min(shard_rows, int(round(shard_rows / leaf_size))))
+
+
 def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
                    tune: list[tuple], global_kth: np.ndarray | None, local_dir: str
                    ) -> dict[str, Any]:
@@ -711,7 +724,7 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     p = spec.params
     n = len(vectors)
     k = p.num_neighbors
-    num_leaves = max(2, int(round(math.sqrt(n))))
+    num_leaves = leaves_for(n, spec.num_rows)
     leaves = max(1, min(num_leaves, math.ceil(p.leaves_to_search_fraction * num_leaves)))
     full_pre = k * p.reorder_multiplier
     min_partition = max(1, min(50, n // (2 * num_leaves)))
@@ -875,7 +888,7 @@ def _scann_description(config: Config) -> dict[str, Any]:
     ix = config.index
     return {"distance": "dot_product", "num_neighbors": ix.num_neighbors,
             "brute_force_below": max(ix.brute_force_below, MIN_TREE_AH_ROWS),
-            "tree": {"num_leaves": "round(sqrt(shard vectors))",
+            "tree": {"num_leaves": "round(shard vectors / sqrt(total vectors)), >= 2",
                      "leaves_to_search_fraction": ix.leaves_to_search_fraction,
                      "tune_recall_target": ix.tune_recall_target,
                      "tuning": "per shard, to its share of the global top-k"},
