@@ -2,8 +2,10 @@
 
     manifests ─ read rows ─ validate ─┐
     previous snapshot (optional) ─────┴─ CoGroupByKey(image_id)
-        ─ resolve: duplicates → dead letter; fetch bytes; sha256;
-                   unchanged bytes + same model/view config → reuse previous vectors
+        ─ resolve: duplicates → dead letter; unchanged change signal (manifest
+                   updated_at/etag/size, else file size + mtime) + same model/view config
+                   → reuse previous vectors without fetching (pipelines.change_signal);
+                   otherwise fetch bytes; sha256; unchanged bytes → reuse
         ─ decode + preprocess + augmentation views (pipelines.image_decode)
         ─ RunInference(KeyedModelHandler(EmbeddingModelHandler)) with exception handling
         ─ CoGroupByKey(image_id) with row info and failures → one row per image (views
