@@ -184,6 +184,7 @@ class BuildSpec:
     eval_queries: int
     eval_seed: int
     params: BuildParams
+    model: dict[str, Any] | None = None   # summary.json's model (for the gate's reader)
 
     @property
     def sample_fraction(self) -> float:
@@ -318,7 +319,7 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
                      staging=fs.join(vdir, BUILD_DIR), num_shards=ix.shards, num_rows=n,
                      dim=dim, model_id=str(model["model_id"]), k=min(ix.num_neighbors, n),
                      eval_queries=ix.eval_queries, eval_seed=ix.eval_seed,
-                     params=BuildParams.from_config(config))
+                     params=BuildParams.from_config(config), model=dict(model))
     return spec, splits, summary
 
 
@@ -769,8 +770,11 @@ def gate_shard(report: dict[str, Any], spec: BuildSpec, sample: list[tuple]) -> 
     queries = _queries(sample, spec.dim)
     out: dict[str, Any] = {"shard": shard, "queries": len(queries)}
     if report.get("num_vectors"):
-        version = art.IndexVersion(spec.index_root, spec.version,
-                                   {"dim": spec.dim, "shards": [report]}, verify=True)
+        # the reader on a one-shard view of the version being built (no manifest yet)
+        partial = {"format": art.FORMAT, "version": spec.version, "status": "building",
+                   "model": spec.model, "dim": spec.dim, "distance": "dot_product",
+                   "num_vectors": report["num_vectors"], "shards": [report]}
+        version = art.IndexVersion(spec.index_root, spec.version, partial, verify=True)
         loaded = version.load_shards([0])[0]
         k = min(spec.k, loaded.num_vectors)
         scores, rows = ShardedSearcher._search_shard(loaded, queries, k)
