@@ -1,20 +1,21 @@
-"""Benchmark of build_index + ShardedSearcher on synthetic clustered vectors.
+"""Benchmark of build_index + ShardedSearcher: queries/s at fixed recall@10, as curves.
 
-    .venv/bin/python benchmarks/index_bench.py --num-vectors 1000000 --dims 1280,256 \
+    .venv/bin/python benchmarks/index_bench.py --num-vectors 1000000 --fit FIT.npz \
         --shards 1,8 --workdir out/index-bench --out out/index-bench/results.json
+    .venv/bin/python benchmarks/index_bench.py --num-vectors 100000 --dims 1280 ...  # clustered
 
-For every dimension, in one run: a snapshot of clustered unit vectors is written, then
-run_build_index builds it with each shard count on the multi-process DirectRunner (2
-workers), and the published version is measured: build wall time, recall@10 of the
-sharded ScaNN index against exact search on held-out queries (same distribution, not in
-the index), queries/s batched (all queries in one call) and single-query, for ScaNN
-(ShardedSearcher), numpy brute force (sharded_search.search_exact) and a peer library
-(faiss-cpu HNSW, inner product, efSearch raised until its recall reaches ScaNN's
-1-shard recall). Searches run on one thread for every library. Peak memory: max RSS of
-this process and of the largest finished child (Beam worker) process.
-
-faiss-cpu is installed into the venv for the benchmark only (`pip install faiss-cpu`);
-it is not a project dependency. Without it the peer columns are skipped.
+Data: vectors drawn from a fit to real embeddings (--fit, benchmarks/fitted_vectors.py),
+or synthetic clustered unit vectors (--dims); held-out queries from the same distribution.
+For each shard count, run_build_index builds the index on the multi-process DirectRunner
+(2 workers; tree-AH on every shard), then one global search budget (leaves_to_search
+as a fraction of each shard's num_leaves x reorder multiplier, the same on every shard)
+is swept; recall@10 against exact search and batched queries/s are measured at every
+point, and at each --targets recall the fastest point reaching it is reported with its
+single-query rate (the ann-benchmarks way: a curve, not one operating point). The same
+is done for numpy brute force (recall 1) and faiss-cpu HNSW (efSearch swept), if
+installed (`pip install faiss-cpu`; not a project dependency). Every library searches on
+one thread, except that ShardedSearcher searches shards concurrently (thread pool);
+the build-tuned budget is also timed with shards searched sequentially.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -33,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipelines import filesystem as fs  # noqa: E402
 from pipelines import index_artifact as art  # noqa: E402
@@ -66,7 +69,10 @@ def write_bench_snapshot(path: str, vectors: np.ndarray) -> None:
         "model_id": ["bench@synthetic"] * n, "view": ["original"] * n,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         "metadata": pa.nulls(n, pa.string())}, schema=snapshot.embeddings_schema(dim))
-    snapshot.write_table(path, table)
+    os.makedirs(path, exist_ok=True)
+    import pyarrow.parquet as pq
+    pq.write_table(table, os.path.join(path, "embeddings-00000-of-00001.parquet"),
+                   row_group_size=10000)  # row groups = parallel read splits
     fs.write_json(fs.join(path, snapshot.SUMMARY_FILE), {
         "model": {"model_id": "bench@synthetic", "dim": dim, "handle": "synthetic"},
         "dim": dim, "run_id": os.path.basename(path)})
@@ -76,16 +82,31 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
 
 
-def qps(fn, queries: np.ndarray, single: int) -> tuple[float, float]:
-    """(batched queries/s over all queries, single-query queries/s over `single` queries)."""
+def qps(fn, queries: np.ndarray, single: int, repeats: int = 3) -> tuple[float, float]:
+    """(batched queries/s over all queries, single-query queries/s over `single` queries).
+
+    Each is the best of `repeats` timings (the machine is shared: the best run is the one
+    least disturbed by other work).
+    """
     fn(queries[:8])  # warm-up
-    t = time.perf_counter()
-    fn(queries)
-    batched = len(queries) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for q in queries[:single]:
-        fn(q[None, :])
-    return batched, single / (time.perf_counter() - t)
+    batched = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(queries)
+        batched = max(batched, len(queries) / (time.perf_counter() - t))
+    if single <= 0:
+        return batched, float("nan")
+    one = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for q in queries[:single]:
+            fn(q[None, :])
+        one = max(one, single / (time.perf_counter() - t))
+    return batched, one
+
+
+def batched_qps(fn, queries: np.ndarray) -> float:
+    return qps(fn, queries, 0)[0]
 
 
 def peak_rss_mb() -> dict[str, float]:
@@ -94,8 +115,26 @@ def peak_rss_mb() -> dict[str, float]:
                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
 
 
+def at_targets(points: list[dict[str, Any]], targets: list[float], measure_single
+               ) -> dict[str, Any]:
+    """For each recall target: the fastest (batched) swept point reaching it, plus its
+    single-query rate (measured by `measure_single(point)`); None when none reaches it."""
+    out: dict[str, Any] = {}
+    for t in targets:
+        ok = [p for p in points if p["recall@10"] >= t]
+        if not ok:
+            out[f"{t:.2f}"] = None
+            continue
+        best = max(ok, key=lambda p: p["qps_batched"])
+        if "qps_single" not in best:
+            best["qps_single"] = round(measure_single(best), 1)
+        out[f"{t:.2f}"] = dict(best)
+    return out
+
+
 def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
-                target: float, single: int) -> dict[str, Any]:
+                targets: list[float], single: int) -> dict[str, Any]:
+    """faiss HNSW: efSearch swept; queries/s at each recall target (one search thread)."""
     try:
         import faiss
     except ImportError:
@@ -107,28 +146,88 @@ def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
     index.add(vectors)
     build_s = time.time() - t
     faiss.omp_set_num_threads(1)
-    chosen = None
-    for ef in (16, 32, 64, 128, 256, 512, 1024):
+    points = []
+    for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
         index.hnsw.efSearch = ef
         _, idx = index.search(queries, K)
         r = recall_at_k(idx, exact)
-        chosen = (ef, r)
-        if r >= target:
+        points.append({"efSearch": ef, "recall@10": round(r, 4),
+                       "qps_batched": round(batched_qps(lambda q: index.search(q, K), queries), 1)})
+        if r >= max(targets) + 0.004:
             break
-    index.hnsw.efSearch = chosen[0]
-    batched, one = qps(lambda q: index.search(q, K), queries, single)
+
+    def single_rate(point: dict[str, Any]) -> float:
+        index.hnsw.efSearch = point["efSearch"]
+        return qps(lambda q: index.search(q, K), queries, single)[1]
+
     return {"library": f"faiss-cpu {faiss.__version__} IndexHNSWFlat(M=32, efConstruction=80)",
             "build_seconds": round(build_s, 2), "build_threads": os.cpu_count(),
-            "efSearch": chosen[0], "recall@10": round(chosen[1], 4),
-            "qps_batched": round(batched, 1), "qps_single": round(one, 1)}
+            "curve": points, "at_recall": at_targets(points, targets, single_rate)}
+
+
+LEAF_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
+REORDER_MULTIPLIERS = (2, 4, 10)
+
+
+def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarray,
+                targets: list[float], single: int, image_row: np.ndarray) -> dict[str, Any]:
+    """Sweep one global budget (leaves fraction x reorder multiplier, same on every shard)."""
+    shards = [s for s in searcher.shards if s.num_vectors]
+    tuned = [(s.leaves_to_search, s.reorder_multiplier) for s in shards]
+
+    def set_budget(fraction: float, mult: int) -> None:
+        for s in shards:
+            if s.kind == "scann_tree_ah":
+                s.leaves_to_search = max(1, math.ceil(fraction * s.info["num_leaves"]))
+                s.reorder_multiplier = mult
+
+    def recall() -> float:
+        _, rows = searcher.search(queries, K)
+        return recall_at_k(image_row[rows], exact)
+
+    points = []
+    for mult in REORDER_MULTIPLIERS:
+        for fraction in LEAF_FRACTIONS:
+            set_budget(fraction, mult)
+            r = recall()
+            points.append({"leaves_fraction": fraction, "reorder_multiplier": mult,
+                           "recall@10": round(r, 4),
+                           "qps_batched": round(batched_qps(lambda q: searcher.search(q, K),
+                                                            queries), 1)})
+            if r >= max(targets) + 0.004:
+                break
+
+    def single_rate(point: dict[str, Any]) -> float:
+        set_budget(point["leaves_fraction"], point["reorder_multiplier"])
+        return qps(lambda q: searcher.search(q, K), queries, single)[1]
+
+    result = {"curve": points, "at_recall": at_targets(points, targets, single_rate)}
+    for s, (leaves, mult) in zip(shards, tuned):  # the build's own (gate-tuned) budget
+        s.leaves_to_search, s.reorder_multiplier = leaves, mult
+    b, one = qps(lambda q: searcher.search(q, K), queries, single)
+    result["build_tuned"] = {"recall@10": round(recall(), 4), "qps_batched": round(b, 1),
+                             "qps_single": round(one, 1)}
+    return result
+
+
+def make_data(dim: int, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
+    """(database vectors, held-out queries, description) for one dimension."""
+    if args.fit:
+        from fitted_vectors import Fit, draw
+        f = Fit.load(args.fit)
+        return (draw(f, args.num_vectors, seed=1), draw(f, args.queries, seed=2),
+                f"fitted to {f.source} ({f.num_vectors} real vectors): mean + PCA spectrum")
+    rng = np.random.default_rng(dim)
+    centres = rng.standard_normal((args.clusters, dim)).astype(np.float32)
+    return (clustered(args.num_vectors, dim, centres, seed=1, spread=args.spread),
+            clustered(args.queries, dim, centres, seed=2, spread=args.spread),
+            f"clustered: {args.clusters} centres, spread {args.spread}")
 
 
 def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
-    rng = np.random.default_rng(dim)
-    centres = rng.standard_normal((args.clusters, dim)).astype(np.float32)
     t = time.time()
-    vectors = clustered(args.num_vectors, dim, centres, seed=1, spread=args.spread)
-    queries = clustered(args.queries, dim, centres, seed=2, spread=args.spread)
+    vectors, queries, data = make_data(dim, args)
+    dim = vectors.shape[1]
     snap_path = os.path.join(args.workdir, f"snap-{dim}")
     shutil.rmtree(snap_path, ignore_errors=True)
     write_bench_snapshot(snap_path, vectors)
@@ -136,11 +235,11 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
     t = time.time()
     _, exact = search_exact(vectors, queries, K)
     exact_s = time.time() - t
-    result: dict[str, Any] = {"dim": dim, "num_vectors": args.num_vectors,
+    result: dict[str, Any] = {"dim": dim, "num_vectors": args.num_vectors, "data": data,
                               "queries": args.queries, "generate_seconds": round(gen_s, 1)}
     bf_batched, bf_single = qps(lambda q: search_exact(vectors, q, K), queries,
                                 min(args.single_queries, 50))
-    result["numpy_brute_force"] = {"qps_batched": round(bf_batched, 1),
+    result["numpy_brute_force"] = {"recall@10": 1.0, "qps_batched": round(bf_batched, 1),
                                    "qps_single": round(bf_single, 1),
                                    "exact_ground_truth_seconds": round(exact_s, 2)}
     result["scann"] = {}
@@ -149,53 +248,63 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
         config = load_config(args.config, overrides={
             # tree-AH for every shard, so 1 and N shards compare the same kind of search
-            "index": {"shards": shards, "brute_force_below": 0},
+            "index": {"shards": shards, "brute_force_below": 0,
+                      "eval_queries": min(500, args.num_vectors)},
             "runner": {"direct_running_mode": "multi_processing", "direct_num_workers": 2}})
         t = time.time()
         manifest = run_build_index(snap_path, root, config)
         build_s = time.time() - t
         searcher = ShardedSearcher(art.open_index(root).load_shards())
-        _, rows = searcher.search(queries, K)
-        found = np.array([[int(searcher.image_ids[r][3:]) if r >= 0 else -1 for r in row]
-                          for row in rows])
-        batched, one = qps(lambda q, s=searcher: s.search(q, K), queries, args.single_queries)
-        result["scann"][str(shards)] = {
+        image_row = np.array([int(i[3:]) for i in searcher.image_ids] + [-1])  # row -1 -> -1
+        entry = {
             "build_wall_seconds": round(build_s, 1),
             "beam_seconds": manifest["build"]["beam_seconds"],
             "shard_build_seconds": [s["build_seconds"] for s in manifest["shards"]],
-            "kinds": sorted({s["kind"] for s in manifest["shards"]}),
-            "leaves_to_search": [s.get("search", {}).get("leaves_to_search")
-                                 for s in manifest["shards"]],
             "num_leaves": [s.get("num_leaves") for s in manifest["shards"]],
-            "gate_recall@10": manifest["evaluation"]["recall@10"],
-            "recall@10": round(recall_at_k(found, exact), 4),
-            "qps_batched": round(batched, 1), "qps_single": round(one, 1)}
-        log.info("dim %d, %d shards: %s", dim, shards, result["scann"][str(shards)])
+            "tuned_search": [s.get("search") for s in manifest["shards"]],
+            "gate_recall@10": manifest["evaluation"]["recall@10"]}
+        entry.update(bench_scann(searcher, queries, exact, args.targets, args.single_queries,
+                                 image_row))
+        if shards > 1:  # the same tuned budget, shards searched one after another
+            sequential = ShardedSearcher(searcher.shards, concurrent=False)
+            b, one = qps(lambda q, s=sequential: s.search(q, K), queries, args.single_queries)
+            entry["build_tuned_sequential"] = {"qps_batched": round(b, 1),
+                                               "qps_single": round(one, 1)}
+        result["scann"][str(shards)] = entry
+        log.info("dim %d, %d shards: %s", dim, shards, json.dumps(entry["at_recall"]))
         del searcher
         gc.collect()
         shutil.rmtree(root, ignore_errors=True)
-    first = result["scann"][str(args.shards[0])]
     if not args.no_peer:
-        result["peer"] = bench_faiss(vectors, queries, exact, first["recall@10"],
-                                     args.single_queries)
-    last = result["scann"][str(args.shards[-1])]
-    result["ratios"] = {
-        f"qps_batched_{args.shards[-1]}_vs_{args.shards[0]}_shards":
-            round(last["qps_batched"] / first["qps_batched"], 3),
-        f"qps_single_{args.shards[-1]}_vs_{args.shards[0]}_shards":
-            round(last["qps_single"] / first["qps_single"], 3),
-        "scann_1shard_vs_brute_force_batched": round(first["qps_batched"] / bf_batched, 1),
-        "scann_1shard_vs_brute_force_single": round(first["qps_single"] / bf_single, 1),
-        f"build_{args.shards[0]}_vs_{args.shards[-1]}_shards":
-            round(first["build_wall_seconds"] / last["build_wall_seconds"], 3)}
-    peer = result.get("peer") or {}
-    if "qps_batched" in peer:
-        result["ratios"]["scann_1shard_vs_peer_batched"] = round(
-            first["qps_batched"] / peer["qps_batched"], 2)
-        result["ratios"]["scann_1shard_vs_peer_single"] = round(
-            first["qps_single"] / peer["qps_single"], 2)
+        result["peer"] = bench_faiss(vectors, queries, exact, args.targets, args.single_queries)
+    result["ratios"] = ratios(result, args)
     shutil.rmtree(snap_path, ignore_errors=True)
     return result
+
+
+def ratios(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Per recall target: N vs 1 shards, ScaNN vs brute force, ScaNN vs peer."""
+    out: dict[str, Any] = {}
+    first = result["scann"][str(args.shards[0])]["at_recall"]
+    bf = result["numpy_brute_force"]
+    peer = (result.get("peer") or {}).get("at_recall", {})
+    for t, a in first.items():
+        if a is None:
+            continue
+        r = {"scann_vs_brute_force_batched": round(a["qps_batched"] / bf["qps_batched"], 1),
+             "scann_vs_brute_force_single": round(a["qps_single"] / bf["qps_single"], 1)}
+        for s in args.shards[1:]:
+            b = result["scann"][str(s)]["at_recall"].get(t)
+            if b:
+                r[f"{s}_vs_{args.shards[0]}_shards_batched"] = round(
+                    b["qps_batched"] / a["qps_batched"], 3)
+                r[f"{s}_vs_{args.shards[0]}_shards_single"] = round(
+                    b["qps_single"] / a["qps_single"], 3)
+        if peer.get(t):
+            r["scann_vs_peer_batched"] = round(a["qps_batched"] / peer[t]["qps_batched"], 2)
+            r["scann_vs_peer_single"] = round(a["qps_single"] / peer[t]["qps_single"], 2)
+        out[t] = r
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="out/index-bench")
     p.add_argument("--out", help="write the results JSON here too")
     p.add_argument("--no-peer", action="store_true", help="skip the faiss comparison")
+    p.add_argument("--fit", help="draw vectors from this benchmarks/fitted_vectors.py fit "
+                                 "(.npz) instead of clusters; --dims is then ignored")
+    p.add_argument("--targets", default="0.90,0.95,0.99", help="recall@10 targets")
     args = p.parse_args(argv)
-    args.dims = [int(d) for d in args.dims.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.dims = [int(d) for d in args.dims.split(",")] if not args.fit else [0]
     args.shards = [int(s) for s in args.shards.split(",")]
     if args.num_vectors < 1 or args.queries < 1 or any(s < 1 for s in args.shards):
         p.error("--num-vectors, --queries and shard counts must be >= 1")

@@ -2,8 +2,10 @@
 
     manifests ─ read rows ─ validate ─┐
     previous snapshot (optional) ─────┴─ CoGroupByKey(image_id)
-        ─ resolve: duplicates → dead letter; fetch bytes; sha256;
-                   unchanged bytes + same model/view config → reuse previous vectors
+        ─ resolve: duplicates → dead letter; unchanged change signal (manifest
+                   updated_at/etag/size, else file size + mtime) + same model/view config
+                   → reuse previous vectors without fetching (pipelines.change_signal);
+                   otherwise fetch bytes; sha256; unchanged bytes → reuse
         ─ decode + preprocess + augmentation views (pipelines.image_decode)
         ─ RunInference(KeyedModelHandler(EmbeddingModelHandler)) with exception handling
         ─ CoGroupByKey(image_id) with row info and failures → one row per image (views
@@ -33,6 +35,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from pipelines import filesystem as fs
 from pipelines import progress, snapshot
+from pipelines.change_signal import SIGNAL_COLUMN, row_signal, unchanged
 from pipelines.cli import Command, UsageError
 from pipelines.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.fetch import FetchError, fetch_bytes
@@ -83,6 +86,7 @@ class EmbedSettings:
     fingerprint: str        # model + preprocessing + views: equal => a vector can be reused
     reuse: bool             # the previous snapshot was made with the same fingerprint
     merge_previous: bool    # keep previous rows whose image_id is not in the manifests
+    verify_content: bool = False  # fetch + hash every image even when its signal is unchanged
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -134,7 +138,7 @@ class ResolveImage(beam.DoFn):
         if not current:
             if previous and self.s.merge_previous:
                 yield beam.pvalue.TaggedOutput("count", CARRIED)
-                yield from previous
+                yield from ({SIGNAL_COLUMN: None, **p} for p in previous)
             elif previous:
                 yield beam.pvalue.TaggedOutput("count", DROPPED)
             return
@@ -147,26 +151,40 @@ class ResolveImage(beam.DoFn):
                 "the later row wins"))
         if previous and self.s.merge_previous:
             yield beam.pvalue.TaggedOutput("count", REPLACED)
+        same_views = sorted(p["view"] for p in previous) == sorted(self.s.output_view_names())
+        signal = row_signal(winner)  # before fetching: a change after it is seen next run
+        if (self.s.reuse and same_views and not self.s.verify_content
+                and unchanged(signal, previous)):
+            yield from self._reuse(winner, previous, signal, "reused_without_fetch")
+            return
         try:
+            yield beam.pvalue.TaggedOutput("count", "fetched")
             data = fetch_bytes(winner["image_uri"], self.s.fetch)
         except FetchError as e:
             yield beam.pvalue.TaggedOutput("dead", _dead_letter(winner, "fetch", e.reason, str(e)))
             return
         Metrics.counter(NAMESPACE, "bytes_fetched").inc(len(data))
         sha = hashlib.sha256(data).hexdigest()
-        if (self.s.reuse and previous
-                and all(p["content_sha256"] == sha for p in previous)
-                and sorted(p["view"] for p in previous) == sorted(self.s.output_view_names())):
-            Metrics.counter(NAMESPACE, REUSED).inc()
-            yield beam.pvalue.TaggedOutput("count", REUSED)
-            for p in previous:
-                yield dict(p, product_id=winner["product_id"], image_uri=winner["image_uri"],
-                           metadata=json.dumps(winner["metadata"], sort_keys=True))
+        if (self.s.reuse and previous and same_views
+                and all(p["content_sha256"] == sha for p in previous)):
+            yield from self._reuse(winner, previous, signal, "reused_after_hash")
             return
         info = {k: winner[k] for k in ("image_id", "product_id", "image_uri", "source")}
         info["metadata"] = json.dumps(winner["metadata"], sort_keys=True)
         info["content_sha256"] = sha
+        info[SIGNAL_COLUMN] = signal
         yield beam.pvalue.TaggedOutput("decode", (info, data))
+
+    def _reuse(self, winner: dict[str, Any], previous: list[dict[str, Any]],
+               signal: str | None, how: str):
+        """The previous rows of an unchanged image, with the winning row's catalog fields."""
+        Metrics.counter(NAMESPACE, REUSED).inc()
+        yield beam.pvalue.TaggedOutput("count", REUSED)
+        yield beam.pvalue.TaggedOutput("count", how)
+        for p in previous:
+            yield dict(p, product_id=winner["product_id"], image_uri=winner["image_uri"],
+                       metadata=json.dumps(winner["metadata"], sort_keys=True),
+                       **{SIGNAL_COLUMN: signal})
 
 
 class DecodeViews(beam.DoFn):
@@ -225,7 +243,8 @@ class AssembleRows(beam.DoFn):
     def _rows(self, image_id: str, info: dict[str, Any], vectors: dict[str, np.ndarray]):
         base = {"image_id": image_id, "product_id": info["product_id"],
                 "image_uri": info["image_uri"], "content_sha256": info["content_sha256"],
-                "model_id": self.s.model["model_id"], "metadata": info["metadata"]}
+                "model_id": self.s.model["model_id"], "metadata": info["metadata"],
+                SIGNAL_COLUMN: info.get(SIGNAL_COLUMN)}
         if self.s.augment.mode == "separate" or len(self.s.views) == 1:
             for view in self.s.views:
                 yield dict(base, view=view, embedding=vectors[view].astype(np.float32).tolist())
@@ -234,6 +253,12 @@ class AssembleRows(beam.DoFn):
             mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
             yield dict(base, view=self.s.output_view_names()[0],
                        embedding=mean.astype(np.float32).tolist())
+
+
+def output_schema(dim: int):
+    """The snapshot's embeddings schema plus the change signal each row was embedded at."""
+    import pyarrow as pa
+    return snapshot.embeddings_schema(dim).append(pa.field(SIGNAL_COLUMN, pa.string()))
 
 
 def _failed_batch_to_ids(failure) -> Iterable[tuple[str, str]]:
@@ -291,7 +316,7 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
     _ = (rows_out
          | "WriteEmbeddings" >> beam.io.WriteToParquet(
              fs.join(snapshot_dir, snapshot.EMBEDDINGS_PREFIX),
-             snapshot.embeddings_schema(int(settings.model["dim"])),
+             output_schema(int(settings.model["dim"])),
              file_name_suffix=".parquet"))
     _ = (dead
          | "DeadLetterJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
@@ -334,7 +359,11 @@ def summarize(counts: dict[str, int], input_rows: int) -> dict[str, Any]:
            REUSED: counts.get(REUSED, 0), DEAD: sum(reasons.values()),
            "dead_letter_reasons": dict(sorted(reasons.items())),
            CARRIED: counts.get(CARRIED, 0), DROPPED: counts.get(DROPPED, 0),
-           REPLACED: counts.get(REPLACED, 0)}
+           REPLACED: counts.get(REPLACED, 0),
+           # how the work split (not outcomes): images fetched, reuse with / without a fetch
+           "fetched": counts.get("fetched", 0),
+           "reused_without_fetch": counts.get("reused_without_fetch", 0),
+           "reused_after_hash": counts.get("reused_after_hash", 0)}
     accounted = out[EMBEDDED] + out[REUSED] + out[DEAD]
     if accounted != input_rows:
         raise EmbedError(f"counts do not reconcile: {input_rows} input rows but "
@@ -374,11 +403,13 @@ def check_roots(out_root: str, previous: str | None = None) -> None:
 
 def run_embed(manifests: Sequence[str], out_root: str, config: Config,
               run_id: str | None = None, previous: str | None = None,
-              merge_previous: bool = False) -> dict[str, Any]:
+              merge_previous: bool = False, verify_content: bool = False) -> dict[str, Any]:
     """Run the embed job; returns the summary (also written to <out_root>/<run_id>/summary.json).
 
     previous: a snapshot path to reuse unchanged vectors from (None: embed everything).
     merge_previous: keep previous rows whose image_id is not in `manifests` (backfill).
+    verify_content: fetch and hash every image even when its change signal is unchanged
+    (audits); see pipelines.change_signal for when a vector is reused without a fetch.
     Re-running with the same run_id replaces that snapshot and nothing else; the run_id
     is checked (pipelines.names) before anything is deleted or written.
     Raises EmbedError (nothing touched) for bad input, DeadLetterRateError when more than
@@ -420,7 +451,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     reuse = _check_previous(previous, fingerprint, merge_previous) if previous else False
     settings = EmbedSettings(model=spec.to_dict(), fetch=config.fetch, decode=config.decode,
                              augment=config.augment, fingerprint=fingerprint, reuse=reuse,
-                             merge_previous=merge_previous)
+                             merge_previous=merge_previous, verify_content=verify_content)
 
     snapshot_dir = snapshot.snapshot_path(out_root, run_id)
     if previous and fs.join(previous, "") == fs.join(snapshot_dir, ""):
@@ -504,6 +535,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse unchanged vectors from this snapshot; 'latest' = ROOT/LATEST")
     p.add_argument("--merge-previous", action="store_true",
                    help="keep previous rows not in the manifest (catalog-drop backfill)")
+    p.add_argument("--verify-content", action="store_true",
+                   help="fetch and hash every image even when its change signal (manifest "
+                        "updated_at/etag/size or file size + mtime) is unchanged")
     p.add_argument("--run-id", help="snapshot name (default: UTC timestamp); letters, digits, "
                                     "'.', '_', '-', starting with a letter or digit")
     p.add_argument("--max-dead-letter-fraction", type=float, metavar="F",
@@ -555,7 +589,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             if previous is None:
                 log.info("no LATEST snapshot under %s yet: embedding everything", args.out)
         summary = run_embed(args.manifest, args.out, config, run_id=args.run_id,
-                            previous=previous, merge_previous=args.merge_previous)
+                            previous=previous, merge_previous=args.merge_previous,
+                            verify_content=args.verify_content)
     except DeadLetterRateError as e:
         print(format_summary(e.summary, ok=False))
         print(f"catalog-search embed: {e}", file=sys.stderr)

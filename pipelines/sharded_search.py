@@ -15,12 +15,19 @@ the approximate search finds fewer than k' neighbours gets score -inf and row -1
 remaining slots (`hits` leaves those out).
 
 Each shard answers its own top-k with ScaNN (tree + asymmetric hashing + exact
-reordering, using the leaves_to_search tuned at build time, or brute force for small
-shards); the per-shard lists are merged into the global top-k.
+reordering, using the leaves_to_search and reorder pool tuned at build time for the
+index as a whole, or brute force for small shards); the per-shard lists are merged into
+the global top-k. Shards are searched concurrently on a thread pool shared by all
+searchers of the process (ScaNN releases the GIL while it searches); the merge is the
+same either way, so concurrent and sequential searches return the same hits
+(`concurrent=False` searches one shard after another).
 """
 from __future__ import annotations
 
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,6 +35,19 @@ import numpy as np
 
 # Database rows scored per block by `search_exact` (bounds its memory to Q x block).
 _EXACT_BLOCK_ROWS = 65536
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def shard_pool() -> ThreadPoolExecutor:
+    """The process-wide thread pool shards are searched on (one thread per CPU)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                       thread_name_prefix="shard-search")
+        return _POOL
 
 
 @dataclass(frozen=True)
@@ -94,13 +114,14 @@ def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
 class ShardedSearcher:
     """Several `LoadedShard`s searched as one index (see the module docstring)."""
 
-    def __init__(self, shards: Sequence[Any]):
+    def __init__(self, shards: Sequence[Any], concurrent: bool = True):
         if not shards:
             raise ValueError("ShardedSearcher needs at least one shard")
         dims = {int(s.dim) for s in shards}
         if len(dims) != 1:
             raise ValueError(f"shards have different dimensions: {sorted(dims)}")
         self.shards = list(shards)
+        self.concurrent = concurrent
         self.dim = dims.pop()
         sizes = [int(s.num_vectors) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -133,11 +154,18 @@ class ShardedSearcher:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), self.num_vectors)
+        todo = [(offset, shard) for offset, shard in zip(self.offsets[:-1], self.shards)
+                if shard.num_vectors > 0]
+        if self.concurrent and len(todo) > 1:
+            pool = shard_pool()
+            futures = [pool.submit(search_shard, shard, queries, min(k, shard.num_vectors))
+                       for _, shard in todo]
+            results = [f.result() for f in futures]
+        else:
+            results = [search_shard(shard, queries, min(k, shard.num_vectors))
+                       for _, shard in todo]
         all_s, all_r = [], []
-        for offset, shard in zip(self.offsets[:-1], self.shards):
-            if shard.num_vectors == 0:
-                continue
-            s, r = search_shard(shard, queries, min(k, shard.num_vectors))
+        for (offset, _), (s, r) in zip(todo, results):
             all_s.append(s)
             all_r.append(np.where(r >= 0, r + offset, -1))
         scores = np.concatenate(all_s, axis=1)

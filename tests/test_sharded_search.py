@@ -107,3 +107,29 @@ def test_fewer_neighbours_than_k_are_padded(tmp_path):
     assert [h[0].image_id for h in hits] == [f"img{i:06d}" for i in range(4)]
     one_scores, one_rows = searcher.search(vectors[0], 100)  # single-query path pads too
     assert one_rows.shape == (1, 100) and (one_rows[0] < 0).any()
+
+
+def test_concurrent_search_returns_the_same_hits_as_sequential(tmp_path):
+    import threading
+
+    vectors = clustered_vectors(4000, 32, seed=33, clusters=0)
+    snap = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    manifest = run_build_index(snap, root, make_config(shards=4, brute_force_below=0,
+                                                       tune_recall_target=0.9,
+                                                       recall_threshold=0.0))
+    assert {s["kind"] for s in manifest["shards"]} == {"scann_tree_ah"}
+    shards = art.open_index(root).load_shards()
+    queries = clustered_vectors(64, 32, seed=34, clusters=0)
+    for subset in (shards, [shards[0], shards[2]]):  # all shards, and a per-host subset
+        concurrent = ShardedSearcher(subset)
+        sequential = ShardedSearcher(subset, concurrent=False)
+        for q in (queries, queries[5]):  # batched and single-query paths
+            cs, cr = concurrent.search(q, 10)
+            ss, sr = sequential.search(q, 10)
+            np.testing.assert_array_equal(cr, sr)
+            np.testing.assert_array_equal(cs, ss)
+            assert concurrent.hits(cs, cr) == sequential.hits(ss, sr)
+        es, er = concurrent.search_exact(queries, 10)
+        np.testing.assert_array_equal(er, sequential.search_exact(queries, 10)[1])
+    assert any(t.name.startswith("shard-search") for t in threading.enumerate())

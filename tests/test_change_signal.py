@@ -1,0 +1,138 @@
+"""Nightly change detection: an unchanged change signal reuses the vector without a fetch.
+
+Real embed runs (DirectRunner, tiny SavedModel) against a real HTTP server on loopback
+that counts the GET requests it serves, and against local files (file-system metadata).
+"""
+from __future__ import annotations
+
+import csv
+import http.server
+import os
+import threading
+from collections import Counter
+
+import pytest
+
+import image_factory as f
+from pipelines import snapshot
+from pipelines.change_signal import SIGNAL_COLUMN, filesystem_signal, manifest_signal
+from pipelines.embed import run_embed
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    gets: Counter = Counter()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        type(self).gets[self.path] += 1
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+
+@pytest.fixture()
+def image_server():
+    _Images.files = {f"/img/{i}.jpg": f.jpeg_bytes(color=(40 * i, 90, 200 - 30 * i))
+                     for i in range(6)}
+    _Images.gets = Counter()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _manifest(path, rows, fields):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def _reconciles(s):
+    return s["input_rows"] == s["embedded"] + s["reused"] + s["dead_lettered"]
+
+
+def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
+        image_server, embed_config, tmp_path):
+    rows = [{"product_id": f"P{i}", "image_id": f"img{i}",
+             "image_uri": f"{image_server}/img/{i}.jpg", "updated_at": "2026-11-01T00:00:00Z"}
+            for i in range(6)]
+    fields = ["product_id", "image_id", "image_uri", "updated_at"]
+    manifest = _manifest(tmp_path / "m.csv", rows, fields)
+    out = str(tmp_path / "emb")
+
+    s1 = run_embed([manifest], out, embed_config, run_id="r1")
+    assert s1["embedded"] == 6 and s1["fetched"] == 6 and sum(_Images.gets.values()) == 6
+    stored = snapshot.read_table(s1["snapshot"]).column(SIGNAL_COLUMN).to_pylist()
+    assert all(x and x.startswith("manifest:") for x in stored)
+
+    _Images.gets.clear()
+    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1["snapshot"])
+    assert sum(_Images.gets.values()) == 0  # not one byte read
+    assert s2["reused"] == 6 and s2["reused_without_fetch"] == 6 and s2["fetched"] == 0
+    assert _reconciles(s2)
+    before = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s1["snapshot"]).to_pylist()}
+    after = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s2["snapshot"]).to_pylist()}
+    assert before == after
+
+    # one image changes: new bytes and a new updated_at -> only it is fetched and embedded
+    _Images.files["/img/2.jpg"] = f.jpeg_bytes(color=(250, 10, 10))
+    rows[2]["updated_at"] = "2026-11-02T00:00:00Z"
+    manifest = _manifest(tmp_path / "m.csv", rows, fields)
+    _Images.gets.clear()
+    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2["snapshot"])
+    assert dict(_Images.gets) == {"/img/2.jpg": 1}
+    assert s3["embedded"] == 1 and s3["reused_without_fetch"] == 5 and _reconciles(s3)
+    changed = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s3["snapshot"]).to_pylist()}
+    assert changed["img2"] != after["img2"] and changed["img0"] == after["img0"]
+
+    # audit: --verify-content fetches and hashes everything; unchanged bytes are reused
+    _Images.gets.clear()
+    s4 = run_embed([manifest], out, embed_config, run_id="r4", previous=s3["snapshot"],
+                   verify_content=True)
+    assert sorted(_Images.gets) == [f"/img/{i}.jpg" for i in range(6)]
+    assert s4["fetched"] == 6 and s4["reused_after_hash"] == 6 and s4["reused_without_fetch"] == 0
+    assert _reconciles(s4)
+
+
+def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(4):
+        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(60 * i, 120, 30)))
+    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg"}
+            for i in range(4)]
+    manifest = _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"])
+    out = str(tmp_path / "emb")
+    s1 = run_embed([manifest], out, embed_config, run_id="r1")
+    assert s1["fetched"] == 4
+    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1["snapshot"])
+    assert s2["fetched"] == 0 and s2["reused_without_fetch"] == 4 and _reconciles(s2)
+
+    path = img / "1.jpg"
+    old = os.stat(path)
+    path.write_bytes(f.jpeg_bytes(color=(5, 250, 5)))
+    os.utime(path, (old.st_atime + 10, old.st_mtime + 10))
+    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2["snapshot"])
+    assert s3["fetched"] == 1 and s3["embedded"] == 1 and s3["reused_without_fetch"] == 3
+    assert _reconciles(s3)
+
+
+def test_signals(tmp_path):
+    row = {"image_uri": "http://x/a.jpg", "metadata": {"etag": "abc"}}
+    assert manifest_signal(row) != manifest_signal({**row, "metadata": {"etag": "abd"}})
+    assert manifest_signal({**row, "metadata": {"title": "t"}}) is None
+    assert filesystem_signal("http://x/a.jpg") is None
+    assert filesystem_signal(str(tmp_path / "missing.jpg")) is None
+    p = tmp_path / "a.jpg"
+    p.write_bytes(b"1")
+    first = filesystem_signal(str(p))
+    p.write_bytes(b"12")
+    assert first and filesystem_signal(str(p)) != first
