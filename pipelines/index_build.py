@@ -364,7 +364,7 @@ def validate_batch(batch: pa.RecordBatch, spec: BuildSpec, split: Split, first_r
         nonlocal good
         for i in np.flatnonzero(mask & good):
             d = detail(i) if callable(detail) else (detail or "")
-            errors.append(_row_error(kind, split, first_row + i, ids[i], d))
+            errors.append(_row_error(kind, split, first_row + int(i), ids[i], d))
         good &= ~mask
 
     for name in _ROW_STRING_COLUMNS:
