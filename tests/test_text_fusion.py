@@ -164,3 +164,26 @@ def test_http_text_and_photo_plus_text(fusion_world):
             assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
             assert resp.json()["error"]["reason"] in ("bad_text", "bad_text_weight")
     assert os.path.isdir(index_root)
+
+
+def test_cli_query_text_only_photo_plus_text_and_bad_args(fusion_world, tmp_path, capsys):
+    import json as _json
+
+    import yaml
+
+    from pipelines.cli import main
+    _, images, config, index_root = fusion_world
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"cache_dir": config.model.cache_dir},
+                                   "fusion": {"max_text_chars": 50}}))
+    base = ["--config", str(cfg), "query", "--index-root", index_root, "--json"]
+    assert main(base + ["--text", "vegetable"]) == 0
+    lines = [_json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert {h["product_id"] for h in lines[0]["results"]} == {"LEEK", "TOMATO"}
+    assert main(base + [images[0], "--text", "whole milk", "-k", "1"]) == 0
+    lines = [_json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines[0]["results"][0]["product_id"] == "COW-CLASSIC"
+    for bad in ([], ["--text", "  "], ["--text", "z" * 51],
+                [images[0], "--text", "milk", "--text-weight", "2"]):
+        assert main(base + bad) == 2, bad
+        assert "text" in capsys.readouterr().err
