@@ -182,13 +182,48 @@ def render_html(results: list[dict[str, Any]]) -> str:
             "</table></body></html>")
 
 
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The docs/EVALUATION.md table: one line per row and setting (published index)."""
+    names = {"full": "iconic + train", "iconic": "packshots only"}
+    lines = ["| row | catalog | recall@1 | recall@5 | recall@10 | mAP@10 | exact recall@1 | "
+             "embed images/s | index size | search ms/query |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting in SETTINGS:
+        for r in results:
+            m = r["settings"].get(setting)
+            if m is None:
+                continue
+            ips = m.get("embed_images_per_s")
+            size = m.get("index_bytes")
+            lines.append(
+                f"| {r['row']} | {names[setting]} ({m['num_vectors']:,} vectors) | "
+                + " | ".join(f"{m['index'][k]:.3f}" for k in ("recall@1", "recall@5",
+                                                               "recall@10", "mAP@10"))
+                + f" | {m['exact']['recall@1']:.3f} | "
+                + (f"{ips:.1f}" if ips and setting == "full" else "(same vectors)"
+                   if r["kind"] == "fusion" else f"{ips:.1f}" if ips else "—")
+                + f" | {size / 1e6:.1f} MB | {m['search_ms_per_query']['index']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dataset", help="the Grocery Store Dataset's dataset/ folder")
     p.add_argument("--work", default="out/quality-grid")
     p.add_argument("--rows", help="comma-separated row names (default: all, in order)")
     p.add_argument("--results", default=os.path.join(HERE, "results", "quality_grid.json"))
+    p.add_argument("--render", nargs="+", metavar="RESULTS_JSON",
+                   help="only combine these results files: WORK/grid.html + a Markdown table")
     args = p.parse_args(argv)
+    if args.render:
+        rows: list[dict[str, Any]] = []
+        for path in args.render:
+            with open(path, encoding="utf-8") as f:
+                rows += json.load(f)["rows"]
+        with open(os.path.join(args.work, "grid.html"), "w", encoding="utf-8") as f:
+            f.write(render_html(rows))
+        print(markdown_table(rows))
+        return 0
     from grocery_manifests import write_manifests
     names = list(FEATURE_ROWS) + list(FUSION_ROWS)
     chosen = args.rows.split(",") if args.rows else names

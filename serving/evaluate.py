@@ -179,7 +179,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     if not usable:
         raise ValueError(f"{queries}: no usable query (of {len(rows)} rows; "
                          f"{len(skipped)} skipped, first: {skipped[:1]})")
-    log.info("evaluate: embedding %d queries (%d skipped)", len(usable), len(skipped))
+    log.info("evaluate: %d queries (%d skipped), %d vectors from the cache, embedding %d",
+             len(usable), len(skipped), len(from_cache), len(pixels))
     t_embed = time.perf_counter()
     batch = config.model.batch_size
     fresh = iter(np.concatenate([embedder.embed_arrays(np.stack(pixels[i:i + batch]))
