@@ -213,7 +213,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         entry: dict[str, Any] = {"product_id": pid, "image_uri": row["image_uri"],
                                  "category": str(row["metadata"].get("category", "")),
                                  "source": row.get("source", "")}
-        num_relevant = len(idx.product_rows(pid))
+        # images, not rows: with augment.mode=separate an image has several rows (views)
+        num_relevant = len({idx.image_id(r) for r in idx.product_rows(pid)})
         for mode in MODES:
             t0 = time.perf_counter()
             first = (neighbours[mode][0][qi], neighbours[mode][1][qi])

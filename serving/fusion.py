@@ -133,7 +133,8 @@ def fused_hits(idx: "LoadedIndex", vector: np.ndarray, text: str, k: int, weight
         visual += (idx.vectors_of(extra) @ vector).astype(np.float32).tolist()
     row_arr = np.asarray(rows, dtype=np.int64)
     visual_arr = np.asarray(visual, np.float32)
-    positions = np.asarray([ti.position(idx.product_id(r)) for r in rows], dtype=np.int64)
+    positions = ti.row_product[row_arr] if ti.row_product is not None else np.asarray(
+        [ti.position(idx.product_id(r)) for r in rows], dtype=np.int64)
     text_arr = text_scores[positions] if len(positions) else np.zeros(0, np.float32)
     fused = (1.0 - weight) * _min_max(visual_arr) + weight * _min_max(text_arr)
     return _ranked_hits(idx, row_arr, fused, visual_arr, text_arr, k, filters, collapse,

@@ -16,6 +16,7 @@ there is nothing new to publish, verify or keep in step with the vectors, and ch
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # Per product, text beyond this many characters is not indexed (a runaway description
 # must not make one document dominate memory).
 MAX_DOC_CHARS = 20_000
+# Score vectors of this many recent query texts are kept (each is 4 bytes x products).
+SCORE_CACHE = 256
 
 
 class TextIndex:
@@ -47,6 +50,9 @@ class TextIndex:
         self._retriever.index(tokens, show_progress=False)
         self._vocab = set(self._retriever.vocab_dict)
         self.build_seconds = time.perf_counter() - started
+        self.row_product: np.ndarray | None = None  # set by build_text_index
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -58,11 +64,24 @@ class TextIndex:
         return [t for t in tok[0] if t in self._vocab]
 
     def scores(self, text: str) -> np.ndarray:
-        """float32 [num_products]: the BM25 score of every product for `text` (0 = no match)."""
+        """float32 [num_products] (read-only): the BM25 score of every product (0 = no match).
+
+        The last SCORE_CACHE distinct texts are remembered (popular queries repeat).
+        """
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
         toks = self.tokens(text)
         if not toks or not self.product_ids:
-            return np.zeros(len(self.product_ids), np.float32)
-        return np.asarray(self._retriever.get_scores(toks), dtype=np.float32)
+            out = np.zeros(len(self.product_ids), np.float32)
+        else:
+            out = np.asarray(self._retriever.get_scores(toks), dtype=np.float32)
+        out.setflags(write=False)
+        with self._lock:
+            if len(self._cache) >= SCORE_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[text] = out
+        return out
 
     def position(self, product_id: str) -> int | None:
         return self._position.get(product_id)
@@ -100,6 +119,10 @@ def build_text_index(idx: "LoadedIndex", fields: Iterable[str]) -> TextIndex:
     started = time.perf_counter()
     ids, docs = product_documents(idx, fields)
     text_index = TextIndex(ids, docs)
+    # row -> product position, so fusion looks up the text score of many rows at once
+    text_index.row_product = np.fromiter(
+        (text_index.position(idx.product_id(r)) for r in range(idx.num_vectors)),
+        dtype=np.int64, count=idx.num_vectors)
     log.info("text index of %s: %d products, %.2fs", idx.version, len(ids),
              time.perf_counter() - started)
     return text_index
