@@ -35,6 +35,8 @@ FEATURE_ROWS: dict[str, dict[str, Any]] = {
                    "features": {"flip": True}},
     "lite0-scales-1-1.3": {"model": {"handle": "builtin:efficientnet_lite0"},
                            "features": {"scales": [1.0, 1.3]}},
+    "lite0-pad": {"model": {"handle": "builtin:efficientnet_lite0"},
+                  "decode": {"resize": "pad"}},
     "lite0-views-separate": {"model": {"handle": "builtin:efficientnet_lite0"},
                              "augment": {"views": ["original", "hflip", "crop", "rotate",
                                                    "jitter"], "mode": "separate"}},
@@ -49,6 +51,9 @@ FUSION_ROWS: dict[str, tuple[str, str, float]] = {
     "lite0+text(category) w=0.3": ("lite0", "category", 0.3),
     "lite0+text(category) w=0.5": ("lite0", "category", 0.5),
     "lite0+text(title) w=0.5": ("lite0", "title", 0.5),
+    "lite0+text(category) w=0.2": ("lite0", "category", 0.2),
+    "lite0+text(category) w=0.4": ("lite0", "category", 0.4),
+    "lite1-flip+text(category) w=0.3": ("lite1-flip", "category", 0.3),
 }
 SETTINGS = ("full", "iconic")  # iconic + train catalog; packshots only
 
