@@ -35,6 +35,12 @@ FEATURE_ROWS: dict[str, dict[str, Any]] = {
                    "features": {"flip": True}},
     "lite0-scales-1-1.3": {"model": {"handle": "builtin:efficientnet_lite0"},
                            "features": {"scales": [1.0, 1.3]}},
+    "lite0-scale-1.3": {"model": {"handle": "builtin:efficientnet_lite0"},
+                        "features": {"scales": [1.3]}},
+    "lite0-scale-1.5": {"model": {"handle": "builtin:efficientnet_lite0"},
+                        "features": {"scales": [1.5]}},
+    "lite1-scale-1.3": {"model": {"handle": "builtin:efficientnet_lite1"},
+                        "features": {"scales": [1.3]}},
     "lite0-pad": {"model": {"handle": "builtin:efficientnet_lite0"},
                   "decode": {"resize": "pad"}},
     "lite0-views-separate": {"model": {"handle": "builtin:efficientnet_lite0"},
@@ -53,7 +59,7 @@ FUSION_ROWS: dict[str, tuple[str, str, float]] = {
     "lite0+text(title) w=0.5": ("lite0", "title", 0.5),
     "lite0+text(category) w=0.2": ("lite0", "category", 0.2),
     "lite0+text(category) w=0.4": ("lite0", "category", 0.4),
-    "lite1-flip+text(category) w=0.3": ("lite1-flip", "category", 0.3),
+    "lite0-scale-1.3+text(category) w=0.3": ("lite0-scale-1.3", "category", 0.3),
 }
 SETTINGS = ("full", "iconic")  # iconic + train catalog; packshots only
 
@@ -187,26 +193,45 @@ def render_html(results: list[dict[str, Any]]) -> str:
             "</table></body></html>")
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
+def forward_passes(config: dict[str, Any]) -> int:
+    """Model calls per catalog image (or query) a feature row's settings cost."""
+    features = config.get("features", {})
+    views = config.get("augment", {}).get("views", ["original"])
+    return (len(features.get("scales", [1.0])) * (2 if features.get("flip") else 1)
+            * len(views))
+
+
+def model_images_per_s(row: dict[str, Any], rows: list[dict[str, Any]],
+                       bench: dict[str, float]) -> float | None:
+    """Images per CPU-second of the model (`model bench` CPU ms per image x forward passes)."""
+    base = row if row["kind"] == "features" else next(
+        (r for r in rows if r["row"] == row["base"]), None)
+    if base is None:
+        return None
+    handle = base["config"]["model"]["handle"]
+    ms = bench.get(handle)
+    return 1000.0 / (ms * forward_passes(base["config"])) if ms else None
+
+
+def markdown_table(results: list[dict[str, Any]], bench: dict[str, float]) -> str:
     """The docs/EVALUATION.md table: one line per row and setting (published index)."""
     names = {"full": "iconic + train", "iconic": "packshots only"}
     lines = ["| row | catalog | recall@1 | recall@5 | recall@10 | mAP@10 | exact recall@1 | "
-             "embed images/s | index size | search ms/query |",
+             "images per CPU-s (model) | index size | search ms/query |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting in SETTINGS:
         for r in results:
             m = r["settings"].get(setting)
             if m is None:
                 continue
-            ips = m.get("embed_images_per_s")
+            ips = model_images_per_s(r, results, bench)
             size = m.get("index_bytes")
             lines.append(
                 f"| {r['row']} | {names[setting]} ({m['num_vectors']:,} vectors) | "
                 + " | ".join(f"{m['index'][k]:.3f}" for k in ("recall@1", "recall@5",
                                                                "recall@10", "mAP@10"))
                 + f" | {m['exact']['recall@1']:.3f} | "
-                + (f"{ips:.1f}" if ips and setting == "full" else "(same vectors)"
-                   if r["kind"] == "fusion" else f"{ips:.1f}" if ips else "—")
+                + (f"{ips:.0f}" if ips else "—")
                 + f" | {size / 1e6:.1f} MB | {m['search_ms_per_query']['index']:.2f} |")
     return "\n".join(lines)
 
@@ -219,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "results", "quality_grid.json"))
     p.add_argument("--render", nargs="+", metavar="RESULTS_JSON",
                    help="only combine these results files: WORK/grid.html + a Markdown table")
+    p.add_argument("--bench", default=os.path.join(HERE, "results", "model_bench_lite012.jsonl"),
+                   help="`catalog-search model bench --json` lines (CPU ms per image by model)")
     args = p.parse_args(argv)
     if args.render:
         rows: list[dict[str, Any]] = []
@@ -227,7 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows += json.load(f)["rows"]
         with open(os.path.join(args.work, "grid.html"), "w", encoding="utf-8") as f:
             f.write(render_html(rows))
-        print(markdown_table(rows))
+        bench: dict[str, float] = {}
+        if os.path.exists(args.bench):
+            with open(args.bench, encoding="utf-8") as f:
+                for line in f:
+                    b = json.loads(line)
+                    handle = "builtin:" + b["model_id"].split("@")[0]
+                    bench[handle] = min(bench.get(handle, 1e9), b["cpu_ms_per_image"])
+        print(markdown_table(rows, bench))
         return 0
     from grocery_manifests import write_manifests
     names = list(FEATURE_ROWS) + list(FUSION_ROWS)

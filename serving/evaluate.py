@@ -94,6 +94,9 @@ def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> s
     import hashlib
     import json
     from pipelines.features import features_dict
+    import os
+    if "://" not in queries:
+        queries = os.path.abspath(queries)  # one cache entry however the path is spelled
     key = json.dumps({"queries": queries, "model": model.get("fingerprint"),
                       "features": features_dict(model.get("features"))}, sort_keys=True)
     return fs.join(cache_dir, f"queries-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
@@ -103,12 +106,14 @@ def _load_vector_cache(path: str) -> dict[str, np.ndarray]:
     if not fs.exists(path):
         return {}
     with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
-        return {str(src): vec for src, vec in zip(z["sources"].tolist(), z["vectors"])}
+        if "image_uris" not in z.files:  # an older cache layout: embed again
+            return {}
+        return {str(uri): vec for uri, vec in zip(z["image_uris"].tolist(), z["vectors"])}
 
 
-def _save_vector_cache(path: str, sources: list[str], vectors: np.ndarray) -> None:
+def _save_vector_cache(path: str, image_uris: list[str], vectors: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez(buf, sources=np.asarray(sources, dtype=str), vectors=vectors)
+    np.savez(buf, image_uris=np.asarray(image_uris, dtype=str), vectors=vectors)
     fs.write_bytes(path, buf.getvalue())
 
 
@@ -160,8 +165,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
                             "message": f"product {row['product_id']!r} has no image in index "
                                        f"version {idx.version}"})
             continue
-        if row.get("source", "") in cached:
-            from_cache[len(usable)] = cached[row["source"]]
+        if row["image_uri"] in cached:
+            from_cache[len(usable)] = cached[row["image_uri"]]
             usable.append(row)
             continue
         try:
@@ -189,7 +194,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
                         for i in range(len(usable))]).astype(np.float32)
     embed_s = time.perf_counter() - t_embed
     if cache_file and pixels:
-        _save_vector_cache(cache_file, [r.get("source", "") for r in usable], vectors)
+        _save_vector_cache(cache_file, [r["image_uri"] for r in usable], vectors)
     weight = text_weight if text_weight is not None else config.fusion.text_weight
     if text_from is not None and idx.text_index is None:
         raise ValueError("text fusion needs the index's text index (serving.text_search)")
