@@ -41,6 +41,10 @@ FEATURE_ROWS: dict[str, dict[str, Any]] = {
                         "features": {"scales": [1.5]}},
     "lite1-scale-1.3": {"model": {"handle": "builtin:efficientnet_lite1"},
                         "features": {"scales": [1.3]}},
+    "lite0-query-scale-1.3": {"model": {"handle": "builtin:efficientnet_lite0"},
+                              "features": {"query_scales": [1.3]}},
+    "lite0-query-scales-1-1.3": {"model": {"handle": "builtin:efficientnet_lite0"},
+                                 "features": {"query_scales": [1.0, 1.3]}},
     "lite0-pad": {"model": {"handle": "builtin:efficientnet_lite0"},
                   "decode": {"resize": "pad"}},
     "lite0-views-separate": {"model": {"handle": "builtin:efficientnet_lite0"},
@@ -194,7 +198,7 @@ def render_html(results: list[dict[str, Any]]) -> str:
 
 
 def forward_passes(config: dict[str, Any]) -> int:
-    """Model calls per catalog image (or query) a feature row's settings cost."""
+    """Model calls per catalog image a feature row's settings cost (queries: see the doc)."""
     features = config.get("features", {})
     views = config.get("augment", {}).get("views", ["original"])
     return (len(features.get("scales", [1.0])) * (2 if features.get("flip") else 1)

@@ -90,10 +90,12 @@ class FeaturesConfig:
     scales: zoom levels averaged per view (1.0 = the plain center crop; s > 1 = the image
             resized s times larger, center-cropped at the model's size); flip: also embed the
             horizontal mirror and average. Serving applies the same to queries (from the
-            index manifest).
+            index manifest); query_scales (null = scales) zooms query photos differently
+            from catalog images (shelf photos vs packshots).
     """
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    query_scales: tuple[float, ...] | None = None
 
     def validate(self) -> None:
         _require(1 <= len(self.scales) <= 4, "features.scales", "must list 1 to 4 scales")
@@ -101,6 +103,12 @@ class FeaturesConfig:
             _require(1.0 <= s <= 2.0, "features.scales", f"each scale must be in [1, 2], got {s}")
         _require(len(set(self.scales)) == len(self.scales), "features.scales", "has duplicates")
         _require(isinstance(self.flip, bool), "features.flip", "must be true or false")
+        if self.query_scales is not None:
+            _require(1 <= len(self.query_scales) <= 4, "features.query_scales",
+                     "must be null or list 1 to 4 scales")
+            for s in self.query_scales:
+                _require(1.0 <= s <= 2.0, "features.query_scales",
+                         f"each scale must be in [1, 2], got {s}")
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,19 @@ def features_dict(features: "FeaturesConfig | Mapping[str, Any] | None") -> dict
     if isinstance(features, Mapping):
         scales = features.get("scales", DEFAULT_FEATURES["scales"])
         flip = features.get("flip", False)
+        query_scales = features.get("query_scales")
     else:
-        scales, flip = features.scales, features.flip
-    return {"scales": [float(s) for s in scales], "flip": bool(flip)}
+        scales, flip, query_scales = features.scales, features.flip, features.query_scales
+    out: dict[str, Any] = {"scales": [float(s) for s in scales], "flip": bool(flip)}
+    if query_scales is not None:
+        out["query_scales"] = [float(s) for s in query_scales]
+    return out
+
+
+def query_features(features: "FeaturesConfig | Mapping[str, Any] | None") -> dict[str, Any]:
+    """The variants a query photo gets: the catalog's, with query_scales when set."""
+    f = features_dict(features)
+    return {"scales": f.get("query_scales", f["scales"]), "flip": f["flip"]}
 
 
 def is_default(features: "FeaturesConfig | Mapping[str, Any] | None") -> bool:
@@ -103,4 +113,4 @@ def load_query_arrays(data: bytes, size: int, config: Any,
     from pipelines.image_decode import decode_image
     img = decode_image(data, max_pixels=config.decode.max_pixels, target_size=size,
                        max_bytes=config.fetch.max_bytes)
-    return variant_arrays(img, size, config.decode.resize, features)
+    return variant_arrays(img, size, config.decode.resize, query_features(features))

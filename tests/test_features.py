@@ -44,6 +44,16 @@ def test_variants_default_is_the_plain_preprocess_and_flip_mirrors():
     assert np.allclose(embed_variants(embed, plain[None]), embed(plain[None]))
 
 
+def test_query_scales_change_only_the_query_variants():
+    from pipelines.features import features_dict, query_features
+    f = {"scales": [1.0], "flip": True, "query_scales": [1.0, 1.3]}
+    assert features_dict(f) == f and query_features(f) == {"scales": [1.0, 1.3], "flip": True}
+    assert query_features({"scales": [1.2]}) == {"scales": [1.2], "flip": False}
+    assert "query_scales" not in features_dict(load_config().features)
+    with pytest.raises(ConfigError, match=r"features\.query_scales"):
+        load_config(overrides={"features": {"query_scales": [3.0]}})
+
+
 def test_fingerprint_changes_with_each_option_and_not_otherwise(embed_config):
     spec = resolve_model(embed_config.model.handle, embed_config.model.resolved_cache_dir())
     base = embedding_fingerprint(spec, embed_config)
@@ -51,6 +61,7 @@ def test_fingerprint_changes_with_each_option_and_not_otherwise(embed_config):
     seen = {base}
     for change in ({"features": {"flip": True}}, {"features": {"scales": [1.0, 1.3]}},
                    {"features": {"scales": [1.0, 1.2]}},
+                   {"features": {"query_scales": [1.3]}},
                    {"augment": {"views": ["original", "hflip"], "mode": "separate"}}):
         fp = embedding_fingerprint(spec, embed_config.replace(**change))
         assert fp not in seen, change
