@@ -5,7 +5,9 @@
 DATASET_DIR is the dataset's `dataset/` folder (classes.csv, train.txt, test.txt, ...).
 Writes DIR/catalog.csv (one iconic packshot per product + the train photos, unless
 --no-train) and DIR/queries.csv (the test photos): product_id = fine class name,
-category = coarse class name, so a hit is a result of the same fine class.
+category = coarse class name, so a hit is a result of the same fine class; the iconic
+rows also carry the product's `description` (the dataset's *_Description.txt), which the
+serving text index uses for image + text search.
 """
 from __future__ import annotations
 

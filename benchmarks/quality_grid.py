@@ -51,6 +51,10 @@ FEATURE_ROWS: dict[str, dict[str, Any]] = {
                                   "features": {"scales": [1.3], "query_scales": [1.6]}},
     "lite1-query-scale-1.3": {"model": {"handle": "builtin:efficientnet_lite1"},
                               "features": {"query_scales": [1.3]}},
+    "lite1-scale-1.3-query-1.6": {"model": {"handle": "builtin:efficientnet_lite1"},
+                                  "features": {"scales": [1.3], "query_scales": [1.6]}},
+    "lite1-query-scale-1.5": {"model": {"handle": "builtin:efficientnet_lite1"},
+                              "features": {"query_scales": [1.5]}},
     "lite0-pad": {"model": {"handle": "builtin:efficientnet_lite0"},
                   "decode": {"resize": "pad"}},
     "lite0-views-separate": {"model": {"handle": "builtin:efficientnet_lite0"},
@@ -61,6 +65,8 @@ FEATURE_ROWS: dict[str, dict[str, Any]] = {
                    "features": {"flip": True}},
     "lite2": {"model": {"handle": "builtin:efficientnet_lite2"}},
 }
+BASE_FEATURES: dict[str, Any] = {"scales": [1.0], "flip": False, "query_scales": None}
+BASE_AUGMENT: dict[str, Any] = {"views": ["original"], "mode": "mean"}
 # Rows whose catalog-side cost only fits the packshots-only setting on this machine.
 PACKSHOTS_ONLY = {"lite0-views-separate"}
 FUSION_ROWS: dict[str, tuple[str, str, float]] = {
@@ -69,7 +75,8 @@ FUSION_ROWS: dict[str, tuple[str, str, float]] = {
     "lite0+text(title) w=0.5": ("lite0", "title", 0.5),
     "lite0+text(category) w=0.2": ("lite0", "category", 0.2),
     "lite0+text(category) w=0.4": ("lite0", "category", 0.4),
-    "lite0-scale-1.3+text(category) w=0.3": ("lite0-scale-1.3", "category", 0.3),
+    "lite0-scale-1.3-query-1.6+text(category) w=0.4": ("lite0-scale-1.3-query-1.6", "category",
+                                                        0.4),
 }
 SETTINGS = ("full", "iconic")  # iconic + train catalog; packshots only
 
@@ -115,7 +122,12 @@ def feature_row(name: str, work: str, manifests: dict[str, str], queries: str,
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.yaml")
-    override = dict(FEATURE_ROWS[name])
+    # Every row pins the settings it does not vary to the pre-grid values, so a row
+    # means the same whatever configs/default.yaml says today.
+    override = {"features": dict(BASE_FEATURES), "augment": dict(BASE_AUGMENT),
+                "decode": {"resize": "center_crop"}}
+    for section, values in FEATURE_ROWS[name].items():
+        override[section] = {**override.get(section, {}), **values}
     override["index"] = {"shards": 1}
     with open(cfg, "w", encoding="utf-8") as f:
         f.write(_yaml(override))

@@ -36,7 +36,7 @@ from pipelines import snapshot
 from pipelines.cli import Command, UsageError
 from pipelines.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.fetch import FetchError, fetch_bytes
-from pipelines.features import features_dict, is_default, preprocess_feature_views
+from pipelines.features import features_dict, is_plain, preprocess_feature_views
 from pipelines.image_decode import DecodeError, decode_image
 from pipelines.inference import EmbeddingModelHandler
 from pipelines.manifest import ManifestError, check_manifest, expand_manifests, read_rows
@@ -84,7 +84,7 @@ def embedding_fingerprint(spec: ModelSpec, config: Config) -> str:
     payload = {"model": spec.fingerprint, "input_size": spec.input_size,
                "resize": config.decode.resize, "views": list(config.augment.views),
                "mode": config.augment.mode, "seed": config.augment.seed}
-    if not is_default(config.features):  # absent when default: older snapshots stay reusable
+    if not is_plain(config.features):  # absent when plain: older snapshots stay reusable
         payload["features"] = features_dict(config.features)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

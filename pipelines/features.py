@@ -8,8 +8,10 @@ when `features.flip` is on. The catalog (embed job) and the queries (serving, ev
 go through the same functions, and the settings are part of the embedding fingerprint
 and of the index manifest, so serving always applies what the catalog got.
 
-With the defaults (scales [1.0], flip off) a view has one variant and the arrays and
-vectors are exactly those of pipelines.image_decode.preprocess: nothing changes.
+With plain settings (scales [1.0], flip off, no query_scales; what an index manifest
+without a "features" record means) a view has one variant and the arrays and vectors are
+exactly those of pipelines.image_decode.preprocess. The shipped defaults (scales [1.3],
+query_scales [1.6]) were chosen by the grocery quality grid in docs/EVALUATION.md.
 """
 from __future__ import annotations
 
@@ -23,15 +25,15 @@ from pipelines.image_decode import augment_view, preprocess
 if TYPE_CHECKING:
     from pipelines.config import FeaturesConfig
 
-DEFAULT_FEATURES: dict[str, Any] = {"scales": [1.0], "flip": False}
+PLAIN_FEATURES: dict[str, Any] = {"scales": [1.0], "flip": False}
 
 
 def features_dict(features: "FeaturesConfig | Mapping[str, Any] | None") -> dict[str, Any]:
     """The plain, canonical form recorded in snapshots and manifests ({"scales", "flip"})."""
     if features is None:
-        return dict(DEFAULT_FEATURES)
+        return dict(PLAIN_FEATURES)
     if isinstance(features, Mapping):
-        scales = features.get("scales", DEFAULT_FEATURES["scales"])
+        scales = features.get("scales", PLAIN_FEATURES["scales"])
         flip = features.get("flip", False)
         query_scales = features.get("query_scales")
     else:
@@ -48,9 +50,9 @@ def query_features(features: "FeaturesConfig | Mapping[str, Any] | None") -> dic
     return {"scales": f.get("query_scales", f["scales"]), "flip": f["flip"]}
 
 
-def is_default(features: "FeaturesConfig | Mapping[str, Any] | None") -> bool:
-    """True when the settings give the plain single-variant vectors."""
-    return features_dict(features) == DEFAULT_FEATURES
+def is_plain(features: "FeaturesConfig | Mapping[str, Any] | None") -> bool:
+    """True for one plain variant per view (scales [1.0], no flip, queries alike)."""
+    return features_dict(features) == PLAIN_FEATURES
 
 
 def num_variants(features: "FeaturesConfig | Mapping[str, Any] | None") -> int:

@@ -49,15 +49,28 @@ def test_query_scales_change_only_the_query_variants():
     f = {"scales": [1.0], "flip": True, "query_scales": [1.0, 1.3]}
     assert features_dict(f) == f and query_features(f) == {"scales": [1.0, 1.3], "flip": True}
     assert query_features({"scales": [1.2]}) == {"scales": [1.2], "flip": False}
-    assert "query_scales" not in features_dict(load_config().features)
+    assert "query_scales" not in features_dict({"scales": [1.0]})
     with pytest.raises(ConfigError, match=r"features\.query_scales"):
         load_config(overrides={"features": {"query_scales": [3.0]}})
 
 
+PLAIN = {"scales": [1.0], "flip": False, "query_scales": None}
+
+
 def test_fingerprint_changes_with_each_option_and_not_otherwise(embed_config):
     spec = resolve_model(embed_config.model.handle, embed_config.model.resolved_cache_dir())
-    base = embedding_fingerprint(spec, embed_config)
-    assert embedding_fingerprint(spec, embed_config.replace(features={"scales": [1.0]})) == base
+    plain = embed_config.replace(features=PLAIN)
+    base = embedding_fingerprint(spec, plain)
+    # plain settings leave the fingerprint as it was before feature variants existed
+    import hashlib
+    import json
+    legacy = {"model": spec.fingerprint, "input_size": spec.input_size, "resize": "center_crop",
+              "views": ["original"], "mode": "mean", "seed": 0}
+    assert base == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
+    # the shipped defaults (zoom 1.3 / queries 1.6) are not plain: they re-embed once
+    assert load_config().features.scales == (1.3,)
+    assert embedding_fingerprint(spec, embed_config) != base
+    embed_config = plain
     seen = {base}
     for change in ({"features": {"flip": True}}, {"features": {"scales": [1.0, 1.3]}},
                    {"features": {"scales": [1.0, 1.2]}},
@@ -74,14 +87,16 @@ def test_changing_a_feature_option_reembeds_and_unchanged_reuses(embed_config, t
     manifest = write_catalog(str(tmp_path / "cat"), num_products=3, images_per_product=2,
                              size=96)
     out = str(tmp_path / "emb")
-    flip = embed_config.replace(features={"flip": True, "scales": [1.0, 1.25]})
+    flip = embed_config.replace(features={"flip": True, "scales": [1.0, 1.25],
+                                          "query_scales": None})
     first = run_embed([manifest], out, flip, run_id="r1")
     assert first["embedded"] == 6 and first["features"] == {"flip": True,
                                                              "scales": [1.0, 1.25]}
     assert first["model"]["features"] == first["features"]  # carried into the index manifest
     same = run_embed([manifest], out, flip, run_id="r2", previous=first["snapshot"])
     assert (same["embedded"], same["reused"]) == (0, 6)
-    plain = run_embed([manifest], out, embed_config, run_id="r3", previous=first["snapshot"])
+    plain = run_embed([manifest], out, embed_config.replace(features=PLAIN), run_id="r3",
+                      previous=first["snapshot"])
     assert (plain["embedded"], plain["reused"]) == (6, 0)
     assert plain["embedding_fingerprint"] != first["embedding_fingerprint"]
     v_flip = {r["image_id"]: np.asarray(r["embedding"])
@@ -100,7 +115,8 @@ def test_serving_embeds_queries_with_the_index_features(embed_config, tmp_path):
     from serving.searcher import CatalogSearcher
     manifest = write_catalog(str(tmp_path / "cat"), num_products=4, images_per_product=2,
                              size=128, seed=5)
-    cfg = embed_config.replace(features={"flip": True, "scales": [1.0, 1.4]},
+    cfg = embed_config.replace(features={"flip": True, "scales": [1.0, 1.4],
+                                         "query_scales": None},
                                index={"eval_queries": 8, "recall_threshold": 0.5})
     emb = run_embed([manifest], str(tmp_path / "emb"), cfg, run_id="r1")
     run_build_index(emb["snapshot"], str(tmp_path / "index"), cfg, version="v1")
