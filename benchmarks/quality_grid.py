@@ -186,12 +186,13 @@ def fusion_row(name: str, work: str, queries: str, cs: list[str]) -> dict[str, A
     return out
 
 
-def render_html(results: list[dict[str, Any]]) -> str:
+def render_html(results: list[dict[str, Any]], bench: dict[str, float] | None = None) -> str:
     """All grid rows side by side: per setting, recall@1/5/10 and mAP@10 (index / exact)."""
     metrics = ("recall@1", "recall@5", "recall@10", "mAP@10")
     head = "".join(f"<th colspan='{len(metrics) + 2}'>{s}</th>" for s in
                    ("iconic + train catalog", "packshots only"))
-    sub = "".join("".join(f"<th>{m}</th>" for m in metrics) + "<th>images/s</th><th>report</th>"
+    sub = "".join("".join(f"<th>{m}</th>" for m in metrics)
+                  + "<th>images per CPU-s (model)</th><th>report</th>"
                   for _ in SETTINGS)
     body = []
     for r in results:
@@ -203,7 +204,8 @@ def render_html(results: list[dict[str, Any]]) -> str:
                 continue
             cells += [f"<td>{m['index'][k]:.3f}<br><small>{m['exact'][k]:.3f}</small></td>"
                       for k in metrics]
-            cells.append(f"<td>{m.get('embed_images_per_s') or '—'}</td>")
+            ips = model_images_per_s(r, results, bench or {})
+            cells.append(f"<td>{ips:.0f}</td>" if ips else "<td>—</td>")
             cells.append(f"<td><a href='../../{html.escape(m['report'])}'>html</a></td>")
         body.append(f"<tr><th>{html.escape(r['row'])}</th>{''.join(cells)}</tr>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Quality grid</title>"
@@ -233,6 +235,18 @@ def model_images_per_s(row: dict[str, Any], rows: list[dict[str, Any]],
     handle = base["config"]["model"]["handle"]
     ms = bench.get(handle)
     return 1000.0 / (ms * forward_passes(base["config"])) if ms else None
+
+
+def read_bench(path: str) -> dict[str, float]:
+    """handle -> lowest CPU ms per image from `model bench --json` lines (empty if absent)."""
+    bench: dict[str, float] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                b = json.loads(line)
+                handle = "builtin:" + b["model_id"].split("@")[0]
+                bench[handle] = min(bench.get(handle, 1e9), b["cpu_ms_per_image"])
+    return bench
 
 
 def markdown_table(results: list[dict[str, Any]], bench: dict[str, float]) -> str:
@@ -274,15 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.render:
             with open(path, encoding="utf-8") as f:
                 rows += json.load(f)["rows"]
+        bench = read_bench(args.bench)
         with open(os.path.join(args.work, "grid.html"), "w", encoding="utf-8") as f:
-            f.write(render_html(rows))
-        bench: dict[str, float] = {}
-        if os.path.exists(args.bench):
-            with open(args.bench, encoding="utf-8") as f:
-                for line in f:
-                    b = json.loads(line)
-                    handle = "builtin:" + b["model_id"].split("@")[0]
-                    bench[handle] = min(bench.get(handle, 1e9), b["cpu_ms_per_image"])
+            f.write(render_html(rows, bench))
         print(markdown_table(rows, bench))
         return 0
     from grocery_manifests import write_manifests
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"dataset": "grocery-store (Klasson et al.)", "rows": results}, f,
                       indent=1)
         with open(os.path.join(work, "grid.html"), "w", encoding="utf-8") as f:
-            f.write(render_html(results))
+            f.write(render_html(results, read_bench(args.bench)))
         summary = {s: round(m["index"]["recall@1"], 3) for s, m in row["settings"].items()}
         print(f"{name}: recall@1 {summary} ({row['seconds']} s)", flush=True)
     return 0
