@@ -226,10 +226,15 @@ _SEARCH_OPENAPI = {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
+                "type": "object",
                 "properties": {
                     "image": {"type": "string", "format": "binary",
-                              "description": "the query photo (JPEG, PNG, WebP, ...)"},
+                              "description": "the query photo (JPEG, PNG, WebP, ...); "
+                                             "required unless 'text' is given"},
+                    "text": {"type": "string", "description": "query words: fused with the "
+                             "photo, or searched alone (BM25 over product text)"},
+                    "text_weight": {"type": "number", "minimum": 0, "maximum": 1,
+                                    "description": "default fusion.text_weight"},
                     "k": {"type": "integer", "minimum": 1},
                     "filters": {"type": "string",
                                 "description": 'JSON object, e.g. {"category": "dairy"}'},
@@ -237,9 +242,11 @@ _SEARCH_OPENAPI = {
                                  "description": "best image per product (default) or images"},
                 }}},
             "application/json": {"schema": {
-                "type": "object", "required": ["vector"],
+                "type": "object",
                 "properties": {
                     "vector": {"type": "array", "items": {"type": "number"}},
+                    "text": {"type": "string", "description": "with or instead of 'vector'"},
+                    "text_weight": {"type": "number", "minimum": 0, "maximum": 1},
                     "k": {"type": "integer", "minimum": 1},
                     "filters": {"type": "object", "additionalProperties": True},
                     "collapse": {"type": "boolean", "default": True},
@@ -248,7 +255,8 @@ _SEARCH_OPENAPI = {
     },
     "responses": {
         "413": {"description": "upload larger than serving.max_upload_bytes"},
-        "422": {"description": "undecodable image, bad k, bad vector or bad filters"},
+        "422": {"description": "undecodable image, bad k, bad vector, bad filters, empty or "
+                               "too long text, text_weight outside [0, 1]"},
         "503": {"description": "no index version loaded yet"},
     },
 }
