@@ -5,7 +5,9 @@
 DATASET_DIR is the dataset's `dataset/` folder (classes.csv, train.txt, test.txt, ...).
 Writes DIR/catalog.csv (one iconic packshot per product + the train photos, unless
 --no-train) and DIR/queries.csv (the test photos): product_id = fine class name,
-category = coarse class name, so a hit is a result of the same fine class.
+category = coarse class name, so a hit is a result of the same fine class; the iconic
+rows also carry the product's `description` (the dataset's *_Description.txt), which the
+serving text index uses for image + text search.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import sys
 
 log = logging.getLogger("grocery_manifests")
-FIELDS = ["product_id", "image_id", "image_uri", "title", "category", "source"]
+FIELDS = ["product_id", "image_id", "image_uri", "title", "category", "description", "source"]
 
 
 def _read_classes(dataset: str) -> dict[int, dict[str, str]]:
@@ -29,10 +31,21 @@ def _read_classes(dataset: str) -> dict[int, dict[str, str]]:
             try:
                 classes[int(row["Class ID (int)"])] = {
                     "name": row["Class Name (str)"], "coarse": row["Coarse Class Name (str)"],
-                    "iconic": row["Iconic Image Path (str)"].lstrip("/")}
+                    "iconic": row["Iconic Image Path (str)"].lstrip("/"),
+                    "description": _read_description(
+                        dataset, row.get("Product Description Path (str)", ""))}
             except (KeyError, ValueError) as e:
                 raise SystemExit(f"error: {path} line {line}: unexpected row ({e})") from e
     return classes
+
+
+def _read_description(dataset: str, rel: str) -> str:
+    """The product's description text (one paragraph), or "" when the file is missing."""
+    path = os.path.join(dataset, rel.lstrip("/")) if rel else ""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return " ".join(f.read().split())
 
 
 def _split_rows(dataset: str, split: str, classes: dict[int, dict[str, str]]
@@ -63,7 +76,7 @@ def write_manifests(dataset: str, out_dir: str, include_train: bool = True
     catalog = [{"product_id": c["name"], "image_id": f"iconic-{c['name']}",
                 "image_uri": os.path.abspath(os.path.join(dataset, c["iconic"])),
                 "title": c["name"].replace("-", " "), "category": c["coarse"],
-                "source": "iconic"} for _, c in sorted(classes.items())]
+                "description": c["description"], "source": "iconic"} for _, c in sorted(classes.items())]
     if include_train:
         catalog += _split_rows(dataset, "train", classes)
     queries = _split_rows(dataset, "test", classes)

@@ -94,6 +94,60 @@ class EmbedConfig:
     def validate(self) -> None:
         _require(0 <= self.max_dead_letter_fraction <= 1, "embed.max_dead_letter_fraction",
                  f"must be in [0, 1], got {self.max_dead_letter_fraction!r}")
+class FeaturesConfig:
+    """How one image becomes one vector (see pipelines/features.py); part of the fingerprint.
+
+    scales: zoom levels averaged per view (1.0 = the plain center crop; s > 1 = the image
+            resized s times larger, center-cropped at the model's size); flip: also embed the
+            horizontal mirror and average. Serving applies the same to queries (from the
+            index manifest); query_scales (null = scales) zooms query photos differently
+            from catalog images (shelf photos vs packshots).
+    """
+    # Defaults chosen by the grocery quality grid (docs/EVALUATION.md): zooming catalog
+    # images 1.3x and query photos 1.6x costs nothing and lifts recall@1.
+    scales: tuple[float, ...] = (1.3,)
+    flip: bool = False
+    query_scales: tuple[float, ...] | None = (1.6,)
+
+    def validate(self) -> None:
+        _require(1 <= len(self.scales) <= 4, "features.scales", "must list 1 to 4 scales")
+        for s in self.scales:
+            _require(1.0 <= s <= 2.0, "features.scales", f"each scale must be in [1, 2], got {s}")
+        _require(len(set(self.scales)) == len(self.scales), "features.scales", "has duplicates")
+        _require(isinstance(self.flip, bool), "features.flip", "must be true or false")
+        if self.query_scales is not None:
+            _require(1 <= len(self.query_scales) <= 4, "features.query_scales",
+                     "must be null or list 1 to 4 scales")
+            for s in self.query_scales:
+                _require(1.0 <= s <= 2.0, "features.query_scales",
+                         f"each scale must be in [1, 2], got {s}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Image + text search (serving/fusion.py, serving/text_search.py).
+
+    text_fields: metadata fields (and product_id) whose text is indexed with BM25 at load;
+    text_weight: weight of the min-max-normalised text score in a photo + text query
+    (1 - text_weight for the visual score); candidates: products taken from each of the
+    visual and the text ranking before fusing; similar_text_weight: the same for "similar
+    products" (title similarity); max_text_chars: longer query text is refused (400).
+    """
+    text_fields: tuple[str, ...] = ("title", "category", "description", "product_id")
+    text_weight: float = 0.4
+    similar_text_weight: float = 0.0
+    candidates: int = 100
+    max_text_chars: int = 500
+
+    def validate(self) -> None:
+        _require(len(self.text_fields) > 0, "fusion.text_fields", "must name at least one field")
+        _require(0.0 <= self.text_weight <= 1.0, "fusion.text_weight", "must be in [0, 1]")
+        _require(0.0 <= self.similar_text_weight <= 1.0, "fusion.similar_text_weight",
+                 "must be in [0, 1]")
+        _require(1 <= self.candidates <= 10_000, "fusion.candidates",
+                 "must be between 1 and 10000")
+        _require(1 <= self.max_text_chars <= 10_000, "fusion.max_text_chars",
+                 "must be between 1 and 10000")
 
 
 @dataclass(frozen=True)
@@ -195,6 +249,8 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)

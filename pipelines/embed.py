@@ -39,7 +39,8 @@ from pipelines.change_signal import SIGNAL_COLUMN, row_signal, unchanged
 from pipelines.cli import Command, UsageError
 from pipelines.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.fetch import FetchError, fetch_bytes
-from pipelines.image_decode import DecodeError, decode_image, preprocess_views
+from pipelines.features import features_dict, is_plain, preprocess_feature_views
+from pipelines.image_decode import DecodeError, decode_image
 from pipelines.inference import EmbeddingModelHandler
 from pipelines.manifest import ManifestError, check_manifest, expand_manifests, read_rows
 from pipelines.models import ModelError, ModelSpec, resolve_model
@@ -83,6 +84,7 @@ class EmbedSettings:
     fetch: FetchConfig
     decode: DecodeConfig
     augment: AugmentConfig
+    features: dict[str, Any]  # pipelines.features settings (scales, flip)
     fingerprint: str        # model + preprocessing + views: equal => a vector can be reused
     reuse: bool             # the previous snapshot was made with the same fingerprint
     merge_previous: bool    # keep previous rows whose image_id is not in the manifests
@@ -103,6 +105,8 @@ def embedding_fingerprint(spec: ModelSpec, config: Config) -> str:
     payload = {"model": spec.fingerprint, "input_size": spec.input_size,
                "resize": config.decode.resize, "views": list(config.augment.views),
                "mode": config.augment.mode, "seed": config.augment.seed}
+    if not is_plain(config.features):  # absent when plain: older snapshots stay reusable
+        payload["features"] = features_dict(config.features)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,9 +204,11 @@ class DecodeViews(beam.DoFn):
         try:
             img = decode_image(data, max_pixels=self.s.decode.max_pixels, target_size=self.size,
                                max_bytes=self.s.fetch.max_bytes)
-            views = preprocess_views(img, self.s.views, size=self.size,
-                                     resize=self.s.decode.resize, image_id=info["image_id"],
-                                     seed=self.s.augment.seed)
+            views = preprocess_feature_views(img, self.s.views, size=self.size,
+                                             resize=self.s.decode.resize,
+                                             image_id=info["image_id"],
+                                             seed=self.s.augment.seed,
+                                             features=self.s.features)
         except DecodeError as e:
             Metrics.counter(NAMESPACE, "decode_errors").inc()
             yield beam.pvalue.TaggedOutput("dead", _dead_letter(info, "decode", e.reason, str(e)))
@@ -450,7 +456,8 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     fingerprint = embedding_fingerprint(spec, config)
     reuse = _check_previous(previous, fingerprint, merge_previous) if previous else False
     settings = EmbedSettings(model=spec.to_dict(), fetch=config.fetch, decode=config.decode,
-                             augment=config.augment, fingerprint=fingerprint, reuse=reuse,
+                             augment=config.augment, features=features_dict(config.features),
+                             fingerprint=fingerprint, reuse=reuse,
                              merge_previous=merge_previous, verify_content=verify_content)
 
     snapshot_dir = snapshot.snapshot_path(out_root, run_id)
@@ -474,7 +481,10 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     summary.update({
         "run_id": run_id, "snapshot": snapshot_dir, "manifests": uris,
         "previous_snapshot": previous, "merge_previous": merge_previous,
-        "model": spec.to_dict(), "model_id": spec.model_id, "dim": spec.dim,
+        # features ride in "model" so the index manifest carries them to serving unchanged
+        "model": dict(spec.to_dict(), features=features_dict(config.features)),
+        "features": features_dict(config.features),
+        "model_id": spec.model_id, "dim": spec.dim,
         "embedding_fingerprint": fingerprint,
         "augment": {"views": list(config.augment.views), "mode": config.augment.mode,
                     "seed": config.augment.seed, "output_views": settings.output_view_names()},

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from pipelines.features import embed_variants
 from pipelines.models import Embedder, ModelError, ModelSpec, configure_tf_threads, resolve_model
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
     def run_inference(self, batch: Sequence[np.ndarray], model: _LazyEmbedder,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        vectors = model.embed(np.stack(batch))
+        # [N,S,S,3], or [N,V,S,S,3] when an image has feature variants (averaged)
+        vectors = embed_variants(model.embed, np.stack(batch))
         # The example (a whole image) is not carried on: only the vector is needed.
         return [PredictionResult(None, v, self._spec["fingerprint"][:12]) for v in vectors]
 

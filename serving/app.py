@@ -273,6 +273,33 @@ def _parse_json_body(body: bytes, max_depth: int) -> Any:
         raise ApiError(422, "bad_json", f"body is not valid JSON: {e}") from None
 
 
+def _parse_text(raw: Any) -> str | None:
+    """Query text from a form field or JSON (None when absent); length is checked later."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ApiError(422, "bad_text", "text must be a string")
+    return raw
+
+
+def _parse_weight(raw: Any) -> float | None:
+    """text_weight from a form field, query string or JSON; range is checked later."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool):
+        raise ApiError(422, "bad_text_weight", f"text_weight must be a number, got {raw!r}")
+    if isinstance(raw, (int, float)):
+        return float(raw)
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ApiError(422, "bad_text_weight",
+                       f"text_weight must be a number, got {raw!r}") from None
+    if value != value:  # NaN
+        raise ApiError(422, "bad_text_weight", "text_weight must be a number in [0, 1]")
+    return value
+
+
 def _parse_bool(raw: Any, name: str, default: bool = True) -> bool:
     if raw is None or raw == "":
         return default
@@ -312,10 +339,15 @@ _SEARCH_OPENAPI = {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
+                "type": "object",
                 "properties": {
                     "image": {"type": "string", "format": "binary",
-                              "description": "the query photo (JPEG, PNG, WebP, ...)"},
+                              "description": "the query photo (JPEG, PNG, WebP, ...); "
+                                             "required unless 'text' is given"},
+                    "text": {"type": "string", "description": "query words: fused with the "
+                             "photo, or searched alone (BM25 over product text)"},
+                    "text_weight": {"type": "number", "minimum": 0, "maximum": 1,
+                                    "description": "default fusion.text_weight"},
                     "k": {"type": "integer", "minimum": 1},
                     "filters": {"type": "string",
                                 "description": 'JSON object, e.g. {"category": "dairy"}'},
@@ -323,9 +355,11 @@ _SEARCH_OPENAPI = {
                                  "description": "best image per product (default) or images"},
                 }}},
             "application/json": {"schema": {
-                "type": "object", "required": ["vector"],
+                "type": "object",
                 "properties": {
                     "vector": {"type": "array", "items": {"type": "number"}},
+                    "text": {"type": "string", "description": "with or instead of 'vector'"},
+                    "text_weight": {"type": "number", "minimum": 0, "maximum": 1},
                     "k": {"type": "integer", "minimum": 1},
                     "filters": {"type": "object", "additionalProperties": True},
                     "collapse": {"type": "boolean", "default": True},
@@ -334,7 +368,8 @@ _SEARCH_OPENAPI = {
     },
     "responses": {
         "413": {"description": "upload larger than serving.max_upload_bytes"},
-        "422": {"description": "undecodable image, bad k, bad vector or bad filters"},
+        "422": {"description": "undecodable image, bad k, bad vector, bad filters, empty or "
+                               "too long text, text_weight outside [0, 1]"},
         "503": {"description": "no index version loaded yet"},
     },
 }
@@ -484,9 +519,16 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
             except Exception as e:  # MultiPartException and malformed bodies
                 raise ApiError(422, "bad_multipart", f"cannot parse the form: {e}") from None
             upload = form.get("image")
+            text, text_weight = _parse_text(form.get("text")), _parse_weight(
+                form.get("text_weight"))
+            if upload is None and text is not None:  # text-only query
+                results = await call(searcher.search_text, text, _parse_k(form.get("k")),
+                                     parse_filters(form.get("filters")),
+                                     _parse_bool(form.get("collapse"), "collapse"))
+                return answer(results)
             if not isinstance(upload, UploadFile):
                 raise ApiError(422, "missing_image", "multipart field 'image' (a file) is "
-                                                     "required")
+                                                     "required (or 'text' alone)")
             data = await upload.read()
             if len(data) > max_upload:
                 raise ApiError(413, "too_large", f"image is {len(data)} bytes; the limit is "
@@ -495,25 +537,34 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
             filters = parse_filters(form.get("filters"))
             collapse = _parse_bool(form.get("collapse"), "collapse")
             async with gate.slot():  # bounds the memory of concurrent decodes + embeds
-                results = await call(searcher.search_image, data, k, filters, collapse)
+                results = await call(searcher.search_image, data, k, filters, collapse, text,
+                                     text_weight)
         elif content_type == "application/json":
             body = await _read_body_limited(request, sc.max_json_bytes)
             payload = await run_in_threadpool(_parse_json_body, body, sc.max_json_depth)
-            if not isinstance(payload, dict) or "vector" not in payload:
-                raise ApiError(422, "bad_vector", 'JSON body must be an object with "vector"')
-            unknown = set(payload) - {"vector", "k", "filters", "collapse"}
+            if not isinstance(payload, dict) or not ("vector" in payload or "text" in payload):
+                raise ApiError(422, "bad_vector",
+                               'JSON body must be an object with "vector" and/or "text"')
+            unknown = set(payload) - {"vector", "k", "filters", "collapse", "text", "text_weight"}
             if unknown:
                 raise ApiError(422, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
             k = _parse_k(payload.get("k"))
             filters = parse_filters(payload.get("filters"))
             collapse = _parse_bool(payload.get("collapse"), "collapse")
+            text, text_weight = _parse_text(payload.get("text")), _parse_weight(
+                payload.get("text_weight"))
+            if "vector" not in payload:  # text-only query
+                if text is None:
+                    raise ApiError(422, "bad_text", '"text" must be a non-empty string')
+                return answer(await call(searcher.search_text, text, k, filters, collapse))
             vector = payload["vector"]
             if not isinstance(vector, list) or not all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector):
                 raise ApiError(422, "bad_vector", "vector must be a list of numbers")
             if any(isinstance(x, int) and not -2 ** 128 < x < 2 ** 128 for x in vector):
                 raise ApiError(422, "bad_vector", "vector has a number too large for float32")
-            results = await call(searcher.search_vector, vector, k, filters, collapse)
+            results = await call(searcher.search_vector, vector, k, filters, collapse, text,
+                                 text_weight)
         else:
             raise ApiError(415, "unsupported_media_type",
                            "send multipart/form-data with an 'image' file, or application/json "
@@ -523,9 +574,13 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
     @app.get("/v1/products/{product_id}/similar", summary='"More like this" for a product')
     async def similar(product_id: str, k: int | None = Query(None),
                       filters: str | None = Query(None, description="JSON object"),
-                      collapse: bool = Query(True)) -> dict[str, Any]:
+                      collapse: bool = Query(True),
+                      text_weight: str | None = Query(
+                          None, description="weight of title similarity, 0..1 (default "
+                                            "fusion.similar_text_weight)")) -> dict[str, Any]:
         results = await call(searcher.similar_to, product_id=product_id, k=k,
-                             filters=parse_filters(filters), collapse=collapse)
+                             filters=parse_filters(filters), collapse=collapse,
+                             text_weight=_parse_weight(text_weight))
         return answer(results)
 
     @app.get("/v1/images/{image_id:path}/similar",

@@ -60,7 +60,13 @@ def with_allowed_models(args: argparse.Namespace, config: Config) -> Config:
 
 def _query_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or URIs")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="query image files or URIs (none: a text-only query with --text)")
+    p.add_argument("--text", help='query words, e.g. "organic": fused with each photo, or '
+                                  "searched alone over product titles/categories/descriptions")
+    p.add_argument("--text-weight", type=float, metavar="W",
+                   help="weight of the text score in photo + text queries, 0..1 "
+                        "(default fusion.text_weight)")
     p.add_argument("-k", type=int, default=None, help="results per image (default serving.default_k)")
     p.add_argument("--filters", help='metadata filter, JSON, e.g. {"category": "dairy"}')
     p.add_argument("--images", dest="by_image", action="store_true",
@@ -78,6 +84,15 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
     if args.k is not None and not 1 <= args.k <= config.serving.max_k:
         raise UsageError(f"-k must be between 1 and {config.serving.max_k} "
                          f"(serving.max_k), got {args.k}")
+    if not args.images and args.text is None:
+        raise UsageError("give query IMAGE files, --text WORDS, or both")
+    if args.text is not None and not args.text.strip():
+        raise UsageError("--text must not be empty")
+    if args.text is not None and len(args.text.strip()) > config.fusion.max_text_chars:
+        raise UsageError(f"--text has more than fusion.max_text_chars = "
+                         f"{config.fusion.max_text_chars} characters")
+    if args.text_weight is not None and not 0.0 <= args.text_weight <= 1.0:
+        raise UsageError(f"--text-weight must be in [0, 1], got {args.text_weight}")
     for uri in args.images:
         if not fs.exists(uri):
             raise UsageError(f"query image {uri} does not exist")
@@ -88,13 +103,19 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
         print(f"catalog-search query: cannot load the index: {e}")
         return 1
     failures = 0
-    for uri in args.images:
+    for uri in args.images or [None]:
         try:
-            data = fs.read_bytes(uri, max_bytes=config.serving.max_upload_bytes)
-            results = searcher.search_image(data, k=args.k, filters=filters,
-                                            collapse=not args.by_image)
+            if uri is None:  # text only
+                uri = f"text: {args.text}"
+                results = searcher.search_text(args.text, k=args.k, filters=filters,
+                                               collapse=not args.by_image)
+            else:
+                data = fs.read_bytes(uri, max_bytes=config.serving.max_upload_bytes)
+                results = searcher.search_image(data, k=args.k, filters=filters,
+                                                collapse=not args.by_image, text=args.text,
+                                                text_weight=args.text_weight)
         except QueryError as e:
-            if e.reason == "bad_k" or e.reason == "bad_filter":
+            if e.reason in ("bad_k", "bad_filter", "bad_text", "bad_text_weight"):
                 raise UsageError(str(e)) from None
             print(f"{uri}: {e.reason}: {e}")
             failures += 1

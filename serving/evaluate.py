@@ -90,12 +90,53 @@ def _thumbnail(data: bytes, side: int = 112) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> str:
+    """Query vectors depend on the query file, the model and the feature variants only."""
+    import hashlib
+    import json
+    from pipelines.features import features_dict
+    import os
+    if "://" not in queries:
+        queries = os.path.abspath(queries)  # one cache entry however the path is spelled
+    key = json.dumps({"queries": queries, "model": model.get("fingerprint"),
+                      "features": features_dict(model.get("features"))}, sort_keys=True)
+    return fs.join(cache_dir, f"queries-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+
+
+def _load_vector_cache(path: str) -> dict[str, np.ndarray]:
+    if not fs.exists(path):
+        return {}
+    with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
+        if "image_uris" not in z.files:  # an older cache layout: embed again
+            return {}
+        return {str(uri): vec for uri, vec in zip(z["image_uris"].tolist(), z["vectors"])}
+
+
+def _save_vector_cache(path: str, image_uris: list[str], vectors: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, image_uris=np.asarray(image_uris, dtype=str), vectors=vectors)
+    fs.write_bytes(path, buf.getvalue())
+
+
+def query_text(row: dict[str, Any], field: str) -> str:
+    """The text a labelled query row contributes in a photo + text evaluation."""
+    value = row.get(field) if field in ("product_id", "image_id") else \
+        row["metadata"].get(field)
+    return str(value).replace("-", " ").strip() if value is not None else ""
+
+
 def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
-             version: str | None = None, max_examples: int = 40) -> dict[str, Any]:
+             version: str | None = None, max_examples: int = 40,
+             vector_cache: str | None = None, text_from: str | None = None,
+             text_weight: float | None = None) -> dict[str, Any]:
     """Evaluate the index LATEST (or `version`) names on a labelled query manifest.
 
     Writes out_dir/report.json and out_dir/report.html; returns the report dict
     ("overall": {"index": metrics, "exact": metrics}, "by_category", "by_product", ...).
+    vector_cache: a folder where query vectors are kept per (queries, model, features), so
+    re-evaluating another index of the same model does not embed the photos again.
+    text_from: a query-manifest field (e.g. category, title) used as query text, fused with
+    the photo (serving.fusion) with `text_weight` (default fusion.text_weight).
     """
     from pipelines.manifest import read_rows
     from serving.searcher import CatalogSearcher, QueryError, collect_hits
@@ -110,6 +151,10 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     skipped: list[dict[str, str]] = []
     usable: list[dict[str, Any]] = []
     pixels: list[np.ndarray] = []
+    cache_file = _vector_cache_file(vector_cache, queries, idx.manifest["model"]) \
+        if vector_cache else None
+    cached = _load_vector_cache(cache_file) if cache_file else {}
+    from_cache: dict[int, np.ndarray] = {}
     for row in rows:
         if row.get("error"):
             reason, message = row["error"]
@@ -120,6 +165,10 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
             skipped.append({"source": row.get("source", ""), "reason": "product_not_indexed",
                             "message": f"product {row['product_id']!r} has no image in index "
                                        f"version {idx.version}"})
+            continue
+        if row["image_uri"] in cached:
+            from_cache[len(usable)] = cached[row["image_uri"]]
+            usable.append(row)
             continue
         try:
             data = fs.read_bytes(row["image_uri"], max_bytes=config.fetch.max_bytes)
@@ -136,12 +185,20 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     if not usable:
         raise ValueError(f"{queries}: no usable query (of {len(rows)} rows; "
                          f"{len(skipped)} skipped, first: {skipped[:1]})")
-    log.info("evaluate: embedding %d queries (%d skipped)", len(usable), len(skipped))
+    log.info("evaluate: %d queries (%d skipped), %d vectors from the cache, embedding %d",
+             len(usable), len(skipped), len(from_cache), len(pixels))
     t_embed = time.perf_counter()
     batch = config.model.batch_size
-    vectors = np.concatenate([embedder.embed_arrays(np.stack(pixels[i:i + batch]))
-                              for i in range(0, len(pixels), batch)])
+    fresh = iter(np.concatenate([embedder.embed_arrays(np.stack(pixels[i:i + batch]))
+                                 for i in range(0, len(pixels), batch)]) if pixels else [])
+    vectors = np.stack([from_cache[i] if i in from_cache else next(fresh)
+                        for i in range(len(usable))]).astype(np.float32)
     embed_s = time.perf_counter() - t_embed
+    if cache_file and pixels:
+        _save_vector_cache(cache_file, [r["image_uri"] for r in usable], vectors)
+    weight = text_weight if text_weight is not None else config.fusion.text_weight
+    if text_from is not None and idx.text_index is None:
+        raise ValueError("text fusion needs the index's text index (serving.text_search)")
 
     # Batched neighbour lists, deep enough for top-10 products in most cases
     # (collect_hits asks for more, one query at a time, when they are not).
@@ -162,14 +219,25 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         entry: dict[str, Any] = {"product_id": pid, "image_uri": row["image_uri"],
                                  "category": str(row["metadata"].get("category", "")),
                                  "source": row.get("source", "")}
-        num_relevant = len(idx.product_rows(pid))
+        # images, not rows: with augment.mode=separate an image has several rows (views)
+        num_relevant = len({idx.image_id(r) for r in idx.product_rows(pid)})
         for mode in MODES:
             t0 = time.perf_counter()
             first = (neighbours[mode][0][qi], neighbours[mode][1][qi])
-            by_product = collect_hits(idx, vector, max(KS), collapse=True,
+            text = query_text(row, text_from) if text_from else ""
+            if text:
+                from serving.fusion import fused_hits
+                by_product = fused_hits(idx, vector, text, max(KS), weight,
+                                        config.fusion.candidates, collapse=True,
+                                        exact=mode == "exact", neighbours=first)
+                by_image = fused_hits(idx, vector, text, MAP_DEPTH, weight,
+                                      config.fusion.candidates, collapse=False,
                                       exact=mode == "exact", neighbours=first)
-            by_image = collect_hits(idx, vector, MAP_DEPTH, collapse=False,
-                                    exact=mode == "exact", neighbours=first)
+            else:
+                by_product = collect_hits(idx, vector, max(KS), collapse=True,
+                                          exact=mode == "exact", neighbours=first)
+                by_image = collect_hits(idx, vector, MAP_DEPTH, collapse=False,
+                                        exact=mode == "exact", neighbours=first)
             search_s[mode] += time.perf_counter() - t0
             entry[mode] = _query_metrics(pid, [h.product_id for h in by_product],
                                          [h.product_id for h in by_image], num_relevant)
@@ -199,9 +267,15 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "by_category": grouped("category"),
         "by_product": grouped("product_id"),
         "index_evaluation": idx.manifest.get("evaluation"),
+        "features": (idx.manifest.get("model") or {}).get("features"),
+        "fusion": {"text_from": text_from, "text_weight": weight if text_from else None,
+                   "candidates": config.fusion.candidates if text_from else None},
+        "queries_from_cache": len(from_cache),
         "timings_s": {"total": round(time.perf_counter() - started, 2),
                       "embed": round(embed_s, 2),
                       **{f"search_{m}": round(s, 3) for m, s in search_s.items()}},
+        "search_ms_per_query": {m: round(s * 1e3 / len(per_query), 3)
+                                for m, s in search_s.items()},
         "per_query": per_query,
     }
     fs.write_json(fs.join(out_dir, "report.json"), report)
@@ -304,6 +378,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "serving.allowed_model_handles)")
     p.add_argument("--json", action="store_true",
                    help="print the overall metrics as one JSON object instead of a table")
+    p.add_argument("--vector-cache", metavar="DIR",
+                   help="keep query vectors here per (queries, model, features) and reuse them")
+    p.add_argument("--text-from", metavar="FIELD",
+                   help="photo + text queries: this query-manifest field (e.g. category, "
+                        "title) is the query text, fused with the photo")
+    p.add_argument("--text-weight", type=float, metavar="W",
+                   help="text weight of the fusion, 0..1 (default fusion.text_weight)")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -311,10 +392,17 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"--queries {args.queries} does not exist")
     if args.examples < 0:
         raise UsageError("--examples must be >= 0")
+    if args.text_weight is not None and not 0.0 <= args.text_weight <= 1.0:
+        raise UsageError(f"--text-weight must be in [0, 1], got {args.text_weight}")
+    if args.text_weight is not None and not args.text_from:
+        raise UsageError("--text-weight needs --text-from")
+    if args.text_from is not None and not args.text_from.strip():
+        raise UsageError("--text-from must name a query-manifest field")
     from serving.cli import with_allowed_models
     config = with_allowed_models(args, config)
     report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
-                      max_examples=args.examples)
+                      max_examples=args.examples, vector_cache=args.vector_cache,
+                      text_from=args.text_from, text_weight=args.text_weight)
     if args.json:
         print(json.dumps({"version": report["version"], "queries": report["queries"],
                           "skipped": len(report["skipped"]), "overall": report["overall"],

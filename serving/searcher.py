@@ -72,9 +72,15 @@ class SearchHit:
     score: float
     metadata: dict[str, Any]
     image_uri: str | None = None
+    visual_score: float | None = None  # image + text queries: the parts of the fused score
+    text_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("visual_score", "text_score"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,10 @@ class QueryEmbedder:
                 f"would not match the catalog's")
         self.spec = spec
         self.config = config
+        # Feature variants (zoom levels, flip) the catalog was embedded with: from the index
+        # manifest, never from the serving config, so queries get exactly the same treatment.
+        from pipelines.features import features_dict
+        self.features = features_dict(model.get("features"))
         self._embedder = Embedder(spec)
 
     @property
@@ -172,22 +182,25 @@ class QueryEmbedder:
         return self.spec.fingerprint
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Query bytes -> uint8 [S,S,3]; raises QueryError with the decode reason.
+        """Query bytes -> uint8 [S,S,3] (or the zoom variants); raises QueryError with the
+        decode reason.
 
         Uploads get the tighter limits: serving.max_query_pixels decoded pixels and the
         common photo formats only (pipelines.image_decode.QUERY_FORMATS).
         """
-        from pipelines.image_decode import QUERY_FORMATS, DecodeError, load_and_preprocess
+        from pipelines.features import load_query_arrays
+        from pipelines.image_decode import QUERY_FORMATS, DecodeError
         try:
-            return load_and_preprocess(data, self.spec.input_size, self.config,
-                                       max_decoded_pixels=self.config.serving.max_query_pixels,
-                                       formats=QUERY_FORMATS)
+            return load_query_arrays(data, self.spec.input_size, self.config, self.features,
+                                     max_decoded_pixels=self.config.serving.max_query_pixels,
+                                     formats=QUERY_FORMATS)
         except DecodeError as e:
             raise QueryError(e.reason, f"image cannot be used: {e}") from e
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,S,S,3] -> float32 [N,dim], L2-normalised."""
-        return self._embedder.embed(images)
+        """uint8 [N,S,S,3] (or [N,V,S,S,3]: feature variants) -> float32 [N,dim], normalised."""
+        from pipelines.features import embed_variants
+        return embed_variants(self._embedder.embed, images)
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
         """One photo -> float32 [dim]."""
@@ -205,6 +218,7 @@ class LoadedIndex:
         self.manifest = dict(manifest)
         self.shard_ids = shard_ids
         self.embedder = embedder
+        self.text_index: Any = None  # serving.text_search.TextIndex, built by CatalogSearcher
         self._backend = backend
         self.num_vectors = backend.num_rows
         self.dim = int(manifest.get("dim") or backend.dim)
@@ -515,7 +529,8 @@ class CatalogSearcher:
             self._copied_versions.remove(version)
 
     def _embedder_for(self, model: Mapping[str, Any]) -> QueryEmbedder:
-        fingerprint = str(model.get("fingerprint", ""))
+        fingerprint = str(model.get("fingerprint", "")) + json.dumps(model.get("features"),
+                                                                      sort_keys=True)
         embedder = self._embedders.get(fingerprint)
         if embedder is None:
             embedder = QueryEmbedder(model, self.config)
@@ -540,6 +555,11 @@ class CatalogSearcher:
         embedder = self._embedder_for(manifest["model"]) if self.load_embedder else None
         loaded = LoadedIndex(version, manifest, shard_ids, backend, embedder)
         verify_loaded(loaded)
+        from serving.text_search import build_text_index
+        try:
+            loaded.text_index = build_text_index(loaded, self.config.fusion.text_fields)
+        except ImportError as e:  # bm25s comes with the serving extra; photos still work
+            log.warning("text search is off: %s (pip install '.[serving]')", e)
         return loaded
 
     # -- queries ---------------------------------------------------------------------------
@@ -555,13 +575,51 @@ class CatalogSearcher:
                                       f"got {k}")
         return int(k)
 
-    def search_image(self, data: bytes, k: int | None = None,
-                     filters: Mapping[str, Any] | None = None,
-                     collapse: bool = True) -> SearchResults:
-        """Products that look like the photo `data` (JPEG/PNG/... bytes)."""
+    def check_text(self, text: str | None) -> str | None:
+        """None, or query text of 1 to fusion.max_text_chars characters; QueryError if not."""
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            raise QueryError("bad_text", f"text must be a string, got {type(text).__name__}")
+        text = text.strip()
+        if not text:
+            raise QueryError("bad_text", "text is empty")
+        limit = self.config.fusion.max_text_chars
+        if len(text) > limit:
+            raise QueryError("bad_text", f"text has {len(text)} characters; the limit is {limit}")
+        return text
+
+    def search_text(self, text: str, k: int | None = None,
+                    filters: Mapping[str, Any] | None = None,
+                    collapse: bool = True) -> SearchResults:
+        """Products whose metadata text matches `text` (BM25); only matching products."""
+        from serving.fusion import text_hits
         idx = self.current
         k = self.check_k(k)
         parsed = validate_filters(filters, idx.filter_keys)
+        query = self.check_text(text)
+        if query is None:
+            raise QueryError("bad_text", "text is required")
+        self._check_text_index(idx)
+        t0 = time.perf_counter()
+        hits = text_hits(idx, query, k, parsed, collapse)
+        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
+                             timings_ms={"text_ms": (time.perf_counter() - t0) * 1e3})
+
+    def search_image(self, data: bytes, k: int | None = None,
+                     filters: Mapping[str, Any] | None = None,
+                     collapse: bool = True, text: str | None = None,
+                     text_weight: float | None = None) -> SearchResults:
+        """Products that look like the photo `data` (JPEG/PNG/... bytes).
+
+        With `text`, visual and text (BM25) scores are fused (serving.fusion), weighted by
+        `text_weight` (default fusion.text_weight).
+        """
+        idx = self.current
+        k = self.check_k(k)
+        parsed = validate_filters(filters, idx.filter_keys)
+        query_text = self.check_text(text)
+        weight = self.check_weight(text_weight, self.config.fusion.text_weight)
         limit = self.config.serving.max_upload_bytes
         if len(data) > limit:
             raise QueryError("too_large", f"image is {len(data)} bytes; the limit is {limit}")
@@ -572,26 +630,41 @@ class CatalogSearcher:
         t1 = time.perf_counter()
         vector = idx.embedder.embed_arrays(pixels[None])[0]
         t2 = time.perf_counter()
-        results = self._run(idx, vector, k, parsed, collapse, exclude_rows=())
+        if query_text is not None:
+            results = self._run_fused(idx, vector, query_text, weight, k, parsed, collapse, ())
+        else:
+            results = self._run(idx, vector, k, parsed, collapse, exclude_rows=())
         results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
         return results
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int | None = None,
                       filters: Mapping[str, Any] | None = None,
-                      collapse: bool = True) -> SearchResults:
-        """Products nearest to an embedding (normalised here; dimension must match)."""
+                      collapse: bool = True, text: str | None = None,
+                      text_weight: float | None = None) -> SearchResults:
+        """Products nearest to an embedding (normalised here; dimension must match).
+
+        With `text`, fused with the text score as in `search_image`.
+        """
         idx = self.current
         k = self.check_k(k)
         parsed = validate_filters(filters, idx.filter_keys)
-        return self._run(idx, self.check_vector(vector, idx.dim), k, parsed, collapse, ())
+        query_text = self.check_text(text)
+        weight = self.check_weight(text_weight, self.config.fusion.text_weight)
+        vector_ = self.check_vector(vector, idx.dim)
+        if query_text is not None:
+            return self._run_fused(idx, vector_, query_text, weight, k, parsed, collapse, ())
+        return self._run(idx, vector_, k, parsed, collapse, ())
 
     def similar_to(self, product_id: str | None = None, image_id: str | None = None,
                    k: int | None = None, filters: Mapping[str, Any] | None = None,
-                   collapse: bool = True) -> SearchResults:
+                   collapse: bool = True, text_weight: float | None = None) -> SearchResults:
         """"More like this": products like a catalog product (mean of its images) or image.
 
-        The product (or image) itself is left out of the results.
+        The product (or image) itself is left out of the results. With a text weight > 0
+        (`text_weight`, default fusion.similar_text_weight) the product's title similarity
+        (BM25 of its title) is fused with the visual score (serving.fusion).
         """
+        weight = self.check_weight(text_weight, self.config.fusion.similar_text_weight)
         if (product_id is None) == (image_id is None):
             raise QueryError("bad_query", "give exactly one of product_id or image_id")
         idx = self.current
@@ -612,8 +685,43 @@ class CatalogSearcher:
             exclude_product = None
         vectors = idx.vectors_of(rows)
         vector = _normalise(vectors.mean(axis=0))
+        if weight > 0:
+            from serving.fusion import product_title
+            title = product_title(idx, product_id if product_id is not None
+                                  else idx.product_id(rows[0]))
+            return self._run_fused(idx, vector, title, weight, k, parsed, collapse, rows,
+                                   exclude_product)
         return self._run(idx, vector, k, parsed, collapse, exclude_rows=rows,
                          exclude_product=exclude_product)
+
+    @staticmethod
+    def check_weight(weight: Any, default: float) -> float:
+        """A text weight in [0, 1] (default when None); QueryError if not."""
+        if weight is None:
+            return default
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not 0.0 <= float(weight) <= 1.0:
+            raise QueryError("bad_text_weight", f"text_weight must be a number in [0, 1], "
+                                                f"got {weight!r}")
+        return float(weight)
+
+    @staticmethod
+    def _check_text_index(idx: LoadedIndex) -> None:
+        if idx.text_index is None:
+            raise QueryError("text_unavailable", "text search is not available on this server "
+                                                 "(the bm25s package is not installed)")
+
+    def _run_fused(self, idx: LoadedIndex, vector: np.ndarray, text: str, weight: float,
+                   k: int, filters: Mapping[str, frozenset[str]], collapse: bool,
+                   exclude_rows: Iterable[int], exclude_product: str | None = None
+                   ) -> SearchResults:
+        from serving.fusion import fused_hits
+        self._check_text_index(idx)
+        t0 = time.perf_counter()
+        hits = fused_hits(idx, vector, text, k, weight, self.config.fusion.candidates,
+                          filters, collapse, exclude_rows, exclude_product)
+        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
+                             timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
 
     @staticmethod
     def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:

@@ -141,3 +141,29 @@ def test_evaluate_cli(world, tmp_path, capsys):
     assert main(["evaluate", "--index-root", world.index_root, "--queries",
                  str(tmp_path / "missing.csv")]) == 2
     shutil.rmtree(out)
+
+
+def test_evaluate_vector_cache_and_text_fusion(world, tmp_path):
+    """Cached query vectors give the same report; the product title as query text lifts
+    recall@1 to 1 (the title names the product), weight 0 keeps the visual metrics."""
+    cache = str(tmp_path / "cache")
+    first = evaluate(world.index_root, world.queries, str(tmp_path / "a"), world.config,
+                     vector_cache=cache)
+    again = evaluate(world.index_root, world.queries, str(tmp_path / "b"), world.config,
+                     vector_cache=cache)
+    assert first["queries_from_cache"] == 0 and again["queries_from_cache"] == NUM_PRODUCTS
+    assert again["overall"] == first["overall"]
+    # queries.csv has no title column: use the product_id (e.g. "P0003") as its words
+    fused = evaluate(world.index_root, world.queries, str(tmp_path / "c"), world.config,
+                     vector_cache=cache, text_from="product_id", text_weight=0.5)
+    assert fused["fusion"] == {"text_from": "product_id", "text_weight": 0.5,
+                               "candidates": world.config.fusion.candidates}
+    assert first["overall"]["index"]["recall@1"] < 1.0  # the photos alone make mistakes
+    assert fused["overall"]["index"]["recall@1"] == 1.0
+    zero = evaluate(world.index_root, world.queries, str(tmp_path / "d"), world.config,
+                    vector_cache=cache, text_from="product_id", text_weight=0.0)
+    assert zero["overall"]["index"]["recall@1"] == first["overall"]["index"]["recall@1"]
+    assert main(["evaluate", "--index-root", world.index_root, "--queries", world.queries,
+                 "--text-weight", "0.5"]) == 2  # --text-weight needs --text-from
+    assert main(["evaluate", "--index-root", world.index_root, "--queries", world.queries,
+                 "--text-from", "category", "--text-weight", "3"]) == 2

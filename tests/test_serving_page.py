@@ -176,3 +176,37 @@ def test_page_upload_shows_result_thumbnails(tmp_path):
     assert row["category"] in results[0]["text"] and row["title"] in results[0]["text"]
     assert "10 results from index v0001" in seen["message"]
     assert seen["error"].startswith("error 422")
+
+
+async def _drive_words(ws_url: str, page_url: str, words: str) -> list:
+    import websockets
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        cdp = Cdp(ws)
+        await cdp.send("Page.enable")
+        await cdp.send("Runtime.enable")
+        await cdp.send("Page.navigate", url=page_url)
+        await cdp.wait_for("document.readyState === 'complete' && "
+                           "document.getElementById('index-status').textContent.includes('index')")
+        await cdp.evaluate(f"document.getElementById('text').value = {json.dumps(words)}; "
+                           "document.getElementById('text-search').click(); true")
+        await cdp.wait_for("document.body.dataset.state === 'results'")
+        return await cdp.evaluate(
+            "[...document.querySelectorAll('#results li')].map(li => li.dataset.productId)")
+
+
+def test_page_words_alone_search_the_catalog_text():
+    """The text box: words with no photo run a text-only search (BM25 over titles...)."""
+    chromium = _ensure_chromium()
+    world = serving_world()
+    app = create_app(world.index_root, world.config, watch=False)
+    browser = Browser(chromium)
+    try:
+        with LiveServer(app) as live:
+            products = asyncio.run(_drive_words(browser.page_ws_url(), live.url + "/",
+                                                "organic juice"))
+    finally:
+        browser.close()
+    titles = {r["product_id"]: r["title"].lower() for r in world.catalog_rows()}
+    assert products and products[0] == "P0005"  # "Organic Juice 5": both words
+    assert all("organic" in titles[p] or "juice" in titles[p] for p in products)
+    assert set(products) == {p for p, t in titles.items() if "organic" in t or "juice" in t}

@@ -51,13 +51,22 @@ function renderResults(body) {
   document.body.dataset.state = "results";
 }
 
+let lastFile = null;
+
 async function search(file) {
-  if (!file) return;
+  const text = $("text").value.trim();
+  if (!file && !text) return;
   const preview = $("query-preview");
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
+  if (file) {
+    lastFile = file;
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+  } else {
+    preview.hidden = true;
+  }
   const form = new FormData();
-  form.append("image", file, file.name || "query.jpg");
+  if (file) form.append("image", file, file.name || "query.jpg");
+  if (text) form.append("text", text);
   form.append("k", $("k").value || "10");
   const category = $("category").value.trim();
   if (category) form.append("filters", JSON.stringify({ category }));
@@ -80,6 +89,9 @@ async function search(file) {
 }
 
 $("file-input").addEventListener("change", (e) => search(e.target.files[0]));
+// Words alone search the catalog's text; with a photo chosen they refine that photo.
+$("text-search").addEventListener("click", () => search(lastFile));
+$("text").addEventListener("keydown", (e) => { if (e.key === "Enter") search(lastFile); });
 const zone = $("drop-zone");
 zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("dragging"); });
 zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
