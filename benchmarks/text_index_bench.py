@@ -2,7 +2,6 @@
 import random, time, sys, json
 sys.path.insert(0, ".")
 from serving.text_search import TextIndex
-import numpy as np
 words = open("/work/shared/datasets/grocery-store/dataset/iconic-images-and-descriptions/Vegetables/Asparagus/Asparagus_Description.txt").read().split()
 rng = random.Random(0)
 out = {}

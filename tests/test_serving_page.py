@@ -196,7 +196,7 @@ async def _drive_words(ws_url: str, page_url: str, words: str) -> list:
 
 def test_page_words_alone_search_the_catalog_text():
     """The text box: words with no photo run a text-only search (BM25 over titles...)."""
-    chromium = _ensure_chromium()
+    chromium = _find_chromium()
     world = serving_world()
     app = create_app(world.index_root, world.config, watch=False)
     browser = Browser(chromium)
