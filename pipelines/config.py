@@ -94,6 +94,9 @@ class EmbedConfig:
     def validate(self) -> None:
         _require(0 <= self.max_dead_letter_fraction <= 1, "embed.max_dead_letter_fraction",
                  f"must be in [0, 1], got {self.max_dead_letter_fraction!r}")
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """How one image becomes one vector (see pipelines/features.py); part of the fingerprint.
 

@@ -17,7 +17,7 @@ from pipelines.index_build import run_build_index
 from pipelines.sample_catalog import write_catalog
 from serving.app import create_app
 from serving.searcher import CatalogSearcher, QueryError
-from test_serving_helpers import LiveServer
+from serving_fixtures import LiveServer
 
 # Two products share one photo (identical bytes); only their text tells them apart.
 ROWS = [  # product_id, image of generated product #, title, category, description
