@@ -39,6 +39,9 @@ class TextIndex:
 
     def __init__(self, product_ids: Sequence[str], documents: Sequence[str]):
         import bm25s
+        # bm25s sets its own logger to DEBUG on import ("Building index from IDs objects"
+        # on every index): keep it to warnings, like the other libraries we quiet.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         if len(product_ids) != len(documents):
             raise ValueError("one document per product is needed")
         started = time.perf_counter()

@@ -91,6 +91,16 @@ COVERAGE: list[Coverage] = [
              r"(embed|build-index|evaluate) .*out/grocery.*", SKIP,
              "the full grocery dataset (2,721 + 2,485 images: minutes); the same "
              "subcommands run here on the sample catalog"),
+    # docs/EVALUATION.md: the quality grid's per-row steps and its model-cost loop
+    Coverage(r"CS=\"\.venv/bin/catalog-search --config \$ROW/config\.yaml\"|"
+             r"\$CS (embed|build-index|evaluate) .*\$ROW/.*", SKIP,
+             "what benchmarks/quality_grid.py runs per row on the full grocery dataset "
+             "(minutes each); --vector-cache, --text-from and --text-weight: "
+             "tests/test_serving_cli_evaluate.py"),
+    Coverage(r"for m in lite0 lite1 lite2; do|done >> benchmarks/results/model_bench_lite012\.jsonl|"
+             r"\.venv/bin/catalog-search model bench --handle builtin:efficientnet_\$m .*", SKIP,
+             "three builtin models benchmarked (minutes); model bench itself runs in "
+             "test_readme_command_line_chain"),
     # docs/AIRFLOW.md
     Coverage(r"airflow dags trigger catalog_(refresh|backfill) --conf '\{ \"config_file\": "
              r"\"/opt/catalog-search/configs/(dataflow|flink)\.yaml\".*", SKIP,
@@ -104,9 +114,10 @@ COVERAGE: list[Coverage] = [
              RUN, "test_airflow_local_stack_sequence (slow)"),
     # docs/BENCHMARKS.md, docs/EVALUATION.md, docs/RELIABILITY.md
     Coverage(r"\.venv/bin/pip install faiss-cpu", SKIP, "registry install, for one benchmark"),
-    Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
+    Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
-             r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall)\.py .*",
+             r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
+             r"fusion_latency)\.py .*",
              SKIP, LONG),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),
@@ -357,15 +368,18 @@ def _wait_http(url: str, want: int, proc: subprocess.Popen, log: str, timeout: f
         time.sleep(0.5)
 
 
-def _shrink_catalog(cat: Path, images: int, queries: int) -> None:
-    """Keep the first rows of the sample catalog's manifests (the README's example query too)."""
-    for name, keep in (("manifest.csv", images), ("queries.csv", queries)):
+def _shrink_catalog(cat: Path, products: tuple[str, ...], queries: int) -> None:
+    """Keep the named products of the sample catalog (the README's example query's P0000 and
+    the "organic" one its text queries find) and the first query rows."""
+    for name in ("manifest.csv", "queries.csv"):
         with open(cat / name, newline="") as f:
             rows = list(csv.DictReader(f))
+        keep = ([r for r in rows if r["product_id"] in products] if name == "manifest.csv"
+                else rows[:queries])
         with open(cat / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows(rows[:keep])
+            w.writerows(keep)
 
 
 def _readme_chain(tmp_path: Path, tiny: bool) -> None:
@@ -376,7 +390,7 @@ def _readme_chain(tmp_path: Path, tiny: bool) -> None:
     sh = Shell(work, shell_env(), {"/run/secrets/admin": str(token)})
     cmds = [c for c in _commands_in("README.md")
             if coverage_of(c).where == "test_readme_command_line_chain"]
-    assert len(cmds) == 14, cmds  # README lines 58-71
+    assert len(cmds) == 16, cmds  # README lines 67-82
     for cmd in cmds:
         key = cmd.key
         if "<run_id>" in key:
@@ -397,9 +411,9 @@ def _readme_chain(tmp_path: Path, tiny: bool) -> None:
             continue
         out = sh.run(cmd)
         if key.startswith("catalog-search sample-catalog") and tiny:
-            _shrink_catalog(work / "out/cat", images=6, queries=2)
+            _shrink_catalog(work / "out/cat", ("P0000", "P0001", "P0004"), queries=2)
         if key.startswith("catalog-search query"):
-            _check_example_query(out, full=not tiny)
+            _check_example_query(out, key, full=not tiny)
         if key == "catalog-search --version":
             assert out.startswith("catalog-search ")
     assert (work / "out/eval/report.html").exists() and (work / "out/model/saved_model.pb").exists()
@@ -434,10 +448,20 @@ def _status_of(req: urllib.request.Request) -> int:
         return e.code
 
 
-def _check_example_query(out: str, full: bool) -> None:
-    """README: P0000_q0.jpg lists P0000 first, about 0.86, the next product about 0.69."""
+def _check_example_query(out: str, key: str, full: bool) -> None:
+    """README: P0000_q0.jpg lists P0000 first, about 0.86, the next product about 0.69;
+    "organic" alone finds only the Organic products (P0004 Organic Yogurt, P0011 Organic
+    Crackers); the photo with "organic" puts the look-alike Organic Yogurt P0004 (0.71 on
+    the photo alone) first and P0000 second."""
     hits = [(m.group(2), float(m.group(1))) for m in
             re.finditer(r"^\s+\d+\s+([0-9.]+)\s+(\S+)\s", out, re.M)]
+    assert "DEBUG" not in out, out  # no library debug lines on a plain run
+    if key.endswith('--text "organic"') and "P0000_q0.jpg" not in key:
+        assert hits and {p for p, _ in hits} <= {"P0004", "P0011"}, out
+        return
+    if "--text" in key:
+        assert [p for p, _ in hits[:2]] == ["P0004", "P0000"], out
+        return
     assert hits and hits[0][0] == "P0000", out
     if full:
         other = next(score for product, score in hits if product != "P0000")
@@ -445,7 +469,7 @@ def _check_example_query(out: str, full: bool) -> None:
 
 
 def test_readme_command_line_chain(tmp_path):
-    """The README's command line, in order, on the sample catalog cut to 6 images."""
+    """The README's command line, in order, on the sample catalog cut to 3 products."""
     _readme_chain(tmp_path, tiny=True)
 
 
@@ -468,7 +492,7 @@ def test_grocery_manifests(tmp_path):
             if coverage_of(cmd).where.startswith("test_grocery_manifests"):
                 sh.run(cmd, timeout=300)
                 ran += 1
-    assert ran == 7, sh.ran
+    assert ran == 8, sh.ran
     for out in ("out/grocery", "out/grocery-iconic"):
         with open(work / out / "catalog.csv") as f:
             assert sum(1 for _ in f) > 81

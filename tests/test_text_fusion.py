@@ -174,7 +174,9 @@ def test_cli_query_text_only_photo_plus_text_and_bad_args(fusion_world, tmp_path
     from pipelines.cli import main
     _, images, config, index_root = fusion_world
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"cache_dir": config.model.cache_dir},
+    # The operator configures the model the index was built with (serving trusts only that).
+    cfg.write_text(yaml.safe_dump({"model": {"handle": config.model.handle,
+                                             "cache_dir": config.model.cache_dir},
                                    "fusion": {"max_text_chars": 50}}))
     base = ["--config", str(cfg), "query", "--index-root", index_root, "--json"]
     assert main(base + ["--text", "vegetable"]) == 0
