@@ -34,7 +34,7 @@ test-onednn: venv
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(ONEDNN_TESTS)
 
 # ruff and mypy, configured in pyproject.toml.
-LINT_PATHS := pipelines serving dags benchmarks tests
+LINT_PATHS := pipelines serving catalog_search dags benchmarks tests
 lint: venv
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy
@@ -46,14 +46,14 @@ browser:
 	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 demo: venv
-	$(PY) -m pipelines.demo --workdir out/demo
+	$(PY) -m catalog_search.demo --workdir out/demo
 
 # The local Airflow stack of docs/AIRFLOW.md (standalone, SQLite under out/airflow).
 airflow-up: venv
-	$(PY) -m pipelines.airflow_local up --home out/airflow --data out/data
+	$(PY) -m pipelines.orchestration.airflow_local up --home out/airflow --data out/data
 
 airflow-down:
-	$(PY) -m pipelines.airflow_local down --home out/airflow
+	$(PY) -m pipelines.orchestration.airflow_local down --home out/airflow
 
 clean:
 	rm -rf out .pytest_cache

@@ -42,7 +42,8 @@ setup(
     version="0.1.0",
     description="Catalog visual search: Beam embedding jobs, sharded ScaNN indexes, Airflow DAGs, serving.",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["pipelines", "pipelines.*", "serving", "serving.*"]),
+    packages=find_packages(include=["pipelines", "pipelines.*", "serving", "serving.*",
+                                    "catalog_search", "catalog_search.*"]),
     # configs/default.yaml ships as pipelines/configs/default.yaml (a symlink in the repo).
     package_data={"serving": ["static/*"], "pipelines": ["configs/default.yaml"]},
     install_requires=PIPELINES,
@@ -53,5 +54,5 @@ setup(
         "dev": DEV,
         "all": SERVING + AIRFLOW + DEV,
     },
-    entry_points={"console_scripts": ["catalog-search = pipelines.cli:main"]},
+    entry_points={"console_scripts": ["catalog-search = catalog_search.cli:main"]},
 )

@@ -30,10 +30,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pipelines import snapshot  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
-from pipelines.embed import run_embed  # noqa: E402
-from pipelines.models import Embedder, resolve_model  # noqa: E402
+from pipelines.embed import snapshot  # noqa: E402
+from pipelines.core.config import load_config  # noqa: E402
+from pipelines.embed.job import run_embed  # noqa: E402
+from pipelines.model.resolve import Embedder, resolve_model  # noqa: E402
 
 
 def find_images(root: str, limit: int) -> list[str]:

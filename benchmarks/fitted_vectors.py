@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def real_vectors(snapshot_path: str) -> np.ndarray:
     """All vectors of an embeddings snapshot (benchmark helper; loads them in memory)."""
-    from pipelines import snapshot
+    from pipelines.embed import snapshot
     return snapshot.load(snapshot_path).vectors()
 
 
@@ -149,7 +149,7 @@ def recall_curve(vectors: np.ndarray, queries: np.ndarray, k: int = 10,
                  fractions=(0.01, 0.02, 0.05, 0.1, 0.2, 0.4)) -> list[dict]:
     """recall@k of one tree + AH + reorder ScaNN index vs leaves_to_search / num_leaves."""
     from scann.scann_ops.py import scann_ops_pybind
-    from pipelines.sharded_search import search_exact
+    from pipelines.index.sharded_search import search_exact
 
     n = len(vectors)
     leaves = max(2, int(round(math.sqrt(n))))

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-from", default="category")
     p.add_argument("--n", type=int, default=300)
     args = p.parse_args(argv)
-    from pipelines.config import load_config
-    from pipelines.manifest import read_rows
+    from pipelines.core.config import load_config
+    from pipelines.embed.manifest import read_rows
     from serving.evaluate import _load_vector_cache, _vector_cache_file, query_text
     from serving.searcher import CatalogSearcher
     config = load_config()

@@ -37,12 +37,12 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pipelines import filesystem as fs  # noqa: E402
-from pipelines import index_artifact as art  # noqa: E402
-from pipelines import snapshot  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
-from pipelines.index_build import run_build_index  # noqa: E402
-from pipelines.sharded_search import ShardedSearcher, search_exact  # noqa: E402
+from pipelines.core import filesystem as fs  # noqa: E402
+from pipelines.index import artifact as art  # noqa: E402
+from pipelines.embed import snapshot  # noqa: E402
+from pipelines.core.config import load_config  # noqa: E402
+from pipelines.index.build import run_build_index  # noqa: E402
+from pipelines.index.sharded_search import ShardedSearcher, search_exact  # noqa: E402
 
 log = logging.getLogger("index_bench")
 K = 10

@@ -63,7 +63,7 @@ def write_snapshot(path: str, n: int, dim: int, rows_per_file: int, row_group: i
     """A complete synthetic snapshot: clustered unit vectors, several files and row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pipelines import snapshot
+    from pipelines.embed import snapshot
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 100), dim)).astype(np.float32)
@@ -91,7 +91,7 @@ def write_snapshot(path: str, n: int, dim: int, rows_per_file: int, row_group: i
 
 def child(args: argparse.Namespace) -> int:
     """The launcher: run build-index in this process, then report this process's VmHWM."""
-    from pipelines.cli import main
+    from catalog_search.cli import main
     started = time.time()
     rc = main(["build-index", "--config", args.config, "--embeddings", args.embeddings,
                "--index-root", args.index_root, "--version", "bench"])

@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.config import load_config  # noqa: E402
-from pipelines.embed import run_embed  # noqa: E402
+from pipelines.core.config import load_config  # noqa: E402
+from pipelines.embed.job import run_embed  # noqa: E402
 
 
 def _rows(path: str) -> tuple[list[dict[str, str]], list[str]]:

@@ -21,7 +21,7 @@ import sys
 def bench_once(model: str, onednn: str, batch_size: int, batches: int, threads: int) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS=onednn)
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "model", "bench", "--handle", f"builtin:{model}",
+        [sys.executable, "-m", "catalog_search.cli", "model", "bench", "--handle", f"builtin:{model}",
          "--batch-size", str(batch_size), "--batches", str(batches), "--threads", str(threads),
          "--json"], env=env, capture_output=True, text=True, check=True, timeout=900).stdout
     return json.loads(out.strip().splitlines()[-1])

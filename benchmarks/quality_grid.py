@@ -3,7 +3,7 @@
     python benchmarks/quality_grid.py DATASET_DIR --work out/quality-grid \\
         [--rows lite0,lite0-fuse-cat-0.3,...] [--results benchmarks/results/quality_grid.json]
 
-Per feature row (a model + pipelines.features / augment settings) it runs the real CLI:
+Per feature row (a model + pipelines.model.features / augment settings) it runs the real CLI:
 `catalog-search embed` of the iconic + train catalog (once), `embed` of the packshots-only
 catalog with `--previous` pointing at that snapshot (the 81 packshots are reused, not
 embedded again), `build-index` for each, and `evaluate` on the 2,485 test photos for
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     iconic_cat, _ = write_manifests(args.dataset, os.path.join(work, "grocery-iconic"),
                                     include_train=False)
     manifests = {"full": full_cat, "iconic": iconic_cat}
-    cs = [sys.executable, "-m", "pipelines.cli"]  # = catalog-search, from this checkout
+    cs = [sys.executable, "-m", "catalog_search.cli"]  # = catalog-search, from this checkout
     results: list[dict[str, Any]] = []
     if os.path.exists(args.results):
         with open(args.results, encoding="utf-8") as f:

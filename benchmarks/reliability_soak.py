@@ -51,7 +51,7 @@ def hot_swap_under_load(url: str, index_root: str, versions: tuple[str, str], sw
     """
     import httpx
 
-    from pipelines import index_artifact as art
+    from pipelines.index import artifact as art
     from serving.auth import bearer_header
     counter = iter(range(10**12))
     lock = threading.Lock()
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import yaml
 
-    from pipelines import filesystem as fs
+    from pipelines.core import filesystem as fs
     from serving.searcher import CatalogSearcher
     from serving_fixtures import copy_index, serving_world
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, CATALOG_SEARCH_ADMIN_TOKEN=SOAK_TOKEN, TF_ENABLE_ONEDNN_OPTS="0")
     log = open(os.path.join(args.workdir, "serve.log"), "w")
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--config", config_path,
+    server = subprocess.Popen([sys.executable, "-m", "catalog_search.cli", "--config", config_path,
                                "serve", "--index-root", index_root, "--port", str(port),
                                "--no-watch"], cwd=REPO, env=env, stdout=log, stderr=log)
     report: dict[str, Any] = {"legacy_limits": args.legacy_limits}

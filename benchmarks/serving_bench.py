@@ -54,8 +54,8 @@ def make_snapshot(out: str, num_vectors: int, dim: int, model: dict[str, Any],
     """A snapshot of num_vectors rows: the base snapshot's real rows + clustered filler."""
     import pyarrow as pa
 
-    from pipelines import filesystem as fs
-    from pipelines import snapshot as snap
+    from pipelines.core import filesystem as fs
+    from pipelines.embed import snapshot as snap
 
     if snap.is_complete(out):
         log.info("snapshot %s exists: reusing it", out)
@@ -99,8 +99,8 @@ def make_snapshot(out: str, num_vectors: int, dim: int, model: dict[str, Any],
 
 def clone_version(index_root: str, source: str, target: str) -> None:
     """Version `target` = a copy of `source` (identical shards, its own name)."""
-    from pipelines import filesystem as fs
-    from pipelines import index_artifact as art
+    from pipelines.core import filesystem as fs
+    from pipelines.index import artifact as art
     src, dst = art.version_dir(index_root, source), art.version_dir(index_root, target)
     if not os.path.isdir(dst):
         shutil.copytree(src, dst)
@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from pipelines import index_artifact as art
-    from pipelines.config import load_config
-    from pipelines.index_build import run_build_index
-    from pipelines.models import Embedder, resolve_model
+    from pipelines.index import artifact as art
+    from pipelines.core.config import load_config
+    from pipelines.index.build import run_build_index
+    from pipelines.model.resolve import Embedder, resolve_model
     from serving.searcher import CatalogSearcher
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     art.write_latest(index_root, "bench-a")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     server = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--index-root", index_root,
+        [sys.executable, "-m", "catalog_search.cli", "serve", "--index-root", index_root,
          "--port", str(port), "--no-watch"], env=env,
         stdout=open(os.path.join(args.workdir, "serve.log"), "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

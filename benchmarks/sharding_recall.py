@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fitted_vectors import Fit, draw  # noqa: E402
-from pipelines.sharded_search import search_exact  # noqa: E402
+from pipelines.index.sharded_search import search_exact  # noqa: E402
 
 K = 10
 

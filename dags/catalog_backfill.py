@@ -8,14 +8,14 @@ validate_params (refuses missing, unreadable or empty drops before any Beam job 
     -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
     -> publish (check LATEST and counts; emit the index Asset event with version and counts)
 
-The task logic lives in pipelines/orchestration.py (see docs/AIRFLOW.md).
+The task logic lives in pipelines/orchestration/steps.py (see docs/AIRFLOW.md).
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from pipelines import orchestration as orch
+from pipelines.orchestration import steps as orch
 
 INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
 

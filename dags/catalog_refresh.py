@@ -4,7 +4,7 @@ validate_params -> embed (Beam, incremental against the previous snapshot)
     -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
     -> publish (check LATEST and counts; emit the index Asset event with version and counts)
 
-The task logic lives in pipelines/orchestration.py; Beam jobs run in a subprocess with the
+The task logic lives in pipelines/orchestration/steps.py; Beam jobs run in a subprocess with the
 pipeline's interpreter (see docs/AIRFLOW.md for why, and for the runner options).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from pipelines import orchestration as orch
+from pipelines.orchestration import steps as orch
 
 INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
 

@@ -27,11 +27,12 @@ COPY setup.py pyproject.toml README.md ./
 COPY configs/ configs/
 COPY pipelines/ pipelines/
 COPY serving/ serving/
+COPY catalog_search/ catalog_search/
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import apache_beam, pipelines.embed; print('beam', apache_beam.__version__)"
+    && python -c "import apache_beam, pipelines.embed.job; print('beam', apache_beam.__version__)"
 
 # The builtin model, converted once at build time into the cache the workers use
-# (pipelines/inference.py prefers $CATALOG_SEARCH_CACHE on a worker).
+# (pipelines/model/inference.py prefers $CATALOG_SEARCH_CACHE on a worker).
 ENV CATALOG_SEARCH_CACHE=/opt/catalog-search/models \
     TF_CPP_MIN_LOG_LEVEL=2
 RUN catalog-search model info --handle builtin:efficientnet_lite0

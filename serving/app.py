@@ -39,7 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
-from pipelines.config import Config
+from pipelines.core.config import Config
 from serving.auth import admin_token_from_env, check_bearer
 from serving.searcher import (CatalogSearcher, IndexWatcher, NotReadyError, QueryError,
                               SearchResults)
@@ -610,7 +610,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
             raise ApiError(404, "remote_image",
                            "this catalog image is hosted at an http(s) URL, which the server "
                            "does not fetch; search results give that URL as image_url")
-        from pipelines import filesystem as fs
+        from pipelines.core import filesystem as fs
         try:
             data = await run_in_threadpool(fs.read_bytes, uri, config.fetch.max_bytes)
         except Exception as e:

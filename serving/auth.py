@@ -6,7 +6,7 @@ holds it) or from `catalog-search serve --admin-token-file PATH`. With no token 
 endpoints are open (development on loopback); with one set, a request without
 `Authorization: Bearer <token>` gets 401 and one with a wrong token 403.
 
-Standard library only: pipelines/orchestration.py (the Airflow hand-off) imports it to
+Standard library only: pipelines/orchestration/steps.py (the Airflow hand-off) imports it to
 send the same token.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ import logging
 import os
 from typing import Any, Callable
 
-from pipelines.command import Command, UsageError
-from pipelines.config import Config
+from pipelines.core.command import Command, UsageError
+from pipelines.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace, config: Config) -> int:
-    from pipelines import filesystem as fs
+    from pipelines.core import filesystem as fs
     from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
     config = with_allowed_models(args, config)
     # every argument is checked before the index is loaded (which takes seconds)

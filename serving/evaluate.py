@@ -31,9 +31,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipelines import filesystem as fs
-from pipelines.command import Command, UsageError
-from pipelines.config import Config
+from pipelines.core import filesystem as fs
+from pipelines.core.command import Command, UsageError
+from pipelines.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> s
     """Query vectors depend on the query file, the model and the feature variants only."""
     import hashlib
     import json
-    from pipelines.features import features_dict
+    from pipelines.model.features import features_dict
     import os
     if "://" not in queries:
         queries = os.path.abspath(queries)  # one cache entry however the path is spelled
@@ -138,7 +138,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     text_from: a query-manifest field (e.g. category, title) used as query text, fused with
     the photo (serving.fusion) with `text_weight` (default fusion.text_weight).
     """
-    from pipelines.manifest import read_rows
+    from pipelines.embed.manifest import read_rows
     from serving.searcher import CatalogSearcher, QueryError, collect_hits
 
     started = time.perf_counter()

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pipelines.config import Config, load_config
+from pipelines.core.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class QueryError(ValueError):
     """A query cannot be answered as asked; `reason` is a short machine-readable cause.
 
     Reasons: bad_k, bad_filter, bad_vector, unknown_product, unknown_image, too_large,
-    and the decode reasons of pipelines.image_decode.DecodeError (not_an_image, empty,
+    and the decode reasons of pipelines.model.image_decode.DecodeError (not_an_image, empty,
     truncated, corrupt, too_many_pixels).
     """
 
@@ -150,7 +150,7 @@ class QueryEmbedder:
     """Photo bytes -> embedding, with the index's model and the pipeline's decode/preprocess."""
 
     def __init__(self, model: Mapping[str, Any], config: Config):
-        from pipelines.models import Embedder, ModelSpec, resolve_model
+        from pipelines.model.resolve import Embedder, ModelSpec, resolve_model
         if not isinstance(model, Mapping):
             raise IndexLoadError("the index manifest has no model object")
         check_model_allowed(model.get("handle"), config)
@@ -173,7 +173,7 @@ class QueryEmbedder:
         self.config = config
         # Feature variants (zoom levels, flip) the catalog was embedded with: from the index
         # manifest, never from the serving config, so queries get exactly the same treatment.
-        from pipelines.features import features_dict
+        from pipelines.model.features import features_dict
         self.features = features_dict(model.get("features"))
         self._embedder = Embedder(spec)
 
@@ -186,10 +186,10 @@ class QueryEmbedder:
         decode reason.
 
         Uploads get the tighter limits: serving.max_query_pixels decoded pixels and the
-        common photo formats only (pipelines.image_decode.QUERY_FORMATS).
+        common photo formats only (pipelines.model.image_decode.QUERY_FORMATS).
         """
-        from pipelines.features import load_query_arrays
-        from pipelines.image_decode import QUERY_FORMATS, DecodeError
+        from pipelines.model.features import load_query_arrays
+        from pipelines.model.image_decode import QUERY_FORMATS, DecodeError
         try:
             return load_query_arrays(data, self.spec.input_size, self.config, self.features,
                                      max_decoded_pixels=self.config.serving.max_query_pixels,
@@ -199,7 +199,7 @@ class QueryEmbedder:
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,S,S,3] (or [N,V,S,S,3]: feature variants) -> float32 [N,dim], normalised."""
-        from pipelines.features import embed_variants
+        from pipelines.model.features import embed_variants
         return embed_variants(self._embedder.embed, images)
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
@@ -303,10 +303,10 @@ class LoadedIndex:
 
 
 class _ShardBackend:
-    """Adapter over pipelines.index_artifact / pipelines.sharded_search: rows + search."""
+    """Adapter over pipelines.index.artifact / pipelines.index.sharded_search: rows + search."""
 
     def __init__(self, shards: list[Any]):
-        from pipelines.sharded_search import ShardedSearcher
+        from pipelines.index.sharded_search import ShardedSearcher
         self._searcher = ShardedSearcher(shards)
         s = self._searcher
         self.num_rows = int(s.num_vectors)
@@ -433,7 +433,7 @@ class CatalogSearcher:
         return idx.version if idx is not None else None
 
     def latest_version(self) -> str | None:
-        from pipelines.index_artifact import read_latest
+        from pipelines.index.artifact import read_latest
         return read_latest(self.index_root)
 
     def reload(self, version: str | None = None, force: bool = False) -> ReloadOutcome:
@@ -485,8 +485,8 @@ class CatalogSearcher:
         """
         from apache_beam.io.filesystems import FileSystems
 
-        from pipelines import filesystem as fs
-        from pipelines.index_artifact import version_dir
+        from pipelines.core import filesystem as fs
+        from pipelines.index.artifact import version_dir
         try:
             folder = version_dir(self.index_root, version)
             found = FileSystems.match([fs.join(folder, "**")])[0].metadata_list
@@ -509,7 +509,7 @@ class CatalogSearcher:
 
     def _cache_dir(self, version: str) -> str | None:
         """Where a remote version's shard files are copied (None for a local root)."""
-        from pipelines import filesystem as fs
+        from pipelines.core import filesystem as fs
         if fs.is_local(self.index_root):
             return None
         if self._copies_root is None:
@@ -538,7 +538,7 @@ class CatalogSearcher:
         return embedder
 
     def _load(self, version: str) -> LoadedIndex:
-        from pipelines.index_artifact import open_index
+        from pipelines.index.artifact import open_index
         try:
             artifact = open_index(self.index_root, version=version, verify=True,
                                   cache_dir=self._cache_dir(version))

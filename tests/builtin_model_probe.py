@@ -42,7 +42,7 @@ def photo(name: str, size: int) -> np.ndarray:
 def main(cache_dir: str, name: str, out: str) -> None:
     import tensorflow as tf
 
-    from pipelines.models import Embedder, resolve_model
+    from pipelines.model.resolve import Embedder, resolve_model
     spec = resolve_model(f"builtin:{name}", cache_dir)
     batch = np.stack([photo(p, spec.input_size) for p in PHOTOS])
     embeddings = Embedder(spec).embed(batch)

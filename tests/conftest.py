@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture()
 def embed_config(tiny_model, tmp_path):
     """Config for fast embed runs: tiny model, in-process DirectRunner."""
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     return load_config(overrides={
         "model": {"handle": tiny_model, "cache_dir": str(tmp_path / "cache"), "batch_size": 8},
         "runner": {"direct_running_mode": "in_memory", "direct_num_workers": 1},

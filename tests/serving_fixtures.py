@@ -2,7 +2,7 @@
 
 Builds, once per test session, real artifacts the serving code reads:
 - a tiny local SavedModel (random conv + global pooling, 64x64 input) used as a model handle;
-- a generated catalog (pipelines.sample_catalog) embedded with that model into a snapshot;
+- a generated catalog (pipelines.embed.sample_catalog) embedded with that model into a snapshot;
 - a published index built from the snapshot by the real build_index job.
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ def write_snapshot(manifest_csv: str, out_path: str, config) -> str:
 
     import pyarrow as pa
 
-    from pipelines import filesystem as fs
-    from pipelines import snapshot
-    from pipelines.image_decode import load_and_preprocess
-    from pipelines.models import Embedder, resolve_model
+    from pipelines.core import filesystem as fs
+    from pipelines.embed import snapshot
+    from pipelines.model.image_decode import load_and_preprocess
+    from pipelines.model.resolve import Embedder, resolve_model
 
     spec = resolve_model(config.model.handle, config.model.resolved_cache_dir(),
                          config.model.input_size)
@@ -78,7 +78,7 @@ class ServingWorld:
     queries: str
     snapshot: str
     index_root: str
-    config: object  # pipelines.config.Config
+    config: object  # pipelines.core.config.Config
 
     def catalog_rows(self) -> list[dict[str, str]]:
         import csv
@@ -89,15 +89,15 @@ class ServingWorld:
 def build_index(world_snapshot: str, index_root: str, config, version: str | None = None
                 ) -> dict:
     """Publish an index version with the real build_index job."""
-    from pipelines.index_build import run_build_index
+    from pipelines.index.build import run_build_index
     return run_build_index(world_snapshot, index_root, config, version=version)
 
 
 @functools.lru_cache(maxsize=1)
 def serving_world() -> ServingWorld:
     """The session's shared artifacts (built on first use, reused by every serving test)."""
-    from pipelines.config import load_config
-    from pipelines.sample_catalog import write_catalog
+    from pipelines.core.config import load_config
+    from pipelines.embed.sample_catalog import write_catalog
 
     root = tempfile.mkdtemp(prefix="serving-tests-")
     model_dir = make_tiny_model(root)
@@ -172,8 +172,8 @@ def snapshot_subset(world: ServingWorld, dest: str, drop_products: set[str]) -> 
     """A snapshot with some products' rows removed (a catalog change between versions)."""
     import pyarrow.compute as pc
 
-    from pipelines import filesystem as fs
-    from pipelines import snapshot
+    from pipelines.core import filesystem as fs
+    from pipelines.embed import snapshot
     snap = snapshot.load(world.snapshot)
     keep = pc.invert(pc.is_in(snap.table.column("product_id"),
                               value_set=__import__("pyarrow").array(sorted(drop_products))))

@@ -24,15 +24,15 @@ skimage_data = pytest.importorskip("skimage.data")
 pytestmark = pytest.mark.heavy  # converts the builtin models in child processes
 
 from builtin_model_probe import PHOTOS, photo  # noqa: E402
-from pipelines import efficientnet_lite  # noqa: E402
-from pipelines.models import METADATA_FILE, Embedder, ModelError, resolve_model  # noqa: E402
+from pipelines.model import efficientnet_lite  # noqa: E402
+from pipelines.model.resolve import METADATA_FILE, Embedder, ModelError, resolve_model  # noqa: E402
 
 PROBE = os.path.join(os.path.dirname(__file__), "builtin_model_probe.py")
 
 _RACER = textwrap.dedent("""
     import json, logging, os, sys, time
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from pipelines.efficientnet_lite import ensure_saved_model
+    from pipelines.model.efficientnet_lite import ensure_saved_model
     cache_dir, me, go = sys.argv[1], sys.argv[2], sys.argv[3]
     open(me, "w").close()
     while not os.path.exists(go):
@@ -224,7 +224,7 @@ def test_an_export_of_the_aborting_converter_version_2_is_refused(model_dir, tmp
 
 
 def test_cli_info_and_export(race, embedder, tmp_path, monkeypatch, capsys):
-    from pipelines.cli import main
+    from catalog_search.cli import main
     cache, name, _ = race
     monkeypatch.setenv("CATALOG_SEARCH_CACHE", cache)
     assert main(["model", "info"]) == 0
@@ -272,7 +272,7 @@ def _torch_style_conv_bn_relu6(x, state, conv, bn, stride, pad, depthwise):
 
 @pytest.fixture(scope="module")
 def in_process_module(model_dir):
-    from pipelines.torch_checkpoint import load_state_dict
+    from pipelines.model.torch_checkpoint import load_state_dict
     state = load_state_dict(efficientnet_lite.weights_path())
     return state, efficientnet_lite.build_module(efficientnet_lite.fold_weights(state))
 
@@ -305,7 +305,7 @@ def test_folded_layers_match_the_pytorch_module(in_process_module):
 
 
 def test_cli_bench(race, model_dir, monkeypatch, capsys):
-    from pipelines.cli import main
+    from catalog_search.cli import main
     cache, _, _ = race
     monkeypatch.setenv("CATALOG_SEARCH_CACHE", cache)
     assert main(["model", "bench", "--batch-size", "2", "--batches", "1", "--threads", "0"]) == 0

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.heavy  # the builtin model through real CLI jobs
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, text=True,
+    proc = subprocess.run([sys.executable, "-m", "catalog_search.cli", *args], env=env, text=True,
                           capture_output=True, timeout=600)
     assert proc.returncode == 0, (f"catalog-search {' '.join(args)} exited {proc.returncode} "
                                   f"(TF_ENABLE_ONEDNN_OPTS={env.get('TF_ENABLE_ONEDNN_OPTS')}):"

@@ -14,9 +14,9 @@ from collections import Counter
 import pytest
 
 import image_factory as f
-from pipelines import snapshot
-from pipelines.change_signal import SIGNAL_COLUMN, filesystem_signal, manifest_signal
-from pipelines.embed import run_embed
+from pipelines.embed import snapshot
+from pipelines.embed.change_signal import SIGNAL_COLUMN, filesystem_signal, manifest_signal
+from pipelines.embed.job import run_embed
 
 
 class _Images(http.server.BaseHTTPRequestHandler):

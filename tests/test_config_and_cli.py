@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, ConfigError, DEFAULT_CONFIG_PATH, load_config, read_yaml
-from pipelines.runner import pipeline_options
+from pipelines.core.config import Config, ConfigError, DEFAULT_CONFIG_PATH, load_config, read_yaml
+from pipelines.core.runner import pipeline_options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_cluster_runner_without_required_options_fails_fast():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "catalog_search.cli", *args], capture_output=True,
                           text=True, cwd=cwd or REPO, timeout=120)
 
 
@@ -114,7 +114,7 @@ def test_cli_embed_argument_errors(tmp_path):
 
 
 def test_cli_embed_prints_a_reconciled_summary(tiny_model, tmp_path):
-    from pipelines.sample_catalog import write_catalog
+    from pipelines.embed.sample_catalog import write_catalog
     manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2, size=96)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{handle: {tiny_model}, cache_dir: {tmp_path / 'cache'}}}\n"

@@ -1,6 +1,6 @@
 """The Airflow DAGs, for real: DagBag import, structure and Params, and dag.test() runs.
 
-Every Airflow run happens in a subprocess (`python -m pipelines.demo run-dag ...`) with
+Every Airflow run happens in a subprocess (`python -m catalog_search.demo run-dag ...`) with
 its own SQLite AIRFLOW_HOME, set before airflow is imported; this pytest process never
 imports airflow. The DAG runs use the tiny test SavedModel (tests/tiny_model.py) and
 generated catalogs, and launch the real Beam jobs on the DirectRunner.
@@ -17,9 +17,9 @@ import textwrap
 
 import pytest
 
-from pipelines import index_artifact as art
-from pipelines import snapshot
-from pipelines.sample_catalog import write_catalog
+from pipelines.index import artifact as art
+from pipelines.embed import snapshot
+from pipelines.embed.sample_catalog import write_catalog
 
 pytestmark = pytest.mark.heavy  # real DAG runs: Airflow, Beam jobs, index builds
 
@@ -40,7 +40,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 DRIVER_SCRIPT = textwrap.dedent("""
     import json, sys, traceback
     from datetime import datetime
-    from pipelines import demo
+    from catalog_search import demo
     demo.use_airflow_home(sys.argv[1])
     print("DRIVER_READY", flush=True)
     for line in sys.stdin:
@@ -135,7 +135,7 @@ STRUCTURE_SCRIPT = textwrap.dedent("""
         return real_connect(self, address, *a, **k)
     real_connect = socket.socket.connect
     socket.socket.connect = no_network
-    from pipelines import demo
+    from catalog_search import demo
     demo.use_airflow_home(sys.argv[1])
     from airflow.dag_processing.dagbag import DagBag
     bag = DagBag(dag_folder=demo.DAGS_FOLDER)
@@ -316,7 +316,7 @@ def test_backfill_adds_the_drop_and_products_are_found(world, tiny_model):
     assert manifest["num_products"] == 11
     assert [v.version for v in art.list_versions(index_root)] == [RUN_D1, RUN_D2]
 
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from serving.searcher import CatalogSearcher
     config = load_config(overrides={"model": {"handle": tiny_model,
                                               "cache_dir": conf["config_overrides"]["model"]["cache_dir"]}})
@@ -357,7 +357,7 @@ def test_failed_gate_keeps_latest_and_says_why(world):
 def test_handoff_reloads_the_search_service(world, tiny_model):
     from serving_fixtures import LiveServer
 
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from serving.app import create_app
     conf, index_root = world["conf"], world["conf"]["index_root"]
     config = load_config(overrides={"model": {"handle": tiny_model,

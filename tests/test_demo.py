@@ -1,4 +1,4 @@
-"""`make demo` (python -m pipelines.demo): fails fast on a failing step, stops on SIGTERM.
+"""`make demo` (python -m catalog_search.demo): fails fast on a failing step, stops on SIGTERM.
 
 Real Airflow dag.test() on a temporary SQLite home, real Beam step subprocesses.
 """
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _demo_cmd(workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir),
+    return [sys.executable, "-m", "catalog_search.demo", "--workdir", str(workdir),
             "--products", "3", "--images-per-product", "1", "--size", "64", *extra]
 
 
@@ -56,7 +56,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
                 assert time.time() < deadline, "the embed step did not start"
                 time.sleep(0.2)
             deadline = time.time() + 60
-            while not any("pipelines.orchestration" in a for a in _descendants(proc.pid).values()):
+            while not any("pipelines.orchestration.steps" in a for a in _descendants(proc.pid).values()):
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 assert time.time() < deadline, "no step subprocess"
                 time.sleep(0.1)

@@ -59,7 +59,7 @@ class Coverage:
 
 COVERAGE: list[Coverage] = [
     # README: set-up
-    Coverage(r"make demo", TEST, "tests/test_demo.py (python -m pipelines.demo, what the "
+    Coverage(r"make demo", TEST, "tests/test_demo.py (python -m catalog_search.demo, what the "
              "target runs, on a 3-image catalog: completes, fails fast, stops on SIGTERM)"),
     Coverage(r"make test", TEST, "tests/ (the suite this file belongs to)"),
     Coverage(r"make test-(fast|slow)", TEST, "tests/ (marker subsets of the suite this file "
@@ -105,8 +105,8 @@ COVERAGE: list[Coverage] = [
     Coverage(r"airflow dags trigger catalog_(refresh|backfill) --conf '\{ \"config_file\": "
              r"\"/opt/catalog-search/configs/(dataflow|flink)\.yaml\".*", SKIP,
              CLOUD + "; the options assembled through the params: tests/test_orchestration.py"),
-    Coverage(r"\.venv/bin/python -m pipelines\.demo run-dag .*", TEST,
-             "tests/test_dags.py (demo.run_dag in a `pipelines.demo` subprocess, backfills "
+    Coverage(r"\.venv/bin/python -m catalog_search\.demo run-dag .*", TEST,
+             "tests/test_dags.py (demo.run_dag in a `catalog_search.demo` subprocess, backfills "
              "with drops)"),
     Coverage(r"make airflow-(up|down)|export AIRFLOW_HOME=.*|export AIRFLOW__CORE__DAGS_FOLDER=.*|"
              r"\.venv/bin/catalog-search serve --index-root out/data/index .*|"
@@ -496,7 +496,7 @@ def test_grocery_manifests(tmp_path):
     for out in ("out/grocery", "out/grocery-iconic"):
         with open(work / out / "catalog.csv") as f:
             assert sum(1 for _ in f) > 81
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     assert load_config(str(work / "out/grocery/scann.yaml")).index.brute_force_below == 0
 
 
@@ -609,5 +609,5 @@ def test_airflow_local_stack_sequence(tmp_path):
     finally:
         sh.stop_background()
         if (home / "stack.pid").exists():  # a failure before `make airflow-down`
-            subprocess.run([str(VENV_BIN / "python"), "-m", "pipelines.airflow_local", "down",
+            subprocess.run([str(VENV_BIN / "python"), "-m", "pipelines.orchestration.airflow_local", "down",
                             "--home", str(home)], cwd=work, env=env, timeout=120)

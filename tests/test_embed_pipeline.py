@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import image_factory as f
-from pipelines import snapshot
-from pipelines.embed import EmbedError, run_embed
-from pipelines.sample_catalog import write_catalog
+from pipelines.embed import snapshot
+from pipelines.embed.job import EmbedError, run_embed
+from pipelines.embed.sample_catalog import write_catalog
 
 
 def _write_manifest(path, rows, fields=("product_id", "image_id", "image_uri", "category")):

@@ -1,4 +1,4 @@
-"""Feature variants (pipelines.features): config validation, shapes, the embedding
+"""Feature variants (pipelines.model.features): config validation, shapes, the embedding
 fingerprint (changing an option re-embeds, unchanged reuses) with the real Beam embed job,
 and serving applying the index's own feature settings to query photos."""
 from __future__ import annotations
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import snapshot
-from pipelines.config import ConfigError, load_config
-from pipelines.embed import embedding_fingerprint, run_embed
-from pipelines.features import embed_variants, variant_arrays
-from pipelines.models import resolve_model
-from pipelines.sample_catalog import write_catalog
+from pipelines.embed import snapshot
+from pipelines.core.config import ConfigError, load_config
+from pipelines.embed.job import embedding_fingerprint, run_embed
+from pipelines.model.features import embed_variants, variant_arrays
+from pipelines.model.resolve import resolve_model
+from pipelines.embed.sample_catalog import write_catalog
 
 
 def test_bad_feature_config_fails_naming_the_key():
@@ -27,7 +27,7 @@ def test_bad_feature_config_fails_naming_the_key():
 
 def test_variants_default_is_the_plain_preprocess_and_flip_mirrors():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), np.uint8))
-    from pipelines.image_decode import preprocess
+    from pipelines.model.image_decode import preprocess
     plain = variant_arrays(img, 64, "center_crop", None)
     assert plain.shape == (64, 64, 3) and np.array_equal(plain, preprocess(img, 64))
     both = variant_arrays(img, 64, "center_crop", {"scales": [1.0, 1.5], "flip": True})
@@ -45,7 +45,7 @@ def test_variants_default_is_the_plain_preprocess_and_flip_mirrors():
 
 
 def test_query_scales_change_only_the_query_variants():
-    from pipelines.features import features_dict, query_features
+    from pipelines.model.features import features_dict, query_features
     f = {"scales": [1.0], "flip": True, "query_scales": [1.0, 1.3]}
     assert features_dict(f) == f and query_features(f) == {"scales": [1.0, 1.3], "flip": True}
     assert query_features({"scales": [1.2]}) == {"scales": [1.2], "flip": False}
@@ -110,8 +110,8 @@ def test_changing_a_feature_option_reembeds_and_unchanged_reuses(embed_config, t
 def test_serving_embeds_queries_with_the_index_features(embed_config, tmp_path):
     """A catalog photo searched as a query scores ~1.0 on itself only when serving applies
     the same variants (flip + zoom) the catalog was embedded with."""
-    from pipelines import filesystem as fs
-    from pipelines.index_build import run_build_index
+    from pipelines.core import filesystem as fs
+    from pipelines.index.build import run_build_index
     from serving.searcher import CatalogSearcher
     manifest = write_catalog(str(tmp_path / "cat"), num_products=4, images_per_product=2,
                              size=128, seed=5)

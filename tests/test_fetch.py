@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipelines.config import FetchConfig
-from pipelines.fetch import FetchError, fetch_bytes
+from pipelines.core.config import FetchConfig
+from pipelines.embed.fetch import FetchError, fetch_bytes
 
 PAYLOAD = b"\xff\xd8" + b"x" * 5000
 

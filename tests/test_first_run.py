@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "catalog_search.cli", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300, env=env)
 
 
@@ -54,7 +54,7 @@ def test_serve_before_the_first_refresh_becomes_ready_when_a_version_is_publishe
                    "serving: {reload_interval_s: 0.5}\n")
     index_root = tmp_path / "data" / "index"  # does not exist yet
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--config", str(cfg),
+    server = subprocess.Popen([sys.executable, "-m", "catalog_search.cli", "--config", str(cfg),
                                "serve", "--index-root", str(index_root), "--port", str(port),
                                "--host", "127.0.0.1"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -98,7 +98,7 @@ def test_hand_off_url_from_an_airflow_http_connection(tmp_path, monkeypatch):
     """index_handoff finds the service through an Airflow connection (AIRFLOW_CONN_<ID>
     URI here; the UI or `airflow connections add` store the same), env var as fallback."""
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    from pipelines import orchestration as orch
+    from pipelines.orchestration import steps as orch
     monkeypatch.delenv(orch.SERVING_URL_ENV, raising=False)
     monkeypatch.setenv("AIRFLOW_CONN_CATALOG_SEARCH_API", "http://127.0.0.1:8081")
     assert orch.resolve_serving_url("", orch.SERVING_CONN_ID) == "http://127.0.0.1:8081"

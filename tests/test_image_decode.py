@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import image_factory as f
-from pipelines.image_decode import (DecodeError, augment_view, decode_image, preprocess,
+from pipelines.model.image_decode import (DecodeError, augment_view, decode_image, preprocess,
                                     preprocess_views)
 
 LIMIT = 40_000_000

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from pipelines import filesystem as fs
-from pipelines import index_artifact as art
-from pipelines.cli import main as cli_main
-from pipelines.index_build import run_build_index
-from pipelines.sharded_search import ShardedSearcher
+from pipelines.core import filesystem as fs
+from pipelines.index import artifact as art
+from catalog_search.cli import main as cli_main
+from pipelines.index.build import run_build_index
+from pipelines.index.sharded_search import ShardedSearcher
 from test_index_build import clustered_vectors, make_config, write_snapshot
 
 

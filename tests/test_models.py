@@ -1,4 +1,4 @@
-"""pipelines.models with small real SavedModels: handles, specs, Embedder call conventions.
+"""pipelines.model.resolve with small real SavedModels: handles, specs, Embedder call conventions.
 
 The builtin EfficientNet-Lite0 is covered by tests/test_builtin_model.py.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from object_store_stand_in import register_prefixed_filesystem
 
-from pipelines.models import (METADATA_FILE, Embedder, ModelError, ModelSpec, local_model_dir,
+from pipelines.model.resolve import (METADATA_FILE, Embedder, ModelError, ModelSpec, local_model_dir,
                               resolve_model)
 
 tf = pytest.importorskip("tensorflow")
@@ -155,8 +155,8 @@ def test_keras_export_and_feature_map_output(tmp_path):
 
 
 def test_remote_saved_model_via_beam_filesystems(tiny96, tmp_path, monkeypatch):
-    from pipelines import filesystem
-    from pipelines.efficientnet_lite import export_saved_model
+    from pipelines.core import filesystem
+    from pipelines.model.efficientnet_lite import export_saved_model
     path, module = tiny96
     import tempfile
     os.makedirs(tmp_path / "tmp")
@@ -209,7 +209,7 @@ def test_spec_roundtrip():
 def test_onednn_status_follows_the_env_var_and_the_cpu_flags(monkeypatch):
     import platform
 
-    from pipelines import onednn
+    from pipelines.model import onednn
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert onednn.onednn_status(ask_tensorflow=False) == onednn.OneDnnStatus(
@@ -232,7 +232,7 @@ def test_onednn_status_agrees_with_tensorflow_in_a_fresh_process():
     """Our reading of the env var and CPU flags matches TensorFlow's own IsMklEnabled."""
     import subprocess
     import sys
-    code = ("from pipelines.onednn import onednn_status, _tensorflow_says;"
+    code = ("from pipelines.model.onednn import onednn_status, _tensorflow_says;"
             "print(onednn_status(ask_tensorflow=False).enabled, _tensorflow_says())")
     for value in (None, "0", "1"):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

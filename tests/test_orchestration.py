@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipelines import orchestration as orch
-from pipelines import snapshot
-from pipelines.sample_catalog import write_catalog
+from pipelines.orchestration import steps as orch
+from pipelines.embed import snapshot
+from pipelines.embed.sample_catalog import write_catalog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATE = datetime(2025, 3, 1, tzinfo=timezone.utc)

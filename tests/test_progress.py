@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines import progress
+from pipelines.core import progress
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,20 +22,20 @@ def test_ticks_from_several_processes_add_up(tmp_path, monkeypatch):
     """Worker processes append to one file; the reporter reads the sum."""
     path = tmp_path / "progress"
     monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(path))
-    code = "from pipelines import progress\nfor _ in range(50): progress.tick()"
+    code = "from pipelines.core import progress\nfor _ in range(50): progress.tick()"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO) for _ in range(4)]
     assert all(p.wait() == 0 for p in procs)
     assert path.stat().st_size == 200
 
 
 def test_embed_of_300_images_prints_progress_lines(tmp_path, tiny_model):
-    from pipelines.sample_catalog import write_catalog
+    from pipelines.embed.sample_catalog import write_catalog
     manifest = write_catalog(str(tmp_path / "cat"), num_products=100, images_per_product=3,
                              size=64, seed=1)
     env = dict(os.environ, **{progress.PROGRESS_INTERVAL_ENV: "0.5",
                               "CATALOG_SEARCH_CACHE": str(tmp_path / "cache")})
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "embed", "--manifest", manifest,
+        [sys.executable, "-m", "catalog_search.cli", "embed", "--manifest", manifest,
          "--out", str(tmp_path / "emb"), "--model", tiny_model, "--workers", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 from serving.app import create_app
 from serving.searcher import CatalogSearcher
 from serving_fixtures import (LiveServer, build_index, copy_index,

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from pipelines.cli import main
+from catalog_search.cli import main
 from serving.evaluate import METRIC_NAMES, evaluate
 from serving_fixtures import NUM_PRODUCTS, jpeg_bytes, serving_world
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 from serving.app import create_app
 from serving_fixtures import LiveServer, jpeg_bytes, serving_world
 

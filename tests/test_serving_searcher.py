@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 from serving.searcher import (CatalogSearcher, IndexLoadError, IndexWatcher, QueryError,
                               validate_filters)
 from serving_fixtures import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,

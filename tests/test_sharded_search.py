@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import index_artifact as art
-from pipelines.index_build import run_build_index
-from pipelines.sharded_search import ShardedSearcher, search_exact
+from pipelines.index import artifact as art
+from pipelines.index.build import run_build_index
+from pipelines.index.sharded_search import ShardedSearcher, search_exact
 from test_index_build import clustered_vectors, make_config, write_snapshot
 
 

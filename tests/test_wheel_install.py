@@ -76,7 +76,7 @@ def test_wheel_ships_the_defaults_and_runs_the_cli(wheel_venv, tiny_model, tmp_p
     python, cli = str(wheel_venv / "bin" / "python"), str(wheel_venv / "bin" / "catalog-search")
 
     where = json.loads(_run([python, "-c", (
-        "import json, pipelines, serving.app, pipelines.config as c; "
+        "import json, pipelines, serving.app, pipelines.core.config as c; "
         "print(json.dumps({'pipelines': pipelines.__file__, 'config': str(c.DEFAULT_CONFIG_PATH),"
         " 'serving': serving.app.__file__}))")], cwd=work).stdout)
     for path in where.values():

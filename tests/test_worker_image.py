@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, load_config
-from pipelines.runner import REPO_ROOT, check_runner_dependencies, pipeline_options
+from pipelines.core.config import ConfigError, load_config
+from pipelines.core.runner import REPO_ROOT, check_runner_dependencies, pipeline_options
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "worker.Dockerfile"
@@ -68,8 +68,8 @@ def test_dockerfile_installs_exactly_setup_py_requirements():
 
 
 def test_the_model_is_baked_where_the_worker_handler_looks(tmp_path, monkeypatch):
-    from pipelines.inference import WORKER_CACHE_ENV, EmbeddingModelHandler
-    from pipelines.models import ModelSpec, resolve_model
+    from pipelines.model.inference import WORKER_CACHE_ENV, EmbeddingModelHandler
+    from pipelines.model.resolve import ModelSpec, resolve_model
     env = dict(a.split("=", 1) for word, args in _dockerfile_instructions() if word == "ENV"
                for a in shlex.split(args))
     assert env[WORKER_CACHE_ENV] == "/opt/catalog-search/models"
@@ -78,7 +78,7 @@ def test_the_model_is_baked_where_the_worker_handler_looks(tmp_path, monkeypatch
     assert len(bake) == 1
     # the image's build step, with the image's cache path mapped into tmp_path
     baked = tmp_path / "opt-models"
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *shlex.split(bake[0])[1:]],
+    r = subprocess.run([sys.executable, "-m", "catalog_search.cli", *shlex.split(bake[0])[1:]],
                        env=dict(os.environ, **{WORKER_CACHE_ENV: str(baked)}),
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -124,7 +124,7 @@ def _has(module: str) -> bool:
 @pytest.mark.skipif(_has("apitools"), reason="apache-beam[gcp] is installed here")
 def test_dataflow_config_without_the_gcp_extra_fails_with_one_line(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--config", "configs/dataflow.yaml", "embed",
+        [sys.executable, "-m", "catalog_search.cli", "--config", "configs/dataflow.yaml", "embed",
          "--manifest", "gs://shop-catalog/catalog/*.parquet", "--out", "gs://shop-ml/emb"],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2

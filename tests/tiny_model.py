@@ -1,7 +1,7 @@
 """A tiny real SavedModel for fast tests: random conv features, global pooling.
 
 Not a stub: it is a TensorFlow SavedModel loaded by the same code path as any local
-model handle (pipelines.models.resolve_model + Embedder), just small and fast.
+model handle (pipelines.model.resolve.resolve_model + Embedder), just small and fast.
 """
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def write_hostile_catalog(folder: str) -> tuple[list[str], list[RowKind]]:
     os.symlink(os.path.join(img, "loop_b.jpg"), os.path.join(img, "loop_a.jpg"))
     good_abs = os.path.abspath(os.path.join(img, "good.jpg"))
 
-    from pipelines import filesystem as fs
+    from pipelines.core import filesystem as fs
     try:
         fs.check_supported("gs://bucket/x.jpg")
         gs_expected = "fetch/not_found"       # apache-beam[gcp] installed: no such bucket

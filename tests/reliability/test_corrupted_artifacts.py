@@ -1,5 +1,5 @@
 """Corrupt each file kind of a real index version: the load is refused with a clear
-reason, by the library loader (pipelines.index_artifact.open_index) and by the serving
+reason, by the library loader (pipelines.index.artifact.open_index) and by the serving
 searcher's reload, and the previous good version stays the one loaded.
 
 The index is real: two tree-AH shards (ScaNN tree + asymmetric hashing + reordering,
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import index_artifact as art
-from pipelines.index_build import run_build_index
+from pipelines.index import artifact as art
+from pipelines.index.build import run_build_index
 from serving.searcher import CatalogSearcher
 from test_index_build import clustered_vectors, make_config, write_snapshot
 
@@ -194,7 +194,7 @@ def test_garbage_latest_is_refused_and_the_good_version_keeps_serving(two_versio
 
 
 def test_index_info_verify_reports_the_corrupted_version(two_versions, tmp_path, capsys):
-    from pipelines.cli import main as cli_main
+    from catalog_search.cli import main as cli_main
     root = shutil.copytree(two_versions, str(tmp_path / "index"))
     _zero_vectors(root)
     assert cli_main(["index-info", "--index-root", root, "--verify"]) == 1

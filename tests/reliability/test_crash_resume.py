@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import index_artifact as art
-from pipelines import snapshot
-from pipelines.sample_catalog import write_catalog
+from pipelines.index import artifact as art
+from pipelines.embed import snapshot
+from pipelines.embed.sample_catalog import write_catalog
 
-WORKER_MARKERS = (b"pipelines.beam_worker", b"sdk_worker_main")
+WORKER_MARKERS = (b"pipelines.core.beam_worker", b"sdk_worker_main")
 
 
 def _env() -> dict[str, str]:
@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "catalog_search.cli", *args], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

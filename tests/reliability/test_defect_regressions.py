@@ -17,18 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 import image_factory as f
-from pipelines import filesystem as fs
-from pipelines import index_artifact as art
-from pipelines import snapshot
-from pipelines.cli import main as cli_main
-from pipelines.config import FetchConfig
-from pipelines.embed import DeadLetterRateError, EmbedError, run_embed
-from pipelines.fetch import FetchError, fetch_bytes
-from pipelines.manifest import read_rows
-from pipelines.names import InvalidNameError, check_segment
-from pipelines.orchestration import OrchestrationError, RunPlan
+from pipelines.core import filesystem as fs
+from pipelines.index import artifact as art
+from pipelines.embed import snapshot
+from catalog_search.cli import main as cli_main
+from pipelines.core.config import FetchConfig
+from pipelines.embed.job import DeadLetterRateError, EmbedError, run_embed
+from pipelines.embed.fetch import FetchError, fetch_bytes
+from pipelines.embed.manifest import read_rows
+from pipelines.core.names import InvalidNameError, check_segment
+from pipelines.orchestration.steps import OrchestrationError, RunPlan
 from test_index_build import clustered_vectors, make_config, write_snapshot
-from pipelines.index_build import run_build_index
+from pipelines.index.build import run_build_index
 
 
 def _tree(path) -> list[str]:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from hostile_catalog import EMBEDDED, MAX_BYTES, write_bad_manifests, write_hostile_catalog
-from pipelines import snapshot
-from pipelines.cli import main as cli_main
-from pipelines.embed import EmbedError, run_embed
+from pipelines.embed import snapshot
+from catalog_search.cli import main as cli_main
+from pipelines.embed.job import EmbedError, run_embed
 
 
 def _hostile_config(embed_config):

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pytest
 
 from hostile_http import SVG, hostile_cases, html_gif, png_bomb
-from pipelines import filesystem as fs
-from pipelines import index_artifact as art
-from pipelines import snapshot
+from pipelines.core import filesystem as fs
+from pipelines.index import artifact as art
+from pipelines.embed import snapshot
 from serving.app import create_app
 from serving_fixtures import LiveServer, build_index, copy_index, serving_world
 
@@ -232,7 +232,7 @@ def test_defect_7_reload_needs_the_admin_token(hostile_http_client):
 
 def test_defect_7_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
                                                       tmp_path):
-    from pipelines.orchestration import StepError, hand_off
+    from pipelines.orchestration.steps import StepError, hand_off
     from serving.auth import AdminTokenError, admin_token_from_env
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")

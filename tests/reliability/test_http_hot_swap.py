@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 from serving.app import create_app
 from serving.searcher import CatalogSearcher
 from serving_fixtures import LiveServer, copy_index, serving_world

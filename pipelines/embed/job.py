@@ -4,9 +4,9 @@
     previous snapshot (optional) ─────┴─ CoGroupByKey(image_id)
         ─ resolve: duplicates → dead letter; unchanged change signal (manifest
                    updated_at/etag/size, else file size + mtime) + same model/view config
-                   → reuse previous vectors without fetching (pipelines.change_signal);
+                   → reuse previous vectors without fetching (pipelines.embed.change_signal);
                    otherwise fetch bytes; sha256; unchanged bytes → reuse
-        ─ decode + preprocess + augmentation views (pipelines.image_decode)
+        ─ decode + preprocess + augmentation views (pipelines.model.image_decode)
         ─ RunInference(KeyedModelHandler(EmbeddingModelHandler)) with exception handling
         ─ CoGroupByKey(image_id) with row info and failures → one row per image (views
           averaged) or one per view → embeddings-*.parquet; failures → dead_letter-*.jsonl
@@ -33,24 +33,25 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from pipelines import filesystem as fs
-from pipelines import progress, snapshot
-from pipelines.change_signal import SIGNAL_COLUMN, row_signal, unchanged
-from pipelines.cli import Command, UsageError
-from pipelines.config import AugmentConfig, Config, DecodeConfig, FetchConfig
-from pipelines.fetch import FetchError, fetch_bytes
-from pipelines.features import features_dict, is_plain, preprocess_feature_views
-from pipelines.image_decode import DecodeError, decode_image
-from pipelines.inference import EmbeddingModelHandler
-from pipelines.manifest import ManifestError, check_manifest, expand_manifests, read_rows
-from pipelines.models import ModelError, ModelSpec, resolve_model
-from pipelines.names import InvalidNameError, check_segment
-from pipelines.runner import make_pipeline
+from pipelines.core import filesystem as fs
+from pipelines.core import progress
+from pipelines.embed import snapshot
+from pipelines.embed.change_signal import SIGNAL_COLUMN, row_signal, unchanged
+from catalog_search.cli import Command, UsageError
+from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
+from pipelines.embed.fetch import FetchError, fetch_bytes
+from pipelines.model.features import features_dict, is_plain, preprocess_feature_views
+from pipelines.model.image_decode import DecodeError, decode_image
+from pipelines.model.inference import EmbeddingModelHandler
+from pipelines.embed.manifest import ManifestError, check_manifest, expand_manifests, read_rows
+from pipelines.model.resolve import ModelError, ModelSpec, resolve_model
+from pipelines.core.names import InvalidNameError, check_segment
+from pipelines.core.runner import make_pipeline
 
 log = logging.getLogger(__name__)
 NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
-PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration: a retry cannot fix it
+PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration.steps: a retry cannot fix it
 PROGRESS_EVERY = 200
 
 # Outcome counters; every input row ends in exactly one of the first three.
@@ -84,7 +85,7 @@ class EmbedSettings:
     fetch: FetchConfig
     decode: DecodeConfig
     augment: AugmentConfig
-    features: dict[str, Any]  # pipelines.features settings (scales, flip)
+    features: dict[str, Any]  # pipelines.model.features settings (scales, flip)
     fingerprint: str        # model + preprocessing + views: equal => a vector can be reused
     reuse: bool             # the previous snapshot was made with the same fingerprint
     merge_previous: bool    # keep previous rows whose image_id is not in the manifests
@@ -415,9 +416,9 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     previous: a snapshot path to reuse unchanged vectors from (None: embed everything).
     merge_previous: keep previous rows whose image_id is not in `manifests` (backfill).
     verify_content: fetch and hash every image even when its change signal is unchanged
-    (audits); see pipelines.change_signal for when a vector is reused without a fetch.
+    (audits); see pipelines.embed.change_signal for when a vector is reused without a fetch.
     Re-running with the same run_id replaces that snapshot and nothing else; the run_id
-    is checked (pipelines.names) before anything is deleted or written.
+    is checked (pipelines.core.names) before anything is deleted or written.
     Raises EmbedError (nothing touched) for bad input, DeadLetterRateError when more than
     config.embed.max_dead_letter_fraction of the rows are dead-lettered (LATEST stays).
     """
@@ -449,7 +450,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     except ModelError as e:
         raise EmbedError(f"model: {e}") from e
     if not spec.dim:  # a TF Hub model without our metadata: ask it once
-        from pipelines.models import Embedder
+        from pipelines.model.resolve import Embedder
         dim = Embedder(spec).embed(np.zeros((1, spec.input_size, spec.input_size, 3),
                                             np.uint8)).shape[1]
         spec = dataclasses.replace(spec, dim=int(dim))

@@ -47,11 +47,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipelines.checksums import sha256_file
-from pipelines.command import Command, UsageError
-from pipelines.config import Config
-from pipelines.onednn import onednn_status
-from pipelines.torch_checkpoint import load_state_dict
+from pipelines.core.checksums import sha256_file
+from pipelines.core.command import Command, UsageError
+from pipelines.core.config import Config
+from pipelines.model.onednn import onednn_status
+from pipelines.model.torch_checkpoint import load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ STD = 128.0
 DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3  # EfficientNet's batch_norm_epsilon (TF reference and EfficientNet-PyTorch)
-METADATA_FILE = "catalog_search_model.json"  # same name as pipelines.models.METADATA_FILE
+METADATA_FILE = "catalog_search_model.json"  # same name as pipelines.model.resolve.METADATA_FILE
 # Stride of the first block of each of the 7 stages (the others have stride 1).
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 STEM_STRIDE = 2
@@ -484,7 +484,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace, config: Config) -> Any:
-    from pipelines.models import ModelError, resolve_model
+    from pipelines.model.resolve import ModelError, resolve_model
     handle = args.handle or config.model.handle
     try:
         return resolve_model(handle, config.model.resolved_cache_dir(), config.model.input_size)
@@ -497,7 +497,7 @@ def export_saved_model(src: str, out: str) -> int:
 
     Local destinations are written to a sibling temp dir and renamed into place.
     """
-    from pipelines import filesystem
+    from pipelines.core import filesystem
     if filesystem.is_local(out) and os.path.isfile(out[len("file://"):]
                                                    if out.startswith("file://") else out):
         raise UsageError(f"--out {out} is an existing file, not a directory")
@@ -532,7 +532,7 @@ def export_saved_model(src: str, out: str) -> int:
 
 def benchmark(spec: Any, batch_size: int, batches: int) -> dict[str, float]:
     """Embed `batches` random uint8 batches after one warm-up call; returns timings."""
-    from pipelines.models import Embedder
+    from pipelines.model.resolve import Embedder
     started = time.monotonic()
     embedder = Embedder(spec)
     images = np.random.default_rng(0).integers(
@@ -553,7 +553,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.model_action == "bench":
         if args.batch_size < 1 or args.batches < 1:
             raise UsageError("--batch-size and --batches must be >= 1")
-        from pipelines.models import configure_tf_threads
+        from pipelines.model.resolve import configure_tf_threads
         threads = config.runner.tf_threads if args.threads is None else args.threads
         if threads < 0:
             raise UsageError(f"--threads must be >= 0, got {threads}")

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.beam_worker import LAUNCHER_PID_ENV
-from pipelines.config import Config, ConfigError
+from pipelines.core.beam_worker import LAUNCHER_PID_ENV
+from pipelines.core.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _option_flags(options: dict[str, Any]) -> list[str]:
 
 
 #: The repository (or source tree) root: where setup.py lives in a checkout.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: Example values of configs/dataflow.yaml and configs/flink.yaml that must be replaced.
 PLACEHOLDERS = ("my-gcp-project", "my-bucket", "my-registry", "REPLACE_ME")
@@ -139,9 +139,9 @@ def pipeline_options(config: Config, job_name: str, extra: dict[str, Any] | None
 
 
 def worker_command() -> str:
-    """The command line of local SDK worker processes: pipelines.beam_worker, which exits
+    """The command line of local SDK worker processes: pipelines.core.beam_worker, which exits
     when the launcher dies, then runs Beam's sdk_worker_main."""
-    return f"{shlex.quote(sys.executable)} -m pipelines.beam_worker"
+    return f"{shlex.quote(sys.executable)} -m pipelines.core.beam_worker"
 
 
 def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = None
@@ -165,7 +165,7 @@ def make_pipeline(config: Config, job_name: str, extra: dict[str, Any] | None = 
             beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
         environment = None
         if config.runner.direct_running_mode == "multi_processing":
-            # Beam's own worker command, through pipelines.beam_worker: workers exit when
+            # Beam's own worker command, through pipelines.core.beam_worker: workers exit when
             # this process dies, and known noise such as "apitools not found" is dropped.
             # The FnApiRunner only uses a given environment in its in_memory mode; the
             # worker count still comes from direct_num_workers.

@@ -1,4 +1,4 @@
-"""What a stage module exposes to the `catalog-search` CLI (see pipelines/cli.py)."""
+"""What a stage module exposes to the `catalog-search` CLI (see catalog_search/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from pipelines.config import Config
+    from pipelines.core.config import Config
 
 
 @dataclass(frozen=True)

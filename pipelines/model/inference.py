@@ -1,7 +1,7 @@
 """Beam RunInference ModelHandler for our embedding models.
 
 Beam's TFModelHandler* load with tf.keras.models.load_model, which cannot load a
-plain SavedModel under Keras 3; this handler loads through pipelines.models.Embedder
+plain SavedModel under Keras 3; this handler loads through pipelines.model.resolve.Embedder
 (tf.saved_model.load / hub.load) and lets RunInference do what it is good at:
 batching (BatchElements), one model per worker process (shared.Shared), metrics.
 """
@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipelines.features import embed_variants
-from pipelines.models import Embedder, ModelError, ModelSpec, configure_tf_threads, resolve_model
+from pipelines.model.features import embed_variants
+from pipelines.model.resolve import Embedder, ModelError, ModelSpec, configure_tf_threads, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,19 @@ import logging
 import os
 import sys
 
-from pipelines.command import Command, UsageError
-from pipelines.config import ConfigError, load_config
+from pipelines.core.command import Command, UsageError
+from pipelines.core.config import ConfigError, load_config
 
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
-    "embed": "pipelines.embed",
-    "build-index": "pipelines.index_build",
-    "index-info": "pipelines.index_artifact",
+    "embed": "pipelines.embed.job",
+    "build-index": "pipelines.index.build",
+    "index-info": "pipelines.index.artifact",
     "query": "serving.cli",
     "serve": "serving.cli",
     "evaluate": "serving.evaluate",
-    "model": "pipelines.efficientnet_lite",
-    "sample-catalog": "pipelines.sample_catalog",
+    "model": "pipelines.model.efficientnet_lite",
+    "sample-catalog": "pipelines.embed.sample_catalog",
 }
 
 
@@ -104,7 +104,7 @@ def _check_dependencies(args: argparse.Namespace, config) -> None:
     runner = getattr(args, "runner", None)
     if not uris and not runner and config.runner.is_direct:
         return
-    from pipelines.runner import check_runner_dependencies
+    from pipelines.core.runner import check_runner_dependencies
     if runner:
         config = config.replace(runner={"name": runner})
     check_runner_dependencies(config, uris)

@@ -1,6 +1,6 @@
 """`make demo`: the catalog_refresh DAG end to end, offline, on a throw-away Airflow.
 
-    python -m pipelines.demo --workdir out/demo [--products 20 --images-per-product 3]
+    python -m catalog_search.demo --workdir out/demo [--products 20 --images-per-product 3]
 
 1. writes the bundled sample catalog (generated product images + labelled query photos);
 2. points Airflow at a fresh SQLite AIRFLOW_HOME under the workdir (dags/ as DAGs folder)
@@ -10,7 +10,7 @@
 4. looks up the query photos in the published index and prints a table, and writes the
    HTML results page of `serving.evaluate`.
 
-`python -m pipelines.demo run-dag DAG_ID --airflow-home DIR [--conf JSON] [--logical-date
+`python -m catalog_search.demo run-dag DAG_ID --airflow-home DIR [--conf JSON] [--logical-date
 ISO]` runs any of the DAGs once the same way and prints a JSON report (the DAG tests use it).
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
              model_handle: str | None = None, shards: int = 2,
              config_file: str | None = None) -> dict[str, Any]:
     """The whole demo (see the module docstring); returns the refresh run's report."""
-    from pipelines.sample_catalog import write_catalog
+    from pipelines.embed.sample_catalog import write_catalog
 
     workdir = os.path.abspath(workdir)
     for sub in ("airflow", "embeddings", "index", "report"):
@@ -149,7 +149,7 @@ def run_demo(workdir: str, products: int = 20, images_per_product: int = 3, size
     handoff = run_dag("index_handoff", {"index_root": index_root})
     _print_run(handoff)
 
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from serving.evaluate import evaluate
     config = load_config(config_file,
                          overrides={"model": {"handle": model_handle}} if model_handle else None)
@@ -195,7 +195,7 @@ def _parse_date(text: str) -> datetime:
 
 
 def _run_dag_cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo run-dag",
+    p = argparse.ArgumentParser(prog="python -m catalog_search.demo run-dag",
                                 description="Run one DAG once with dag.test() on a SQLite "
                                             "Airflow home; prints a JSON report.")
     p.add_argument("dag_id")
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run-dag":
         return _run_dag_cli(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo",
+    p = argparse.ArgumentParser(prog="python -m catalog_search.demo",
                                 description="Run catalog_refresh end to end with dag.test() on "
                                             "the sample catalog, then show sample lookups. "
                                             "Tasks are not retried: a failing step ends the "
@@ -272,16 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(_CHILD_ENV) != "1":
         # Supervise: the demo runs in its own process group, so Ctrl-C / SIGTERM stop it,
         # its Beam step subprocesses and their workers (dag.test itself ignores SIGTERM).
-        from pipelines.procgroup import run_supervised
+        from pipelines.core.procgroup import run_supervised
         env = dict(os.environ, **{_CHILD_ENV: "1"})
-        rc = run_supervised([sys.executable, "-m", "pipelines.demo", *argv], env=env)
+        rc = run_supervised([sys.executable, "-m", "catalog_search.demo", *argv], env=env)
         if rc > 128:
             print(f"demo: stopped by signal {rc - 128}", file=sys.stderr)
         return rc
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipelines.orchestration import TASK_RETRIES_ENV
+    from pipelines.orchestration.steps import TASK_RETRIES_ENV
     os.environ[TASK_RETRIES_ENV] = "0"  # fail fast: a demo step is not retried
-    from pipelines.beam_worker import DropKnownNoise
+    from pipelines.core.beam_worker import DropKnownNoise
     logging.getLogger().addFilter(DropKnownNoise())
     if args.verbose:
         logging.basicConfig(level=logging.INFO,

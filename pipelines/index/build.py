@@ -72,13 +72,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import filesystem as fs
-from pipelines import index_artifact as art
-from pipelines import snapshot as snap
-from pipelines.command import Command, UsageError
-from pipelines.names import InvalidNameError, check_segment
-from pipelines.config import Config
-from pipelines.sharded_search import ShardedSearcher, search_exact
+from pipelines.core import filesystem as fs
+from pipelines.index import artifact as art
+from pipelines.embed import snapshot as snap
+from pipelines.core.command import Command, UsageError
+from pipelines.core.names import InvalidNameError, check_segment
+from pipelines.core.config import Config
+from pipelines.index.sharded_search import ShardedSearcher, search_exact
 
 log = logging.getLogger(__name__)
 
@@ -704,7 +704,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
     fs.write_json(spec.result_uri(shard), report)
     log.info("shard %d/%d: %s, %d vectors, %.1fs", shard, spec.num_shards, report["kind"], n,
              report["build_seconds"])
-    from pipelines import progress
+    from pipelines.core import progress
     progress.tick()
     return report
 
@@ -835,7 +835,7 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
     """The whole build as one Beam job (see the module docstring, steps 2-4)."""
     import apache_beam as beam
     from apache_beam import pvalue
-    from pipelines.runner import make_pipeline
+    from pipelines.core.runner import make_pipeline
 
     def write(name: str):
         return lambda value: fs.write_json(spec.stats_uri(name), value)
@@ -948,7 +948,7 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     plan_s = time.time() - started
     try:
         t0 = time.time()
-        from pipelines import progress
+        from pipelines.core import progress
         with progress.report_progress("build-index", spec.num_shards, "shards",
                                       enabled=config.runner.is_direct):
             _run_build_pipeline(config, spec, splits)

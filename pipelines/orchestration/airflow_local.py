@@ -1,8 +1,8 @@
 """The local Airflow stack of docs/AIRFLOW.md: start it, stop all of it.
 
-    python -m pipelines.airflow_local up   [--home out/airflow] [--data out/data] [--wait 300]
-    python -m pipelines.airflow_local down [--home out/airflow]
-    python -m pipelines.airflow_local status [--home out/airflow]
+    python -m pipelines.orchestration.airflow_local up   [--home out/airflow] [--data out/data] [--wait 300]
+    python -m pipelines.orchestration.airflow_local down [--home out/airflow]
+    python -m pipelines.orchestration.airflow_local status [--home out/airflow]
 
 `up` runs `airflow standalone` (scheduler, dag-processor, triggerer, API server + UI on
 http://localhost:8080) in its own process group, detached, with this venv's bin/ first
@@ -26,9 +26,9 @@ import time
 from contextlib import closing
 from typing import Sequence
 
-from pipelines import procgroup
+from pipelines.core import procgroup
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The DAGs of dags/ that `up` waits for (docs/AIRFLOW.md unpauses and triggers these).
 DAG_IDS = ("catalog_refresh", "catalog_backfill", "index_handoff")
 
@@ -68,7 +68,7 @@ def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
     os.makedirs(home, exist_ok=True)
     manifest = os.path.join(data, "catalog", "manifest.csv")
     if not os.path.exists(manifest):
-        from pipelines.sample_catalog import write_catalog
+        from pipelines.embed.sample_catalog import write_catalog
         write_catalog(os.path.join(data, "catalog"), queries_per_product=2, relative_uris=True)
         print(f"wrote the sample catalog: {manifest}")
     bin_dir = os.path.dirname(os.path.abspath(sys.executable))
@@ -132,7 +132,7 @@ def down(home: str, grace_s: float = 20.0) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.airflow_local",
+    p = argparse.ArgumentParser(prog="python -m pipelines.orchestration.airflow_local",
                                 description="Start / stop the local Airflow stack (SQLite).")
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--home", default="out/airflow", help="AIRFLOW_HOME (default out/airflow)")

@@ -3,7 +3,7 @@
 TensorFlow 2.20 on x86 Linux turns oneDNN on by default only on CPUs with AVX512_VNNI,
 AVX512_BF16, AVX_VNNI or AMX; TF_ENABLE_ONEDNN_OPTS=1 forces it on (any x86 CPU) and
 =0 forces it off. oneDNN changes which fused kernels the graph optimizer picks, so a graph
-can behave differently between machines (see pipelines/efficientnet_lite.py), and it is
+can behave differently between machines (see pipelines/model/efficientnet_lite.py), and it is
 usually the faster path where the CPU has those features (docs/BENCHMARKS.md).
 """
 from __future__ import annotations

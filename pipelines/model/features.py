@@ -1,7 +1,7 @@
 """Feature variants: how one image (or one augmentation view of it) becomes ONE vector.
 
 A view is embedded as the L2-normalised mean of its *variants*: every zoom level in
-`features.scales` (1.0 = the plain center crop / letterbox of pipelines.image_decode;
+`features.scales` (1.0 = the plain center crop / letterbox of pipelines.model.image_decode;
 s > 1 = the image resized s times larger and center-cropped at the model's size, i.e. the
 model sees the middle 1/s of the usual crop at s times the detail), each also mirrored
 when `features.flip` is on. The catalog (embed job) and the queries (serving, evaluate)
@@ -10,7 +10,7 @@ and of the index manifest, so serving always applies what the catalog got.
 
 With plain settings (scales [1.0], flip off, no query_scales; what an index manifest
 without a "features" record means) a view has one variant and the arrays and vectors are
-exactly those of pipelines.image_decode.preprocess. The shipped defaults (scales [1.3],
+exactly those of pipelines.model.image_decode.preprocess. The shipped defaults (scales [1.3],
 query_scales [1.6]) were chosen by the grocery quality grid in docs/EVALUATION.md.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from pipelines.image_decode import augment_view, preprocess
+from pipelines.model.image_decode import augment_view, preprocess
 
 if TYPE_CHECKING:
-    from pipelines.config import FeaturesConfig
+    from pipelines.core.config import FeaturesConfig
 
 PLAIN_FEATURES: dict[str, Any] = {"scales": [1.0], "flip": False}
 
@@ -112,10 +112,10 @@ def load_query_arrays(data: bytes, size: int, config: Any,
                       formats: Sequence[str] | None = None) -> np.ndarray:
     """Photo bytes -> model input exactly as the catalog's 'original' view got it (serving).
 
-    Same decode as pipelines.image_decode.load_and_preprocess (uploads pass the tighter
+    Same decode as pipelines.model.image_decode.load_and_preprocess (uploads pass the tighter
     `max_decoded_pixels` and `formats`, see decode_image); raises its DecodeError.
     """
-    from pipelines.image_decode import decode_image
+    from pipelines.model.image_decode import decode_image
     img = decode_image(data, max_pixels=config.decode.max_pixels, target_size=size,
                        max_bytes=config.fetch.max_bytes, max_decoded_pixels=max_decoded_pixels,
                        formats=formats)

@@ -17,7 +17,7 @@ import yaml
 
 # configs/default.yaml, shipped inside the package (pipelines/configs/default.yaml is a
 # symlink to it that setuptools packages as a file) so a wheel install has the same defaults.
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 AUGMENT_VIEWS = ("original", "hflip", "crop", "rotate", "jitter")
 
@@ -98,7 +98,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """How one image becomes one vector (see pipelines/features.py); part of the fingerprint.
+    """How one image becomes one vector (see pipelines/model/features.py); part of the fingerprint.
 
     scales: zoom levels averaged per view (1.0 = the plain center crop; s > 1 = the image
             resized s times larger, center-cropped at the model's size); flip: also embed the

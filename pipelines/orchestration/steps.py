@@ -7,7 +7,7 @@ tested and reused outside Airflow:
   manifests), or refuses them with an `OrchestrationError` naming the param and the
   reason, before any Beam job starts.
 - `launch_step` runs one Beam job ("embed" or "build_index") in a subprocess with the
-  pipeline's interpreter (`python -m pipelines.orchestration STEP ...`), streams its
+  pipeline's interpreter (`python -m pipelines.orchestration.steps STEP ...`), streams its
   output into the task log and returns its JSON result. A step that fails for a reason
   a retry cannot fix (bad input, failed evaluation gate) exits with
   `PERMANENT_EXIT_CODE` and becomes a `PermanentStepError` (the DAGs' retry policy fails
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping, Sequence
 
-from pipelines.config import Config, ConfigError, load_config
+from pipelines.core.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ TASK_RETRIES_ENV = "CATALOG_SEARCH_TASK_RETRIES"
 INDEX_ASSET_NAME = "catalog_search_index"
 INDEX_ASSET_URI = "catalog-search://index/latest"
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: Params every run DAG accepts, with what they mean (also the DAGs' Param descriptions).
 PARAM_HELP = {
@@ -143,9 +143,9 @@ def run_id_for(kind: str, run_date: datetime) -> str:
 
 
 def check_run_id(run_id: Any, what: str = "run_id") -> str:
-    """`run_id` when it is a safe snapshot / version name (pipelines.names), else
+    """`run_id` when it is a safe snapshot / version name (pipelines.core.names), else
     OrchestrationError: a run plan from XCom or a param never names a path."""
-    from pipelines.names import InvalidNameError, check_segment
+    from pipelines.core.names import InvalidNameError, check_segment
     try:
         return check_segment(run_id, what)
     except InvalidNameError as e:
@@ -243,7 +243,7 @@ def _load_run_config(config_file: str | None, overrides: dict[str, Any]) -> Conf
     """The run's config; when a config file layers runner options, the params' options merge in."""
     try:
         if config_file is not None:
-            from pipelines.config import read_yaml
+            from pipelines.core.config import read_yaml
             file_options = (read_yaml(config_file).get("runner") or {}).get("options") or {}
             param_options = overrides.get("runner", {}).get("options")
             if file_options and param_options is not None:
@@ -263,7 +263,7 @@ def _check_model_handle(handle: str) -> None:
 
 
 def _count_manifest_rows(manifests: Sequence[str], kind: str) -> tuple[list[str], int]:
-    from pipelines.manifest import ManifestError, check_manifest, expand_manifests
+    from pipelines.embed.manifest import ManifestError, check_manifest, expand_manifests
     try:
         uris = expand_manifests(list(manifests))
         counts = {uri: check_manifest(uri) for uri in uris}
@@ -308,7 +308,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
         if not isinstance(value, str) or not value.strip():
             raise OrchestrationError(f"param {key} must be a non-empty path or URI, got {value!r}")
         roots[key] = value.strip()
-    from pipelines import filesystem as fs
+    from pipelines.core import filesystem as fs
     if fs.join(roots["embeddings_root"], "") == fs.join(roots["index_root"], ""):
         raise OrchestrationError("params embeddings_root and index_root must be different folders")
     config_file = _optional(params, "config_file", (str,), "a YAML file path")
@@ -316,7 +316,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
     overrides = config_overrides(params)
     config = _load_run_config(config_file, overrides)
     run_id = run_id_for(kind, run_date)
-    from pipelines.runner import pipeline_options
+    from pipelines.core.runner import pipeline_options
     try:
         # (Beam's optional dependencies are checked by the step, in the pipeline interpreter)
         options = pipeline_options(config, f"catalog-{kind}-{run_id}")
@@ -349,15 +349,15 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
 
 
 def _read_index_latest(index_root: str) -> str | None:
-    from pipelines.index_artifact import read_latest
+    from pipelines.index.artifact import read_latest
     return read_latest(index_root)
 
 
 def previous_snapshot(embeddings_root: str, run_id: str) -> str | None:
     """The snapshot a run builds on: LATEST, or when LATEST is this run's own (a re-run of the
     same date) the newest complete snapshot before it; None when there is none."""
-    from pipelines import filesystem as fs
-    from pipelines import snapshot
+    from pipelines.core import filesystem as fs
+    from pipelines.embed import snapshot
     current = snapshot.latest_run_id(embeddings_root)
     if current is not None and current != run_id:
         return snapshot.latest(embeddings_root)
@@ -368,13 +368,13 @@ def previous_snapshot(embeddings_root: str, run_id: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Steps (run in the pipeline interpreter by `python -m pipelines.orchestration STEP`)
+# Steps (run in the pipeline interpreter by `python -m pipelines.orchestration.steps STEP`)
 
 
 def embed_step(plan: RunPlan) -> dict[str, Any]:
     """Embed the run's manifests: incremental against the previous snapshot; a backfill
     embeds only the drop and merges it with the latest snapshot (drop rows win)."""
-    from pipelines.embed import run_embed
+    from pipelines.embed.job import run_embed
     previous = previous_snapshot(plan.embeddings_root, plan.run_id)
     merge = plan.kind == BACKFILL
     if merge and previous is None:
@@ -399,8 +399,8 @@ def _revision_name(run_id: str, revision: int) -> str:
 def run_versions(index_root: str, run_id: str) -> list[str]:
     """Index versions a run has built: `<run_id>`, then `<run_id>.rNN` for rebuilds whose
     snapshot content differed from an already published version of the same run."""
-    from pipelines import filesystem as fs
-    from pipelines import index_artifact as art
+    from pipelines.core import filesystem as fs
+    from pipelines.index import artifact as art
     names = [n for n in fs.list_children(art.versions_dir(index_root))
              if n == run_id or n.startswith(run_id + REVISION_SEPARATOR)]
     return sorted(names)
@@ -420,9 +420,9 @@ def index_matches_snapshot(index_root: str, version: str, snapshot_dir: str,
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipelines import filesystem as fs
-    from pipelines import index_artifact as art
-    from pipelines import snapshot
+    from pipelines.core import filesystem as fs
+    from pipelines.index import artifact as art
+    from pipelines.embed import snapshot
 
     manifest = art.read_manifest(index_root, version)
     snap = snapshot.load(snapshot_dir)
@@ -466,9 +466,9 @@ def build_index_step(plan: RunPlan, embed_summary: Mapping[str, Any]) -> dict[st
     - replaces a rejected or incomplete version of an earlier attempt;
     - builds a new revision `<run_id>.rNN` when a passed version holds other content.
     """
-    from pipelines import filesystem as fs
-    from pipelines import index_artifact as art
-    from pipelines.index_build import run_build_index
+    from pipelines.core import filesystem as fs
+    from pipelines.index import artifact as art
+    from pipelines.index.build import run_build_index
 
     config = plan.config()
     snapshot_dir = embed_summary["snapshot"]
@@ -500,18 +500,18 @@ def build_index_step(plan: RunPlan, embed_summary: Mapping[str, Any]) -> dict[st
 
 def _permanent_errors() -> tuple[type[BaseException], ...]:
     """Exceptions of the steps that a retry cannot fix."""
-    from pipelines import snapshot
-    from pipelines.manifest import ManifestError
-    from pipelines.models import ModelError
+    from pipelines.embed import snapshot
+    from pipelines.embed.manifest import ManifestError
+    from pipelines.model.resolve import ModelError
     errors: list[type[BaseException]] = [OrchestrationError, ConfigError, ManifestError,
                                          ModelError, snapshot.SnapshotError]
     try:
-        from pipelines.embed import EmbedError
+        from pipelines.embed.job import EmbedError
         errors.append(EmbedError)
     except ImportError:
         pass
     try:
-        from pipelines.index_build import IndexBuildError, RecallGateError
+        from pipelines.index.build import IndexBuildError, RecallGateError
         errors.extend([IndexBuildError, RecallGateError])
     except ImportError:
         pass
@@ -520,7 +520,7 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
 
 def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     plan = RunPlan.from_dict(payload["plan"])
-    from pipelines.runner import check_runner_dependencies
+    from pipelines.core.runner import check_runner_dependencies
     check_runner_dependencies(plan.config(), [*plan.manifests, plan.embeddings_root,
                                               plan.index_root])
     if step == EMBED_STEP:
@@ -533,7 +533,7 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of a step subprocess: read the payload, run the step, write the result."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.orchestration",
+        prog="python -m pipelines.orchestration.steps",
         description="Run one step of an Airflow DAG run (launched by the DAG tasks).")
     parser.add_argument("step", choices=STEPS)
     parser.add_argument("--input", required=True, help="JSON payload: {plan, ...}")
@@ -544,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pipelines.beam_worker import DropKnownNoise
+    from pipelines.core.beam_worker import DropKnownNoise
     logging.getLogger().addFilter(DropKnownNoise())
     with open(args.input, encoding="utf-8") as f:
         payload = json.load(f)
@@ -584,7 +584,7 @@ def launch_step(step: str, payload: Mapping[str, Any], python: str | None = None
         in_path, out_path = os.path.join(tmp, "input.json"), os.path.join(tmp, "output.json")
         with open(in_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, default=str)
-        cmd = [python, "-m", "pipelines.orchestration", step, "--input", in_path,
+        cmd = [python, "-m", "pipelines.orchestration.steps", step, "--input", in_path,
                "--output", out_path]
         log.info("launching %s: %s", step, " ".join(cmd))
         tail: deque[str] = deque(maxlen=20)
@@ -621,8 +621,8 @@ def snapshot_rows(snapshot_dir: str) -> int:
     """Rows in a snapshot's embeddings files (from Parquet footers; no data read)."""
     import pyarrow.parquet as pq
 
-    from pipelines import filesystem as fs
-    from pipelines import snapshot
+    from pipelines.core import filesystem as fs
+    from pipelines.embed import snapshot
     total = 0
     for uri in snapshot.embedding_files(snapshot_dir):
         with fs.FileSystems.open(uri) as f:

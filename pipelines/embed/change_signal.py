@@ -25,7 +25,7 @@ import hashlib
 import json
 from typing import Any
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 
 SIGNAL_COLUMN = "change_signal"
 MANIFEST_SIGNAL_FIELDS = ("updated_at", "etag", "size")

@@ -10,7 +10,7 @@ size and preprocessing recorded in snapshots and index manifests); `Embedder` lo
 the graph and runs in each worker process, and in serving.
 
 Preprocessing contract: images arrive as uint8 [N, S, S, 3] RGB (see
-pipelines.image_decode); the embedder computes (x - mean) / std in float32 and
+pipelines.model.image_decode); the embedder computes (x - mean) / std in float32 and
 calls the model; the output is L2-normalised.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.checksums import update_from_file
+from pipelines.core.checksums import update_from_file
 
 BUILTIN_PREFIX = "builtin:"
 # Written into every SavedModel we produce (and read back for local directories).
@@ -80,7 +80,7 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
     """
     if handle.startswith(BUILTIN_PREFIX):
         name = handle[len(BUILTIN_PREFIX):]
-        from pipelines.efficientnet_lite import VARIANTS, ensure_saved_model
+        from pipelines.model.efficientnet_lite import VARIANTS, ensure_saved_model
         if name not in VARIANTS:
             raise ModelError(f"unknown builtin model {handle!r}; available: "
                              + ", ".join(BUILTIN_PREFIX + m for m in sorted(VARIANTS)))
@@ -123,7 +123,7 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
 
 
 # Builtin conversions older than this abort inside TensorFlow where oneDNN is on (see
-# pipelines/efficientnet_lite.py): an exported copy of one must be exported again.
+# pipelines/model/efficientnet_lite.py): an exported copy of one must be exported again.
 MIN_CONVERTER_VERSION = 3
 
 
@@ -143,7 +143,7 @@ def _is_remote(path: str) -> bool:
 
 def _saved_model_exists(path: str) -> bool:
     if _is_remote(path):
-        from pipelines import filesystem
+        from pipelines.core import filesystem
         return filesystem.exists(path + "/saved_model.pb")
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
@@ -151,7 +151,7 @@ def _saved_model_exists(path: str) -> bool:
 def _list_files(path: str) -> list[str]:
     """Relative paths ("/"-separated, sorted) of every file under a local or remote dir."""
     if _is_remote(path):
-        from pipelines import filesystem
+        from pipelines.core import filesystem
         prefix = path.rstrip("/") + "/"
         return sorted(uri[len(prefix):] for uri in filesystem.match(prefix + "**"))
     rels = []
@@ -166,7 +166,7 @@ def _hash_dir(path: str) -> str:
     for rel in _list_files(path):
         h.update(rel.encode())
         if _is_remote(path):
-            from pipelines import filesystem
+            from pipelines.core import filesystem
             h.update(filesystem.read_bytes(f"{path.rstrip('/')}/{rel}"))
             continue
         update_from_file(h, os.path.join(path, *rel.split("/")))
@@ -177,13 +177,13 @@ def local_model_dir(spec: ModelSpec) -> str:
     """A local directory holding the spec's SavedModel: remote ones are copied once per machine.
 
     TensorFlow cannot open every Beam FileSystems scheme, so a SavedModel on an object store
-    is downloaded through pipelines.filesystem into the temp dir, checked against the spec's
+    is downloaded through pipelines.core.filesystem into the temp dir, checked against the spec's
     fingerprint (the model must not change between launch and load), and reused by later
     loads on the same machine.
     """
     if not _is_remote(spec.path):
         return spec.path
-    from pipelines import filesystem
+    from pipelines.core import filesystem
     root = os.path.join(tempfile.gettempdir(), "catalog-search-models")
     dest = os.path.join(root, spec.fingerprint[:32])
     if os.path.isfile(os.path.join(dest, "saved_model.pb")):
@@ -214,7 +214,7 @@ def local_model_dir(spec: ModelSpec) -> str:
 
 def _read_metadata(path: str, required: bool = True) -> dict[str, Any] | None:
     if _is_remote(path):
-        from pipelines import filesystem
+        from pipelines.core import filesystem
         meta_uri = f"{path}/assets/{METADATA_FILE}"
         if filesystem.exists(meta_uri):
             return filesystem.read_json(meta_uri)
@@ -240,7 +240,7 @@ def _signature_shapes(path: str) -> tuple[int | None, int]:
     """
     from tensorflow.core.protobuf import saved_model_pb2
     if _is_remote(path):
-        from pipelines import filesystem
+        from pipelines.core import filesystem
         data = filesystem.read_bytes(path + "/saved_model.pb")
     else:
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import filesystem as fs
-from pipelines.names import InvalidNameError, check_segment
+from pipelines.core import filesystem as fs
+from pipelines.core.names import InvalidNameError, check_segment
 
 SUMMARY_FILE = "summary.json"
 LATEST_FILE = "LATEST"
@@ -65,7 +65,7 @@ class Snapshot:
 
 
 def check_run_id(run_id: str, what: str = "run id") -> str:
-    """`run_id` when it is a safe snapshot folder name (pipelines.names), else SnapshotError."""
+    """`run_id` when it is a safe snapshot folder name (pipelines.core.names), else SnapshotError."""
     try:
         return check_segment(run_id, what)
     except InvalidNameError as e:

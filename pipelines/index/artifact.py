@@ -43,11 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import filesystem as fs
-from pipelines.checksums import sha256_file
-from pipelines.command import Command, UsageError
-from pipelines.config import Config
-from pipelines.names import InvalidNameError, check_segment, is_safe_segment
+from pipelines.core import filesystem as fs
+from pipelines.core.checksums import sha256_file
+from pipelines.core.command import Command, UsageError
+from pipelines.core.config import Config
+from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def shard_relpath(shard: int, num_shards: int) -> str:
 
 def check_version_name(version: str, what: str = "index version name") -> str:
     """The name itself, or IndexArtifactError when it cannot be a version folder name
-    (the rule of `pipelines.names.check_segment`, shared with run ids)."""
+    (the rule of `pipelines.core.names.check_segment`, shared with run ids)."""
     try:
         return check_segment(version, what)
     except InvalidNameError as e:

@@ -22,8 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
-from pipelines import filesystem as fs
-from pipelines.config import FetchConfig
+from pipelines.core import filesystem as fs
+from pipelines.core.config import FetchConfig
 
 USER_AGENT = "catalog-visual-search/0.1 (+embed pipeline)"
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 if TYPE_CHECKING:
-    from pipelines.config import Config
+    from pipelines.core.config import Config
 
 # Refuse truncated files instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

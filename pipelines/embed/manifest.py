@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Iterator
 
-from pipelines import filesystem as fs
+from pipelines.core import filesystem as fs
 
 REQUIRED = ("product_id", "image_uri")
 ID_FIELDS = ("product_id", "image_uri", "image_id")
@@ -74,8 +74,8 @@ def expand_manifests(patterns: list[str]) -> list[str]:
 
 
 def _read_manifest_bytes(uri: str) -> bytes:
-    from pipelines.config import FetchConfig
-    from pipelines.fetch import FetchError, fetch_bytes, read_local_file
+    from pipelines.core.config import FetchConfig
+    from pipelines.embed.fetch import FetchError, fetch_bytes, read_local_file
     try:
         if uri.startswith(("http://", "https://")):
             return fetch_bytes(uri, FetchConfig(max_bytes=MAX_MANIFEST_BYTES, deadline_s=600.0))

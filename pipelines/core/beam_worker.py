@@ -2,7 +2,7 @@
 
 The FnApiRunner (multi_processing) starts each worker as
 `sh -c "<python> -m apache_beam.runners.worker.sdk_worker_main"`; when the launcher is
-SIGKILLed nothing tells those workers, and they linger for minutes. pipelines/runner.py
+SIGKILLed nothing tells those workers, and they linger for minutes. pipelines/core/runner.py
 starts them through this module instead, which first arms two guards and then runs
 Beam's own worker main:
 
