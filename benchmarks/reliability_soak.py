@@ -52,7 +52,7 @@ def hot_swap_under_load(url: str, index_root: str, versions: tuple[str, str], sw
     import httpx
 
     from pipelines.index import artifact as art
-    from serving.auth import bearer_header
+    from pipelines.core.admin_token import bearer_header
     counter = iter(range(10**12))
     lock = threading.Lock()
 

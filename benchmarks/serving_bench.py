@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         swaps: list[dict[str, Any]] = []
 
         def do_swaps() -> None:
-            from serving.auth import admin_token_from_env, bearer_header
+            from pipelines.core.admin_token import admin_token_from_env, bearer_header
             with httpx.Client(base_url=url, timeout=900,  # the server reads the same env
                               headers=bearer_header(admin_token_from_env())) as c:
                 for i in range(args.swaps):

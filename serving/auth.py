@@ -1,65 +1,22 @@
-"""The admin bearer token that guards mutating endpoints (POST /v1/reload).
+"""Checking a request's bearer token against the admin token (serving side).
 
-The token never lives in a config file of the repository: it comes from the environment
-(`CATALOG_SEARCH_ADMIN_TOKEN`, or `CATALOG_SEARCH_ADMIN_TOKEN_FILE` naming a file that
-holds it) or from `catalog-search serve --admin-token-file PATH`. With no token set the
-endpoints are open (development on loopback); with one set, a request without
-`Authorization: Bearer <token>` gets 401 and one with a wrong token 403.
-
-Standard library only: pipelines/orchestration/steps.py (the Airflow hand-off) imports it to
-send the same token.
+With no token set the mutating endpoints are open (development on loopback); with one set,
+a request without `Authorization: Bearer <token>` gets 401 and one with a wrong token 403.
+The token itself is read by pipelines/core/admin_token.py (re-exported here).
 """
 from __future__ import annotations
 
 import hmac
-import os
-from typing import Mapping
 
-TOKEN_ENV = "CATALOG_SEARCH_ADMIN_TOKEN"
-TOKEN_FILE_ENV = "CATALOG_SEARCH_ADMIN_TOKEN_FILE"
-MIN_TOKEN_LENGTH = 16
-_MAX_TOKEN_LENGTH = 4096
-
-
-class AdminTokenError(ValueError):
-    """The configured admin token is unusable (empty, too short, unreadable file)."""
-
-
-def _checked(token: str, source: str) -> str:
-    token = token.strip()
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise AdminTokenError(f"admin token from {source} is {len(token)} characters; use at "
-                              f"least {MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 32`)")
-    if len(token) > _MAX_TOKEN_LENGTH or any(c.isspace() or not c.isprintable() for c in token):
-        raise AdminTokenError(f"admin token from {source} must be one line of at most "
-                              f"{_MAX_TOKEN_LENGTH} printable characters without spaces")
-    return token
-
-
-def read_token_file(path: str) -> str:
-    """The token held in `path` (surrounding whitespace stripped); AdminTokenError if bad."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(_MAX_TOKEN_LENGTH + 2)
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdminTokenError(f"cannot read the admin token file {path}: {e}") from None
-    return _checked(text, f"file {path}")
-
-
-def admin_token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """The admin token from CATALOG_SEARCH_ADMIN_TOKEN(_FILE), or None when neither is set.
-
-    Raises AdminTokenError when a variable is set but unusable (both set, empty, short).
-    """
-    env = os.environ if environ is None else environ
-    value, path = env.get(TOKEN_ENV), env.get(TOKEN_FILE_ENV)
-    if value is not None and path is not None:
-        raise AdminTokenError(f"set only one of {TOKEN_ENV} and {TOKEN_FILE_ENV}")
-    if path is not None:
-        return read_token_file(path)
-    if value is not None:
-        return _checked(value, f"${TOKEN_ENV}")
-    return None
+from pipelines.core.admin_token import (  # noqa: F401  (re-exported for serving)
+    MIN_TOKEN_LENGTH,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    AdminTokenError,
+    admin_token_from_env,
+    bearer_header,
+    read_token_file,
+)
 
 
 def check_bearer(authorization: str | None, token: str) -> int | None:
@@ -76,8 +33,3 @@ def check_bearer(authorization: str | None, token: str) -> int | None:
                            token.encode("utf-8")):
         return None
     return 403
-
-
-def bearer_header(token: str | None) -> dict[str, str]:
-    """{"Authorization": "Bearer <token>"} or {} (for clients such as the Airflow hand-off)."""
-    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -37,7 +37,7 @@ from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.embed import snapshot
 from pipelines.embed.change_signal import SIGNAL_COLUMN, row_signal, unchanged
-from catalog_search.cli import Command, UsageError
+from pipelines.core.command import Command, UsageError
 from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.model.features import features_dict, is_plain, preprocess_feature_views

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from catalog_search.cli import Command, UsageError
+from pipelines.core.command import Command, UsageError
 
 CATEGORIES = ("beverages", "snacks", "produce", "household", "dairy")
 _SHAPE_BY_CATEGORY = {"beverages": "bottle", "snacks": "pouch", "produce": "fruit",

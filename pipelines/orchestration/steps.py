@@ -742,7 +742,7 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
         log.info("new index version %s (no serving_url: recorded only)", version)
         return {**record, "notified": False}
     url = serving_url.rstrip("/") + "/v1/reload"
-    from serving.auth import AdminTokenError, admin_token_from_env, bearer_header
+    from pipelines.core.admin_token import AdminTokenError, admin_token_from_env, bearer_header
     try:
         token = admin_token_from_env()  # CATALOG_SEARCH_ADMIN_TOKEN(_FILE), as the server's
     except AdminTokenError as e:
