@@ -2,8 +2,8 @@
 
 How the "fresh venv" is made without downloading the dependencies again:
 1. `pip wheel --no-deps --no-build-isolation --no-index` builds the wheel from a copy of
-   the sources (setup.py, pyproject.toml, pipelines/, serving/, configs/; symlinks kept,
-   as in a clone), so nothing is written into the repository.
+   the sources (setup.py, pyproject.toml, pipelines/, serving/, catalog_search/, configs/;
+   symlinks kept, as in a clone), so nothing is written into the repository.
 2. `python -m venv --without-pip` makes an empty venv. A .pth file in its site-packages
    lists the test environment's site-packages as plain path lines: that makes Beam,
    TensorFlow, ScaNN... importable, and nothing else. Python runs the `.pth` files only
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("setup.py", "pyproject.toml", "pipelines", "serving", "configs")
+SOURCES = ("setup.py", "pyproject.toml", "pipelines", "serving", "catalog_search", "configs")
 
 pytestmark = pytest.mark.heavy  # builds and installs a wheel (~60 s)
 
