@@ -56,7 +56,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
                 assert time.time() < deadline, "the embed step did not start"
                 time.sleep(0.2)
             deadline = time.time() + 60
-            while not any("pipelines.orchestration.steps" in a for a in _descendants(proc.pid).values()):
+            while not any("pipelines.orchestration.launcher" in a for a in _descendants(proc.pid).values()):
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 assert time.time() < deadline, "no step subprocess"
                 time.sleep(0.1)

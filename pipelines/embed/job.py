@@ -51,7 +51,7 @@ from pipelines.core.runner import make_pipeline
 log = logging.getLogger(__name__)
 NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
-PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration.steps: a retry cannot fix it
+PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration.launcher: a retry cannot fix it
 PROGRESS_EVERY = 200
 
 # Outcome counters; every input row ends in exactly one of the first three.

@@ -26,7 +26,8 @@ from pipelines.embed.job import DeadLetterRateError, EmbedError, run_embed
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.embed.manifest import read_rows
 from pipelines.core.names import InvalidNameError, check_segment
-from pipelines.orchestration.steps import OrchestrationError, RunPlan
+from pipelines.orchestration.errors import OrchestrationError
+from pipelines.orchestration.plan import RunPlan
 from test_index_build import clustered_vectors, make_config, write_snapshot
 from pipelines.index.build import run_build_index
 

@@ -232,7 +232,8 @@ def test_defect_7_reload_needs_the_admin_token(hostile_http_client):
 
 def test_defect_7_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
                                                       tmp_path):
-    from pipelines.orchestration.steps import StepError, hand_off
+    from pipelines.orchestration.errors import StepError
+    from pipelines.orchestration.handoff import hand_off
     from serving.auth import AdminTokenError, admin_token_from_env
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
