@@ -55,7 +55,7 @@ def catalog_backfill():
     def publish(plan: dict, embed_summary: dict, index_manifest: dict,
                 outlet_events=None) -> dict:
         """Check LATEST and the counts; the index Asset event carries version and counts."""
-        extra = steps.publish(orch_plan.RunPlan.from_dict(plan), embed_summary, index_manifest)
+        extra = steps.publish_results(plan, embed_summary, index_manifest)
         outlet_events[INDEX_ASSET].extra = extra
         return extra
 

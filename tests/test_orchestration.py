@@ -2,6 +2,7 @@
 previous-snapshot choice, step launching in a subprocess, count reconciliation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import datetime, timezone
@@ -14,6 +15,8 @@ from pipelines.orchestration import launcher
 from pipelines.orchestration import plan as orch_plan
 from pipelines.orchestration import steps
 from pipelines.embed import snapshot
+from pipelines.embed.summary import SnapshotSummary
+from pipelines.index.manifest import IndexManifest
 from pipelines.embed.sample_catalog import write_catalog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,13 +190,18 @@ def test_reconcile_detects_counts_that_do_not_add_up(tmp_path):
                           pa.array([0.5] * 8, pa.float32()), 4),
                       "metadata": ["{}", "{}"]}, schema=snapshot.embeddings_schema(4))
     snapshot.write_table(path, table)
-    summary = {"snapshot": path, "input_rows": 3, "embedded": 2, "reused": 0,
-               "dead_lettered": 1, "carried_forward": 0}
-    assert steps.reconcile(summary, {"num_vectors": 2, "version": "v"})["rows"] == 2
+    summary = SnapshotSummary(snapshot=path, run_id="r1", input_rows=3, embedded=2, reused=0,
+                              dead_lettered=1, model={"model_id": "m"}, model_id="m", dim=4)
+
+    def index(num_vectors: int) -> IndexManifest:
+        return IndexManifest(version="v", status="passed", model={"model_id": "m"}, dim=4,
+                             num_vectors=num_vectors, shards=[])
+
+    assert steps.reconcile(summary, index(2))["rows"] == 2
     with pytest.raises(orch_errors.PermanentStepError, match="holds 3 vectors"):
-        steps.reconcile(summary, {"num_vectors": 3, "version": "v"})
+        steps.reconcile(summary, index(3))
     with pytest.raises(orch_errors.PermanentStepError, match="expected 3 images"):
-        steps.reconcile({**summary, "reused": 1, "input_rows": 4}, {"num_vectors": 2})
+        steps.reconcile(dataclasses.replace(summary, reused=1, input_rows=4), index(2))
 
 
 def test_hand_off_records_when_no_service_and_fails_when_unreachable(tmp_path):

@@ -64,9 +64,15 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
                                               plan.index_root])
     from pipelines.orchestration.steps import build_index_step, embed_step
     if step == EMBED_STEP:
-        return embed_step(plan)
+        return embed_step(plan).to_dict()
     if step == BUILD_INDEX_STEP:
-        return build_index_step(plan, payload["embed_summary"])
+        from pipelines.embed.summary import SnapshotSummary, SummaryError
+        try:
+            summary = SnapshotSummary.from_dict(payload.get("embed_summary"),
+                                                f"{step} payload embed_summary")
+        except SummaryError as e:
+            raise OrchestrationError(str(e)) from e
+        return build_index_step(plan, summary).to_dict()
     raise OrchestrationError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
 
 

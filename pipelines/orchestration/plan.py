@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from pipelines.core.config import Config, ConfigError, load_config
+from pipelines.core.contract import FORMAT_KEY, ContractError, check_format
+from pipelines.core.contract import field as read_field
 from pipelines.orchestration.errors import OrchestrationError
 
 log = logging.getLogger(__name__)
@@ -106,9 +108,22 @@ def check_run_id(run_id: Any, what: str = "run_id") -> str:
 
 
 
+#: Format of a RunPlan's JSON form (the key "format"). Decision on payloads without it: a
+#: plan lives only between the tasks of one DAG run, so one without a format (written by the
+#: code before the key existed, i.e. a run in flight across an upgrade) is refused with a
+#: PlanFormatError naming the field; re-trigger the run.
+PLAN_FORMAT = "catalog-search-run-plan/1"
+_REQUIRED = object()
+
+
+class PlanFormatError(ContractError, OrchestrationError):
+    """A run plan payload does not follow the RunPlan contract (names the field)."""
+
+
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything the steps of one DAG run need; JSON round-trips through XCom."""
+    """Everything the steps of one DAG run need; JSON round-trips through XCom and into the
+    step subprocesses (`to_dict` / `from_dict`, format `PLAN_FORMAT`)."""
     kind: str
     run_id: str
     manifests: tuple[str, ...]
@@ -124,26 +139,42 @@ class RunPlan:
         return load_config(self.config_file, self.config_overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "run_id": self.run_id, "manifests": list(self.manifests),
+        return {FORMAT_KEY: PLAN_FORMAT, "kind": self.kind, "run_id": self.run_id,
+                "manifests": list(self.manifests),
                 "embeddings_root": self.embeddings_root, "index_root": self.index_root,
                 "config_file": self.config_file, "config_overrides": self.config_overrides,
                 "input_rows": self.input_rows, "beam_options": self.beam_options}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunPlan":
-        """The plan from its JSON form; OrchestrationError when malformed or when its run_id
-        is not a safe name (checked before any step deletes or writes)."""
+    def from_dict(cls, d: Any, source: str = "run plan") -> "RunPlan":
+        """The plan from its JSON form; OrchestrationError (PlanFormatError, naming the field)
+        when malformed, and when its run_id is not a safe name (checked first, before any
+        step deletes or writes)."""
         if isinstance(d, Mapping) and "run_id" in d:
             check_run_id(d["run_id"], "run plan run_id")
-        try:
-            return cls(kind=d["kind"], run_id=d["run_id"], manifests=tuple(d["manifests"]),
-                       embeddings_root=d["embeddings_root"], index_root=d["index_root"],
-                       config_file=d.get("config_file"),
-                       config_overrides=dict(d.get("config_overrides") or {}),
-                       input_rows=int(d.get("input_rows") or 0),
-                       beam_options=dict(d.get("beam_options") or {}))
-        except (KeyError, TypeError) as e:
-            raise OrchestrationError(f"malformed run plan (key {e}): {dict(d)!r}") from e
+        check_format(d, PLAN_FORMAT, source, error=PlanFormatError)
+
+        def get(name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+            if default is _REQUIRED:
+                return read_field(d, name, kind, source, error=PlanFormatError)
+            return read_field(d, name, kind, source, default, error=PlanFormatError,
+                              nullable=default is None)
+
+        kind = get("kind", str)
+        if kind not in KINDS:
+            raise PlanFormatError(f"unknown run kind {kind!r}; choose from {', '.join(KINDS)}",
+                                  source, "kind")
+        manifests = get("manifests", list)
+        if not all(isinstance(m, str) for m in manifests):
+            raise PlanFormatError(f"expected a list of URIs, got {manifests!r:.80}", source,
+                                  "manifests")
+        return cls(kind=kind, run_id=get("run_id", str), manifests=tuple(manifests),
+                   embeddings_root=get("embeddings_root", str),
+                   index_root=get("index_root", str),
+                   config_file=get("config_file", str, None),
+                   config_overrides=dict(get("config_overrides", dict, {})),
+                   input_rows=get("input_rows", int, 0),
+                   beam_options=dict(get("beam_options", dict, {})))
 
 
 def _optional(params: Mapping[str, Any], key: str, kinds: tuple[type, ...],

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pipelines.orchestration.errors import OrchestrationError, PermanentStepError
 from pipelines.orchestration.plan import (BACKFILL, REVISION_SEPARATOR, RunPlan,
                                           _read_index_latest, previous_snapshot)
 
+if TYPE_CHECKING:
+    from pipelines.embed.summary import SnapshotSummary
+    from pipelines.index.manifest import IndexManifest
+
 log = logging.getLogger(__name__)
 
 
-def embed_step(plan: RunPlan) -> dict[str, Any]:
+def embed_step(plan: RunPlan) -> SnapshotSummary:
     """Embed the run's manifests: incremental against the previous snapshot; a backfill
     embeds only the drop and merges it with the latest snapshot (drop rows win)."""
     from pipelines.embed.job import run_embed
@@ -26,12 +30,12 @@ def embed_step(plan: RunPlan) -> dict[str, Any]:
     summary = run_embed(list(plan.manifests), plan.embeddings_root, plan.config(),
                         run_id=plan.run_id, previous=previous, merge_previous=merge)
     log.info("embed %s: %d input rows = %d embedded + %d reused + %d dead-lettered %s",
-             plan.run_id, summary["input_rows"], summary["embedded"], summary["reused"],
-             summary["dead_lettered"], summary.get("dead_letter_reasons") or "")
+             plan.run_id, summary.input_rows, summary.embedded, summary.reused,
+             summary.dead_lettered, summary.dead_letter_reasons or "")
     if merge:
         log.info("backfill %s: %d rows carried forward from %s; %d image_ids of the drop "
                  "replaced existing rows (the drop wins)", plan.run_id,
-                 summary.get("carried_forward", 0), previous, summary.get("replaced_existing", 0))
+                 summary.carried_forward, previous, summary.replaced_existing)
     return summary
 
 
@@ -49,10 +53,11 @@ def run_versions(index_root: str, run_id: str) -> list[str]:
     return sorted(names)
 
 
-def index_matches_snapshot(index_root: str, version: str, snapshot_dir: str,
+def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_dir: str,
                            atol: float = 1e-4) -> tuple[bool, str]:
-    """Does an index version hold exactly a snapshot's rows (same ids, metadata, model and,
-    within `atol`, the same vectors)? (answer, reason when not)."""
+    """Does an index version (its manifest, already read) hold exactly a snapshot's rows
+    (same ids, metadata, model and, within `atol`, the same vectors)? (answer, reason when
+    not)."""
     import io
 
     import numpy as np
@@ -62,27 +67,25 @@ def index_matches_snapshot(index_root: str, version: str, snapshot_dir: str,
     from pipelines.index import artifact as art
     from pipelines.embed import snapshot
 
-    manifest = art.read_manifest(index_root, version)
     snap = snapshot.load(snapshot_dir)
-    model_id = (manifest.get("model") or {}).get("model_id")
-    if model_id != snap.summary.get("model_id"):
-        return False, f"model {model_id} != snapshot model {snap.summary.get('model_id')}"
-    if int(manifest.get("num_vectors", -1)) != snap.table.num_rows:
-        return False, (f"{manifest.get('num_vectors')} vectors != {snap.table.num_rows} "
+    if manifest.model_id != snap.summary.model_id:
+        return False, f"model {manifest.model_id} != snapshot model {snap.summary.model_id}"
+    if manifest.num_vectors != snap.table.num_rows:
+        return False, (f"{manifest.num_vectors} vectors != {snap.table.num_rows} "
                        "snapshot rows")
     table = snap.table.select(["image_id", "view", "product_id", "image_uri", "metadata"])
     vectors = snap.vectors()
     expected = {(r["image_id"], r["view"]): (r, i) for i, r in enumerate(table.to_pylist())}
-    base = art.version_dir(index_root, version)
-    for entry in manifest.get("shards") or []:
-        if not entry.get("num_vectors"):
+    base = art.version_dir(index_root, manifest.version)
+    for entry in manifest.shards:
+        if not entry.num_vectors:
             continue
-        shard_dir = fs.join(base, entry["path"])
+        shard_dir = fs.join(base, entry.path)
         rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(shard_dir, art.ROWS_FILE))))
         try:
             shard_vectors = np.load(io.BytesIO(fs.read_bytes(fs.join(shard_dir, "dataset.npy"))))
         except (OSError, ValueError) as e:
-            return False, f"shard {entry.get('shard')} vectors unreadable: {e}"
+            return False, f"shard {entry.shard} vectors unreadable: {e}"
         for j, row in enumerate(rows.to_pylist()):
             found = expected.get((row["image_id"], row["view"]))
             if found is None:
@@ -95,7 +98,7 @@ def index_matches_snapshot(index_root: str, version: str, snapshot_dir: str,
     return True, ""
 
 
-def build_index_step(plan: RunPlan, embed_summary: Mapping[str, Any]) -> dict[str, Any]:
+def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexManifest:
     """Build the run's index version from its snapshot, gate it on recall and publish LATEST.
 
     Index versions are immutable, so a re-run of the same date (or a retried task):
@@ -109,19 +112,25 @@ def build_index_step(plan: RunPlan, embed_summary: Mapping[str, Any]) -> dict[st
     from pipelines.index.build import run_build_index
 
     config = plan.config()
-    snapshot_dir = embed_summary["snapshot"]
+    snapshot_dir = _snapshot_dir(embed_summary)
     existing = run_versions(plan.index_root, plan.run_id)
     version = plan.run_id
     if existing:
         last = existing[-1]
-        state = art.version_state(plan.index_root, last)
-        if state == art.STATUS_PASSED:
-            same, why = index_matches_snapshot(plan.index_root, last, snapshot_dir)
+        try:  # read once: its state, its content and the publish below all use it
+            existing_manifest: IndexManifest | None = art.read_manifest(plan.index_root, last)
+        except art.IndexArtifactError:
+            existing_manifest = None
+        state = art.STATUS_INCOMPLETE if existing_manifest is None else (
+            art.STATUS_PASSED if existing_manifest.passed else art.STATUS_REJECTED)
+        if existing_manifest is not None and existing_manifest.passed:
+            same, why = index_matches_snapshot(plan.index_root, existing_manifest, snapshot_dir)
             if same:
                 log.info("index version %s already holds exactly snapshot %s: kept, not rebuilt",
                          last, snapshot_dir)
-                art.publish_version(plan.index_root, last, retention=config.index.retention)
-                return art.read_manifest(plan.index_root, last)
+                art.publish_version(plan.index_root, last, retention=config.index.retention,
+                                    manifest=existing_manifest)
+                return existing_manifest
             revision = int(last.split(REVISION_SEPARATOR, 1)[1]) + 1 \
                 if REVISION_SEPARATOR in last else 2
             version = _revision_name(plan.run_id, revision)
@@ -131,8 +140,8 @@ def build_index_step(plan: RunPlan, embed_summary: Mapping[str, Any]) -> dict[st
             fs.delete_tree(art.version_dir(plan.index_root, last))
             version = last
     manifest = run_build_index(snapshot_dir, plan.index_root, config, version=version)
-    log.info("index %s: %s vectors, evaluation %s", manifest.get("version"),
-             manifest.get("num_vectors"), manifest.get("evaluation"))
+    log.info("index %s: %s vectors, evaluation %s", manifest.version, manifest.num_vectors,
+             manifest.evaluation)
     return manifest
 
 
@@ -149,59 +158,81 @@ def snapshot_rows(snapshot_dir: str) -> int:
     return total
 
 
-def reconcile(embed_summary: Mapping[str, Any], index_manifest: Mapping[str, Any]) -> dict[str, int]:
+def _snapshot_dir(summary: SnapshotSummary) -> str:
+    if not summary.snapshot:
+        raise PermanentStepError(f"the embed summary of run {summary.run_id} names no snapshot "
+                                 "folder (field 'snapshot')")
+    return summary.snapshot
+
+
+def reconcile(embed_summary: SnapshotSummary, index_manifest: IndexManifest) -> dict[str, int]:
     """Check the counts of a run: input = embedded + reused + dead-lettered, and the index holds
     exactly the snapshot's rows; returns the counts, raises PermanentStepError otherwise."""
     s = embed_summary
-    accounted = s["embedded"] + s["reused"] + s["dead_lettered"]
-    if accounted != s["input_rows"]:
+    snapshot_dir = _snapshot_dir(s)
+    accounted = s.embedded + s.reused + s.dead_lettered
+    if accounted != s.input_rows:
         raise PermanentStepError(
-            f"snapshot {s['snapshot']}: {s['input_rows']} input rows but {s['embedded']} embedded "
-            f"+ {s['reused']} reused + {s['dead_lettered']} dead-lettered = {accounted}")
-    views = len((s.get("augment") or {}).get("output_views") or ["original"])
-    images = s["embedded"] + s["reused"] + s.get("carried_forward", 0)
-    rows = snapshot_rows(s["snapshot"])
+            f"snapshot {snapshot_dir}: {s.input_rows} input rows but {s.embedded} embedded "
+            f"+ {s.reused} reused + {s.dead_lettered} dead-lettered = {accounted}")
+    views = len(s.output_views)
+    images = s.embedded + s.reused + s.carried_forward
+    rows = snapshot_rows(snapshot_dir)
     if rows != images * views:
         raise PermanentStepError(
-            f"snapshot {s['snapshot']} holds {rows} rows, expected {images} images x {views} "
-            f"view(s) ({s['embedded']} embedded + {s['reused']} reused + "
-            f"{s.get('carried_forward', 0)} carried forward)")
-    num_vectors = int(index_manifest["num_vectors"])
+            f"snapshot {snapshot_dir} holds {rows} rows, expected {images} images x {views} "
+            f"view(s) ({s.embedded} embedded + {s.reused} reused + "
+            f"{s.carried_forward} carried forward)")
+    num_vectors = index_manifest.num_vectors
     if num_vectors != rows:
-        raise PermanentStepError(f"index version {index_manifest.get('version')} holds "
-                                 f"{num_vectors} vectors but snapshot {s['snapshot']} has {rows} rows")
+        raise PermanentStepError(f"index version {index_manifest.version} holds "
+                                 f"{num_vectors} vectors but snapshot {snapshot_dir} has {rows} rows")
     return {"images": images, "rows": rows, "num_vectors": num_vectors}
 
 
-def publish(plan: RunPlan, embed_summary: Mapping[str, Any],
-            index_manifest: Mapping[str, Any]) -> dict[str, Any]:
+def publish(plan: RunPlan, embed_summary: SnapshotSummary,
+            index_manifest: IndexManifest) -> dict[str, Any]:
     """Confirm the run's version is the published LATEST and its counts reconcile; returns
     the extra of the index Asset event (version, counts, recall, where things are)."""
-    version = index_manifest.get("version")
+    version = index_manifest.version
     published = _read_index_latest(plan.index_root)
     if published != version:
         raise PermanentStepError(f"index {plan.index_root}: LATEST names {published!r}, not this "
                                  f"run's version {version!r}; the version was not published")
     counts = reconcile(embed_summary, index_manifest)
-    evaluation = index_manifest.get("evaluation") or {}
     extra = {
         "version": version,
         "run_id": plan.run_id,
         "kind": plan.kind,
         "index_root": plan.index_root,
-        "snapshot": embed_summary["snapshot"],
+        "snapshot": embed_summary.snapshot,
         "num_vectors": counts["num_vectors"],
         "num_images": counts["images"],
-        "num_shards": len(index_manifest.get("shards") or []),
-        "input_rows": embed_summary["input_rows"],
-        "embedded": embed_summary["embedded"],
-        "reused": embed_summary["reused"],
-        "dead_lettered": embed_summary["dead_lettered"],
-        "carried_forward": embed_summary.get("carried_forward", 0),
-        "replaced_existing": embed_summary.get("replaced_existing", 0),
-        "model_id": embed_summary.get("model_id"),
-        "recall_at_10": evaluation.get("recall@10"),
-        "recall_at_1": evaluation.get("recall@1"),
+        "num_shards": index_manifest.num_shards,
+        "input_rows": embed_summary.input_rows,
+        "embedded": embed_summary.embedded,
+        "reused": embed_summary.reused,
+        "dead_lettered": embed_summary.dead_lettered,
+        "carried_forward": embed_summary.carried_forward,
+        "replaced_existing": embed_summary.replaced_existing,
+        "model_id": embed_summary.model_id,
+        "recall_at_10": index_manifest.recall(10),
+        "recall_at_1": index_manifest.recall(1),
     }
     log.info("published %s: %s", version, json.dumps(extra, sort_keys=True))
     return extra
+
+
+def publish_results(plan: Mapping[str, Any], embed_summary: Mapping[str, Any],
+                    index_manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """`publish` on the JSON results of the earlier tasks (XCom): each parsed once into its
+    contract (a malformed one is an OrchestrationError naming the field)."""
+    from pipelines.core.contract import ContractError
+    from pipelines.embed.summary import SnapshotSummary
+    from pipelines.index.manifest import IndexManifest
+    try:
+        return publish(RunPlan.from_dict(plan),
+                       SnapshotSummary.from_dict(embed_summary, "the embed task's result"),
+                       IndexManifest.from_dict(index_manifest, "the build_index task's result"))
+    except ContractError as e:
+        raise OrchestrationError(str(e)) from e
