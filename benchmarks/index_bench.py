@@ -179,7 +179,7 @@ def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarra
     def set_budget(fraction: float, mult: int) -> None:
         for s in shards:
             if s.kind == "scann_tree_ah":
-                s.leaves_to_search = max(1, math.ceil(fraction * s.info["num_leaves"]))
+                s.leaves_to_search = max(1, math.ceil(fraction * s.info.num_leaves))
                 s.reorder_multiplier = mult
 
     def recall() -> float:
