@@ -113,9 +113,10 @@ def dead_letter_files(path: str) -> list[str]:
     return fs.match(fs.join(path, f"{DEAD_LETTER_PREFIX}-*.jsonl"))
 
 
-def read_table(path: str) -> pa.Table:
-    """All embedding rows of a snapshot, as one Arrow table (may be empty)."""
-    summary = read_summary(path)
+def read_table(path: str, summary: "SnapshotSummary | None" = None) -> pa.Table:
+    """All embedding rows of a snapshot, as one Arrow table (may be empty); `summary`: its
+    summary when the caller has read it already."""
+    summary = summary or read_summary(path)
     files = embedding_files(path)
     dim = summary.dim
     if not files:
@@ -134,7 +135,8 @@ def read_table(path: str) -> pa.Table:
 
 
 def load(path: str) -> Snapshot:
-    return Snapshot(path=path, summary=read_summary(path), table=read_table(path))
+    summary = read_summary(path)
+    return Snapshot(path=path, summary=summary, table=read_table(path, summary))
 
 
 def read_dead_letters(path: str) -> list[dict[str, Any]]:
