@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from pipelines.orchestration.errors import OrchestrationError, StepError
-from pipelines.orchestration.plan import _read_index_latest
+from pipelines.orchestration.plan import read_index_latest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def hand_off(event_extra: Mapping[str, Any] | None, serving_url: str | None, ind
     request carries it as a bearer token (the service then requires it).
     Raises StepError when the service cannot be reached or answers with an error.
     """
-    version = (event_extra or {}).get("version") or _read_index_latest(index_root)
+    version = (event_extra or {}).get("version") or read_index_latest(index_root)
     if not version:
         raise OrchestrationError(f"no index version to hand off: no triggering asset event and "
                                  f"no LATEST under {index_root}")

@@ -314,7 +314,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
         raise OrchestrationError(
             f"a backfill merges the drop into the latest snapshot, but "
             f"{roots['embeddings_root']} has no complete snapshot; run catalog_refresh first")
-    published = _read_index_latest(roots["index_root"])
+    published = read_index_latest(roots["index_root"])
     if published is not None and run_id_of_version(published) > run_id:
         raise OrchestrationError(
             f"index {roots['index_root']} already publishes {published}, newer than this run's "
@@ -333,7 +333,8 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
     return plan
 
 
-def _read_index_latest(index_root: str) -> str | None:
+def read_index_latest(index_root: str) -> str | None:
+    """The version the index LATEST names (None: nothing published); shared by steps and hand-off."""
     from pipelines.index.artifact import read_latest
     return read_latest(index_root)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from pipelines.orchestration.errors import OrchestrationError, PermanentStepError
 from pipelines.orchestration.plan import (BACKFILL, REVISION_SEPARATOR, RunPlan,
-                                          _read_index_latest, previous_snapshot)
+                                          read_index_latest, previous_snapshot)
 
 if TYPE_CHECKING:
     from pipelines.embed.summary import SnapshotSummary
@@ -195,7 +195,7 @@ def publish(plan: RunPlan, embed_summary: SnapshotSummary,
     """Confirm the run's version is the published LATEST and its counts reconcile; returns
     the extra of the index Asset event (version, counts, recall, where things are)."""
     version = index_manifest.version
-    published = _read_index_latest(plan.index_root)
+    published = read_index_latest(plan.index_root)
     if published != version:
         raise PermanentStepError(f"index {plan.index_root}: LATEST names {published!r}, not this "
                                  f"run's version {version!r}; the version was not published")
