@@ -132,7 +132,7 @@ def main() -> int:
         t = time.perf_counter()
         full = run_embed([manifest], os.path.join(work, "emb"), config, run_id="full")
         full_wall = time.perf_counter() - t
-        assert full["embedded"] == len(paths), full
+        assert full.embedded == len(paths), full
         pipe_ips = len(paths) / full_wall
         print(f"pipeline (e2e)     {pipe_ips:8.1f} images/s  ({full_wall:.1f}s wall, "
               f"ratio {pipe_ips / model_ips:.2f} of model-only)", flush=True)
@@ -144,9 +144,9 @@ def main() -> int:
             Image.open(p).convert("RGB").save(p, "JPEG", quality=83)
         t = time.perf_counter()
         inc = run_embed([manifest], os.path.join(work, "emb"), config, run_id="incremental",
-                        previous=full["snapshot"])
+                        previous=full.snapshot)
         inc_wall = time.perf_counter() - t
-        assert inc["embedded"] == len(changed) and inc["reused"] == len(paths) - len(changed), inc
+        assert inc.embedded == len(changed) and inc.reused == len(paths) - len(changed), inc
         print(f"incremental        {inc_wall:8.1f} s for {len(changed)} changed "
               f"= {inc_wall / full_wall:.1%} of the full run", flush=True)
 
@@ -163,14 +163,14 @@ def main() -> int:
             "incremental_over_full": round(inc_wall / full_wall, 4),
             "naive_ips": round(naive_ips, 1), "naive_images": min(args.naive_limit, len(paths)),
             "pipeline_over_naive": round(pipe_ips / naive_ips, 2),
-            "summary_timings": full["timings"],
+            "summary_timings": full.timings,
         }
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(figures, f, indent=2)
         print(json.dumps(figures, indent=2))
-        snapshot.read_summary(inc["snapshot"])  # the snapshot is complete
+        snapshot.read_summary(inc.snapshot)  # the snapshot is complete
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     searcher = CatalogSearcher.open(args.index_root, config=config, load_embedder=False)
     idx = searcher.current
     cache = _load_vector_cache(_vector_cache_file(args.vector_cache, args.queries,
-                                                  idx.manifest["model"]))
+                                                  idx.manifest.model))
     rows = [r for r in read_rows(0, args.queries) if not r.get("error")
             and r["image_uri"] in cache][:: max(1, 2485 // args.n)][:args.n]
     if not rows:

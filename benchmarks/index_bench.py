@@ -37,7 +37,6 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pipelines.core import filesystem as fs  # noqa: E402
 from pipelines.index import artifact as art  # noqa: E402
 from pipelines.embed import snapshot  # noqa: E402
 from pipelines.core.config import load_config  # noqa: E402
@@ -73,9 +72,11 @@ def write_bench_snapshot(path: str, vectors: np.ndarray) -> None:
     import pyarrow.parquet as pq
     pq.write_table(table, os.path.join(path, "embeddings-00000-of-00001.parquet"),
                    row_group_size=10000)  # row groups = parallel read splits
-    fs.write_json(fs.join(path, snapshot.SUMMARY_FILE), {
-        "model": {"model_id": "bench@synthetic", "dim": dim, "handle": "synthetic"},
-        "dim": dim, "run_id": os.path.basename(path)})
+    from pipelines.embed.summary import SnapshotSummary
+    snapshot.write_summary(path, SnapshotSummary(
+        run_id=os.path.basename(path), input_rows=n, embedded=n, reused=0, dead_lettered=0,
+        model={"model_id": "bench@synthetic", "dim": dim, "handle": "synthetic"},
+        model_id="bench@synthetic", dim=dim, snapshot=path))
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -178,7 +179,7 @@ def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarra
     def set_budget(fraction: float, mult: int) -> None:
         for s in shards:
             if s.kind == "scann_tree_ah":
-                s.leaves_to_search = max(1, math.ceil(fraction * s.info["num_leaves"]))
+                s.leaves_to_search = max(1, math.ceil(fraction * s.info.num_leaves))
                 s.reorder_multiplier = mult
 
     def recall() -> float:
@@ -258,11 +259,11 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         image_row = np.array([int(i[3:]) for i in searcher.image_ids] + [-1])  # row -1 -> -1
         entry = {
             "build_wall_seconds": round(build_s, 1),
-            "beam_seconds": manifest["build"]["beam_seconds"],
-            "shard_build_seconds": [s["build_seconds"] for s in manifest["shards"]],
-            "num_leaves": [s.get("num_leaves") for s in manifest["shards"]],
-            "tuned_search": [s.get("search") for s in manifest["shards"]],
-            "gate_recall@10": manifest["evaluation"]["recall@10"]}
+            "beam_seconds": manifest.build["beam_seconds"],
+            "shard_build_seconds": [s.build_seconds for s in manifest.shards],
+            "num_leaves": [s.num_leaves for s in manifest.shards],
+            "tuned_search": [s.search for s in manifest.shards],
+            "gate_recall@10": manifest.recall(10)}
         entry.update(bench_scann(searcher, queries, exact, args.targets, args.single_queries,
                                  image_row))
         if shards > 1:  # the same tuned budget, shards searched one after another

@@ -84,9 +84,11 @@ def write_snapshot(path: str, n: int, dim: int, rows_per_file: int, row_group: i
             "metadata": ["{}"] * len(ids)}, schema=snapshot.embeddings_schema(dim))
         pq.write_table(table, os.path.join(path, f"embeddings-{f:05d}-of-{files:05d}.parquet"),
                        row_group_size=row_group)
-    with open(os.path.join(path, snapshot.SUMMARY_FILE), "w") as fh:
-        json.dump({"model": {"handle": "bench", "model_id": "bench@1", "dim": dim}, "dim": dim,
-                   "run_id": os.path.basename(path), "input_rows": n}, fh)
+    from pipelines.embed.summary import SnapshotSummary
+    snapshot.write_summary(path, SnapshotSummary(
+        run_id=os.path.basename(path), input_rows=n, embedded=n, reused=0, dead_lettered=0,
+        model={"handle": "bench", "model_id": "bench@1", "dim": dim}, model_id="bench@1",
+        dim=dim, snapshot=path))
 
 
 def child(args: argparse.Namespace) -> int:
@@ -128,14 +130,15 @@ def measure(n: int, args: argparse.Namespace) -> dict:
         time.sleep(0.5)
     with open(report) as f:
         result = json.load(f)
-    manifest = json.load(open(os.path.join(index_root, "versions", "bench", "manifest.json")))
+    from pipelines.index import artifact as art
+    manifest = art.read_manifest(index_root, "bench")
     return {"num_vectors": n, "dim": args.dim, "vector_mib": round(n * args.dim * 4 / 2 ** 20, 1),
             "rc": result["rc"], "build_seconds": result["seconds"],
             "launcher_peak_rss_mib": round(result["launcher_vmhwm_kib"] / 1024, 1),
             "worker_peak_rss_mib": sorted(round(v / 1024, 1) for v in workers.values()),
-            "shard_kinds": [s["kind"] for s in manifest["shards"]],
-            "splits": manifest["build"]["splits"],
-            "recall@10": manifest["evaluation"].get("recall@10")}
+            "shard_kinds": [s.kind for s in manifest.shards],
+            "splits": manifest.build["splits"],
+            "recall@10": manifest.recall(10)}
 
 
 def main() -> int:

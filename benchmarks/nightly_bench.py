@@ -79,8 +79,8 @@ def main() -> int:
         wall = time.time() - t
         keys = ("input_rows", "embedded", "reused", "dead_lettered", "fetched",
                 "reused_without_fetch", "reused_after_hash")
-        rec = {"wall_seconds": round(wall, 2), **{k: s.get(k) for k in keys},
-               "pipeline_seconds": s["timings"]["pipeline_s"], "snapshot": s["snapshot"]}
+        rec = {"wall_seconds": round(wall, 2), **{k: getattr(s, k) for k in keys},
+               "pipeline_seconds": s.timings["pipeline_s"], "snapshot": s.snapshot}
         print(name, json.dumps(rec), flush=True)
         return rec
 

@@ -99,11 +99,12 @@ def _run(cmd: list[str], log_path: str) -> float:
 
 
 def _index_bytes(index_root: str) -> int:
-    version = open(os.path.join(index_root, "LATEST"), encoding="utf-8").read().strip()
-    with open(os.path.join(index_root, "versions", version, "manifest.json"),
-              encoding="utf-8") as f:
-        manifest = json.load(f)
-    return sum(int(fi["bytes"]) for sh in manifest["shards"] for fi in sh["files"])
+    from pipelines.index import artifact as art
+    version = art.read_latest(index_root)
+    if version is None:
+        raise SystemExit(f"{index_root}: nothing published")
+    manifest = art.read_manifest(index_root, version)
+    return sum(f.bytes for shard in manifest.shards for f in shard.files)
 
 
 def _metrics(report_path: str) -> dict[str, Any]:
@@ -143,8 +144,8 @@ def feature_row(name: str, work: str, manifests: dict[str, str], queries: str,
         if setting == "iconic" and "full" in settings:
             cmd += ["--previous", os.path.join(d, "emb-full", "full")]
         embed_s = _run(cmd, log)
-        with open(os.path.join(emb, setting, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
+        from pipelines.embed import snapshot
+        summary = snapshot.read_summary(os.path.join(emb, setting))
         index_root = os.path.join(d, f"index-{setting}")
         shards = "2" if setting == "full" else "1"
         build_s = _run(base + ["build-index", "--embeddings", os.path.join(emb, setting),
@@ -155,12 +156,12 @@ def feature_row(name: str, work: str, manifests: dict[str, str], queries: str,
                               "--vector-cache", os.path.join(d, "vector-cache")], log)
         out["settings"][setting] = {
             **_metrics(os.path.join(eval_dir, "report.json")),
-            "embedded": summary["embedded"], "reused": summary["reused"],
-            "embed_images_per_s": summary["timings"]["embedded_per_s"],
+            "embedded": summary.embedded, "reused": summary.reused,
+            "embed_images_per_s": summary.timings["embedded_per_s"],
             "embed_s": round(embed_s, 1), "build_s": round(build_s, 1),
             "evaluate_s": round(eval_s, 1), "index_bytes": _index_bytes(index_root),
-            "embedding_fingerprint": summary["embedding_fingerprint"],
-            "model_id": summary["model_id"]}
+            "embedding_fingerprint": summary.embedding_fingerprint,
+            "model_id": summary.model_id}
     return out
 
 

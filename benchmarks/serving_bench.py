@@ -54,7 +54,6 @@ def make_snapshot(out: str, num_vectors: int, dim: int, model: dict[str, Any],
     """A snapshot of num_vectors rows: the base snapshot's real rows + clustered filler."""
     import pyarrow as pa
 
-    from pipelines.core import filesystem as fs
     from pipelines.embed import snapshot as snap
 
     if snap.is_complete(out):
@@ -90,23 +89,24 @@ def make_snapshot(out: str, num_vectors: int, dim: int, model: dict[str, Any],
         }, schema=snap.embeddings_schema(dim)))
     for i, t in enumerate(tables):
         snap.write_table(out, t, name=f"embeddings-{i:05d}-of-{len(tables):05d}.parquet")
-    fs.write_json(fs.join(out, snap.SUMMARY_FILE), {
-        "input_rows": num_vectors, "embedded": num_vectors, "reused": 0, "dead_lettered": 0,
-        "run_id": os.path.basename(out.rstrip("/")), "model": model,
-        "model_id": model["model_id"], "dim": dim, "real_rows": real})
+    from pipelines.embed.summary import SnapshotSummary
+    snap.write_summary(out, SnapshotSummary(
+        input_rows=num_vectors, embedded=num_vectors, reused=0, dead_lettered=0,
+        run_id=os.path.basename(out.rstrip("/")), snapshot=out, model=model,
+        model_id=model["model_id"], dim=dim, extra={"real_rows": real}))
     return out
 
 
 def clone_version(index_root: str, source: str, target: str) -> None:
     """Version `target` = a copy of `source` (identical shards, its own name)."""
-    from pipelines.core import filesystem as fs
+    import dataclasses
+
     from pipelines.index import artifact as art
     src, dst = art.version_dir(index_root, source), art.version_dir(index_root, target)
     if not os.path.isdir(dst):
         shutil.copytree(src, dst)
-        manifest = fs.read_json(os.path.join(dst, "manifest.json"))
-        manifest["version"] = target
-        fs.write_json(os.path.join(dst, "manifest.json"), manifest)
+        manifest = art.read_manifest(index_root, source)
+        art.write_manifest(index_root, target, dataclasses.replace(manifest, version=target))
 
 
 def _free_port() -> int:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         manifest = run_build_index(snap_dir, index_root, config, version="bench-a")
         report["build_s"] = round(time.perf_counter() - t0, 1)
-        report["build_evaluation"] = manifest.get("evaluation")
+        report["build_evaluation"] = manifest.evaluation
     clone_version(index_root, "bench-a", "bench-b")
 
     with open(args.queries, newline="", encoding="utf-8") as f:

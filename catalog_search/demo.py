@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"demo: stopped by signal {rc - 128}", file=sys.stderr)
         return rc
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipelines.orchestration.steps import TASK_RETRIES_ENV
+    from pipelines.orchestration.params import TASK_RETRIES_ENV
     os.environ[TASK_RETRIES_ENV] = "0"  # fail fast: a demo step is not retried
     from pipelines.core.beam_worker import DropKnownNoise
     logging.getLogger().addFilter(DropKnownNoise())

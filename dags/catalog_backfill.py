@@ -8,16 +8,18 @@ validate_params (refuses missing, unreadable or empty drops before any Beam job 
     -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
     -> publish (check LATEST and counts; emit the index Asset event with version and counts)
 
-The task logic lives in pipelines/orchestration/steps.py (see docs/AIRFLOW.md).
+The task logic lives in pipelines/orchestration/ (plan, launcher, steps) (see docs/AIRFLOW.md).
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from pipelines.orchestration import steps as orch
+from pipelines.orchestration import launcher, steps
+from pipelines.orchestration import params as orch_params
+from pipelines.orchestration import plan as orch_plan
 
-INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
+INDEX_ASSET = Asset(name=orch_params.INDEX_ASSET_NAME, uri=orch_params.INDEX_ASSET_URI)
 
 
 @dag(
@@ -26,8 +28,8 @@ INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args=orch.task_defaults(),
-    params=orch.dag_params(orch.BACKFILL),
+    default_args=orch_params.task_defaults(),
+    params=orch_params.dag_params(orch_plan.BACKFILL),
     tags=["catalog-search"],
     doc_md=__doc__,
 )
@@ -36,24 +38,24 @@ def catalog_backfill():
     def validate_params(params=None, dag_run=None) -> dict:
         """Refuse bad params (and a missing, unreadable or empty drop) before Beam starts."""
         run_date = dag_run.logical_date or dag_run.run_after
-        return orch.validate_params(params, orch.BACKFILL, run_date).to_dict()
+        return orch_plan.validate_params(params, orch_plan.BACKFILL, run_date).to_dict()
 
     @task
     def embed_drop(plan: dict) -> dict:
         """Beam embed job: the drop only, merged with the latest snapshot (drop rows win)."""
-        return orch.launch_step(orch.EMBED_STEP, {"plan": plan})
+        return launcher.launch_step(launcher.EMBED_STEP, {"plan": plan})
 
     @task
     def build_index(plan: dict, embed_summary: dict) -> dict:
         """Beam build_index job: merged snapshot -> gated index version, published as LATEST."""
-        return orch.launch_step(orch.BUILD_INDEX_STEP,
+        return launcher.launch_step(launcher.BUILD_INDEX_STEP,
                                 {"plan": plan, "embed_summary": embed_summary})
 
     @task(outlets=[INDEX_ASSET])
     def publish(plan: dict, embed_summary: dict, index_manifest: dict,
                 outlet_events=None) -> dict:
         """Check LATEST and the counts; the index Asset event carries version and counts."""
-        extra = orch.publish(orch.RunPlan.from_dict(plan), embed_summary, index_manifest)
+        extra = steps.publish_results(plan, embed_summary, index_manifest)
         outlet_events[INDEX_ASSET].extra = extra
         return extra
 

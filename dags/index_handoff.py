@@ -13,9 +13,11 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from pipelines.orchestration import steps as orch
+from pipelines.orchestration import handoff
+from pipelines.orchestration import params as orch_params
+from pipelines.orchestration import plan as orch_plan
 
-INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
+INDEX_ASSET = Asset(name=orch_params.INDEX_ASSET_NAME, uri=orch_params.INDEX_ASSET_URI)
 
 
 @dag(
@@ -23,9 +25,9 @@ INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
     schedule=[INDEX_ASSET],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
-    default_args=orch.task_defaults(retries=3),
+    default_args=orch_params.task_defaults(retries=3),
     params={
-        "serving_conn_id": Param(orch.SERVING_CONN_ID, type=["null", "string"],
+        "serving_conn_id": Param(handoff.SERVING_CONN_ID, type=["null", "string"],
                                  description="Airflow HTTP connection of the search service "
                                              "(used when serving_url is empty)"),
         "serving_url": Param("", type="string",
@@ -33,7 +35,7 @@ INDEX_ASSET = Asset(name=orch.INDEX_ASSET_NAME, uri=orch.INDEX_ASSET_URI)
                                          " empty = the connection, else "
                                          "$CATALOG_SEARCH_SERVING_URL, else only record the "
                                          "version"),
-        "index_root": Param(orch.default_params(orch.REFRESH)["index_root"], type="string",
+        "index_root": Param(orch_plan.default_params(orch_plan.REFRESH)["index_root"], type="string",
                             minLength=1,
                             description="index root to read LATEST from on a manual run"),
     },
@@ -46,8 +48,8 @@ def index_handoff():
         """POST /v1/reload for the version of the triggering Asset event (or LATEST)."""
         events = list((triggering_asset_events or {}).get(INDEX_ASSET, []))
         extra = events[-1].extra if events else None
-        url = orch.resolve_serving_url(params.get("serving_url"), params.get("serving_conn_id"))
-        return orch.hand_off(extra, url, params["index_root"])
+        url = handoff.resolve_serving_url(params.get("serving_url"), params.get("serving_conn_id"))
+        return handoff.hand_off(extra, url, params["index_root"])
 
     notify_search_service()
 

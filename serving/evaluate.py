@@ -151,7 +151,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     skipped: list[dict[str, str]] = []
     usable: list[dict[str, Any]] = []
     pixels: list[np.ndarray] = []
-    cache_file = _vector_cache_file(vector_cache, queries, idx.manifest["model"]) \
+    cache_file = _vector_cache_file(vector_cache, queries, idx.manifest.model) \
         if vector_cache else None
     cached = _load_vector_cache(cache_file) if cache_file else {}
     from_cache: dict[int, np.ndarray] = {}
@@ -257,7 +257,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     report: dict[str, Any] = {
         "index_root": index_root,
         "version": idx.version,
-        "model_id": (idx.manifest.get("model") or {}).get("model_id"),
+        "model_id": idx.manifest.model_id,
         "num_vectors": idx.num_vectors,
         "num_products": idx.num_products,
         "queries_file": queries,
@@ -266,8 +266,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "overall": {m: _mean(q[m] for q in per_query) for m in MODES},
         "by_category": grouped("category"),
         "by_product": grouped("product_id"),
-        "index_evaluation": idx.manifest.get("evaluation"),
-        "features": (idx.manifest.get("model") or {}).get("features"),
+        "index_evaluation": idx.manifest.evaluation,
+        "features": idx.manifest.model.get("features"),
         "fusion": {"text_from": text_from, "text_weight": weight if text_from else None,
                    "candidates": config.fusion.candidates if text_from else None},
         "queries_from_cache": len(from_cache),

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipelines.core.config import Config, load_config
+from pipelines.index.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +213,16 @@ class QueryEmbedder:
 class LoadedIndex:
     """One index version in memory. Immutable once built; shared by concurrent requests."""
 
-    def __init__(self, version: str, manifest: Mapping[str, Any], shard_ids: list[int],
+    def __init__(self, version: str, manifest: IndexManifest, shard_ids: list[int],
                  backend: "_ShardBackend", embedder: QueryEmbedder | None):
         self.version = version
-        self.manifest = dict(manifest)
+        self.manifest = manifest
         self.shard_ids = shard_ids
         self.embedder = embedder
         self.text_index: Any = None  # serving.text_search.TextIndex, built by CatalogSearcher
         self._backend = backend
         self.num_vectors = backend.num_rows
-        self.dim = int(manifest.get("dim") or backend.dim)
+        self.dim = int(manifest.dim or backend.dim)
         self.loaded_at = time.time()
         images: dict[str, list[int]] = {}
         for i, img in enumerate(backend.image_ids):
@@ -295,10 +296,9 @@ class LoadedIndex:
         return self._backend.search(np.ascontiguousarray(queries, dtype=np.float32), n, exact)
 
     def describe(self) -> dict[str, Any]:
-        model = self.manifest.get("model") or {}
         return {"version": self.version, "num_vectors": self.num_vectors,
                 "num_products": self.num_products, "dim": self.dim, "shards": self.shard_ids,
-                "model_id": model.get("model_id"), "created_at": self.manifest.get("created_at"),
+                "model_id": self.manifest.model_id, "created_at": self.manifest.created_at,
                 "loaded_at": self.loaded_at}
 
 
@@ -545,14 +545,14 @@ class CatalogSearcher:
         except Exception as e:
             raise IndexLoadError(f"version {version}: cannot open: {e}") from e
         manifest = artifact.manifest
-        all_ids = list(range(len(manifest.get("shards") or [])))
+        all_ids = list(range(manifest.num_shards))
         shard_ids = self.shard_ids or all_ids
         unknown = [s for s in shard_ids if s not in all_ids]
         if unknown:
             raise IndexLoadError(f"version {version} has shards {all_ids}; asked for {unknown}")
         shards = artifact.load_shards(shard_ids=shard_ids)
         backend = _ShardBackend(shards)
-        embedder = self._embedder_for(manifest["model"]) if self.load_embedder else None
+        embedder = self._embedder_for(manifest.model) if self.load_embedder else None
         loaded = LoadedIndex(version, manifest, shard_ids, backend, embedder)
         verify_loaded(loaded)
         from serving.text_search import build_text_index
@@ -813,9 +813,8 @@ def verify_loaded(idx: LoadedIndex) -> None:
     manifest = idx.manifest
     if idx.num_vectors == 0:
         raise IndexLoadError(f"version {idx.version}: the loaded shards hold no vectors")
-    shards = manifest.get("shards") or []
-    expected = sum(int(shards[s].get("num_vectors", 0)) for s in idx.shard_ids
-                   if s < len(shards))
+    shards = manifest.shards
+    expected = sum(shards[s].num_vectors for s in idx.shard_ids if s < len(shards))
     if expected and expected != idx.num_vectors:
         raise IndexLoadError(f"version {idx.version}: manifest says shards {idx.shard_ids} hold "
                              f"{expected} vectors, loaded {idx.num_vectors}")

@@ -62,10 +62,11 @@ def write_snapshot(manifest_csv: str, out_path: str, config) -> str:
         "metadata": meta,
     }, schema=snapshot.embeddings_schema(dim))
     snapshot.write_table(out_path, table)
-    fs.write_json(fs.join(out_path, snapshot.SUMMARY_FILE), {
-        "input_rows": len(rows), "embedded": len(rows), "reused": 0, "dead_lettered": 0,
-        "dead_lettered_by_reason": {}, "run_id": os.path.basename(out_path),
-        "model_id": spec.model_id, "model": spec.to_dict(), "dim": dim})
+    from pipelines.embed.summary import SnapshotSummary
+    snapshot.write_summary(out_path, SnapshotSummary(
+        input_rows=len(rows), embedded=len(rows), reused=0, dead_lettered=0,
+        run_id=os.path.basename(out_path), snapshot=out_path, model_id=spec.model_id,
+        model=spec.to_dict(), dim=dim))
     return out_path
 
 
@@ -172,16 +173,16 @@ def snapshot_subset(world: ServingWorld, dest: str, drop_products: set[str]) -> 
     """A snapshot with some products' rows removed (a catalog change between versions)."""
     import pyarrow.compute as pc
 
-    from pipelines.core import filesystem as fs
     from pipelines.embed import snapshot
     snap = snapshot.load(world.snapshot)
     keep = pc.invert(pc.is_in(snap.table.column("product_id"),
                               value_set=__import__("pyarrow").array(sorted(drop_products))))
     table = snap.table.filter(keep)
     snapshot.write_table(dest, table)
-    summary = dict(snap.summary, input_rows=len(table), embedded=len(table),
-                   run_id=os.path.basename(dest))
-    fs.write_json(fs.join(dest, snapshot.SUMMARY_FILE), summary)
+    import dataclasses
+    summary = dataclasses.replace(snap.summary, input_rows=len(table), embedded=len(table),
+                                  run_id=os.path.basename(dest), snapshot=dest)
+    snapshot.write_summary(dest, summary)
     return dest
 
 

@@ -56,7 +56,7 @@ def _manifest(path, rows, fields):
 
 
 def _reconciles(s):
-    return s["input_rows"] == s["embedded"] + s["reused"] + s["dead_lettered"]
+    return s.input_rows == s.embedded + s.reused + s.dead_lettered
 
 
 def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
@@ -69,17 +69,17 @@ def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
     out = str(tmp_path / "emb")
 
     s1 = run_embed([manifest], out, embed_config, run_id="r1")
-    assert s1["embedded"] == 6 and s1["fetched"] == 6 and sum(_Images.gets.values()) == 6
-    stored = snapshot.read_table(s1["snapshot"]).column(SIGNAL_COLUMN).to_pylist()
+    assert s1.embedded == 6 and s1.fetched == 6 and sum(_Images.gets.values()) == 6
+    stored = snapshot.read_table(s1.snapshot).column(SIGNAL_COLUMN).to_pylist()
     assert all(x and x.startswith("manifest:") for x in stored)
 
     _Images.gets.clear()
-    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1["snapshot"])
+    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1.snapshot)
     assert sum(_Images.gets.values()) == 0  # not one byte read
-    assert s2["reused"] == 6 and s2["reused_without_fetch"] == 6 and s2["fetched"] == 0
+    assert s2.reused == 6 and s2.reused_without_fetch == 6 and s2.fetched == 0
     assert _reconciles(s2)
-    before = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s1["snapshot"]).to_pylist()}
-    after = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s2["snapshot"]).to_pylist()}
+    before = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s1.snapshot).to_pylist()}
+    after = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s2.snapshot).to_pylist()}
     assert before == after
 
     # one image changes: new bytes and a new updated_at -> only it is fetched and embedded
@@ -87,18 +87,18 @@ def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
     rows[2]["updated_at"] = "2026-11-02T00:00:00Z"
     manifest = _manifest(tmp_path / "m.csv", rows, fields)
     _Images.gets.clear()
-    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2["snapshot"])
+    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2.snapshot)
     assert dict(_Images.gets) == {"/img/2.jpg": 1}
-    assert s3["embedded"] == 1 and s3["reused_without_fetch"] == 5 and _reconciles(s3)
-    changed = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s3["snapshot"]).to_pylist()}
+    assert s3.embedded == 1 and s3.reused_without_fetch == 5 and _reconciles(s3)
+    changed = {r["image_id"]: r["embedding"] for r in snapshot.read_table(s3.snapshot).to_pylist()}
     assert changed["img2"] != after["img2"] and changed["img0"] == after["img0"]
 
     # audit: --verify-content fetches and hashes everything; unchanged bytes are reused
     _Images.gets.clear()
-    s4 = run_embed([manifest], out, embed_config, run_id="r4", previous=s3["snapshot"],
+    s4 = run_embed([manifest], out, embed_config, run_id="r4", previous=s3.snapshot,
                    verify_content=True)
     assert sorted(_Images.gets) == [f"/img/{i}.jpg" for i in range(6)]
-    assert s4["fetched"] == 6 and s4["reused_after_hash"] == 6 and s4["reused_without_fetch"] == 0
+    assert s4.fetched == 6 and s4.reused_after_hash == 6 and s4.reused_without_fetch == 0
     assert _reconciles(s4)
 
 
@@ -112,16 +112,16 @@ def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path
     manifest = _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"])
     out = str(tmp_path / "emb")
     s1 = run_embed([manifest], out, embed_config, run_id="r1")
-    assert s1["fetched"] == 4
-    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1["snapshot"])
-    assert s2["fetched"] == 0 and s2["reused_without_fetch"] == 4 and _reconciles(s2)
+    assert s1.fetched == 4
+    s2 = run_embed([manifest], out, embed_config, run_id="r2", previous=s1.snapshot)
+    assert s2.fetched == 0 and s2.reused_without_fetch == 4 and _reconciles(s2)
 
     path = img / "1.jpg"
     old = os.stat(path)
     path.write_bytes(f.jpeg_bytes(color=(5, 250, 5)))
     os.utime(path, (old.st_atime + 10, old.st_mtime + 10))
-    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2["snapshot"])
-    assert s3["fetched"] == 1 and s3["embedded"] == 1 and s3["reused_without_fetch"] == 3
+    s3 = run_embed([manifest], out, embed_config, run_id="r3", previous=s2.snapshot)
+    assert s3.fetched == 1 and s3.embedded == 1 and s3.reused_without_fetch == 3
     assert _reconciles(s3)
 
 

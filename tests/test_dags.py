@@ -264,7 +264,7 @@ def test_refresh_then_rerun_same_date_changes_nothing_else(world):
     assert extra["input_rows"] == 16 == extra["embedded"] + extra["reused"] + extra["dead_lettered"]
     assert extra["embedded"] == 16 and extra["num_vectors"] == 16 and extra["num_shards"] == 2
     manifest = art.read_manifest(index_root, RUN_D1)
-    assert manifest["num_vectors"] == 16 and manifest["num_products"] == 8
+    assert manifest.num_vectors == 16 and manifest.num_products == 8
 
     before = _tree_state(emb_root, index_root)
     report2, output2 = world["session"].run("catalog_refresh", fast(conf), D1)
@@ -313,7 +313,7 @@ def test_backfill_adds_the_drop_and_products_are_found(world, tiny_model):
     assert extra["num_vectors"] == 22 == extra["num_images"]
     assert "replaced existing rows (the drop wins)" in output
     manifest = art.read_manifest(index_root, RUN_D2)
-    assert manifest["num_products"] == 11
+    assert manifest.num_products == 11
     assert [v.version for v in art.list_versions(index_root)] == [RUN_D1, RUN_D2]
 
     from pipelines.core.config import load_config

@@ -56,7 +56,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
                 assert time.time() < deadline, "the embed step did not start"
                 time.sleep(0.2)
             deadline = time.time() + 60
-            while not any("pipelines.orchestration.steps" in a for a in _descendants(proc.pid).values()):
+            while not any("pipelines.orchestration.launcher" in a for a in _descendants(proc.pid).values()):
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 assert time.time() < deadline, "no step subprocess"
                 time.sleep(0.1)
@@ -76,7 +76,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
 
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every process below `root`."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat=,args="], capture_output=True,
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,stat=,args="], capture_output=True,
                          text=True).stdout
     children: dict[int, list[int]] = {}
     args: dict[int, str] = {}

@@ -67,24 +67,24 @@ def test_every_bad_row_is_dead_lettered_with_a_reason_and_counts_reconcile(
     # 7 of 13 rows are bad on purpose: above the default failure-rate guard (0.5).
     config = embed_config.replace(embed={"max_dead_letter_fraction": 0.6})
     s = run_embed([bad_catalog], out, config, run_id="r1")
-    assert s["input_rows"] == 13
-    assert s["embedded"] == 6  # good, cmyk, deep, pal, rot, dup (new)
-    assert s["reused"] == 0
-    assert s["dead_lettered"] == 7
-    assert s["input_rows"] == s["embedded"] + s["reused"] + s["dead_lettered"]
-    assert s["dead_letter_reasons"] == {
+    assert s.input_rows == 13
+    assert s.embedded == 6  # good, cmyk, deep, pal, rot, dup (new)
+    assert s.reused == 0
+    assert s.dead_lettered == 7
+    assert s.input_rows == s.embedded + s.reused + s.dead_lettered
+    assert s.dead_letter_reasons == {
         "fetch/not_found": 1, "decode/empty": 1, "decode/not_an_image": 1,
         "decode/truncated": 1, "decode/too_many_pixels": 1,
         "manifest/duplicate_image_id": 1, "manifest/missing_product_id": 1}
 
-    dead = {(d["image_id"], d["stage"], d["error"]) for d in snapshot.read_dead_letters(s["snapshot"])}
+    dead = {(d["image_id"], d["stage"], d["error"]) for d in snapshot.read_dead_letters(s.snapshot)}
     assert ("missing", "fetch", "not_found") in dead
     assert ("dup", "manifest", "duplicate_image_id") in dead
     assert ("orphan", "manifest", "missing_product_id") in dead
-    for d in snapshot.read_dead_letters(s["snapshot"]):
+    for d in snapshot.read_dead_letters(s.snapshot):
         assert d["message"] and d["source"].endswith(tuple(f":{n}" for n in range(2, 15)))
 
-    snap = snapshot.load(s["snapshot"])
+    snap = snapshot.load(s.snapshot)
     rows = {r["image_id"]: r for r in snap.table.to_pylist()}
     assert set(rows) == {"good", "cmyk", "deep", "pal", "rot", "dup"}
     assert rows["dup"]["product_id"] == "p-dup-new"  # the later row won
@@ -92,8 +92,8 @@ def test_every_bad_row_is_dead_lettered_with_a_reason_and_counts_reconcile(
     v = snap.vectors()
     assert v.shape == (6, 48) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
-    assert s["model"]["dim"] == 48 and snapshot.latest(out) == s["snapshot"]
-    assert json.load(open(os.path.join(s["snapshot"], "summary.json")))["embedded"] == 6
+    assert s.model["dim"] == 48 and snapshot.latest(out) == s.snapshot
+    assert json.load(open(os.path.join(s.snapshot, "summary.json")))["embedded"] == 6
 
 
 def test_incremental_run_reuses_unchanged_reembeds_changed_drops_removed(embed_config, tmp_path):
@@ -101,7 +101,7 @@ def test_incremental_run_reuses_unchanged_reembeds_changed_drops_removed(embed_c
     manifest = write_catalog(str(cat), num_products=6, images_per_product=2, size=96)
     out = str(tmp_path / "emb")
     first = run_embed([manifest], out, embed_config, run_id="r1")
-    assert first["embedded"] == 12
+    assert first.embedded == 12
 
     # Change one image's bytes, remove one row, add one new row.
     with open(manifest) as fh:
@@ -114,16 +114,16 @@ def test_incremental_run_reuses_unchanged_reembeds_changed_drops_removed(embed_c
                  "title": "new", "category": "x"})
     m2 = _write_manifest(tmp_path / "m2.csv", rows,
                          fields=("product_id", "image_id", "image_uri", "title", "category"))
-    second = run_embed([m2], out, embed_config, run_id="r2", previous=first["snapshot"])
-    assert (second["input_rows"], second["embedded"], second["reused"]) == (12, 2, 10)
-    assert second["dropped_from_previous"] == 1
-    t1 = {r["image_id"]: r for r in snapshot.load(first["snapshot"]).table.to_pylist()}
-    t2 = {r["image_id"]: r for r in snapshot.load(second["snapshot"]).table.to_pylist()}
+    second = run_embed([m2], out, embed_config, run_id="r2", previous=first.snapshot)
+    assert (second.input_rows, second.embedded, second.reused) == (12, 2, 10)
+    assert second.dropped_from_previous == 1
+    t1 = {r["image_id"]: r for r in snapshot.load(first.snapshot).table.to_pylist()}
+    t2 = {r["image_id"]: r for r in snapshot.load(second.snapshot).table.to_pylist()}
     assert removed["image_id"] not in t2 and "P9999-0" in t2
     assert t2["P0001-0"]["content_sha256"] == t1["P0001-1"]["content_sha256"]
     assert np.allclose(t2["P0001-0"]["embedding"], t1["P0001-1"]["embedding"], atol=1e-5)
     assert t2["P0002-0"]["embedding"] == t1["P0002-0"]["embedding"]  # reused as is
-    assert snapshot.latest(out) == second["snapshot"]
+    assert snapshot.latest(out) == second.snapshot
 
 
 def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path):
@@ -131,15 +131,15 @@ def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path):
     out = str(tmp_path / "emb")
     a = run_embed([manifest], out, embed_config, run_id="r1")
     b = run_embed([manifest], out, embed_config, run_id="r2")
-    before = sorted(os.listdir(a["snapshot"]))
+    before = sorted(os.listdir(a.snapshot))
     (tmp_path / "emb" / "r2" / "stray.txt").write_text("left over from a crash")
     again = run_embed([manifest], out, embed_config, run_id="r2")
-    assert sorted(os.listdir(a["snapshot"])) == before
-    assert not os.path.exists(os.path.join(b["snapshot"], "stray.txt"))
-    assert again["embedded"] == 4
+    assert sorted(os.listdir(a.snapshot)) == before
+    assert not os.path.exists(os.path.join(b.snapshot, "stray.txt"))
+    assert again.embedded == 4
     # Re-running an older run_id does not move LATEST backwards.
     run_embed([manifest], out, embed_config, run_id="r1")
-    assert snapshot.latest(out) == b["snapshot"]
+    assert snapshot.latest(out) == b.snapshot
 
 
 def test_separate_views_and_merge_previous(embed_config, tmp_path):
@@ -147,8 +147,8 @@ def test_separate_views_and_merge_previous(embed_config, tmp_path):
     manifest = write_catalog(str(tmp_path / "cat"), num_products=3, images_per_product=1, size=96)
     out = str(tmp_path / "emb")
     base = run_embed([manifest], out, cfg, run_id="r1")
-    assert base["embedded"] == 3
-    table = snapshot.load(base["snapshot"]).table
+    assert base.embedded == 3
+    table = snapshot.load(base.snapshot).table
     assert len(table) == 6 and set(table.column("view").to_pylist()) == {"original", "hflip"}
 
     drop_img = tmp_path / "drop.jpg"
@@ -156,11 +156,11 @@ def test_separate_views_and_merge_previous(embed_config, tmp_path):
     drop = _write_manifest(tmp_path / "drop.csv", [
         {"product_id": "D1", "image_id": "D1-0", "image_uri": str(drop_img)},
         {"product_id": "P0000-v2", "image_id": "P0000-0", "image_uri": str(drop_img)}])
-    merged = run_embed([drop], out, cfg, run_id="r2", previous=base["snapshot"],
+    merged = run_embed([drop], out, cfg, run_id="r2", previous=base.snapshot,
                        merge_previous=True)
-    assert (merged["input_rows"], merged["embedded"], merged["reused"]) == (2, 2, 0)
-    assert merged["carried_forward"] == 2 and merged["replaced_existing"] == 1
-    rows = snapshot.load(merged["snapshot"]).table.to_pylist()
+    assert (merged.input_rows, merged.embedded, merged.reused) == (2, 2, 0)
+    assert merged.carried_forward == 2 and merged.replaced_existing == 1
+    rows = snapshot.load(merged.snapshot).table.to_pylist()
     assert len(rows) == 8  # 4 images x 2 views
     assert {r["product_id"] for r in rows if r["image_id"] == "P0000-0"} == {"P0000-v2"}
 
@@ -169,7 +169,7 @@ def test_mean_of_views_is_one_unit_vector_per_image(embed_config, tmp_path):
     cfg = embed_config.replace(augment={"views": ["original", "hflip", "crop"], "mode": "mean"})
     manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=1, size=96)
     s = run_embed([manifest], str(tmp_path / "emb"), cfg)
-    snap = snapshot.load(s["snapshot"])
+    snap = snapshot.load(s.snapshot)
     assert len(snap.table) == 2
     assert set(snap.table.column("view").to_pylist()) == {"mean(original+hflip+crop)"}
     assert np.allclose(np.linalg.norm(snap.vectors(), axis=1), 1.0, atol=1e-5)
@@ -181,10 +181,10 @@ def test_multi_process_direct_runner(embed_config, tmp_path):
                                        "direct_num_workers": 2})
     manifest = write_catalog(str(tmp_path / "cat"), num_products=8, images_per_product=3, size=96)
     s = run_embed([manifest], str(tmp_path / "emb"), cfg)
-    assert (s["input_rows"], s["embedded"], s["dead_lettered"]) == (24, 24, 0)
+    assert (s.input_rows, s.embedded, s.dead_lettered) == (24, 24, 0)
     in_proc = run_embed([manifest], str(tmp_path / "emb2"), embed_config)
-    a = {r["image_id"]: r["embedding"] for r in snapshot.load(s["snapshot"]).table.to_pylist()}
-    b = {r["image_id"]: r["embedding"] for r in snapshot.load(in_proc["snapshot"]).table.to_pylist()}
+    a = {r["image_id"]: r["embedding"] for r in snapshot.load(s.snapshot).table.to_pylist()}
+    b = {r["image_id"]: r["embedding"] for r in snapshot.load(in_proc.snapshot).table.to_pylist()}
     assert a.keys() == b.keys()
     assert all(np.allclose(a[k], b[k], atol=1e-5) for k in a)  # same vectors either way
 
@@ -216,8 +216,8 @@ def test_jsonl_and_parquet_manifests(embed_config, tmp_path):
                              "image_id": ["B-1"], "price": [3.5]}), tmp_path / "m.parquet")
     s = run_embed([str(tmp_path / "m.jsonl"), str(tmp_path / "m.parquet")],
                   str(tmp_path / "emb"), embed_config)
-    assert (s["input_rows"], s["embedded"], s["dead_lettered"]) == (3, 2, 1)
-    assert s["dead_letter_reasons"] == {"manifest/invalid_row": 1}
-    rows = {r["image_id"]: r for r in snapshot.load(s["snapshot"]).table.to_pylist()}
+    assert (s.input_rows, s.embedded, s.dead_lettered) == (3, 2, 1)
+    assert s.dead_letter_reasons == {"manifest/invalid_row": 1}
+    rows = {r["image_id"]: r for r in snapshot.load(s.snapshot).table.to_pylist()}
     assert json.loads(rows["A"]["metadata"]) == {"tags": ["x"]}  # image_id defaults to product_id
     assert json.loads(rows["B-1"]["metadata"]) == {"price": 3.5}

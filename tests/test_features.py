@@ -90,19 +90,18 @@ def test_changing_a_feature_option_reembeds_and_unchanged_reuses(embed_config, t
     flip = embed_config.replace(features={"flip": True, "scales": [1.0, 1.25],
                                           "query_scales": None})
     first = run_embed([manifest], out, flip, run_id="r1")
-    assert first["embedded"] == 6 and first["features"] == {"flip": True,
-                                                             "scales": [1.0, 1.25]}
-    assert first["model"]["features"] == first["features"]  # carried into the index manifest
-    same = run_embed([manifest], out, flip, run_id="r2", previous=first["snapshot"])
-    assert (same["embedded"], same["reused"]) == (0, 6)
+    assert first.embedded == 6 and first.features == {"flip": True, "scales": [1.0, 1.25]}
+    assert first.model["features"] == first.features  # carried into the index manifest
+    same = run_embed([manifest], out, flip, run_id="r2", previous=first.snapshot)
+    assert (same.embedded, same.reused) == (0, 6)
     plain = run_embed([manifest], out, embed_config.replace(features=PLAIN), run_id="r3",
-                      previous=first["snapshot"])
-    assert (plain["embedded"], plain["reused"]) == (6, 0)
-    assert plain["embedding_fingerprint"] != first["embedding_fingerprint"]
+                      previous=first.snapshot)
+    assert (plain.embedded, plain.reused) == (6, 0)
+    assert plain.embedding_fingerprint != first.embedding_fingerprint
     v_flip = {r["image_id"]: np.asarray(r["embedding"])
-              for r in snapshot.load(first["snapshot"]).table.to_pylist()}
+              for r in snapshot.load(first.snapshot).table.to_pylist()}
     v_plain = {r["image_id"]: np.asarray(r["embedding"])
-               for r in snapshot.load(plain["snapshot"]).table.to_pylist()}
+               for r in snapshot.load(plain.snapshot).table.to_pylist()}
     assert all(abs(np.linalg.norm(v) - 1) < 1e-4 for v in v_flip.values())
     assert any(not np.allclose(v_flip[i], v_plain[i], atol=1e-3) for i in v_flip)
 
@@ -119,11 +118,11 @@ def test_serving_embeds_queries_with_the_index_features(embed_config, tmp_path):
                                          "query_scales": None},
                                index={"eval_queries": 8, "recall_threshold": 0.5})
     emb = run_embed([manifest], str(tmp_path / "emb"), cfg, run_id="r1")
-    run_build_index(emb["snapshot"], str(tmp_path / "index"), cfg, version="v1")
+    run_build_index(emb.snapshot, str(tmp_path / "index"), cfg, version="v1")
     # serving's own config says nothing about features: the manifest decides
     searcher = CatalogSearcher.open(str(tmp_path / "index"), config=embed_config)
     assert searcher.current.embedder.features == {"flip": True, "scales": [1.0, 1.4]}
-    rows = snapshot.load(emb["snapshot"]).table.to_pylist()
+    rows = snapshot.load(emb.snapshot).table.to_pylist()
     for row in rows[:4]:
         hit = searcher.search_image(fs.read_bytes(row["image_uri"]), k=1, collapse=False).hits[0]
         assert hit.image_id == row["image_id"]

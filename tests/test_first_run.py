@@ -98,14 +98,14 @@ def test_hand_off_url_from_an_airflow_http_connection(tmp_path, monkeypatch):
     """index_handoff finds the service through an Airflow connection (AIRFLOW_CONN_<ID>
     URI here; the UI or `airflow connections add` store the same), env var as fallback."""
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    from pipelines.orchestration import steps as orch
-    monkeypatch.delenv(orch.SERVING_URL_ENV, raising=False)
+    from pipelines.orchestration import handoff
+    monkeypatch.delenv(handoff.SERVING_URL_ENV, raising=False)
     monkeypatch.setenv("AIRFLOW_CONN_CATALOG_SEARCH_API", "http://127.0.0.1:8081")
-    assert orch.resolve_serving_url("", orch.SERVING_CONN_ID) == "http://127.0.0.1:8081"
+    assert handoff.resolve_serving_url("", handoff.SERVING_CONN_ID) == "http://127.0.0.1:8081"
     monkeypatch.setenv("AIRFLOW_CONN_SEARCH_TLS", "https://search.shop.internal:443")
-    assert orch.resolve_serving_url(None, "search_tls") == "https://search.shop.internal:443"
-    assert orch.resolve_serving_url("http://explicit:1", "search_tls") == "http://explicit:1"
-    monkeypatch.setenv(orch.SERVING_URL_ENV, "http://from-env:2")
-    assert orch.resolve_serving_url("", "no_such_connection") == "http://from-env:2"
-    monkeypatch.delenv(orch.SERVING_URL_ENV)
-    assert orch.resolve_serving_url("", "no_such_connection") == ""
+    assert handoff.resolve_serving_url(None, "search_tls") == "https://search.shop.internal:443"
+    assert handoff.resolve_serving_url("http://explicit:1", "search_tls") == "http://explicit:1"
+    monkeypatch.setenv(handoff.SERVING_URL_ENV, "http://from-env:2")
+    assert handoff.resolve_serving_url("", "no_such_connection") == "http://from-env:2"
+    monkeypatch.delenv(handoff.SERVING_URL_ENV)
+    assert handoff.resolve_serving_url("", "no_such_connection") == ""

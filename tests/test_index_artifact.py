@@ -1,6 +1,8 @@
 """Index artifact: checksums, subset loading, publish/LATEST, retention, concurrent publishers."""
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import json
 import os
@@ -38,8 +40,7 @@ def add_version(root: str, name: str, source: str = "v0001", status: str = "pass
     """A new version folder: a byte copy of a real built version, renamed (real files)."""
     shutil.copytree(art.version_dir(root, source), art.version_dir(root, name))
     manifest = art.read_manifest(root, source)
-    manifest.update(version=name, status=status)
-    art.write_manifest(root, name, manifest)
+    art.write_manifest(root, name, dataclasses.replace(manifest, version=name, status=status))
 
 
 def test_corrupted_shard_file_is_detected(built, tmp_path):
@@ -67,7 +68,7 @@ def test_load_a_subset_of_shards(built):
     assert opened.version == "v0001" and opened.num_shards == 2
     one = opened.load_shards([1])
     assert [s.shard for s in one] == [1]
-    assert one[0].num_vectors == opened.manifest["shards"][1]["num_vectors"]
+    assert one[0].num_vectors == opened.manifest.shards[1].num_vectors
     assert one[0].vectors().shape == (one[0].num_vectors, 16)
     both = ShardedSearcher(opened.load_shards())
     part = ShardedSearcher(one)
@@ -139,7 +140,7 @@ def test_retention_spares_an_older_build_still_writing_until_it_goes_quiet(built
 def test_retention_through_builds(tmp_path):
     root = str(tmp_path / "index")
     snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(60, 8, seed=23))
-    names = [run_build_index(snap_path, root, make_config(retention=2))["version"]
+    names = [run_build_index(snap_path, root, make_config(retention=2)).version
              for _ in range(3)]
     assert names == sorted(names)  # names sort by creation time
     assert [v.version for v in art.list_versions(root)] == names[1:]
@@ -161,7 +162,7 @@ def test_concurrent_publishers_never_expose_an_incomplete_version(built, tmp_pat
                 # write the shards first, the manifest last, then publish (as build does)
                 shutil.copytree(os.path.join(template, "shards"),
                                 os.path.join(art.version_dir(root, name), "shards"))
-                art.write_manifest(root, name, dict(template_manifest, version=name))
+                art.write_manifest(root, name, dataclasses.replace(template_manifest, version=name))
                 art.publish_version(root, name, retention=2)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(f"publisher {prefix}: {e!r}")
@@ -171,7 +172,7 @@ def test_concurrent_publishers_never_expose_an_incomplete_version(built, tmp_pat
             latest = art.read_latest(root)
             try:
                 manifest = art.read_manifest(root, latest)
-                assert manifest["status"] == "passed"
+                assert manifest.status == "passed"
             except Exception as e:
                 # retention may delete a version after we read LATEST; only an incomplete
                 # version that LATEST still names is an error
@@ -222,8 +223,9 @@ def test_index_info_reports_versions(built, tmp_path, capsys):
     assert info["versions"][0]["recall"]["recall@10"] == 1.0
     assert info["versions"][0]["num_vectors"] == 160 and info["versions"][0]["num_shards"] == 2
     manifest = art.read_manifest(root, "v0001")
-    for key in ("model", "dim", "distance", "num_vectors", "shards", "scann", "evaluation",
-                "source_snapshot", "created_at"):
-        assert key in manifest
+    on_disk = fs.read_json(art.manifest_uri(root, "v0001"))
+    for key in ("format", "version", "status", "model", "dim", "distance", "num_vectors",
+                "shards", "scann", "evaluation", "source_snapshot", "created_at"):
+        assert key in on_disk
     assert fs.exists(fs.join(root, art.LATEST_FILE))
-    assert np.isclose(manifest["evaluation"]["recall@1"], 1.0)
+    assert np.isclose(manifest.recall(1), 1.0)

@@ -13,6 +13,7 @@ import pytest
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.embed import snapshot
+from pipelines.embed.summary import SnapshotSummary
 from catalog_search.cli import main as cli_main
 from pipelines.core.config import Config, load_config
 from pipelines.index.build import (IndexBuildError, RecallGateError, run_build_index,
@@ -63,11 +64,21 @@ def write_snapshot(path: str, vectors: np.ndarray, image_ids: Sequence[str] | No
     if table is None:
         table = snapshot_table(vectors, image_ids, views, model_id)
     snapshot.write_table(path, table)
-    fs.write_json(fs.join(path, snapshot.SUMMARY_FILE), {
-        "model": {"handle": "test", "model_id": model_id, "dim": dim, "input_size": 64,
-                  "fingerprint": "0123456789ab" * 4},
-        "dim": dim, "run_id": os.path.basename(path), "input_rows": table.num_rows})
+    snapshot.write_summary(path, summary_for(
+        os.path.basename(path), table.num_rows, dim, model_id,
+        {"handle": "test", "model_id": model_id, "dim": dim, "input_size": 64,
+         "fingerprint": "0123456789ab" * 4}))
     return path
+
+
+def summary_for(run_id: str, rows: int, dim: int, model_id: str = MODEL_ID,
+                 model: dict | None = None) -> SnapshotSummary:
+    """The summary of a snapshot whose `rows` rows were all embedded (the contract's
+    required fields)."""
+    return SnapshotSummary(run_id=run_id, input_rows=rows, embedded=rows, reused=0,
+                           dead_lettered=0, model_id=model_id, dim=dim,
+                           model=model or {"handle": "test", "model_id": model_id, "dim": dim})
+
 
 
 def make_config(**index) -> Config:
@@ -93,17 +104,17 @@ def test_sharded_brute_force_equals_exact_search(tmp_path):
                                            "direct_num_workers": 2})
     manifest = run_build_index(snap_path, root, config)
 
-    assert art.read_latest(root) == manifest["version"]
-    assert manifest["status"] == "passed" and manifest["num_vectors"] == 420
-    assert [s["kind"] for s in manifest["shards"]] == ["scann_brute_force"] * 3
-    assert sum(s["num_vectors"] for s in manifest["shards"]) == 420
-    assert len(manifest["build"]["worker_pids"]) == 2  # shards were built in 2 processes
-    assert manifest["evaluation"]["recall@10"] == 1.0
-    assert manifest["evaluation"]["recall@1"] == 1.0
-    for s in manifest["shards"]:
-        names = {f["name"] for f in s["files"]}
+    assert art.read_latest(root) == manifest.version
+    assert manifest.status == "passed" and manifest.num_vectors == 420
+    assert [s.kind for s in manifest.shards] == ["scann_brute_force"] * 3
+    assert sum(s.num_vectors for s in manifest.shards) == 420
+    assert len(manifest.build["worker_pids"]) == 2  # shards were built in 2 processes
+    assert manifest.evaluation["recall@10"] == 1.0
+    assert manifest.evaluation["recall@1"] == 1.0
+    for s in manifest.shards:
+        names = {f.name for f in s.files}
         assert {"rows.parquet", "dataset.npy", "scann_assets.pbtxt"} <= names
-        assert all(len(f["sha256"]) == 64 for f in s["files"])
+        assert all(len(f.sha256) == 64 for f in s.files)
 
     # the artifact is movable: ScaNN assets use relative paths, no pickled docids
     moved = str(tmp_path / "moved")
@@ -131,14 +142,14 @@ def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
     root = str(tmp_path / "index")
     manifest = run_build_index(snap_path, root, make_config(shards=2, brute_force_below=0))
-    ev = manifest["evaluation"]
+    ev = manifest.evaluation
     assert ev["passed"] and ev["recall@10"] >= 0.95 and ev["threshold"] == 0.95
-    for s in manifest["shards"]:
-        assert s["kind"] == "scann_tree_ah"
-        assert s["num_leaves"] == round(s["num_vectors"] / 3000 ** 0.5)  # leaves of sqrt(N)
-        assert 1 <= s["search"]["leaves_to_search"] <= s["num_leaves"]
-        assert s["tuning"]["shard_recall"] >= 0.98
-        assert {"ah_codebook.pb", "hashed_dataset.npy"} <= {f["name"] for f in s["files"]}
+    for s in manifest.shards:
+        assert s.kind == "scann_tree_ah"
+        assert s.num_leaves == round(s.num_vectors / 3000 ** 0.5)  # leaves of sqrt(N)
+        assert 1 <= s.search["leaves_to_search"] <= s.num_leaves
+        assert s.tuning["shard_recall"] >= 0.98
+        assert {"ah_codebook.pb", "hashed_dataset.npy"} <= {f.name for f in s.files}
     searcher = ShardedSearcher(art.open_index(root).load_shards())
     queries = vectors[:50]
     _, rows = searcher.search(queries, 5)
@@ -151,7 +162,7 @@ def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
 def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
     root = str(tmp_path / "index")
     good = write_snapshot(str(tmp_path / "good"), clustered_vectors(300, 64, seed=3))
-    first = run_build_index(good, root, make_config())["version"]
+    first = run_build_index(good, root, make_config()).version
 
     # uniform vectors: neighbours spread over many leaves; search 1 leaf, no reordering slack
     poor = write_snapshot(str(tmp_path / "poor"), clustered_vectors(3000, 64, seed=4,
@@ -171,8 +182,8 @@ def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
     rejected_dir = art.version_dir(root, "v-poor")
     assert "below the recall threshold" in fs.read_text(fs.join(rejected_dir, art.REJECTED_FILE))
     manifest = art.read_manifest(root, "v-poor")
-    assert manifest["evaluation"]["passed"] is False
-    assert manifest["evaluation"]["recall@10"] == pytest.approx(e.measured)
+    assert manifest.evaluation["passed"] is False
+    assert manifest.evaluation["recall@10"] == pytest.approx(e.measured)
     with pytest.raises(art.IndexArtifactError, match="not servable"):
         art.open_index(root, "v-poor")
     # still there for inspection
@@ -185,7 +196,7 @@ def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
 def test_crash_between_version_and_latest_keeps_previous_version(tmp_path, monkeypatch):
     root = str(tmp_path / "index")
     snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(200, 16, seed=5))
-    first = run_build_index(snap_path, root, make_config(), version="v0001")["version"]
+    first = run_build_index(snap_path, root, make_config(), version="v0001").version
 
     def crash(index_root: str, version: str) -> None:
         raise KeyboardInterrupt("simulated crash before LATEST is written")
@@ -209,8 +220,8 @@ def test_views_are_separate_rows_of_one_image(tmp_path):
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors, ids, view_names)
     root = str(tmp_path / "index")
     manifest = run_build_index(snap_path, root, make_config(shards=2))
-    assert manifest["num_vectors"] == 200 and manifest["num_images"] == 100
-    assert manifest["views"] == ["hflip", "original"]
+    assert manifest.num_vectors == 200 and manifest.num_images == 100
+    assert manifest.views == ["hflip", "original"]
     searcher = ShardedSearcher(art.open_index(root).load_shards())
     _, rows = searcher.search(views[:5], 1)
     assert [(searcher.image_ids[r[0]], searcher.views[r[0]]) for r in rows] == [
@@ -224,9 +235,9 @@ def test_empty_shard_is_recorded_and_skipped(tmp_path):
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors, ids)
     root = str(tmp_path / "index")
     manifest = run_build_index(snap_path, root, make_config(shards=4))
-    empty = manifest["shards"][3]
-    assert empty["kind"] == "empty" and empty["num_vectors"] == 0
-    assert [f["name"] for f in empty["files"]] == ["rows.parquet"]
+    empty = manifest.shards[3]
+    assert empty.kind == "empty" and empty.num_vectors == 0
+    assert [f.name for f in empty.files] == ["rows.parquet"]
     searcher = ShardedSearcher(art.open_index(root).load_shards())
     scores, rows = searcher.search(vectors, 20)  # k larger than the index: k' = 12
     assert rows.shape == (12, 12) and (rows >= 0).all()
@@ -250,8 +261,7 @@ def _bad_snapshot(kind: str, path: str) -> tuple[str, int]:
     v = clustered_vectors(20, 8, seed=10)
     if kind == "empty":
         write_snapshot(path, v, table=snapshot.embeddings_schema(8).empty_table())
-        fs.write_json(fs.join(path, snapshot.SUMMARY_FILE),
-                      {"model": {"model_id": MODEL_ID, "dim": 8}, "dim": 8, "run_id": "r"})
+        snapshot.write_summary(path, summary_for("r", 0, 8))
     elif kind == "mixed_dimensions":
         write_snapshot(path, v[:10])
         snapshot.write_table(path, snapshot_table(clustered_vectors(10, 12, seed=11),
@@ -356,9 +366,7 @@ def _write_split_snapshot(path: str, vectors: np.ndarray, files: int, row_group:
                        os.path.join(path, f"embeddings-{f:05d}-of-{files:05d}.parquet"),
                        row_group_size=row_group)
     dim = vectors.shape[1]
-    fs.write_json(fs.join(path, snapshot.SUMMARY_FILE), {
-        "model": {"handle": "test", "model_id": MODEL_ID, "dim": dim},
-        "dim": dim, "run_id": os.path.basename(path), "input_rows": len(vectors)})
+    snapshot.write_summary(path, summary_for(os.path.basename(path), len(vectors), dim))
     return path
 
 
@@ -391,14 +399,14 @@ def test_shards_are_built_by_workers_from_parquet_splits(tmp_path, monkeypatch):
     manifest = run_build_index(snap_path, root, config)
     monkeypatch.undo()
 
-    assert manifest["status"] == "passed" and manifest["num_vectors"] == 900
-    assert manifest["build"]["splits"] == 9           # 3 files x 3 row groups
-    assert manifest["build"]["parts"] == 27           # every split had rows of every shard
-    assert os.getpid() not in manifest["build"]["worker_pids"]
-    assert manifest["num_images"] == 900 and manifest["num_products"] == 300
-    assert manifest["evaluation"]["recall@10"] == 1.0
-    assert manifest["evaluation"]["self_found"] == 1.0
-    assert not os.path.exists(os.path.join(art.version_dir(root, manifest["version"]), "_build"))
+    assert manifest.status == "passed" and manifest.num_vectors == 900
+    assert manifest.build["splits"] == 9           # 3 files x 3 row groups
+    assert manifest.build["parts"] == 27           # every split had rows of every shard
+    assert os.getpid() not in manifest.build["worker_pids"]
+    assert manifest.num_images == 900 and manifest.num_products == 300
+    assert manifest.evaluation["recall@10"] == 1.0
+    assert manifest.evaluation["self_found"] == 1.0
+    assert not os.path.exists(os.path.join(art.version_dir(root, manifest.version), "_build"))
     shards = art.open_index(root).load_shards()
     got = sorted(i for sh in shards for i in sh.rows.column("image_id").to_pylist())
     assert got == [f"img{i:06d}" for i in range(900)]
@@ -431,7 +439,7 @@ def test_gate_in_the_pipeline_equals_a_search_of_the_published_index(tmp_path):
     manifest = run_build_index(snap_path, root, make_config(
         shards=3, brute_force_below=0, tune_recall_target=0.8, recall_threshold=0.0,
         eval_queries=150))
-    ev = manifest["evaluation"]
+    ev = manifest.evaluation
     ids = [f"img{i:06d}" for i in range(3000)]
     sample = sorted(range(3000), key=lambda i: sample_key(0, ids[i], "original"))[:150]
     queries = vectors[sample]

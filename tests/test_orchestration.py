@@ -2,14 +2,21 @@
 previous-snapshot choice, step launching in a subprocess, count reconciliation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import datetime, timezone
 
 import pytest
 
-from pipelines.orchestration import steps as orch
+from pipelines.orchestration import errors as orch_errors
+from pipelines.orchestration import handoff
+from pipelines.orchestration import launcher
+from pipelines.orchestration import plan as orch_plan
+from pipelines.orchestration import steps
 from pipelines.embed import snapshot
+from pipelines.embed.summary import SnapshotSummary
+from pipelines.index.manifest import IndexManifest
 from pipelines.embed.sample_catalog import write_catalog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +30,7 @@ def catalog(tmp_path_factory) -> str:
 
 
 def _params(tmp_path, catalog, **changes) -> dict:
-    params = orch.default_params(orch.REFRESH)
+    params = orch_plan.default_params(orch_plan.REFRESH)
     params.update(manifests=[catalog], embeddings_root=str(tmp_path / "emb"),
                   index_root=str(tmp_path / "idx"))
     params.update(changes)
@@ -31,13 +38,13 @@ def _params(tmp_path, catalog, **changes) -> dict:
 
 
 def test_plan_maps_params_onto_config(tmp_path, catalog):
-    plan = orch.validate_params(_params(tmp_path, catalog, shards=3, recall_threshold=0.8,
+    plan = orch_plan.validate_params(_params(tmp_path, catalog, shards=3, recall_threshold=0.8,
                                         retention=2, model_handle="builtin:efficientnet_lite0",
                                         config_overrides={"index": {"eval_queries": 7}}),
-                                orch.REFRESH, DATE)
+                                orch_plan.REFRESH, DATE)
     assert plan.run_id == "20250301T000000Z-refresh"
     assert plan.input_rows == 3 and plan.manifests == (catalog,)
-    config = orch.RunPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).config()
+    config = orch_plan.RunPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).config()
     assert (config.index.shards, config.index.recall_threshold, config.index.retention,
             config.index.eval_queries) == (3, 0.8, 2, 7)
     assert config.runner.name == "DirectRunner"
@@ -46,13 +53,13 @@ def test_plan_maps_params_onto_config(tmp_path, catalog):
 
 
 def test_dataflow_options_assembled_from_config_file_and_params(tmp_path, catalog):
-    plan = orch.validate_params(_params(
+    plan = orch_plan.validate_params(_params(
         tmp_path, catalog, config_file=os.path.join(REPO, "configs", "dataflow.yaml"),
         runner_options={"project": "shop-prod", "max_num_workers": 8,
                         "temp_location": "gs://shop-ml/tmp",
                         "staging_location": "gs://shop-ml/staging",
                         "sdk_container_image": "registry.shop/cs/beam-worker:0.1.0"}),
-        orch.REFRESH, DATE)
+        orch_plan.REFRESH, DATE)
     opts = plan.beam_options
     assert opts["runner"] == "DataflowRunner"
     assert opts["project"] == "shop-prod"             # the param wins over the file
@@ -67,20 +74,20 @@ def test_dataflow_options_assembled_from_config_file_and_params(tmp_path, catalo
 
 def test_flink_options_and_runner_param(tmp_path, catalog):
     flink = os.path.join(REPO, "configs", "flink.yaml")
-    with pytest.raises(orch.OrchestrationError, match="environment_config: .*example value"):
-        orch.validate_params(_params(tmp_path, catalog, config_file=flink), orch.REFRESH, DATE)
-    plan = orch.validate_params(_params(
+    with pytest.raises(orch_errors.OrchestrationError, match="environment_config: .*example value"):
+        orch_plan.validate_params(_params(tmp_path, catalog, config_file=flink), orch_plan.REFRESH, DATE)
+    plan = orch_plan.validate_params(_params(
         tmp_path, catalog, config_file=flink,
         runner_options={"environment_config": "registry.shop/cs/beam-worker:0.1.0"}),
-        orch.REFRESH, DATE)
+        orch_plan.REFRESH, DATE)
     assert plan.beam_options["runner"] == "FlinkRunner"
     assert plan.beam_options["flink_master"] == "flink-jobmanager:8081"
     assert plan.beam_options["parallelism"] == 16
-    with pytest.raises(orch.OrchestrationError, match="flink_master"):
-        orch.validate_params(_params(tmp_path, catalog, runner="FlinkRunner"), orch.REFRESH, DATE)
-    with pytest.raises(orch.OrchestrationError, match="project"):
-        orch.validate_params(_params(tmp_path, catalog, runner="DataflowRunner"),
-                             orch.REFRESH, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match="flink_master"):
+        orch_plan.validate_params(_params(tmp_path, catalog, runner="FlinkRunner"), orch_plan.REFRESH, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match="project"):
+        orch_plan.validate_params(_params(tmp_path, catalog, runner="DataflowRunner"),
+                             orch_plan.REFRESH, DATE)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -96,29 +103,29 @@ def test_flink_options_and_runner_param(tmp_path, catalog):
     ({"index_root": ""}, "param index_root"),
 ])
 def test_malformed_params_are_refused_with_the_reason(tmp_path, catalog, changes, message):
-    with pytest.raises(orch.OrchestrationError, match=message):
-        orch.validate_params(_params(tmp_path, catalog, **changes), orch.REFRESH, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match=message):
+        orch_plan.validate_params(_params(tmp_path, catalog, **changes), orch_plan.REFRESH, DATE)
 
 
 def test_empty_drop_and_backfill_without_snapshot_are_refused(tmp_path, catalog):
     empty = tmp_path / "empty.csv"
     empty.write_text("product_id,image_id,image_uri\n")
-    with pytest.raises(orch.OrchestrationError, match="catalog drop .* holds no rows"):
-        orch.validate_params(_params(tmp_path, catalog, manifests=[str(empty)]),
-                             orch.BACKFILL, DATE)
-    with pytest.raises(orch.OrchestrationError, match="run catalog_refresh first"):
-        orch.validate_params(_params(tmp_path, catalog), orch.BACKFILL, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match="catalog drop .* holds no rows"):
+        orch_plan.validate_params(_params(tmp_path, catalog, manifests=[str(empty)]),
+                             orch_plan.BACKFILL, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match="run catalog_refresh first"):
+        orch_plan.validate_params(_params(tmp_path, catalog), orch_plan.BACKFILL, DATE)
 
 
 def test_older_date_than_published_is_refused(tmp_path, catalog):
     idx = tmp_path / "idx"
     idx.mkdir()
     (idx / "LATEST").write_text("20250302T000000Z-refresh.r02\n")
-    with pytest.raises(orch.OrchestrationError, match="move LATEST backwards"):
-        orch.validate_params(_params(tmp_path, catalog), orch.REFRESH, DATE)
+    with pytest.raises(orch_errors.OrchestrationError, match="move LATEST backwards"):
+        orch_plan.validate_params(_params(tmp_path, catalog), orch_plan.REFRESH, DATE)
     # the same date (a re-run) is fine, even when a revision of it is published
     later = datetime(2025, 3, 2, tzinfo=timezone.utc)
-    assert orch.validate_params(_params(tmp_path, catalog), orch.REFRESH, later).run_id == \
+    assert orch_plan.validate_params(_params(tmp_path, catalog), orch_plan.REFRESH, later).run_id == \
         "20250302T000000Z-refresh"
 
 
@@ -132,32 +139,32 @@ def _fake_snapshot(root, run_id):
 
 def test_previous_snapshot_skips_the_run_being_replaced(tmp_path):
     root = tmp_path / "emb"
-    assert orch.previous_snapshot(str(root), "20250301T000000Z-refresh") is None
+    assert orch_plan.previous_snapshot(str(root), "20250301T000000Z-refresh") is None
     a = _fake_snapshot(root, "20250301T000000Z-refresh")
     b = _fake_snapshot(root, "20250302T000000Z-backfill")
     os.makedirs(root / "20250303T000000Z-refresh")           # incomplete: ignored
     snapshot.mark_latest(str(root), "20250302T000000Z-backfill")
-    assert orch.previous_snapshot(str(root), "20250303T000000Z-refresh") == b
+    assert orch_plan.previous_snapshot(str(root), "20250303T000000Z-refresh") == b
     # re-running the date LATEST names: build on the one before it
-    assert orch.previous_snapshot(str(root), "20250302T000000Z-backfill") == a
+    assert orch_plan.previous_snapshot(str(root), "20250302T000000Z-backfill") == a
 
 
 def test_run_id_sorts_in_time_and_rejects_unknown_kinds():
-    a = orch.run_id_for(orch.REFRESH, datetime(2025, 3, 1, 23, 0, tzinfo=timezone.utc))
-    b = orch.run_id_for(orch.BACKFILL, datetime(2025, 3, 2, 1, 0))
+    a = orch_plan.run_id_for(orch_plan.REFRESH, datetime(2025, 3, 1, 23, 0, tzinfo=timezone.utc))
+    b = orch_plan.run_id_for(orch_plan.BACKFILL, datetime(2025, 3, 2, 1, 0))
     assert a < b and b == "20250302T010000Z-backfill"
     with pytest.raises(ValueError, match="unknown run kind"):
-        orch.run_id_for("nightly", DATE)
-    assert orch.run_id_of_version("20250302T010000Z-backfill.r03") == b
+        orch_plan.run_id_for("nightly", DATE)
+    assert orch_plan.run_id_of_version("20250302T010000Z-backfill.r03") == b
 
 
 def test_launch_step_permanent_failure_carries_the_reason(tmp_path, catalog):
-    plan = orch.validate_params(_params(tmp_path, catalog), orch.REFRESH, DATE)
+    plan = orch_plan.validate_params(_params(tmp_path, catalog), orch_plan.REFRESH, DATE)
     os.remove(catalog)  # the manifest vanished between validation and the Beam job
     lines = []
     try:
-        with pytest.raises(orch.PermanentStepError, match="does not exist"):
-            orch.launch_step(orch.EMBED_STEP, {"plan": plan.to_dict()}, echo=lines.append)
+        with pytest.raises(orch_errors.PermanentStepError, match="does not exist"):
+            launcher.launch_step(launcher.EMBED_STEP, {"plan": plan.to_dict()}, echo=lines.append)
     finally:
         write_catalog(os.path.dirname(catalog), num_products=3, images_per_product=1, size=64,
                       seed=0)
@@ -168,8 +175,8 @@ def test_launch_step_crash_is_a_retryable_error(tmp_path):
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'worker lost' >&2\nexit 137\n")
     fake_python.chmod(0o755)
-    with pytest.raises(orch.StepError, match="exited with status 137(.|\n)*worker lost"):
-        orch.launch_step(orch.EMBED_STEP, {"plan": {}}, python=str(fake_python),
+    with pytest.raises(orch_errors.StepError, match="exited with status 137(.|\n)*worker lost"):
+        launcher.launch_step(launcher.EMBED_STEP, {"plan": {}}, python=str(fake_python),
                          echo=lambda line: None)
 
 
@@ -183,22 +190,27 @@ def test_reconcile_detects_counts_that_do_not_add_up(tmp_path):
                           pa.array([0.5] * 8, pa.float32()), 4),
                       "metadata": ["{}", "{}"]}, schema=snapshot.embeddings_schema(4))
     snapshot.write_table(path, table)
-    summary = {"snapshot": path, "input_rows": 3, "embedded": 2, "reused": 0,
-               "dead_lettered": 1, "carried_forward": 0}
-    assert orch.reconcile(summary, {"num_vectors": 2, "version": "v"})["rows"] == 2
-    with pytest.raises(orch.PermanentStepError, match="holds 3 vectors"):
-        orch.reconcile(summary, {"num_vectors": 3, "version": "v"})
-    with pytest.raises(orch.PermanentStepError, match="expected 3 images"):
-        orch.reconcile({**summary, "reused": 1, "input_rows": 4}, {"num_vectors": 2})
+    summary = SnapshotSummary(snapshot=path, run_id="r1", input_rows=3, embedded=2, reused=0,
+                              dead_lettered=1, model={"model_id": "m"}, model_id="m", dim=4)
+
+    def index(num_vectors: int) -> IndexManifest:
+        return IndexManifest(version="v", status="passed", model={"model_id": "m"}, dim=4,
+                             num_vectors=num_vectors, shards=[])
+
+    assert steps.reconcile(summary, index(2))["rows"] == 2
+    with pytest.raises(orch_errors.PermanentStepError, match="holds 3 vectors"):
+        steps.reconcile(summary, index(3))
+    with pytest.raises(orch_errors.PermanentStepError, match="expected 3 images"):
+        steps.reconcile(dataclasses.replace(summary, reused=1, input_rows=4), index(2))
 
 
 def test_hand_off_records_when_no_service_and_fails_when_unreachable(tmp_path):
     idx = tmp_path / "idx"
     idx.mkdir()
     (idx / "LATEST").write_text("20250301T000000Z-refresh\n")
-    record = orch.hand_off(None, "", str(idx))
+    record = handoff.hand_off(None, "", str(idx))
     assert record["version"] == "20250301T000000Z-refresh" and record["notified"] is False
-    with pytest.raises(orch.StepError, match="cannot reach the search service"):
-        orch.hand_off({"version": "v2"}, "http://127.0.0.1:9", str(idx), timeout_s=5)
-    with pytest.raises(orch.OrchestrationError, match="no index version"):
-        orch.hand_off(None, "", str(tmp_path / "nothing"))
+    with pytest.raises(orch_errors.StepError, match="cannot reach the search service"):
+        handoff.hand_off({"version": "v2"}, "http://127.0.0.1:9", str(idx), timeout_s=5)
+    with pytest.raises(orch_errors.OrchestrationError, match="no index version"):
+        handoff.hand_off(None, "", str(tmp_path / "nothing"))

@@ -137,7 +137,7 @@ def test_shard_subset(world, searcher):
     part = CatalogSearcher.open(world.index_root, config=world.config, shard_ids=[1])
     idx = part.current
     full = searcher.current
-    shard_rows = full.manifest["shards"][1]["num_vectors"]
+    shard_rows = full.manifest.shards[1].num_vectors
     assert idx.shard_ids == [1] and idx.num_vectors == shard_rows < full.num_vectors
     own = {idx.hit(r, 0).image_id for r in range(idx.num_vectors)}
     results = part.search_vector(np.ones(idx.dim), k=10, collapse=False)

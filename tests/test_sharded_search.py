@@ -118,7 +118,7 @@ def test_concurrent_search_returns_the_same_hits_as_sequential(tmp_path):
     manifest = run_build_index(snap, root, make_config(shards=4, brute_force_below=0,
                                                        tune_recall_target=0.9,
                                                        recall_threshold=0.0))
-    assert {s["kind"] for s in manifest["shards"]} == {"scann_tree_ah"}
+    assert {s.kind for s in manifest.shards} == {"scann_tree_ah"}
     shards = art.open_index(root).load_shards()
     queries = clustered_vectors(64, 32, seed=34, clusters=0)
     for subset in (shards, [shards[0], shards[2]]):  # all shards, and a per-host subset

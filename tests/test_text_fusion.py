@@ -52,8 +52,8 @@ def fusion_world(tmp_path_factory):
         for pid, img, title, cat, desc in ROWS:
             w.writerow([pid, pid + "-0", images[img], title, cat, desc])
     emb = run_embed([manifest], str(root / "emb"), config, run_id="r1")
-    assert emb["embedded"] == len(ROWS)
-    run_build_index(emb["snapshot"], str(root / "index"), config, version="v1")
+    assert emb.embedded == len(ROWS)
+    run_build_index(emb.snapshot, str(root / "index"), config, version="v1")
     searcher = CatalogSearcher.open(str(root / "index"), config=config)
     return searcher, images, config, str(root / "index")
 

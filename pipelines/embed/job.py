@@ -36,6 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.embed import snapshot
+from pipelines.embed.summary import SnapshotSummary
 from pipelines.embed.change_signal import SIGNAL_COLUMN, row_signal, unchanged
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
@@ -51,7 +52,7 @@ from pipelines.core.runner import make_pipeline
 log = logging.getLogger(__name__)
 NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
-PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration.steps: a retry cannot fix it
+PERMANENT_FAILURE_EXIT_CODE = 3  # as pipelines.orchestration.launcher: a retry cannot fix it
 PROGRESS_EVERY = 200
 
 # Outcome counters; every input row ends in exactly one of the first three.
@@ -73,7 +74,7 @@ class DeadLetterRateError(EmbedError):
     but has no summary.json, so no reader treats it as a snapshot.
     """
 
-    def __init__(self, message: str, summary: dict[str, Any]):
+    def __init__(self, message: str, summary: SnapshotSummary):
         super().__init__(message)
         self.summary = summary
 
@@ -349,7 +350,7 @@ def _check_previous(previous: str, fingerprint: str, merge_previous: bool) -> bo
         summary = snapshot.read_summary(previous)
     except snapshot.SnapshotError as e:
         raise EmbedError(f"--previous: {e}") from e
-    same = summary.get("embedding_fingerprint") == fingerprint
+    same = summary.embedding_fingerprint == fingerprint
     if merge_previous and not same:
         raise EmbedError(f"cannot merge into {previous}: it was embedded with another model or "
                          "view configuration (its vectors would not be comparable)")
@@ -379,16 +380,16 @@ def summarize(counts: dict[str, int], input_rows: int) -> dict[str, Any]:
     return out
 
 
-def check_failure_rate(summary: dict[str, Any], max_fraction: float) -> None:
+def check_failure_rate(summary: SnapshotSummary, max_fraction: float) -> None:
     """DeadLetterRateError when more than `max_fraction` of the input rows were
     dead-lettered, or when no row was embedded or reused at all."""
-    n = summary["input_rows"]
-    dead = summary[DEAD]
+    n = summary.input_rows
+    dead = summary.dead_lettered
     fraction = dead / n if n else 1.0
-    kept = summary[EMBEDDED] + summary[REUSED]
+    kept = summary.embedded + summary.reused
     if fraction <= max_fraction and kept > 0:
         return
-    top = sorted(summary["dead_letter_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    top = sorted(summary.dead_letter_reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
     reasons = ", ".join(f"{reason} {count}" for reason, count in top) or "none"
     what = ("no row was embedded or reused" if kept == 0 else
             f"dead-letter fraction {fraction:.3f} is above the maximum {max_fraction:g}")
@@ -410,7 +411,7 @@ def check_roots(out_root: str, previous: str | None = None) -> None:
 
 def run_embed(manifests: Sequence[str], out_root: str, config: Config,
               run_id: str | None = None, previous: str | None = None,
-              merge_previous: bool = False, verify_content: bool = False) -> dict[str, Any]:
+              merge_previous: bool = False, verify_content: bool = False) -> SnapshotSummary:
     """Run the embed job; returns the summary (also written to <out_root>/<run_id>/summary.json).
 
     previous: a snapshot path to reuse unchanged vectors from (None: embed everything).
@@ -477,63 +478,64 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     pipeline_s = time.time() - pipeline_started
 
     counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
-    summary = summarize(counts, input_rows)
-    summary["max_dead_letter_fraction"] = config.embed.max_dead_letter_fraction
-    summary.update({
-        "run_id": run_id, "snapshot": snapshot_dir, "manifests": uris,
-        "previous_snapshot": previous, "merge_previous": merge_previous,
+    counted = summarize(counts, input_rows)
+    summary = SnapshotSummary(
+        **counted,
+        max_dead_letter_fraction=config.embed.max_dead_letter_fraction,
+        run_id=run_id, snapshot=snapshot_dir, manifests=uris,
+        previous_snapshot=previous, merge_previous=merge_previous,
         # features ride in "model" so the index manifest carries them to serving unchanged
-        "model": dict(spec.to_dict(), features=features_dict(config.features)),
-        "features": features_dict(config.features),
-        "model_id": spec.model_id, "dim": spec.dim,
-        "embedding_fingerprint": fingerprint,
-        "augment": {"views": list(config.augment.views), "mode": config.augment.mode,
-                    "seed": config.augment.seed, "output_views": settings.output_view_names()},
-        "decode": dataclasses.asdict(config.decode),
-        "runner": config.runner.name,
-        "timings": {"total_s": round(time.time() - started, 3),
-                    "pipeline_s": round(pipeline_s, 3),
-                    "embedded_per_s": round(summary[EMBEDDED] / pipeline_s, 2) if pipeline_s else None},
-        "created_at": datetime.now(timezone.utc).isoformat(),
-    })
+        model=dict(spec.to_dict(), features=features_dict(config.features)),
+        features=features_dict(config.features),
+        model_id=spec.model_id, dim=spec.dim,
+        embedding_fingerprint=fingerprint,
+        augment={"views": list(config.augment.views), "mode": config.augment.mode,
+                 "seed": config.augment.seed, "output_views": settings.output_view_names()},
+        decode=dataclasses.asdict(config.decode),
+        runner=config.runner.name,
+        timings={"total_s": round(time.time() - started, 3),
+                 "pipeline_s": round(pipeline_s, 3),
+                 "embedded_per_s": round(counted[EMBEDDED] / pipeline_s, 2)
+                 if pipeline_s else None},
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
     fs.delete_files([fs.join(snapshot_dir, COUNTS_FILE)])
     try:
         check_failure_rate(summary, config.embed.max_dead_letter_fraction)
     except DeadLetterRateError as e:
-        summary["status"] = "failed"
-        summary["failure"] = str(e)
-        fs.write_json(fs.join(snapshot_dir, FAILED_SUMMARY_FILE), summary)  # not a snapshot
+        e.summary = dataclasses.replace(summary, status="failed", failure=str(e))
+        snapshot.write_summary(snapshot_dir, e.summary, FAILED_SUMMARY_FILE)  # not a snapshot
         log.error("%s", e)
         raise
-    fs.write_json(fs.join(snapshot_dir, snapshot.SUMMARY_FILE), summary)  # complete from here on
+    snapshot.write_summary(snapshot_dir, summary)  # complete from here on
     current = snapshot.latest_run_id(out_root)
     if current is None or run_id >= current:
         snapshot.mark_latest(out_root, run_id)
     return summary
 
 
-def format_summary(s: dict[str, Any], ok: bool = True) -> str:
+def format_summary(s: SnapshotSummary, ok: bool = True) -> str:
     """The human-readable report of a run (ok=False: a run the failure-rate guard failed)."""
     lines = [
-        f"snapshot     {s['snapshot']}",
-        f"model        {s['model_id']}  ({s['dim']}-d, views {'+'.join(s['augment']['views'])}"
-        f", {s['augment']['mode']})",
-        f"input rows   {s['input_rows']}",
-        f"  embedded   {s[EMBEDDED]}",
-        f"  reused     {s[REUSED]}",
-        f"  dead       {s[DEAD]}",
+        f"snapshot     {s.snapshot}",
+        f"model        {s.model_id}  ({s.dim}-d, views {'+'.join(s.augment['views'])}"
+        f", {s.augment['mode']})",
+        f"input rows   {s.input_rows}",
+        f"  embedded   {s.embedded}",
+        f"  reused     {s.reused}",
+        f"  dead       {s.dead_lettered}",
     ]
-    for reason, n in s["dead_letter_reasons"].items():
+    for reason, n in s.dead_letter_reasons.items():
         lines.append(f"    {reason:<28} {n}")
     for key in (CARRIED, REPLACED, DROPPED):
-        if s.get(key):
-            lines.append(f"{key.replace('_', ' '):<13}{s[key]}")
-    t = s["timings"]
+        if getattr(s, key):
+            lines.append(f"{key.replace('_', ' '):<13}{getattr(s, key)}")
+    t = s.timings
     lines.append(f"time         {t['total_s']:.1f}s total, {t['pipeline_s']:.1f}s pipeline"
                  + (f", {t['embedded_per_s']:.1f} embedded images/s" if t["embedded_per_s"] else ""))
-    lines.append(f"check        {s['input_rows']} = {s[EMBEDDED]} + {s[REUSED]} + {s[DEAD]}  ok")
+    lines.append(f"check        {s.input_rows} = {s.embedded} + {s.reused} + {s.dead_lettered}  ok")
     if not ok:
-        lines.append(f"status       FAILED: {s.get('failure', 'too many rows dead-lettered')}")
+        lines.append(f"status       FAILED: {s.failure or 'too many rows dead-lettered'}")
     return "\n".join(lines)
 
 
@@ -609,7 +611,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     except (EmbedError, snapshot.SnapshotError) as e:
         print(f"catalog-search embed: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, sort_keys=True, default=str) if args.json
+    print(json.dumps(summary.to_dict(), sort_keys=True, default=str) if args.json
           else format_summary(summary))
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
 from pipelines.core.names import InvalidNameError, check_segment
+
+if TYPE_CHECKING:
+    from pipelines.embed.summary import SnapshotSummary
 
 SUMMARY_FILE = "summary.json"
 LATEST_FILE = "LATEST"
@@ -50,7 +53,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
 class Snapshot:
     """A complete snapshot loaded into memory (what build_index and merges read)."""
     path: str
-    summary: dict[str, Any]
+    summary: "SnapshotSummary"
     table: pa.Table  # embeddings rows, schema = embeddings_schema(dim)
 
     @property
@@ -81,11 +84,25 @@ def is_complete(path: str) -> bool:
     return fs.exists(fs.join(path, SUMMARY_FILE))
 
 
-def read_summary(path: str) -> dict[str, Any]:
+def read_summary(path: str) -> "SnapshotSummary":
+    """The snapshot's summary.json, parsed once into its contract (pipelines.embed.summary);
+    SnapshotError when missing, not JSON or not following the contract (SummaryError)."""
+    from pipelines.embed.summary import SnapshotSummary
     summary_uri = fs.join(path, SUMMARY_FILE)
     if not fs.exists(summary_uri):
         raise SnapshotError(f"{path} is not a complete embeddings snapshot (no {SUMMARY_FILE})")
-    return fs.read_json(summary_uri)
+    try:
+        data = fs.read_json(summary_uri)
+    except ValueError as e:
+        raise SnapshotError(f"{summary_uri}: not valid JSON: {e}") from e
+    return SnapshotSummary.from_dict(data, summary_uri, legacy=True)
+
+
+def write_summary(path: str, summary: "SnapshotSummary", name: str = SUMMARY_FILE) -> str:
+    """Write a summary into a snapshot folder (summary.json: the snapshot is complete)."""
+    uri = fs.join(path, name)
+    fs.write_json(uri, summary.to_dict())
+    return uri
 
 
 def embedding_files(path: str) -> list[str]:
@@ -96,11 +113,12 @@ def dead_letter_files(path: str) -> list[str]:
     return fs.match(fs.join(path, f"{DEAD_LETTER_PREFIX}-*.jsonl"))
 
 
-def read_table(path: str) -> pa.Table:
-    """All embedding rows of a snapshot, as one Arrow table (may be empty)."""
-    summary = read_summary(path)
+def read_table(path: str, summary: "SnapshotSummary | None" = None) -> pa.Table:
+    """All embedding rows of a snapshot, as one Arrow table (may be empty); `summary`: its
+    summary when the caller has read it already."""
+    summary = summary or read_summary(path)
     files = embedding_files(path)
-    dim = int(summary.get("dim") or 0)
+    dim = summary.dim
     if not files:
         if not dim:
             raise SnapshotError(f"{path}: no embeddings files and no dim in {SUMMARY_FILE}")
@@ -117,7 +135,8 @@ def read_table(path: str) -> pa.Table:
 
 
 def load(path: str) -> Snapshot:
-    return Snapshot(path=path, summary=read_summary(path), table=read_table(path))
+    summary = read_summary(path)
+    return Snapshot(path=path, summary=summary, table=read_table(path, summary))
 
 
 def read_dead_letters(path: str) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -48,10 +48,12 @@ from pipelines.core.checksums import sha256_file
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
 from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
+from pipelines.index.manifest import (FORMAT, STATUS_PASSED, STATUS_REJECTED, IndexArtifactError,
+                                      IndexIntegrityError, IndexManifest, ManifestFormatError,
+                                      ShardEntry, ShardFile)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "catalog-search-index/1"
 VERSIONS_DIR = "versions"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
@@ -59,8 +61,6 @@ LATEST_FILE = "LATEST"
 REJECTED_FILE = "REJECTED"
 ROWS_FILE = "rows.parquet"
 LOCK_FILE = ".publish.lock"
-STATUS_PASSED = "passed"
-STATUS_REJECTED = "rejected"
 STATUS_INCOMPLETE = "incomplete"
 # Retention leaves an incomplete version alone until nothing in it changed for this long.
 INCOMPLETE_GRACE_S = 3600.0
@@ -69,12 +69,9 @@ ROW_COLUMNS = ("image_id", "view", "product_id", "image_uri", "metadata")
 
 
 
-class IndexArtifactError(ValueError):
-    """An index root, version or manifest is missing or does not follow the contract."""
-
-
-class IndexIntegrityError(IndexArtifactError):
-    """A shard file is missing or its sha256 / size differs from the manifest."""
+__all__ = ["FORMAT", "STATUS_PASSED", "STATUS_REJECTED", "IndexArtifactError",
+           "IndexIntegrityError", "IndexManifest", "ManifestFormatError", "ShardEntry",
+           "ShardFile"]
 
 
 # --------------------------------------------------------------------------- layout
@@ -143,8 +140,9 @@ def manifest_uri(index_root: str, version: str) -> str:
     return fs.join(version_dir(index_root, version), MANIFEST_FILE)
 
 
-def read_manifest(index_root: str, version: str) -> dict[str, Any]:
-    """The manifest of a version; IndexArtifactError if it is missing or unreadable."""
+def read_manifest(index_root: str, version: str) -> IndexManifest:
+    """The manifest of a version, parsed into its contract (pipelines.index.manifest);
+    IndexArtifactError if it is missing, unreadable or does not follow the contract."""
     uri = manifest_uri(index_root, version)
     if not fs.exists(uri):
         raise IndexArtifactError(f"index version {version} under {index_root} is incomplete "
@@ -153,72 +151,65 @@ def read_manifest(index_root: str, version: str) -> dict[str, Any]:
         manifest = fs.read_json(uri)
     except ValueError as e:
         raise IndexArtifactError(f"{uri}: not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexArtifactError(f"{uri}: not an index manifest of format {FORMAT}")
-    if manifest.get("version") != version:
-        raise IndexArtifactError(f"{uri}: names version {manifest.get('version')!r}, "
+    parsed = IndexManifest.from_dict(manifest, uri)
+    if parsed.version != version:
+        raise IndexArtifactError(f"{uri}: names version {parsed.version!r}, "
                                  f"but lies in folder {version!r}")
-    return manifest
+    return parsed
 
 
 _SHARD_KINDS = ("scann_tree_ah", "scann_brute_force", "empty")
 
 
-def check_manifest_structure(manifest: dict[str, Any], version: str) -> None:
+def check_manifest_structure(manifest: IndexManifest, version: str) -> None:
     """IndexIntegrityError when a manifest's shard table is malformed or inconsistent.
 
-    Checks the fields the loader relies on (so a tampered manifest is refused with a
-    reason, not a KeyError): dim, num_vectors = sum of the shards' num_vectors, shard
-    numbers 0..N-1, each shard's path exactly `shards/shard-XXXXX-of-NNNNN` and its file
-    names plain relative names (nothing outside the shard folder), known shard kinds.
+    Checks what the loader relies on beyond the field types the contract checks (so a
+    tampered manifest is refused with a reason, not a KeyError): dim >= 1, num_vectors =
+    sum of the shards' num_vectors, shard numbers 0..N-1, each shard's path exactly
+    `shards/shard-XXXXX-of-NNNNN` and its file names plain relative names (nothing outside
+    the shard folder), known shard kinds.
     """
     def bad(msg: str) -> IndexIntegrityError:
         return IndexIntegrityError(f"version {version}: manifest {msg}")
 
-    dim, total, shards = manifest.get("dim"), manifest.get("num_vectors"), manifest.get("shards")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+    dim, total, shards = manifest.dim, manifest.num_vectors, manifest.shards
+    if dim < 1:
         raise bad(f"has an invalid dim {dim!r}")
-    if not isinstance(shards, list) or not shards:
+    if not shards:
         raise bad("has no shard table")
     counted = 0
     for i, entry in enumerate(shards):
-        if not isinstance(entry, dict):
-            raise bad(f"shard entry {i} is not an object")
-        if entry.get("shard") != i:
-            raise bad(f"shard entry {i} names shard {entry.get('shard')!r}")
-        if entry.get("path") != shard_relpath(i, len(shards)):
-            raise bad(f"shard {i} has path {entry.get('path')!r}, expected "
+        if entry.shard != i:
+            raise bad(f"shard entry {i} names shard {entry.shard!r}")
+        if entry.path != shard_relpath(i, len(shards)):
+            raise bad(f"shard {i} has path {entry.path!r}, expected "
                       f"{shard_relpath(i, len(shards))!r}")
-        n = entry.get("num_vectors")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        n = entry.num_vectors
+        if n < 0:
             raise bad(f"shard {i} has an invalid num_vectors {n!r}")
         counted += n
-        if entry.get("kind") not in _SHARD_KINDS:
-            raise bad(f"shard {i} has an unknown kind {entry.get('kind')!r}")
-        files = entry.get("files")
-        if not isinstance(files, list):
-            raise bad(f"shard {i} lists no files")
+        if entry.kind not in _SHARD_KINDS:
+            raise bad(f"shard {i} has an unknown kind {entry.kind!r}")
         names = []
-        for f in files:
-            name = f.get("name") if isinstance(f, dict) else None
-            if (not isinstance(name, str) or not name or name.startswith("/")
-                    or any(not is_safe_segment(part) for part in name.split("/"))
-                    or not isinstance(f.get("sha256"), str)
-                    or not isinstance(f.get("bytes"), int)):
-                raise bad(f"shard {i} has an invalid file entry {f!r}")
+        for f in entry.files:
+            name = f.name
+            if (not name or name.startswith("/")
+                    or any(not is_safe_segment(part) for part in name.split("/"))):
+                raise bad(f"shard {i} has an invalid file entry {f.to_dict()!r}")
             names.append(name)
         if ROWS_FILE not in names:
             raise bad(f"shard {i} lists no {ROWS_FILE}")
-        if entry["kind"] != "empty" and "dataset.npy" not in names:
+        if entry.kind != "empty" and "dataset.npy" not in names:
             raise bad(f"shard {i} lists no dataset.npy")
     if counted != total:
         raise bad(f"says num_vectors {total!r}, but its shards hold {counted}")
 
 
-def write_manifest(index_root: str, version: str, manifest: dict[str, Any]) -> str:
+def write_manifest(index_root: str, version: str, manifest: IndexManifest) -> str:
     """Write manifest.json atomically: the version is complete once this returns."""
     uri = manifest_uri(index_root, version)
-    fs.write_json(uri, manifest, atomic=True)
+    fs.write_json(uri, manifest.to_dict(), atomic=True)
     return uri
 
 
@@ -252,7 +243,7 @@ def version_state(index_root: str, version: str) -> str:
         manifest = read_manifest(index_root, version)
     except IndexArtifactError:
         return STATUS_INCOMPLETE
-    return STATUS_PASSED if manifest.get("status") == STATUS_PASSED else STATUS_REJECTED
+    return STATUS_PASSED if manifest.passed else STATUS_REJECTED
 
 
 @dataclass(frozen=True)
@@ -261,15 +252,18 @@ class VersionInfo:
     version: str
     state: str                 # passed | rejected | incomplete
     is_latest: bool
-    manifest: dict[str, Any] | None
+    manifest: IndexManifest | None
 
     def summary(self) -> dict[str, Any]:
-        m = self.manifest or {}
-        ev = m.get("evaluation") or {}
+        m = self.manifest
+        if m is None:
+            return {"version": self.version, "state": self.state, "latest": self.is_latest,
+                    "created_at": None, "num_vectors": None, "num_shards": None, "dim": None,
+                    "model_id": None, "recall": {}, "threshold": None}
+        ev = m.evaluation
         return {"version": self.version, "state": self.state, "latest": self.is_latest,
-                "created_at": m.get("created_at"), "num_vectors": m.get("num_vectors"),
-                "num_shards": len(m.get("shards") or []) or None, "dim": m.get("dim"),
-                "model_id": (m.get("model") or {}).get("model_id"),
+                "created_at": m.created_at, "num_vectors": m.num_vectors,
+                "num_shards": m.num_shards or None, "dim": m.dim, "model_id": m.model_id,
                 "recall": {key: v for key, v in ev.items() if key.startswith("recall@")},
                 "threshold": ev.get("threshold")}
 
@@ -282,13 +276,13 @@ def list_versions(index_root: str) -> list[VersionInfo]:
         if not is_safe_segment(name):
             continue
         try:
-            manifest: dict[str, Any] | None = read_manifest(index_root, name)
+            manifest: IndexManifest | None = read_manifest(index_root, name)
         except IndexArtifactError:
             manifest = None
         if manifest is None:
             state = STATUS_INCOMPLETE
         else:
-            state = STATUS_PASSED if manifest.get("status") == STATUS_PASSED else STATUS_REJECTED
+            state = STATUS_PASSED if manifest.passed else STATUS_REJECTED
         out.append(VersionInfo(name, state, name == latest, manifest))
     return out
 
@@ -318,18 +312,20 @@ def write_latest(index_root: str, version: str) -> None:
 
 
 def publish_version(index_root: str, version: str, retention: int | None = None,
-                    allow_rollback: bool = False) -> bool:
+                    allow_rollback: bool = False, manifest: IndexManifest | None = None) -> bool:
     """Make a passed version LATEST, then apply retention; True when LATEST now names it.
 
     Refuses (IndexArtifactError) a version without a "passed" manifest, so LATEST can never
     name an incomplete or rejected version. When LATEST already names a newer version (a
     concurrent publisher won), LATEST is left alone and False is returned, unless
-    `allow_rollback`.
+    `allow_rollback`. `manifest`: the version's manifest when the caller has just read or
+    written it (not read again).
     """
-    manifest = read_manifest(index_root, version)
-    if manifest.get("status") != STATUS_PASSED:
+    if manifest is None or manifest.version != version:
+        manifest = read_manifest(index_root, version)
+    if not manifest.passed:
         raise IndexArtifactError(f"index version {version} has status "
-                                 f"{manifest.get('status')!r}; only passed versions publish")
+                                 f"{manifest.status!r}; only passed versions publish")
     with _publish_lock(index_root):
         try:
             current = read_latest(index_root)
@@ -341,7 +337,8 @@ def publish_version(index_root: str, version: str, retention: int | None = None,
             published = False
         else:
             # Re-check under the lock: retention by another publisher may have run.
-            read_manifest(index_root, version)
+            if not read_manifest(index_root, version).passed:
+                raise IndexArtifactError(f"index version {version} is no longer passed")
             write_latest(index_root, version)
             log.info("published index version %s (LATEST was %s)", version, current)
             published = True
@@ -405,7 +402,7 @@ class LoadedShard:
     local_dir: str                  # local folder holding the shard's files
     leaves_to_search: int = -1      # -1: the searcher's default / brute force
     reorder_multiplier: int = 1
-    info: dict[str, Any] = field(default_factory=dict)  # the manifest's shard entry
+    info: ShardEntry | None = None  # the manifest's shard entry
 
     def vectors(self) -> np.ndarray:
         """float32 [num_vectors, dim] (memory-mapped from the shard's dataset.npy)."""
@@ -420,7 +417,7 @@ class LoadedShard:
 class IndexVersion:
     """An opened index version: its manifest, and shards loaded on demand."""
 
-    def __init__(self, index_root: str, version: str, manifest: dict[str, Any],
+    def __init__(self, index_root: str, version: str, manifest: IndexManifest,
                  verify: bool = True, cache_dir: str | None = None):
         self.index_root = index_root
         self.version = version
@@ -431,27 +428,27 @@ class IndexVersion:
 
     @property
     def num_shards(self) -> int:
-        return len(self.manifest["shards"])
+        return self.manifest.num_shards
 
     def check_files(self) -> None:
         """Every file the manifest lists exists with the recorded size (cheap; no hashing)."""
-        for entry in self.manifest["shards"]:
-            base = fs.join(self.path, entry["path"])
-            for f in entry["files"]:
-                uri = fs.join(base, f["name"])
+        for entry in self.manifest.shards:
+            base = fs.join(self.path, entry.path)
+            for f in entry.files:
+                uri = fs.join(base, f.name)
                 if not fs.exists(uri):
-                    raise IndexIntegrityError(f"version {self.version} shard {entry['shard']}: "
+                    raise IndexIntegrityError(f"version {self.version} shard {entry.shard}: "
                                               f"file {uri} is missing")
                 if fs.is_local(uri):
                     size = os.path.getsize(_local_path(uri))
-                    if size != f["bytes"]:
+                    if size != f.bytes:
                         raise IndexIntegrityError(
-                            f"version {self.version} shard {entry['shard']}: {uri} has "
-                            f"{size} bytes, manifest says {f['bytes']}")
+                            f"version {self.version} shard {entry.shard}: {uri} has "
+                            f"{size} bytes, manifest says {f.bytes}")
 
     def load_shards(self, shard_ids: Sequence[int] | None = None) -> list[LoadedShard]:
         """Load all shards, or the chosen ones (for serving shards on several hosts)."""
-        entries = self.manifest["shards"]
+        entries = self.manifest.shards
         if shard_ids is None:
             shard_ids = list(range(len(entries)))
         bad = [s for s in shard_ids if not isinstance(s, (int, np.integer))
@@ -461,57 +458,54 @@ class IndexVersion:
                                      f"cannot load {bad}")
         return [self._load_shard(entries[int(s)]) for s in shard_ids]
 
-    def _load_shard(self, entry: dict[str, Any]) -> LoadedShard:
+    def _load_shard(self, entry: ShardEntry) -> LoadedShard:
         from scann.scann_ops.py import scann_ops_pybind
-        base = fs.join(self.path, entry["path"])
+        base = fs.join(self.path, entry.path)
         local = self._local_copy(base, entry)
+        where = f"version {self.version} shard {entry.shard}"
         rows = pq.read_table(os.path.join(local, ROWS_FILE))
-        if rows.num_rows != entry["num_vectors"]:
-            raise IndexIntegrityError(f"version {self.version} shard {entry['shard']}: "
-                                      f"{ROWS_FILE} has {rows.num_rows} rows, manifest says "
-                                      f"{entry['num_vectors']}")
+        if rows.num_rows != entry.num_vectors:
+            raise IndexIntegrityError(f"{where}: {ROWS_FILE} has {rows.num_rows} rows, manifest "
+                                      f"says {entry.num_vectors}")
         searcher = None
-        if self.verify and entry["kind"] != "empty":
-            check_shard_vectors(os.path.join(local, "dataset.npy"), entry["num_vectors"],
-                                int(self.manifest["dim"]),
-                                f"version {self.version} shard {entry['shard']}")
-        if entry["kind"] != "empty":
+        if self.verify and entry.kind != "empty":
+            check_shard_vectors(os.path.join(local, "dataset.npy"), entry.num_vectors,
+                                self.manifest.dim, where)
+        if entry.kind != "empty":
             searcher = scann_ops_pybind.load_searcher(local, assets_backcompat_shim=False)
-            if searcher.size() != entry["num_vectors"]:
+            if searcher.size() != entry.num_vectors:
                 raise IndexIntegrityError(
-                    f"version {self.version} shard {entry['shard']}: searcher holds "
-                    f"{searcher.size()} vectors, manifest says {entry['num_vectors']}")
-        search = entry.get("search") or {}
-        return LoadedShard(shard=int(entry["shard"]), num_shards=len(self.manifest["shards"]),
-                           num_vectors=int(entry["num_vectors"]), dim=int(self.manifest["dim"]),
-                           kind=entry["kind"], searcher=searcher, rows=rows, local_dir=local,
-                           leaves_to_search=int(search.get("leaves_to_search", -1)),
-                           reorder_multiplier=int(search.get("reorder_multiplier", 1)),
-                           info=entry)
+                    f"{where}: searcher holds {searcher.size()} vectors, manifest says "
+                    f"{entry.num_vectors}")
+        return LoadedShard(shard=entry.shard, num_shards=self.manifest.num_shards,
+                           num_vectors=entry.num_vectors, dim=self.manifest.dim,
+                           kind=entry.kind, searcher=searcher, rows=rows, local_dir=local,
+                           leaves_to_search=entry.leaves_to_search,
+                           reorder_multiplier=entry.reorder_multiplier, info=entry)
 
-    def _local_copy(self, base: str, entry: dict[str, Any]) -> str:
+    def _local_copy(self, base: str, entry: ShardEntry) -> str:
         """A local folder with the shard's files, checksums verified when `self.verify`."""
-        files = entry["files"]
+        files = entry.files
         if fs.is_local(base):
             local = _local_path(base)
             for f in files:
-                path = os.path.join(local, f["name"])
+                path = os.path.join(local, f.name)
                 if not os.path.exists(path):
-                    raise IndexIntegrityError(f"version {self.version} shard {entry['shard']}: "
+                    raise IndexIntegrityError(f"version {self.version} shard {entry.shard}: "
                                               f"file {path} is missing")
                 if self.verify:
                     digest, size = sha256_file(path)
-                    _check_file(self.version, entry["shard"], path, f, digest, size)
+                    _check_file(self.version, entry.shard, path, f, digest, size)
             return local
         root = self.cache_dir or tempfile.mkdtemp(prefix="catalog-index-")
-        local = os.path.join(root, self.version, entry["path"])
+        local = os.path.join(root, self.version, entry.path)
         os.makedirs(local, exist_ok=True)
         for f in files:
-            uri = fs.join(base, f["name"])
+            uri = fs.join(base, f.name)
             data = fs.read_bytes(uri)
             if self.verify:
-                _check_file(self.version, entry["shard"], uri, f, sha256_bytes(data), len(data))
-            dest = os.path.join(local, f["name"])
+                _check_file(self.version, entry.shard, uri, f, sha256_bytes(data), len(data))
+            dest = os.path.join(local, f.name)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as out:
                 out.write(data)
@@ -553,13 +547,13 @@ def check_shard_vectors(path: str, num_vectors: int, dim: int, where: str) -> No
                 f"tolerance {NORM_TOLERANCE}); the shard's vectors were altered")
 
 
-def _check_file(version: str, shard: int, where: str, expected: dict[str, Any],
+def _check_file(version: str, shard: int, where: str, expected: ShardFile,
                 digest: str, size: int) -> None:
-    if digest != expected["sha256"] or size != expected["bytes"]:
+    if digest != expected.sha256 or size != expected.bytes:
         raise IndexIntegrityError(
             f"version {version} shard {shard}: checksum mismatch for {where}: sha256 "
-            f"{digest[:16]}… ({size} bytes), manifest says {expected['sha256'][:16]}… "
-            f"({expected['bytes']} bytes); the file is corrupted or was modified")
+            f"{digest[:16]}… ({size} bytes), manifest says {expected.sha256[:16]}… "
+            f"({expected.bytes} bytes); the file is corrupted or was modified")
 
 
 def _local_path(uri: str) -> str:
@@ -580,9 +574,9 @@ def open_index(index_root: str, version: str | None = None, verify: bool = True,
         if version is None:
             raise IndexArtifactError(f"no published index under {index_root} (no {LATEST_FILE})")
     manifest = read_manifest(index_root, version)
-    if manifest.get("status") != STATUS_PASSED and not allow_unpublished:
+    if not manifest.passed and not allow_unpublished:
         raise IndexArtifactError(f"index version {version} has status "
-                                 f"{manifest.get('status')!r} and is not servable")
+                                 f"{manifest.status!r} and is not servable")
     check_manifest_structure(manifest, version)
     opened = IndexVersion(index_root, version, manifest, verify=verify, cache_dir=cache_dir)
     if verify:
@@ -640,8 +634,8 @@ def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
             except IndexArtifactError as e:
                 entry.update(state=STATUS_CORRUPTED, error=str(e))
         if manifest is not None:
-            info = VersionInfo(name, STATUS_PASSED if manifest.get("status") == STATUS_PASSED
-                               else STATUS_REJECTED, entry["latest"], manifest)
+            info = VersionInfo(name, STATUS_PASSED if manifest.passed else STATUS_REJECTED,
+                               entry["latest"], manifest)
             entry.update(info.summary())
             entry["error"] = None
             if verify:

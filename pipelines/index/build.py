@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.embed import snapshot as snap
+from pipelines.embed.summary import SnapshotSummary
 from pipelines.core.command import Command, UsageError
 from pipelines.core.names import InvalidNameError, check_segment
 from pipelines.core.config import Config
@@ -273,7 +274,7 @@ def plan_splits(path: str) -> tuple[list[Split], int | None, int]:
 
 
 def plan_build(embeddings: str, index_root: str, config: Config, version: str | None
-               ) -> tuple[BuildSpec, list[Split], dict[str, Any]]:
+               ) -> tuple[BuildSpec, list[Split], SnapshotSummary]:
     """Check the request against summary.json and the footers; IndexBuildError if bad."""
     ix = config.index
     path = resolve_snapshot(embeddings)
@@ -283,8 +284,8 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
         raise IndexBuildError(f"cannot read embeddings snapshot {path}: {e}") from e
     if ix.shards < 1:
         raise IndexBuildError(f"shard count must be >= 1, got {ix.shards}")
-    model = summary.get("model")
-    if not isinstance(model, dict) or not model.get("model_id"):
+    model = summary.model
+    if not model.get("model_id"):
         raise IndexBuildError(f"snapshot {path}: {snap.SUMMARY_FILE} has no 'model' with a "
                               f"model_id; cannot record which model the index serves")
     splits, file_dim, n = plan_splits(path)
@@ -293,11 +294,11 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
     if ix.shards > n:
         raise IndexBuildError(f"{ix.shards} shards requested but snapshot {path} has only "
                               f"{n} vectors; use at most {n} shards")
-    dim = file_dim or int(summary.get("dim") or model.get("dim") or 0)
+    dim = file_dim or int(summary.dim or model.get("dim") or 0)
     if dim < 1:
         raise IndexBuildError(f"snapshot {path}: the embedding dimension is unknown (variable "
                               f"length lists and no dim in {snap.SUMMARY_FILE})")
-    for where, declared in (("summary.json dim", summary.get("dim")),
+    for where, declared in (("summary.json dim", summary.dim),
                             (f"model {model['model_id']} dim", model.get("dim"))):
         if declared and int(declared) != dim:
             raise IndexBuildError(f"snapshot {path}: embeddings have {dim} dimensions but "
@@ -305,7 +306,7 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
     if ix.dimensions_per_block > dim:
         raise IndexBuildError(f"index.dimensions_per_block={ix.dimensions_per_block} exceeds the "
                               f"embedding dimension {dim}")
-    run_id = str(summary.get("run_id") or os.path.basename(path.rstrip("/")))
+    run_id = summary.run_id or os.path.basename(path.rstrip("/"))
     if version is None:
         version = art.new_version_name(salt=f"{path}|{run_id}")
     try:
@@ -774,9 +775,10 @@ def gate_shard(report: dict[str, Any], spec: BuildSpec, sample: list[tuple]) -> 
     out: dict[str, Any] = {"shard": shard, "queries": len(queries)}
     if report.get("num_vectors"):
         # the reader on a one-shard view of the version being built (no manifest yet)
-        partial = {"format": art.FORMAT, "version": spec.version, "status": "building",
-                   "model": spec.model, "dim": spec.dim, "distance": "dot_product",
-                   "num_vectors": report["num_vectors"], "shards": [report]}
+        partial = art.IndexManifest(
+            version=spec.version, status="building", model=spec.model or {}, dim=spec.dim,
+            num_vectors=report["num_vectors"],
+            shards=[art.ShardEntry.from_dict(report, f"shard {shard} build report")])
         version = art.IndexVersion(spec.index_root, spec.version, partial, verify=True)
         loaded = version.load_shards([0])[0]
         k = min(spec.k, loaded.num_vectors)
@@ -918,7 +920,7 @@ def _fail_and_clean(spec: BuildSpec, created: list[str], message: str) -> IndexB
 
 
 def run_build_index(embeddings: str, index_root: str, config: Config,
-                    version: str | None = None) -> dict[str, Any]:
+                    version: str | None = None) -> art.IndexManifest:
     """Build, evaluate and publish one index version; returns its manifest.
 
     Raises IndexBuildError for bad input (nothing is left under the index root) and
@@ -985,32 +987,8 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
         "tie_epsilon": TIE_EPSILON}
     evaluation.update(merge_gate(gate_results, sample_ids, spec.k))
     evaluation["merge_seconds"] = round(time.time() - t0, 4)
-    model = summary["model"]
-    run_id = str(summary.get("run_id") or os.path.basename(spec.snapshot_path.rstrip("/")))
-    manifest: dict[str, Any] = {
-        "format": art.FORMAT,
-        "version": version,
-        "status": "building",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "dim": spec.dim,
-        "distance": "dot_product",
-        "num_vectors": spec.num_rows,
-        "num_images": sum(r.get("num_images", 0) for r in reports),
-        "num_products": int(num_products),
-        "views": views,
-        "shard_assignment": "sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
-                            "(image_id, view) within a shard",
-        "shards": [{k: v for k, v in r.items() if k not in ("pid", "parts")} for r in reports],
-        "scann": _scann_description(config),
-        "source_snapshot": {"path": spec.snapshot_path, "run_id": run_id,
-                            "num_rows": spec.num_rows, "model_id": model.get("model_id")},
-        "build": {"runner": config.runner.name, "workers": config.runner.direct_num_workers
-                  if config.runner.is_direct else None,
-                  "worker_pids": sorted({r.get("pid") for r in reports}),
-                  "splits": len(splits), "parts": sum(r.get("parts", 0) for r in reports),
-                  "plan_seconds": round(plan_s, 3), "beam_seconds": round(beam_s, 3)},
-    }
+    model = summary.model
+    run_id = summary.run_id or os.path.basename(spec.snapshot_path.rstrip("/"))
     if sum(r["num_vectors"] for r in reports) != spec.num_rows:
         raise IndexBuildError(f"version {version}: shards hold "
                               f"{sum(r['num_vectors'] for r in reports)} vectors but the "
@@ -1019,18 +997,36 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     measured = evaluation[metric]
     evaluation.update(metric=metric, threshold=ix.recall_threshold,
                       passed=measured >= ix.recall_threshold)
-    manifest["evaluation"] = evaluation
-    manifest["build"]["total_seconds"] = round(time.time() - started, 3)
-    if not evaluation["passed"]:
-        manifest["status"] = art.STATUS_REJECTED
+    build = {"runner": config.runner.name, "workers": config.runner.direct_num_workers
+             if config.runner.is_direct else None,
+             "worker_pids": sorted({r.get("pid") for r in reports}),
+             "splits": len(splits), "parts": sum(r.get("parts", 0) for r in reports),
+             "plan_seconds": round(plan_s, 3), "beam_seconds": round(beam_s, 3),
+             "total_seconds": round(time.time() - started, 3)}
+    manifest = art.IndexManifest(
+        version=version,
+        status=art.STATUS_PASSED if evaluation["passed"] else art.STATUS_REJECTED,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model=model, dim=spec.dim, distance="dot_product", num_vectors=spec.num_rows,
+        num_images=sum(r.get("num_images", 0) for r in reports),
+        num_products=int(num_products), views=views,
+        shard_assignment="sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
+                         "(image_id, view) within a shard",
+        shards=[art.ShardEntry.from_dict({k: v for k, v in r.items() if k not in ("pid", "parts")},
+                                         f"shard {r['shard']} build report") for r in reports],
+        scann=_scann_description(config),
+        source_snapshot={"path": spec.snapshot_path, "run_id": run_id,
+                         "num_rows": spec.num_rows, "model_id": model.get("model_id")},
+        build=build, evaluation=evaluation)
+    if not manifest.passed:
         art.write_manifest(index_root, version, manifest)
         err = RecallGateError(version, metric, measured, ix.recall_threshold, vdir)
         art.mark_rejected(index_root, version, str(err))
         log.error("%s", err)
         raise err
-    manifest["status"] = art.STATUS_PASSED
     art.write_manifest(index_root, version, manifest)
-    published = art.publish_version(index_root, version, retention=ix.retention)
+    published = art.publish_version(index_root, version, retention=ix.retention,
+                                    manifest=manifest)
     log.info("build-index: version %s %s: %s=%.4f (threshold %.2f), %.1fs", version,
              "published" if published else "passed (a newer version is LATEST)", metric,
              measured, ix.recall_threshold, time.time() - started)
@@ -1084,9 +1080,9 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     except RecallGateError as e:
         print(f"catalog-search build-index: {e}", file=sys.stderr)
         return 3
-    ev = manifest["evaluation"]
-    result = {"version": manifest["version"], "latest": art.read_latest(args.index_root),
-              "num_vectors": manifest["num_vectors"], "shards": len(manifest["shards"]),
+    ev = manifest.evaluation
+    result = {"version": manifest.version, "latest": art.read_latest(args.index_root),
+              "num_vectors": manifest.num_vectors, "shards": manifest.num_shards,
               ev["metric"]: ev[ev["metric"]], "recall@1": ev["recall@1"],
               "threshold": ev["threshold"]}
     if args.json:

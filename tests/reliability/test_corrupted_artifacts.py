@@ -7,6 +7,8 @@ so every ScaNN file kind exists) built by the build_index Beam job.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -35,10 +37,9 @@ def two_versions(tmp_path_factory) -> str:
     run_build_index(snap, root, config, version=BAD)
     shutil.copytree(art.version_dir(root, BAD), art.version_dir(root, GOOD))
     manifest = art.read_manifest(root, BAD)
-    manifest["version"] = GOOD
-    art.write_manifest(root, GOOD, manifest)
+    art.write_manifest(root, GOOD, dataclasses.replace(manifest, version=GOOD))
     art.write_latest(root, GOOD)
-    assert {e["kind"] for e in manifest["shards"]} == {"scann_tree_ah"}
+    assert {e.kind for e in manifest.shards} == {"scann_tree_ah"}
     return root
 
 
@@ -48,10 +49,9 @@ def _shard_dir(root: str, shard: int = 1) -> str:
 
 def _rechecksum(root: str) -> None:
     manifest = art.read_manifest(root, BAD)
-    for entry in manifest["shards"]:
-        entry["files"] = art.local_dir_checksums(
-            os.path.join(art.version_dir(root, BAD), entry["path"]))
-    art.write_manifest(root, BAD, manifest)
+    shards = [dataclasses.replace(entry, files=[art.ShardFile(**f) for f in art.local_dir_checksums(
+        os.path.join(art.version_dir(root, BAD), entry.path))]) for entry in manifest.shards]
+    art.write_manifest(root, BAD, dataclasses.replace(manifest, shards=shards))
 
 
 def _flip(path: str) -> None:

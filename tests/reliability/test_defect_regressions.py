@@ -4,6 +4,8 @@ Each failed before its fix; see the commit that names the defect.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import http.server
 import json
 import os
@@ -26,7 +28,8 @@ from pipelines.embed.job import DeadLetterRateError, EmbedError, run_embed
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.embed.manifest import read_rows
 from pipelines.core.names import InvalidNameError, check_segment
-from pipelines.orchestration.steps import OrchestrationError, RunPlan
+from pipelines.orchestration.errors import OrchestrationError
+from pipelines.orchestration.plan import PLAN_FORMAT, RunPlan
 from test_index_build import clustered_vectors, make_config, write_snapshot
 from pipelines.index.build import run_build_index
 
@@ -91,7 +94,8 @@ def test_defect1_one_name_rule_for_snapshots_versions_latest_and_plans(tmp_path)
         with pytest.raises(art.IndexArtifactError):
             art.version_dir(str(tmp_path), bad)
         with pytest.raises(OrchestrationError):
-            RunPlan.from_dict({"kind": "refresh", "run_id": bad, "manifests": ["m.csv"],
+            RunPlan.from_dict({"format": PLAN_FORMAT, "kind": "refresh", "run_id": bad,
+                               "manifests": ["m.csv"],
                                "embeddings_root": "e", "index_root": "i", "config_file": None})
     assert not (tmp_path / "LATEST").exists()
     (tmp_path / "LATEST").write_text("..\n")
@@ -137,7 +141,7 @@ def test_defect2_fraction_above_threshold_fails_and_keeps_latest(embed_config, t
     out = str(tmp_path / "emb")
     ok = run_embed([manifest], out,
                    embed_config.replace(embed={"max_dead_letter_fraction": 0.8}), run_id="r1")
-    assert ok["embedded"] == 1
+    assert ok.embedded == 1
     with pytest.raises(DeadLetterRateError, match=r"0\.750 is above the maximum 0\.5.*"
                                                    r"fetch/not_found 3"):
         run_embed([manifest], out, embed_config, run_id="r2")
@@ -157,10 +161,9 @@ def test_defect2_threshold_flag_is_checked(tmp_path, capsys):
 def _rechecksum(root: str, version: str) -> None:
     """Recompute every checksum of a version after tampering (what an attacker would do)."""
     manifest = art.read_manifest(root, version)
-    for entry in manifest["shards"]:
-        entry["files"] = art.local_dir_checksums(
-            os.path.join(art.version_dir(root, version), entry["path"]))
-    art.write_manifest(root, version, manifest)
+    shards = [dataclasses.replace(entry, files=[art.ShardFile(**f) for f in art.local_dir_checksums(
+        os.path.join(art.version_dir(root, version), entry.path))]) for entry in manifest.shards]
+    art.write_manifest(root, version, dataclasses.replace(manifest, shards=shards))
 
 
 def test_defect3_zeroed_vectors_with_recomputed_checksums_are_refused(built_index, tmp_path):
@@ -177,8 +180,8 @@ def test_defect3_zeroed_vectors_with_recomputed_checksums_are_refused(built_inde
 def test_defect3_row_count_mismatch_is_refused(built_index, tmp_path):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     manifest = art.read_manifest(root, "v0001")
-    manifest["num_vectors"] += 5
-    art.write_manifest(root, "v0001", manifest)
+    art.write_manifest(root, "v0001",
+                       dataclasses.replace(manifest, num_vectors=manifest.num_vectors + 5))
     with pytest.raises(art.IndexIntegrityError, match="num_vectors"):
         art.open_index(root)
 
@@ -282,7 +285,7 @@ def test_defect9_file_uri_roots_for_index_and_embeddings(built_index, tmp_path, 
     snap = write_snapshot(str(tmp_path / "snap"), clustered_vectors(40, 16, seed=5))
     manifest = run_build_index("file://" + snap, "file://" + root, make_config(shards=1),
                                version="v0002")
-    assert manifest["num_vectors"] == 40 and art.read_latest(root) == "v0002"
+    assert manifest.num_vectors == 40 and art.read_latest(root) == "v0002"
 
 
 # ------------------------------------------------------------------ defect 11: index-info, types
@@ -303,8 +306,7 @@ def test_defect11_index_info_verify_reports_corrupted_versions(built_index, tmp_
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     shutil.copytree(art.version_dir(root, "v0001"), art.version_dir(root, "v0002"))
     manifest = art.read_manifest(root, "v0001")
-    manifest["version"] = "v0002"
-    art.write_manifest(root, "v0002", manifest)
+    art.write_manifest(root, "v0002", dataclasses.replace(manifest, version="v0002"))
     rows = os.path.join(art.version_dir(root, "v0002"), "shards", art.shard_name(0, 2),
                         "rows.parquet")
     with open(rows, "r+b") as fh:

@@ -34,12 +34,12 @@ def test_every_hostile_row_is_embedded_or_dead_lettered_with_its_reason(embed_co
     assert time.time() - started < 240  # nothing hangs (FIFO, device, closed port)
 
     expected = collections.Counter(k.expected for k in kinds)
-    assert s["input_rows"] == len(kinds)
-    assert s["input_rows"] == s["embedded"] + s["reused"] + s["dead_lettered"]
-    assert s["embedded"] == expected[EMBEDDED]
-    assert s["dead_letter_reasons"] == {k: v for k, v in expected.items() if k != EMBEDDED}
+    assert s.input_rows == len(kinds)
+    assert s.input_rows == s.embedded + s.reused + s.dead_lettered
+    assert s.embedded == expected[EMBEDDED]
+    assert s.dead_letter_reasons == {k: v for k, v in expected.items() if k != EMBEDDED}
 
-    dead = {d["source"]: d for d in snapshot.read_dead_letters(s["snapshot"])}
+    dead = {d["source"]: d for d in snapshot.read_dead_letters(s.snapshot)}
     wrong = []
     for k in kinds:
         if k.expected == EMBEDDED:
@@ -52,14 +52,14 @@ def test_every_hostile_row_is_embedded_or_dead_lettered_with_its_reason(embed_co
             wrong.append((k.kind, "a message", "empty message", None))
     assert not wrong, wrong
 
-    table = snapshot.load(s["snapshot"]).table
+    table = snapshot.load(s.snapshot).table
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == sorted(k.image_id for k in kinds if k.expected == EMBEDDED)
-    vectors = snapshot.load(s["snapshot"]).vectors()
+    vectors = snapshot.load(s.snapshot).vectors()
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     for text in table.column("metadata").to_pylist():
         assert "b'" not in text  # nothing stringified from bytes
-    assert snapshot.latest(out) == s["snapshot"]
+    assert snapshot.latest(out) == s.snapshot
 
 
 def test_default_guard_fails_the_hostile_catalog_and_moves_nothing(embed_config, tmp_path):
@@ -97,7 +97,7 @@ def test_each_bad_manifest_fails_fast_with_a_clear_message(embed_config, tmp_pat
         started = time.time()
         try:
             s = run_embed([b.uri], str(out), config, run_id=f"run-{b.kind}")
-            outcome = "ok" if s["embedded"] == 1 else f"ran: {s['dead_letter_reasons']}"
+            outcome = "ok" if s.embedded == 1 else f"ran: {s.dead_letter_reasons}"
         except EmbedError as e:
             outcome = str(e)
         elapsed = time.time() - started

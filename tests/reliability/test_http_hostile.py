@@ -10,6 +10,7 @@ it), a manifest naming an untrusted model, and refused versions retried after re
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -69,7 +70,8 @@ def hostile_http_index(hostile_http_world, tmp_path_factory):
                              pa.array(uris, pa.string()))
     snap_dir = str(root / "snapshot")
     snapshot.write_table(snap_dir, table)
-    fs.write_json(fs.join(snap_dir, snapshot.SUMMARY_FILE), dict(snap.summary, run_id="hostile"))
+    snapshot.write_summary(snap_dir, dataclasses.replace(snap.summary, run_id="hostile",
+                                                         snapshot=snap_dir))
     index_root = str(root / "index")
     build_index(snap_dir, index_root, world.config, version="h0001")
     return index_root
@@ -232,7 +234,8 @@ def test_defect_7_reload_needs_the_admin_token(hostile_http_client):
 
 def test_defect_7_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
                                                       tmp_path):
-    from pipelines.orchestration.steps import StepError, hand_off
+    from pipelines.orchestration.errors import StepError
+    from pipelines.orchestration.handoff import hand_off
     from serving.auth import AdminTokenError, admin_token_from_env
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")

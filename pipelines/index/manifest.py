@@ -1,0 +1,202 @@
+"""The index manifest (`<index_root>/versions/<version>/manifest.json`): the typed contract
+between build_index (writer) and the index reader, serving, evaluation, the orchestration
+and the benchmarks (readers).
+
+The JSON keys are the ones build_index always wrote; "format" (`FORMAT`) has been in every
+manifest since the first one, so a manifest without it, with another format, or with a
+required field missing or of the wrong type is refused (`ManifestFormatError`, an
+`IndexIntegrityError`, naming the field and the file). Keys this code does not know (a
+newer writer's additions) are kept in `extra` and written back unchanged.
+
+The consistency of the shard table (shard numbers, paths, file names, sums) is checked
+by `pipelines.index.artifact.check_manifest_structure` when a version is opened.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pipelines.core.contract import FORMAT_KEY, ContractError
+from pipelines.core.contract import field as read_field
+
+FORMAT = "catalog-search-index/1"
+STATUS_PASSED = "passed"
+STATUS_REJECTED = "rejected"
+
+
+class IndexArtifactError(ValueError):
+    """An index root, version or manifest is missing or does not follow the contract."""
+
+
+class IndexIntegrityError(IndexArtifactError):
+    """A shard file is missing or its sha256 / size differs from the manifest."""
+
+
+class ManifestFormatError(ContractError, IndexIntegrityError):
+    """manifest.json does not follow the index manifest contract."""
+
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def _get(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], source: str,
+         default: Any = _MISSING, nullable: bool = False) -> Any:
+    if default is _MISSING:
+        return read_field(d, name, kind, source, error=ManifestFormatError, nullable=nullable)
+    return read_field(d, name, kind, source, default, error=ManifestFormatError,
+                      nullable=nullable)
+
+
+def _extra(cls: type, d: Mapping[str, Any], *more: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)} | set(more)
+    return {k: v for k, v in d.items() if k not in known}
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a shard folder: its name relative to the folder, sha256 and size."""
+    name: str
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> "ShardFile":
+        if not isinstance(d, Mapping):
+            raise ManifestFormatError(f"invalid file entry {d!r}", source)
+        return cls(name=_get(d, "name", str, source), sha256=_get(d, "sha256", str, source),
+                   bytes=_get(d, "bytes", int, source))
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of an index version: where it lies, what it holds, how it is searched."""
+    shard: int
+    path: str                      # shards/shard-XXXXX-of-NNNNN, relative to the version
+    num_vectors: int
+    kind: str                      # scann_tree_ah | scann_brute_force | empty
+    files: list[ShardFile]
+    search: dict[str, Any] = field(default_factory=dict)  # leaves_to_search, reorder_multiplier
+    num_images: int | None = None
+    num_leaves: int | None = None
+    tuning: dict[str, Any] | None = None
+    build_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def leaves_to_search(self) -> int:
+        return int(self.search.get("leaves_to_search", -1))
+
+    @property
+    def reorder_multiplier(self) -> int:
+        return int(self.search.get("reorder_multiplier", 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shard": self.shard, "path": self.path,
+                               "num_vectors": self.num_vectors, "kind": self.kind,
+                               "files": [f.to_dict() for f in self.files],
+                               "search": self.search}
+        for name in ("num_images", "num_leaves", "tuning", "build_seconds"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> "ShardEntry":
+        if not isinstance(d, Mapping):
+            raise ManifestFormatError(f"shard entry is not an object: {d!r:.80}", source)
+        files = _get(d, "files", list, source)
+        return cls(shard=_get(d, "shard", int, source), path=_get(d, "path", str, source),
+                   num_vectors=_get(d, "num_vectors", int, source),
+                   kind=_get(d, "kind", str, source),
+                   files=[ShardFile.from_dict(f, f"{source} files[{i}]")
+                          for i, f in enumerate(files)],
+                   search=dict(_get(d, "search", dict, source, {}, nullable=True) or {}),
+                   num_images=_get(d, "num_images", int, source, None, nullable=True),
+                   num_leaves=_get(d, "num_leaves", int, source, None, nullable=True),
+                   tuning=_get(d, "tuning", dict, source, None, nullable=True),
+                   build_seconds=_get(d, "build_seconds", (int, float), source, None,
+                                      nullable=True),
+                   extra=_extra(cls, d))
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """An index version: model, vectors, shards, ScaNN settings, evaluation, provenance."""
+    version: str
+    status: str                    # passed | rejected
+    model: dict[str, Any]          # the snapshot's model record (ModelSpec + features)
+    dim: int
+    num_vectors: int
+    shards: list[ShardEntry]
+    created_at: str | None = None
+    distance: str = "dot_product"
+    num_images: int | None = None
+    num_products: int | None = None
+    views: list[str] = field(default_factory=list)
+    shard_assignment: str | None = None
+    scann: dict[str, Any] = field(default_factory=dict)
+    source_snapshot: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # recall@k, threshold, passed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str | None:
+        return self.model.get("model_id")
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == STATUS_PASSED
+
+    def recall(self, k: int) -> float | None:
+        """The gate's measured recall@k (None when not measured)."""
+        return self.evaluation.get(f"recall@{k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            FORMAT_KEY: FORMAT, "version": self.version, "status": self.status,
+            "created_at": self.created_at, "model": self.model, "dim": self.dim,
+            "distance": self.distance, "num_vectors": self.num_vectors,
+            "num_images": self.num_images, "num_products": self.num_products,
+            "views": self.views, "shard_assignment": self.shard_assignment,
+            "shards": [s.to_dict() for s in self.shards], "scann": self.scann,
+            "source_snapshot": self.source_snapshot, "build": self.build,
+            "evaluation": self.evaluation}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "index manifest") -> "IndexManifest":
+        """The manifest from its JSON form; ManifestFormatError names the field and `source`."""
+        if not isinstance(d, Mapping) or d.get(FORMAT_KEY) != FORMAT:
+            found = d.get(FORMAT_KEY) if isinstance(d, Mapping) else type(d).__name__
+            raise ManifestFormatError(f"not an index manifest of format {FORMAT} (found "
+                                      f"{found!r})", source, FORMAT_KEY)
+        if not isinstance(d.get("shards"), list) or not d["shards"]:
+            raise ManifestFormatError("the manifest has no shard table", source, "shards")
+        return cls(
+            version=_get(d, "version", str, source), status=_get(d, "status", str, source),
+            model=dict(_get(d, "model", dict, source)), dim=_get(d, "dim", int, source),
+            num_vectors=_get(d, "num_vectors", int, source),
+            shards=[ShardEntry.from_dict(s, f"{source} shards[{i}]")
+                    for i, s in enumerate(d["shards"])],
+            created_at=_get(d, "created_at", str, source, None, nullable=True),
+            distance=_get(d, "distance", str, source, "dot_product"),
+            num_images=_get(d, "num_images", int, source, None, nullable=True),
+            num_products=_get(d, "num_products", int, source, None, nullable=True),
+            views=list(_get(d, "views", list, source, [])),
+            shard_assignment=_get(d, "shard_assignment", str, source, None, nullable=True),
+            scann=dict(_get(d, "scann", dict, source, {})),
+            source_snapshot=dict(_get(d, "source_snapshot", dict, source, {})),
+            build=dict(_get(d, "build", dict, source, {})),
+            evaluation=dict(_get(d, "evaluation", dict, source, {}, nullable=True) or {}),
+            extra=_extra(cls, d, FORMAT_KEY))
