@@ -18,3 +18,15 @@ class Command:
 
 class UsageError(ValueError):
     """Bad command-line arguments: printed with the command name, exit code 2."""
+
+
+def check_uri_arg(what: str, uri: str | None) -> str:
+    """A URI command-line argument (`what`, e.g. "--index-root"), normalised; UsageError
+    when it is empty or no Beam filesystem serves its scheme (naming the pip extra)."""
+    from pipelines.core import filesystem as fs
+    if not uri or not uri.strip():
+        raise UsageError(f"{what} must not be empty")
+    try:
+        return fs.check_supported(uri, what)
+    except fs.UnsupportedUriError as e:
+        raise UsageError(str(e)) from e

@@ -37,7 +37,7 @@ from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.embed import snapshot
 from pipelines.embed.change_signal import SIGNAL_COLUMN, row_signal, unchanged
-from catalog_search.cli import Command, UsageError
+from pipelines.core.command import Command, UsageError, check_uri_arg
 from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.model.features import features_dict, is_plain, preprocess_feature_views
@@ -400,12 +400,10 @@ def check_failure_rate(summary: dict[str, Any], max_fraction: float) -> None:
 
 def check_roots(out_root: str, previous: str | None = None) -> None:
     """EmbedError when a root's URI scheme has no filesystem (naming the pip extra)."""
-    for what, uri in (("--out", out_root), ("--previous", previous)):
-        if uri is not None:
-            try:
-                fs.check_supported(uri, what)
-            except fs.UnsupportedUriError as e:
-                raise EmbedError(str(e)) from e
+    try:
+        fs.check_all_supported([("--out", out_root), ("--previous", previous)])
+    except fs.UnsupportedUriError as e:
+        raise EmbedError(str(e)) from e
 
 
 def run_embed(manifests: Sequence[str], out_root: str, config: Config,
@@ -506,9 +504,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
         log.error("%s", e)
         raise
     fs.write_json(fs.join(snapshot_dir, snapshot.SUMMARY_FILE), summary)  # complete from here on
-    current = snapshot.latest_run_id(out_root)
-    if current is None or run_id >= current:
-        snapshot.mark_latest(out_root, run_id)
+    snapshot.advance_latest(out_root, run_id)
     return summary
 
 
@@ -587,12 +583,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.previous not in (None, "latest"):
         roots.append(("--previous", args.previous))
     for what, uri in roots:
-        if not uri or not uri.strip():
-            raise UsageError(f"{what} must not be empty")
-        try:
-            fs.check_supported(uri, what)
-        except fs.UnsupportedUriError as e:
-            raise UsageError(str(e)) from e
+        check_uri_arg(what, uri)
     previous = args.previous
     try:
         if previous == "latest":

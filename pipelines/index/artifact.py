@@ -26,7 +26,6 @@ the manifest and loads the ScaNN searchers plus their row tables.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -37,16 +36,18 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
+from pipelines.core import latest as latest_pointer
 from pipelines.core.checksums import sha256_file
-from pipelines.core.command import Command, UsageError
+from pipelines.core.command import Command, check_uri_arg
 from pipelines.core.config import Config
+from pipelines.core.locks import root_lock
 from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ FORMAT = "catalog-search-index/1"
 VERSIONS_DIR = "versions"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
+LATEST_FILE = latest_pointer.LATEST_FILE
 REJECTED_FILE = "REJECTED"
 ROWS_FILE = "rows.parquet"
-LOCK_FILE = ".publish.lock"
+LOCK_FILE = latest_pointer.LOCK_FILE
 STATUS_PASSED = "passed"
 STATUS_REJECTED = "rejected"
 STATUS_INCOMPLETE = "incomplete"
@@ -230,20 +231,10 @@ def mark_rejected(index_root: str, version: str, reason: str) -> None:
 
 def read_latest(index_root: str) -> str | None:
     """The version name LATEST holds, or None when nothing has been published yet."""
-    pointer = fs.join(index_root, LATEST_FILE)
-    if not fs.exists(pointer):
-        return None
     try:
-        name = fs.read_bytes(pointer, max_bytes=4096).decode("utf-8").strip()
-    except ValueError as e:  # larger than any version name, or not UTF-8
-        raise IndexArtifactError(f"{pointer} is corrupted: it does not hold a version name "
-                                 f"({type(e).__name__})") from e
-    if not name:
-        return None
-    try:
-        return check_version_name(name, f"version name in {pointer}")
-    except IndexArtifactError as e:
-        raise IndexArtifactError(f"{pointer} is corrupted: {e}") from e
+        return latest_pointer.read(index_root, "version name", empty_ok=True)
+    except latest_pointer.LatestError as e:
+        raise IndexArtifactError(str(e)) from e
 
 
 def version_state(index_root: str, version: str) -> str:
@@ -295,26 +286,14 @@ def list_versions(index_root: str) -> list[VersionInfo]:
 
 # --------------------------------------------------------------------------- publish
 
-@contextlib.contextmanager
-def _publish_lock(index_root: str) -> Iterator[None]:
+def _publish_lock(index_root: str) -> ContextManager[None]:
     """Exclusive lock for publish + retention on local roots (no-op on object stores)."""
-    if not fs.is_local(index_root):
-        yield
-        return
-    import fcntl
-    root = index_root[len("file://"):] if index_root.startswith("file://") else index_root
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, LOCK_FILE), "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return root_lock(index_root, LOCK_FILE)
 
 
 def write_latest(index_root: str, version: str) -> None:
     """Point LATEST at a version, atomically. Use `publish_version`, which checks first."""
-    fs.write_bytes_atomic(fs.join(index_root, LATEST_FILE), (version + "\n").encode())
+    latest_pointer.write(index_root, check_version_name(version), "version name")
 
 
 def publish_version(index_root: str, version: str, retention: int | None = None,
@@ -443,7 +422,7 @@ class IndexVersion:
                     raise IndexIntegrityError(f"version {self.version} shard {entry['shard']}: "
                                               f"file {uri} is missing")
                 if fs.is_local(uri):
-                    size = os.path.getsize(_local_path(uri))
+                    size = os.path.getsize(fs.normalize(uri))
                     if size != f["bytes"]:
                         raise IndexIntegrityError(
                             f"version {self.version} shard {entry['shard']}: {uri} has "
@@ -493,7 +472,7 @@ class IndexVersion:
         """A local folder with the shard's files, checksums verified when `self.verify`."""
         files = entry["files"]
         if fs.is_local(base):
-            local = _local_path(base)
+            local = fs.normalize(base)
             for f in files:
                 path = os.path.join(local, f["name"])
                 if not os.path.exists(path):
@@ -560,10 +539,6 @@ def _check_file(version: str, shard: int, where: str, expected: dict[str, Any],
             f"version {version} shard {shard}: checksum mismatch for {where}: sha256 "
             f"{digest[:16]}… ({size} bytes), manifest says {expected['sha256'][:16]}… "
             f"({expected['bytes']} bytes); the file is corrupted or was modified")
-
-
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
 def open_index(index_root: str, version: str | None = None, verify: bool = True,
@@ -660,12 +635,7 @@ def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
 
 
 def _run_info(args: argparse.Namespace, config: Config) -> int:
-    if not args.index_root or not args.index_root.strip():
-        raise UsageError("--index-root must not be empty")
-    try:
-        root = fs.check_supported(args.index_root, "--index-root")
-    except fs.UnsupportedUriError as e:
-        raise UsageError(str(e)) from e
+    root = check_uri_arg("--index-root", args.index_root)
     if fs.is_local(root) and not os.path.isdir(root):
         print(f"catalog-search index-info: error: --index-root {args.index_root} is not a "
               "folder", file=sys.stderr)

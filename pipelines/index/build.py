@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import math
@@ -75,7 +74,7 @@ import pyarrow.parquet as pq
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.embed import snapshot as snap
-from pipelines.core.command import Command, UsageError
+from pipelines.core.command import Command, UsageError, check_uri_arg
 from pipelines.core.names import InvalidNameError, check_segment
 from pipelines.core.config import Config
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
@@ -339,8 +338,7 @@ def _batch_vectors(col: pa.ChunkedArray | pa.Array, dim: int
     n = len(col)
     present = ~col.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(col.type) and col.type.list_size == dim and present.all():
-        flat = col.flatten().to_numpy(zero_copy_only=False)
-        return np.asarray(flat, np.float32).reshape(n, dim), present, np.ones(n, bool)
+        return snap.embedding_matrix(col, dim), present, np.ones(n, bool)
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
     good_dim = present & (lengths == dim)
     out = np.zeros((n, dim), np.float32)
@@ -454,18 +452,6 @@ def _ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
-    fs.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
-def _read_parquet(uri: str) -> pa.Table:
-    if fs.is_local(uri):
-        return pq.read_table(art._local_path(uri))
-    return pq.read_table(io.BytesIO(fs.read_bytes(uri)))
-
-
 def _part_schema(dim: int) -> pa.Schema:
     return pa.schema([(c, pa.string()) for c in art.ROW_COLUMNS]
                      + [("embedding", pa.list_(pa.float32(), dim))])
@@ -525,29 +511,26 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
     for s, tables in sorted(by_shard.items()):
         part = pa.concat_tables(tables).cast(schema)
         uri = spec.part_uri(s, split.index)
-        _write_parquet(part, uri, compression="none")
+        fs.write_parquet(uri, part, compression="none")
         yield pvalue.TaggedOutput("part", (s, {"uri": uri, "rows": part.num_rows}))
     buckets: dict[int, list[str]] = {}
     for pid in products:
         buckets.setdefault(shard_for(pid, spec.num_shards), []).append(pid)
     for b, pids in sorted(buckets.items()):
         uri = spec.products_uri(b, split.index)
-        _write_parquet(pa.table({"product_id": sorted(pids)}), uri)
+        fs.write_parquet(uri, pa.table({"product_id": sorted(pids)}), compression="zstd")
         yield pvalue.TaggedOutput("products", (b, uri))
     yield pvalue.TaggedOutput("views", sorted(views))
 
 
 def _read_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:
     """A shard's staged rows sorted by (image_id, view), and their vectors."""
-    tables = [_read_parquet(p["uri"]) for p in sorted(parts, key=lambda p: p["uri"])]
+    tables = [fs.read_parquet(p["uri"]) for p in sorted(parts, key=lambda p: p["uri"])]
     table = pa.concat_tables(tables) if tables else _part_schema(dim).empty_table()
     if table.num_rows:
         table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending"),
                                                              ("view", "ascending")]))
-    col = table.column("embedding").combine_chunks()
-    n = table.num_rows
-    vectors = (np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32)
-               .reshape(n, dim) if n else np.zeros((0, dim), np.float32))
+    vectors = snap.embedding_matrix(table.column("embedding"), dim)
     return table.select(list(art.ROW_COLUMNS)), vectors
 
 
@@ -676,7 +659,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
     shard_uri = spec.shard_uri(shard)
     local_final = fs.is_local(shard_uri)
     fs.delete_tree(shard_uri)  # a retried bundle starts clean
-    local_dir = art._local_path(shard_uri) if local_final else tempfile.mkdtemp(
+    local_dir = fs.normalize(shard_uri) if local_final else tempfile.mkdtemp(
         prefix=f"catalog-shard-{shard:05d}-")
     os.makedirs(local_dir, exist_ok=True)
     try:
@@ -884,7 +867,7 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
              | "GroupProducts" >> beam.GroupByKey()
              | "CountProducts" >> beam.MapTuple(
                  lambda b, uris: len(pc.unique(pa.concat_tables(
-                     [_read_parquet(u) for u in uris]).column("product_id"))))
+                     [fs.read_parquet(u) for u in uris]).column("product_id"))))
              | "SumProducts" >> beam.CombineGlobally(sum)
              | "WriteProducts" >> beam.Map(write("products")))
 
@@ -913,7 +896,7 @@ def _fail_and_clean(spec: BuildSpec, created: list[str], message: str) -> IndexB
     fs.delete_tree(art.version_dir(spec.index_root, spec.version))
     for folder in created:  # innermost first
         if fs.is_local(folder) and not fs.list_children(folder):
-            shutil.rmtree(art._local_path(folder), ignore_errors=True)
+            shutil.rmtree(fs.normalize(folder), ignore_errors=True)
     return IndexBuildError(message)
 
 
@@ -932,11 +915,10 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
             art.check_version_name(version)
         except art.IndexArtifactError as e:
             raise IndexBuildError(str(e)) from e
-    for what, uri in (("embeddings", embeddings), ("index root", index_root)):
-        try:
-            fs.check_supported(uri, what)
-        except fs.UnsupportedUriError as e:
-            raise IndexBuildError(str(e)) from e
+    try:
+        fs.check_all_supported([("embeddings", embeddings), ("index root", index_root)])
+    except fs.UnsupportedUriError as e:
+        raise IndexBuildError(str(e)) from e
     embeddings, index_root = fs.normalize(embeddings), fs.normalize(index_root)
     spec, splits, summary = plan_build(embeddings, index_root, config, version)
     version = spec.version
@@ -1069,12 +1051,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         except InvalidNameError as e:
             raise UsageError(str(e)) from e
     for what, uri in (("--embeddings", args.embeddings), ("--index-root", args.index_root)):
-        if not uri or not uri.strip():
-            raise UsageError(f"{what} must not be empty")
-        try:
-            fs.check_supported(uri, what)
-        except fs.UnsupportedUriError as e:
-            raise UsageError(str(e)) from e
+        check_uri_arg(what, uri)
     try:
         manifest = run_build_index(args.embeddings, args.index_root, config,
                                    version=args.version)

@@ -30,8 +30,6 @@ so concurrent processes are safe) and returns the SavedModel directory:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -43,13 +41,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from pipelines.core.checksums import sha256_file
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
+from pipelines.core.locks import exclusive_lock
 from pipelines.model.onednn import onednn_status
 from pipelines.model.torch_checkpoint import load_state_dict
 
@@ -356,16 +355,6 @@ def _is_valid(path: str, fingerprint: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: str) -> Iterator[None]:
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def convert(weights_file: str, out_dir: str,
             lite: LiteVariant = VARIANTS[DEFAULT_VARIANT]) -> dict[str, Any]:
     """Convert the checkpoint into a SavedModel at `out_dir` (must not exist); returns its metadata."""
@@ -437,7 +426,7 @@ def ensure_saved_model(cache_dir: str, name: str = DEFAULT_VARIANT) -> str:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
         raise ConversionError(f"cannot create model cache directory {cache_dir}: {e}") from None
-    with _exclusive_lock(os.path.join(cache_dir, f".{entry}.lock")):
+    with exclusive_lock(os.path.join(cache_dir, f".{entry}.lock")):
         if _is_valid(final, fingerprint):
             return final
         if os.path.exists(final):
@@ -498,8 +487,7 @@ def export_saved_model(src: str, out: str) -> int:
     Local destinations are written to a sibling temp dir and renamed into place.
     """
     from pipelines.core import filesystem
-    if filesystem.is_local(out) and os.path.isfile(out[len("file://"):]
-                                                   if out.startswith("file://") else out):
+    if filesystem.is_local(out) and os.path.isfile(filesystem.normalize(out)):
         raise UsageError(f"--out {out} is an existing file, not a directory")
     if filesystem.list_children(out):
         raise UsageError(f"--out {out} already exists and is not empty")
@@ -508,8 +496,7 @@ def export_saved_model(src: str, out: str) -> int:
         dirs.sort()
         files += [os.path.relpath(os.path.join(root, n), src) for n in sorted(names)]
     if filesystem.is_local(out):
-        dest = out[len("file://"):] if out.startswith("file://") else out
-        dest = os.path.abspath(dest)
+        dest = os.path.abspath(filesystem.normalize(out))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-",
                                dir=os.path.dirname(dest))
