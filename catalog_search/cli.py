@@ -24,7 +24,7 @@ _COMMAND_MODULES = {
     "query": "serving.cli",
     "serve": "serving.cli",
     "evaluate": "serving.evaluate",
-    "model": "pipelines.model.efficientnet_lite",
+    "model": "pipelines.model.commands",
     "sample-catalog": "pipelines.embed.sample_catalog",
 }
 
