@@ -19,7 +19,7 @@ from pipelines.core.config import ConfigError, load_config
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
     "embed": "pipelines.embed.commands",
-    "build-index": "pipelines.index.build",
+    "build-index": "pipelines.index.commands",
     "index-info": "pipelines.index.artifact",
     "query": "serving.cli",
     "serve": "serving.cli",

@@ -15,8 +15,8 @@ from pipelines.index import artifact as art
 from pipelines.embed import snapshot
 from catalog_search.cli import main as cli_main
 from pipelines.core.config import Config, load_config
-from pipelines.index.build import (IndexBuildError, RecallGateError, run_build_index,
-                                   shard_for)
+from pipelines.index.build import IndexBuildError, RecallGateError, run_build_index
+from pipelines.index.build_plan import shard_for
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
 
 MODEL_ID = "testmodel@0123456789ab"
@@ -423,7 +423,8 @@ def test_bad_row_is_named_by_file_and_row(tmp_path):
 
 def test_gate_in_the_pipeline_equals_a_search_of_the_published_index(tmp_path):
     """The pipeline's merged Q x shards x k gate = searching the whole index in one process."""
-    from pipelines.index.build import TIE_EPSILON, sample_key
+    from pipelines.index.build_plan import sample_key
+    from pipelines.index.recall_gate import TIE_EPSILON
 
     vectors = clustered_vectors(3000, 32, seed=23, clusters=0)
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
