@@ -20,7 +20,7 @@ from pipelines.core.config import ConfigError, load_config
 _COMMAND_MODULES = {
     "embed": "pipelines.embed.commands",
     "build-index": "pipelines.index.commands",
-    "index-info": "pipelines.index.artifact",
+    "index-info": "pipelines.index.commands",
     "query": "serving.cli",
     "serve": "serving.cli",
     "evaluate": "serving.evaluate",

@@ -538,7 +538,7 @@ class CatalogSearcher:
         return embedder
 
     def _load(self, version: str) -> LoadedIndex:
-        from pipelines.index.artifact import open_index
+        from pipelines.index.reader import open_index
         try:
             artifact = open_index(self.index_root, version=version, verify=True,
                                   cache_dir=self._cache_dir(version))

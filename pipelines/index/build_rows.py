@@ -19,9 +19,8 @@ from pipelines.embed import snapshot as snap
 from pipelines.index import artifact as art
 
 from pipelines.index.build_plan import BuildSpec, Split, sample_key, shard_for
+from pipelines.index.reader import NORM_TOLERANCE
 
-# Allowed deviation of a vector's L2 norm from 1.
-NORM_TOLERANCE = 1e-3
 # Rows read per Arrow batch inside a split (bounds a worker's memory per batch).
 READ_BATCH_ROWS = 8192
 _EXAMPLES = 5

@@ -16,6 +16,7 @@ from pipelines.index import artifact as art
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
 
 from pipelines.index.build_plan import BuildSpec
+from pipelines.index.reader import IndexVersion
 
 # Score slack when deciding whether a returned neighbour ties with the k-th exact one.
 TIE_EPSILON = 1e-5
@@ -63,7 +64,7 @@ def gate_shard(report: dict[str, Any], spec: BuildSpec, sample: list[tuple]) -> 
         partial = {"format": art.FORMAT, "version": spec.version, "status": "building",
                    "model": spec.model, "dim": spec.dim, "distance": "dot_product",
                    "num_vectors": report["num_vectors"], "shards": [report]}
-        version = art.IndexVersion(spec.index_root, spec.version, partial, verify=True)
+        version = IndexVersion(spec.index_root, spec.version, partial, verify=True)
         loaded = version.load_shards([0])[0]
         k = min(spec.k, loaded.num_vectors)
         scores, rows = ShardedSearcher._search_shard(loaded, queries, k)
