@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.core import filesystem as fs
 from pipelines.core import latest
-from pipelines.core.command import UsageError, check_uri_arg
+from pipelines.core.command import UsageError, check_name_arg, check_uri_arg
 from pipelines.core.locks import exclusive_lock, root_lock
 from pipelines.core.names import InvalidNameError
 from pipelines.embed import snapshot
@@ -236,6 +236,14 @@ def test_check_uri_arg(tmp_path):
             check_uri_arg("--out", empty)
     with pytest.raises(UsageError, match="--out: .*unsupported URI scheme 'nope'"):
         check_uri_arg("--out", "nope://x")
+
+
+def test_check_name_arg():
+    assert check_name_arg("--run-id", None) is None
+    assert check_name_arg("--run-id", "20260101T000000Z") == "20260101T000000Z"
+    for bad in ("", "..", "a/b", "/abs", ".hidden", "x" * 129):
+        with pytest.raises(UsageError, match="--run-id"):
+            check_name_arg("--run-id", bad)
 
 
 def test_check_same_model():

@@ -30,3 +30,15 @@ def check_uri_arg(what: str, uri: str | None) -> str:
         return fs.check_supported(uri, what)
     except fs.UnsupportedUriError as e:
         raise UsageError(str(e)) from e
+
+
+def check_name_arg(what: str, value: str | None) -> str | None:
+    """A run id / version name argument (`what`, e.g. "--run-id") when it is None or a safe
+    single path segment (pipelines.core.names); else UsageError."""
+    from pipelines.core.names import InvalidNameError, check_segment
+    if value is None:
+        return None
+    try:
+        return check_segment(value, what)
+    except InvalidNameError as e:
+        raise UsageError(str(e)) from e

@@ -13,9 +13,8 @@ import logging
 import sys
 from typing import Any
 
-from pipelines.core.command import Command, UsageError, check_uri_arg
+from pipelines.core.command import Command, UsageError, check_name_arg, check_uri_arg
 from pipelines.core.config import Config
-from pipelines.core.names import InvalidNameError, check_segment
 from pipelines.embed import snapshot
 from pipelines.embed.job import DeadLetterRateError, EmbedError, run_embed
 from pipelines.embed.transforms import CARRIED, DEAD, DROPPED, EMBEDDED, REPLACED, REUSED
@@ -90,11 +89,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         overrides["embed"] = {"max_dead_letter_fraction": args.max_dead_letter_fraction}
     if overrides:
         config = config.replace(**overrides)
-    if args.run_id is not None:
-        try:
-            check_segment(args.run_id, "--run-id")
-        except InvalidNameError as e:
-            raise UsageError(str(e)) from e
+    check_name_arg("--run-id", args.run_id)
     roots = [("--out", args.out)]
     if args.previous not in (None, "latest"):
         roots.append(("--previous", args.previous))

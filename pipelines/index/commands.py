@@ -13,9 +13,9 @@ import sys
 from typing import Any
 
 from pipelines.core import filesystem as fs
-from pipelines.core.command import Command, UsageError, check_uri_arg
+from pipelines.core.command import Command, UsageError, check_name_arg, check_uri_arg
 from pipelines.core.config import Config
-from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
+from pipelines.core.names import is_safe_segment
 from pipelines.index import artifact as art
 from pipelines.index.artifact import (STATUS_INCOMPLETE, STATUS_PASSED, STATUS_REJECTED,
                                       IndexArtifactError, VersionInfo, manifest_uri,
@@ -48,11 +48,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         overrides["recall_threshold"] = args.recall_threshold
     if overrides:
         config = config.replace(index=overrides)
-    if args.version is not None:
-        try:
-            check_segment(args.version, "--version")
-        except InvalidNameError as e:
-            raise UsageError(str(e)) from e
+    check_name_arg("--version", args.version)
     for what, uri in (("--embeddings", args.embeddings), ("--index-root", args.index_root)):
         check_uri_arg(what, uri)
     try:
