@@ -69,7 +69,7 @@ from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.core.config import Config
 from pipelines.index.build_pipeline import _run_build_pipeline
-from pipelines.index.build_plan import BuildSpec, IndexBuildError, plan_build
+from pipelines.index.build_plan import BuildSpec, IndexBuildError, check_version, plan_build
 from pipelines.index.build_rows import _merge_error_summaries, describe_errors
 from pipelines.index.build_shard import MIN_TREE_AH_ROWS
 from pipelines.index.recall_gate import TIE_EPSILON, RecallGateError, merge_gate
@@ -114,10 +114,7 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     started = time.time()
     ix = config.index
     if version is not None:
-        try:
-            art.check_version_name(version)
-        except art.IndexArtifactError as e:
-            raise IndexBuildError(str(e)) from e
+        check_version(version)
     try:
         fs.check_all_supported([("embeddings", embeddings), ("index root", index_root)])
     except fs.UnsupportedUriError as e:

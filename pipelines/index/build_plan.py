@@ -29,6 +29,14 @@ class IndexBuildError(ValueError):
     """The snapshot or the build request is unusable; nothing was published."""
 
 
+def check_version(version: str) -> str:
+    """`version` when it can name a version folder, else IndexBuildError."""
+    try:
+        return art.check_version_name(version)
+    except art.IndexArtifactError as e:
+        raise IndexBuildError(str(e)) from e
+
+
 def shard_for(image_id: str, num_shards: int) -> int:
     """The shard of an image: sha256(image_id) mod num_shards (stable across runs/hosts)."""
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
@@ -208,10 +216,7 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
     run_id = str(summary.get("run_id") or os.path.basename(path.rstrip("/")))
     if version is None:
         version = art.new_version_name(salt=f"{path}|{run_id}")
-    try:
-        art.check_version_name(version)
-    except art.IndexArtifactError as e:
-        raise IndexBuildError(str(e)) from e
+    check_version(version)
     vdir = art.version_dir(index_root, version)
     if fs.list_children(vdir):
         raise IndexBuildError(f"index version {version} already exists at {vdir}; versions "

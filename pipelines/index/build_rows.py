@@ -47,8 +47,7 @@ def _batch_vectors(col: pa.ChunkedArray | pa.Array, dim: int
     idx = np.flatnonzero(good_dim)
     if len(idx):
         sub = col.take(pa.array(idx))
-        out[idx] = np.asarray(pc.list_flatten(sub).to_numpy(zero_copy_only=False),
-                              np.float32).reshape(len(idx), dim)
+        out[idx] = snap.embedding_matrix(sub, dim)
     return out, present, good_dim
 
 
