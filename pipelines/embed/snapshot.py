@@ -4,6 +4,7 @@
     <embeddings_root>/<run_id>/dead_letter-SSSSS-of-NNNNN.jsonl
     <embeddings_root>/<run_id>/summary.json     written last: a snapshot without it is incomplete
     <embeddings_root>/LATEST                    the newest complete run_id, written atomically
+                                                under the root's lock (pipelines.core.latest)
 
 Embedding rows: image_id, product_id, image_uri, content_sha256, model_id, view,
 embedding (fixed-size list of float32, L2-normalised), metadata (JSON object as text).
