@@ -37,7 +37,7 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pipelines.index import artifact as art  # noqa: E402
+from pipelines.index import reader  # noqa: E402
 from pipelines.embed import snapshot  # noqa: E402
 from pipelines.core.config import load_config  # noqa: E402
 from pipelines.index.build import run_build_index  # noqa: E402
@@ -255,7 +255,7 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         t = time.time()
         manifest = run_build_index(snap_path, root, config)
         build_s = time.time() - t
-        searcher = ShardedSearcher(art.open_index(root).load_shards())
+        searcher = ShardedSearcher(reader.open_index(root).load_shards())
         image_row = np.array([int(i[3:]) for i in searcher.image_ids] + [-1])  # row -1 -> -1
         entry = {
             "build_wall_seconds": round(build_s, 1),

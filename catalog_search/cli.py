@@ -18,13 +18,13 @@ from pipelines.core.config import ConfigError, load_config
 
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
-    "embed": "pipelines.embed.job",
-    "build-index": "pipelines.index.build",
-    "index-info": "pipelines.index.artifact",
+    "embed": "pipelines.embed.commands",
+    "build-index": "pipelines.index.commands",
+    "index-info": "pipelines.index.commands",
     "query": "serving.cli",
     "serve": "serving.cli",
     "evaluate": "serving.evaluate",
-    "model": "pipelines.model.efficientnet_lite",
+    "model": "pipelines.model.commands",
     "sample-catalog": "pipelines.embed.sample_catalog",
 }
 

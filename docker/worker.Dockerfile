@@ -29,7 +29,7 @@ COPY pipelines/ pipelines/
 COPY serving/ serving/
 COPY catalog_search/ catalog_search/
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import apache_beam, pipelines.embed.job; print('beam', apache_beam.__version__)"
+    && python -c "import apache_beam, pipelines.embed.transforms, pipelines.index.build_pipeline; print('beam', apache_beam.__version__)"
 
 # The builtin model, converted once at build time into the cache the workers use
 # (pipelines/model/inference.py prefers $CATALOG_SEARCH_CACHE on a worker).

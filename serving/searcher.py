@@ -118,10 +118,10 @@ def _normalise_handle(handle: str) -> str:
     handle = handle.strip()
     if handle.startswith("builtin:"):
         return handle
-    if "://" in handle and not handle.startswith("file://"):
+    from pipelines.core import filesystem as fs
+    if not fs.is_local(handle):
         return handle.rstrip("/")
-    local = handle[len("file://"):] if handle.startswith("file://") else handle
-    return os.path.realpath(os.path.abspath(os.path.expanduser(local)))
+    return os.path.realpath(os.path.abspath(os.path.expanduser(fs.normalize(handle))))
 
 
 def check_model_allowed(handle: Any, config: Config) -> str:
@@ -151,7 +151,8 @@ class QueryEmbedder:
     """Photo bytes -> embedding, with the index's model and the pipeline's decode/preprocess."""
 
     def __init__(self, model: Mapping[str, Any], config: Config):
-        from pipelines.model.resolve import Embedder, ModelSpec, resolve_model
+        from pipelines.model.resolve import (Embedder, ModelError, ModelSpec, check_same_model,
+                                             resolve_model)
         if not isinstance(model, Mapping):
             raise IndexLoadError("the index manifest has no model object")
         check_model_allowed(model.get("handle"), config)
@@ -165,11 +166,10 @@ class QueryEmbedder:
         except Exception as e:  # ModelError, conversion errors, missing directories
             raise IndexLoadError(f"model {recorded.handle!r} of the index cannot be resolved "
                                  f"here: {e}") from e
-        if spec.fingerprint != recorded.fingerprint:
-            raise IndexLoadError(
-                f"model {recorded.handle!r} resolves to fingerprint {spec.fingerprint[:12]} here "
-                f"but the index was built with {recorded.fingerprint[:12]}: query embeddings "
-                f"would not match the catalog's")
+        try:
+            check_same_model(spec, recorded, "here", "the index was built with")
+        except ModelError as e:
+            raise IndexLoadError(f"{e}: query embeddings would not match the catalog's") from e
         self.spec = spec
         self.config = config
         # Feature variants (zoom levels, flip) the catalog was embedded with: from the index
@@ -538,7 +538,7 @@ class CatalogSearcher:
         return embedder
 
     def _load(self, version: str) -> LoadedIndex:
-        from pipelines.index.artifact import open_index
+        from pipelines.index.reader import open_index
         try:
             artifact = open_index(self.index_root, version=version, verify=True,
                                   cache_dir=self._cache_dir(version))

@@ -19,6 +19,8 @@ from pipelines.embed.job import run_embed
 from pipelines.embed.sample_catalog import write_catalog
 from pipelines.embed.summary import SUMMARY_FORMAT, SnapshotSummary, SummaryError
 from pipelines.index import artifact as art
+from pipelines.index import reader
+from pipelines.index.commands import info_report
 from pipelines.index.build import run_build_index
 from pipelines.index.manifest import (FORMAT, IndexArtifactError, IndexIntegrityError,
                                       IndexManifest, ManifestFormatError, ShardEntry)
@@ -169,9 +171,9 @@ def test_a_malformed_manifest_on_disk_is_refused_by_the_reader(pipeline_files, t
     fs.write_json(path, raw)
     with pytest.raises(IndexArtifactError, match=f"{path} shards\\[0\\]: field 'num_vectors': "
                                                  "expected int"):
-        art.open_index(root)
+        reader.open_index(root)
     assert art.version_state(root, "v1") == art.STATUS_INCOMPLETE
-    assert art.info_report(root)["versions"][0]["state"] == "corrupted"
+    assert info_report(root)["versions"][0]["state"] == "corrupted"
 
 
 def test_shard_entry_round_trip_and_search_budget():

@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
+from pipelines.index import reader
 from catalog_search.cli import main as cli_main
 from pipelines.index.build import run_build_index
 from pipelines.index.sharded_search import ShardedSearcher
@@ -49,22 +50,22 @@ def test_corrupted_shard_file_is_detected(built, tmp_path):
     data = bytearray(open(path, "rb").read())
     data[-5] ^= 0xFF  # same size, one flipped byte
     open(path, "wb").write(bytes(data))
-    opened = art.open_index(root)  # sizes match: opening succeeds
+    opened = reader.open_index(root)  # sizes match: opening succeeds
     with pytest.raises(art.IndexIntegrityError, match="checksum mismatch.*shard-00001-of-00002"):
         opened.load_shards()
     assert [s.shard for s in opened.load_shards([0])] == [0]  # the good shard still loads
-    assert art.open_index(root, verify=False).load_shards([1])[0].num_vectors > 0
+    assert reader.open_index(root, verify=False).load_shards([1])[0].num_vectors > 0
 
     open(path, "ab").write(b"extra")
     with pytest.raises(art.IndexIntegrityError, match="bytes, manifest says"):
-        art.open_index(root)
+        reader.open_index(root)
     os.unlink(path)
     with pytest.raises(art.IndexIntegrityError, match="is missing"):
-        art.open_index(root)
+        reader.open_index(root)
 
 
 def test_load_a_subset_of_shards(built):
-    opened = art.open_index(built)
+    opened = reader.open_index(built)
     assert opened.version == "v0001" and opened.num_shards == 2
     one = opened.load_shards([1])
     assert [s.shard for s in one] == [1]
@@ -116,7 +117,7 @@ def test_retention_keeps_newest_and_never_latest(built, tmp_path):
         "v0002", "v0003", "v0004", "v0005", "v0006"]
     assert art.publish_version(root, "v0004", retention=1) is True
     assert [v.version for v in art.list_versions(root)] == ["v0004", "v0005", "v0006"]
-    assert art.open_index(root).version == "v0004"
+    assert reader.open_index(root).version == "v0004"
     with pytest.raises(art.IndexArtifactError, match="at least 1"):
         art.apply_retention(root, keep=0)
 
@@ -167,7 +168,7 @@ def test_concurrent_publishers_never_expose_an_incomplete_version(built, tmp_pat
         except Exception as e:  # pragma: no cover - reported below
             errors.append(f"publisher {prefix}: {e!r}")
 
-    def reader() -> None:
+    def watcher() -> None:
         while not stop.is_set():
             latest = art.read_latest(root)
             try:
@@ -180,7 +181,7 @@ def test_concurrent_publishers_never_expose_an_incomplete_version(built, tmp_pat
                     errors.append(f"LATEST={latest}: {e!r}")
 
     threads = [threading.Thread(target=publisher, args=(p,)) for p in "ab"]
-    reading = threading.Thread(target=reader)
+    reading = threading.Thread(target=watcher)
     reading.start()
     for t in threads:
         t.start()
@@ -190,7 +191,7 @@ def test_concurrent_publishers_never_expose_an_incomplete_version(built, tmp_pat
     reading.join()
     assert errors == []
     assert art.read_latest(root) == "v1014b"  # the newest name wins, whatever the timing
-    assert art.open_index(root).load_shards()[0].num_vectors > 0
+    assert reader.open_index(root).load_shards()[0].num_vectors > 0
 
 
 def test_version_names_sort_by_time_and_are_checked():
@@ -207,7 +208,7 @@ def test_version_names_sort_by_time_and_are_checked():
 
 def test_open_without_latest_names_the_problem(tmp_path):
     with pytest.raises(art.IndexArtifactError, match="no published index"):
-        art.open_index(str(tmp_path))
+        reader.open_index(str(tmp_path))
     assert art.read_latest(str(tmp_path)) is None
     assert art.list_versions(str(tmp_path)) == []
 

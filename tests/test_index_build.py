@@ -12,12 +12,13 @@ import pytest
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
+from pipelines.index import reader
 from pipelines.embed import snapshot
 from pipelines.embed.summary import SnapshotSummary
 from catalog_search.cli import main as cli_main
 from pipelines.core.config import Config, load_config
-from pipelines.index.build import (IndexBuildError, RecallGateError, run_build_index,
-                                   shard_for)
+from pipelines.index.build import IndexBuildError, RecallGateError, run_build_index
+from pipelines.index.build_plan import shard_for
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
 
 MODEL_ID = "testmodel@0123456789ab"
@@ -120,7 +121,7 @@ def test_sharded_brute_force_equals_exact_search(tmp_path):
     moved = str(tmp_path / "moved")
     shutil.copytree(root, moved)
     shutil.rmtree(root)
-    opened = art.open_index(moved)
+    opened = reader.open_index(moved)
     shards = opened.load_shards()
     for sh in shards:
         assert not os.path.exists(os.path.join(sh.local_dir, "scann_docids.pkl"))
@@ -150,7 +151,7 @@ def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
         assert 1 <= s.search["leaves_to_search"] <= s.num_leaves
         assert s.tuning["shard_recall"] >= 0.98
         assert {"ah_codebook.pb", "hashed_dataset.npy"} <= {f.name for f in s.files}
-    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    searcher = ShardedSearcher(reader.open_index(root).load_shards())
     queries = vectors[:50]
     _, rows = searcher.search(queries, 5)
     # An approximate index tuned to 0.98 recall may miss a vector's own row now and then
@@ -176,7 +177,7 @@ def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
     assert e.measured < 0.95 and e.threshold == 0.95
     assert f"{e.measured:.4f}" in str(e) and "0.9500" in str(e) and "recall@10" in str(e)
     assert art.read_latest(root) == first
-    assert art.open_index(root).version == first
+    assert reader.open_index(root).version == first
     states = {v.version: v.state for v in art.list_versions(root)}
     assert states == {first: "passed", "v-poor": "rejected"}
     rejected_dir = art.version_dir(root, "v-poor")
@@ -185,9 +186,9 @@ def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
     assert manifest.evaluation["passed"] is False
     assert manifest.evaluation["recall@10"] == pytest.approx(e.measured)
     with pytest.raises(art.IndexArtifactError, match="not servable"):
-        art.open_index(root, "v-poor")
+        reader.open_index(root, "v-poor")
     # still there for inspection
-    inspected = art.open_index(root, "v-poor", allow_unpublished=True).load_shards()
+    inspected = reader.open_index(root, "v-poor", allow_unpublished=True).load_shards()
     assert inspected[0].num_vectors == 3000
     with pytest.raises(art.IndexArtifactError, match="only passed versions publish"):
         art.publish_version(root, "v-poor")
@@ -206,7 +207,7 @@ def test_crash_between_version_and_latest_keeps_previous_version(tmp_path, monke
         run_build_index(snap_path, root, make_config(), version="v0002")
     monkeypatch.undo()
     assert art.read_latest(root) == first
-    assert art.open_index(root).version == "v0001"
+    assert reader.open_index(root).version == "v0001"
     assert {v.version: v.is_latest for v in art.list_versions(root)} == {
         "v0001": True, "v0002": False}
 
@@ -222,7 +223,7 @@ def test_views_are_separate_rows_of_one_image(tmp_path):
     manifest = run_build_index(snap_path, root, make_config(shards=2))
     assert manifest.num_vectors == 200 and manifest.num_images == 100
     assert manifest.views == ["hflip", "original"]
-    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    searcher = ShardedSearcher(reader.open_index(root).load_shards())
     _, rows = searcher.search(views[:5], 1)
     assert [(searcher.image_ids[r[0]], searcher.views[r[0]]) for r in rows] == [
         (f"img{i:06d}", "hflip") for i in range(5)]
@@ -238,7 +239,7 @@ def test_empty_shard_is_recorded_and_skipped(tmp_path):
     empty = manifest.shards[3]
     assert empty.kind == "empty" and empty.num_vectors == 0
     assert [f.name for f in empty.files] == ["rows.parquet"]
-    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    searcher = ShardedSearcher(reader.open_index(root).load_shards())
     scores, rows = searcher.search(vectors, 20)  # k larger than the index: k' = 12
     assert rows.shape == (12, 12) and (rows >= 0).all()
     assert [searcher.image_ids[r[0]] for r in rows] == ids
@@ -407,7 +408,7 @@ def test_shards_are_built_by_workers_from_parquet_splits(tmp_path, monkeypatch):
     assert manifest.evaluation["recall@10"] == 1.0
     assert manifest.evaluation["self_found"] == 1.0
     assert not os.path.exists(os.path.join(art.version_dir(root, manifest.version), "_build"))
-    shards = art.open_index(root).load_shards()
+    shards = reader.open_index(root).load_shards()
     got = sorted(i for sh in shards for i in sh.rows.column("image_id").to_pylist())
     assert got == [f"img{i:06d}" for i in range(900)]
     for sh in shards:
@@ -431,7 +432,8 @@ def test_bad_row_is_named_by_file_and_row(tmp_path):
 
 def test_gate_in_the_pipeline_equals_a_search_of_the_published_index(tmp_path):
     """The pipeline's merged Q x shards x k gate = searching the whole index in one process."""
-    from pipelines.index.build import TIE_EPSILON, sample_key
+    from pipelines.index.build_plan import sample_key
+    from pipelines.index.recall_gate import TIE_EPSILON
 
     vectors = clustered_vectors(3000, 32, seed=23, clusters=0)
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
@@ -443,7 +445,7 @@ def test_gate_in_the_pipeline_equals_a_search_of_the_published_index(tmp_path):
     ids = [f"img{i:06d}" for i in range(3000)]
     sample = sorted(range(3000), key=lambda i: sample_key(0, ids[i], "original"))[:150]
     queries = vectors[sample]
-    searcher = ShardedSearcher(art.open_index(root).load_shards())
+    searcher = ShardedSearcher(reader.open_index(root).load_shards())
     _, rows = searcher.search(queries, 10)
     exact, _ = search_exact(vectors, queries, 10)
     found_vecs = vectors[[int(searcher.image_ids[r][3:]) for r in rows.reshape(-1)]]

@@ -156,7 +156,7 @@ def test_keras_export_and_feature_map_output(tmp_path):
 
 def test_remote_saved_model_via_beam_filesystems(tiny96, tmp_path, monkeypatch):
     from pipelines.core import filesystem
-    from pipelines.model.efficientnet_lite import export_saved_model
+    from pipelines.model.commands import export_saved_model
     path, module = tiny96
     import tempfile
     os.makedirs(tmp_path / "tmp")

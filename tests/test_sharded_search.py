@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.index import artifact as art
+from pipelines.index import reader
 from pipelines.index.build import run_build_index
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
 from test_index_build import clustered_vectors, make_config, write_snapshot
@@ -37,7 +37,7 @@ def brute_force_index(tmp_path_factory):
     snap = write_snapshot(str(base / "snap"), vectors)
     root = str(base / "index")
     run_build_index(snap, root, make_config(shards=3), version="v1")
-    return vectors, ShardedSearcher(art.open_index(root).load_shards())
+    return vectors, ShardedSearcher(reader.open_index(root).load_shards())
 
 
 def test_merged_top_k_equals_global_exact_search(brute_force_index):
@@ -94,7 +94,7 @@ def test_fewer_neighbours_than_k_are_padded(tmp_path):
     run_build_index(snap, root, make_config(brute_force_below=0, tune_recall_target=None,
                                             leaves_to_search_fraction=0.01,
                                             recall_threshold=0.0), version="v1")
-    shards = art.open_index(root).load_shards()
+    shards = reader.open_index(root).load_shards()
     assert shards[0].kind == "scann_tree_ah" and shards[0].leaves_to_search == 1
     searcher = ShardedSearcher(shards)
     scores, rows = searcher.search(vectors[:4], 100)
@@ -119,7 +119,7 @@ def test_concurrent_search_returns_the_same_hits_as_sequential(tmp_path):
                                                        tune_recall_target=0.9,
                                                        recall_threshold=0.0))
     assert {s.kind for s in manifest.shards} == {"scann_tree_ah"}
-    shards = art.open_index(root).load_shards()
+    shards = reader.open_index(root).load_shards()
     queries = clustered_vectors(64, 32, seed=34, clusters=0)
     for subset in (shards, [shards[0], shards[2]]):  # all shards, and a per-host subset
         concurrent = ShardedSearcher(subset)

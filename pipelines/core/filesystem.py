@@ -9,10 +9,13 @@ import json
 import os
 import urllib.parse
 import uuid
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 #: Schemes Beam serves only with an optional extra installed: scheme -> pip requirement.
@@ -40,10 +43,12 @@ class UnsupportedUriError(ValueError):
 
 
 def normalize(uri: str) -> str:
-    """`file://` URIs become plain local paths (`file:///a%20b` -> `/a b`); others as given.
+    """`file://` URIs become plain local paths (`file:///a%20b` -> `/a b`,
+    `file://localhost/a` -> `/a`); others (plain paths, gs://, ...) as given.
 
-    Beam's local filesystem does not understand the file:// prefix, so every helper
-    here (and the fetch/manifest readers) normalises first.
+    The one place the file:// prefix is stripped: Beam's local filesystem does not
+    understand it, so every helper here (and the fetch/manifest readers) normalises
+    first, and code that opens a local URI with `open`/`os` calls this for the path.
     """
     if uri.startswith("file://"):
         rest = uri[len("file://"):]
@@ -75,7 +80,15 @@ def check_supported(uri: str, what: str | None = None) -> str:
     return uri
 
 
+def check_all_supported(named: Iterable[tuple[str, str | None]]) -> None:
+    """`check_supported` for each (what, uri) pair whose uri is not None."""
+    for what, uri in named:
+        if uri is not None:
+            check_supported(uri, what)
+
+
 def is_local(uri: str) -> bool:
+    """A plain path or a file:// URI (`normalize` gives its path); not gs://, http://, ..."""
     return "://" not in uri or uri.startswith("file://")
 
 
@@ -145,6 +158,35 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 def write_json(uri: str, obj: Any, atomic: bool = True) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
     (write_bytes_atomic if atomic else write_bytes)(uri, data)
+
+
+def parquet_to_bytes(table: "pa.Table", compression: str = "snappy") -> bytes:
+    """A table as the bytes of one Parquet file (pyarrow's default compression unless told)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_from_bytes(data: bytes) -> "pa.Table":
+    """The table of one Parquet file held in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    return pq.read_table(pa.BufferReader(data))
+
+
+def write_parquet(uri: str, table: "pa.Table", compression: str = "snappy") -> None:
+    """Write a table as one Parquet file (not atomic: see write_bytes)."""
+    write_bytes(uri, parquet_to_bytes(table, compression))
+
+
+def read_parquet(uri: str) -> "pa.Table":
+    """A whole Parquet file: local files are read in place, others through read_bytes."""
+    if is_local(uri):
+        import pyarrow.parquet as pq
+        return pq.read_table(check_supported(uri))
+    return parquet_from_bytes(read_bytes(uri))
 
 
 def match(pattern: str) -> list[str]:

@@ -131,9 +131,8 @@ def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
                 f"a JSON line must be an object, got {type(record).__name__} "
                 "(the manifest format is JSON Lines: one object per line)")
     else:
-        import pyarrow.parquet as pq
         try:
-            table = pq.read_table(io.BytesIO(data))
+            table = fs.parquet_from_bytes(data)
         except Exception as e:
             raise ManifestError(f"{uri}: not a readable Parquet file: {e}") from e
         missing = [c for c in REQUIRED if c not in table.column_names]

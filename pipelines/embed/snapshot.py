@@ -4,6 +4,7 @@
     <embeddings_root>/<run_id>/dead_letter-SSSSS-of-NNNNN.jsonl
     <embeddings_root>/<run_id>/summary.json     written last: a snapshot without it is incomplete
     <embeddings_root>/LATEST                    the newest complete run_id, written atomically
+                                                under the root's lock (pipelines.core.latest)
 
 Embedding rows: image_id, product_id, image_uri, content_sha256, model_id, view,
 embedding (fixed-size list of float32, L2-normalised), metadata (JSON object as text).
@@ -16,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
+from pipelines.core import latest as latest_pointer
 from pipelines.core.names import InvalidNameError, check_segment
 
 if TYPE_CHECKING:
     from pipelines.embed.summary import SnapshotSummary
 
 SUMMARY_FILE = "summary.json"
-LATEST_FILE = "LATEST"
+LATEST_FILE = latest_pointer.LATEST_FILE
 EMBEDDINGS_PREFIX = "embeddings"
 DEAD_LETTER_PREFIX = "dead_letter"
 
@@ -62,9 +63,19 @@ class Snapshot:
 
     def vectors(self) -> np.ndarray:
         """float32 [num_rows, dim]."""
-        col = self.table.column("embedding").combine_chunks()
-        flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        return flat.reshape(len(self.table), self.dim)
+        return embedding_matrix(self.table.column("embedding"), self.dim)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """An embedding column whose rows all hold `dim` values as float32 [rows, dim]
+    (the one conversion of the column to numpy; [0, dim] when it is empty)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if not n:
+        return np.zeros((0, dim), np.float32)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, np.float32).reshape(n, dim)
 
 
 def check_run_id(run_id: str, what: str = "run id") -> str:
@@ -123,10 +134,7 @@ def read_table(path: str, summary: "SnapshotSummary | None" = None) -> pa.Table:
         if not dim:
             raise SnapshotError(f"{path}: no embeddings files and no dim in {SUMMARY_FILE}")
         return embeddings_schema(dim).empty_table()
-    tables = []
-    for uri in files:
-        with fs.FileSystems.open(uri) as f:
-            tables.append(pq.read_table(f))
+    tables = [fs.read_parquet(uri) for uri in files]
     table = pa.concat_tables(tables, promote_options="none") if len(tables) > 1 else tables[0]
     missing = [n for n in embeddings_schema(1).names if n not in table.column_names]
     if missing:
@@ -150,45 +158,41 @@ def read_dead_letters(path: str) -> list[dict[str, Any]]:
 
 def latest(root: str) -> str | None:
     """Path of the snapshot LATEST names under `root`, or None when there is none yet."""
-    pointer = fs.join(root, LATEST_FILE)
-    if not fs.exists(pointer):
-        return None
     run_id = latest_run_id(root)
     if run_id is None:
         return None
     path = snapshot_path(root, run_id)
     if not is_complete(path):
-        raise SnapshotError(f"{pointer} names {run_id!r}, which is not a complete snapshot")
+        raise SnapshotError(f"{latest_pointer.pointer_uri(root)} names {run_id!r}, which is "
+                            f"not a complete snapshot")
     return path
 
 
 def latest_run_id(root: str) -> str | None:
     """The run_id LATEST names under `root`, or None; SnapshotError when LATEST holds
-    anything but a safe run id (garbage, a path, binary bytes)."""
-    pointer = fs.join(root, LATEST_FILE)
-    if not fs.exists(pointer):
-        return None
+    anything but a safe run id (garbage, a path, binary bytes, nothing)."""
     try:
-        text: str | None = fs.read_bytes(pointer, max_bytes=4096).decode("utf-8").strip()
-    except (ValueError, UnicodeDecodeError):  # larger than any run id, or not UTF-8
-        text = None
-    if not text:
-        raise SnapshotError(f"{pointer} is empty or not text; it should name a run id")
-    try:
-        return check_segment(text, f"the run id in {pointer}")
-    except InvalidNameError as e:
-        raise SnapshotError(f"{pointer} is corrupted: {e}") from e
+        return latest_pointer.read(root, "run id")
+    except latest_pointer.LatestError as e:
+        raise SnapshotError(str(e)) from e
 
 
 def mark_latest(root: str, run_id: str) -> None:
     """Point `<root>/LATEST` at a run id, atomically (the id is checked first)."""
-    fs.write_bytes_atomic(fs.join(root, LATEST_FILE), (check_run_id(run_id) + "\n").encode())
+    latest_pointer.write(root, check_run_id(run_id), "run id")
+
+
+def advance_latest(root: str, run_id: str) -> bool:
+    """Point `<root>/LATEST` at a run id unless it names a newer one; True when it now
+    names `run_id` (read and write under the root's lock: racing runs keep the newest)."""
+    try:
+        return latest_pointer.advance(root, check_run_id(run_id), "run id")
+    except latest_pointer.LatestError as e:
+        raise SnapshotError(str(e)) from e
 
 
 def write_table(path: str, table: pa.Table, name: str = "embeddings-00000-of-00001.parquet") -> str:
     """Write rows as one Parquet file of a snapshot (used by merges and tests)."""
     uri = fs.join(path, name)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    fs.write_bytes(uri, sink.getvalue().to_pybytes())
+    fs.write_parquet(uri, table)
     return uri

@@ -1,4 +1,4 @@
-"""The index artifact: layout, manifest, checksums, publish/LATEST/retention, and the reader.
+"""The index artifact: layout, manifest, checksums, publish/LATEST/retention.
 
     <index_root>/versions/<version>/manifest.json         written last inside the version
     <index_root>/versions/<version>/shards/shard-XXXXX-of-NNNNN/
@@ -19,34 +19,25 @@ object stores: one small object). LATEST only moves forward (to a newer version 
 unless `allow_rollback=True`, so two publishers racing leave the newer one published.
 On local roots publishing and retention run under an exclusive file lock.
 
-The reader (`open_index` -> `IndexVersion.load_shards`) copies object-store shards to
-a local directory (ScaNN loads from local files), verifies every file's sha256 against
-the manifest and loads the ScaNN searchers plus their row tables.
+The reader (`open_index` -> `IndexVersion.load_shards`) is pipelines/index/reader.py; the
+`index-info` command is in pipelines/index/commands.py.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
-import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
+from pipelines.core import latest as latest_pointer
 from pipelines.core.checksums import sha256_file
-from pipelines.core.command import Command, UsageError
-from pipelines.core.config import Config
+from pipelines.core.locks import root_lock
 from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
 from pipelines.index.manifest import (FORMAT, STATUS_PASSED, STATUS_REJECTED, IndexArtifactError,
                                       IndexIntegrityError, IndexManifest, ManifestFormatError,
@@ -57,10 +48,10 @@ log = logging.getLogger(__name__)
 VERSIONS_DIR = "versions"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
+LATEST_FILE = latest_pointer.LATEST_FILE
 REJECTED_FILE = "REJECTED"
 ROWS_FILE = "rows.parquet"
-LOCK_FILE = ".publish.lock"
+LOCK_FILE = latest_pointer.LOCK_FILE
 STATUS_INCOMPLETE = "incomplete"
 # Retention leaves an incomplete version alone until nothing in it changed for this long.
 INCOMPLETE_GRACE_S = 3600.0
@@ -221,20 +212,10 @@ def mark_rejected(index_root: str, version: str, reason: str) -> None:
 
 def read_latest(index_root: str) -> str | None:
     """The version name LATEST holds, or None when nothing has been published yet."""
-    pointer = fs.join(index_root, LATEST_FILE)
-    if not fs.exists(pointer):
-        return None
     try:
-        name = fs.read_bytes(pointer, max_bytes=4096).decode("utf-8").strip()
-    except ValueError as e:  # larger than any version name, or not UTF-8
-        raise IndexArtifactError(f"{pointer} is corrupted: it does not hold a version name "
-                                 f"({type(e).__name__})") from e
-    if not name:
-        return None
-    try:
-        return check_version_name(name, f"version name in {pointer}")
-    except IndexArtifactError as e:
-        raise IndexArtifactError(f"{pointer} is corrupted: {e}") from e
+        return latest_pointer.read(index_root, "version name", empty_ok=True)
+    except latest_pointer.LatestError as e:
+        raise IndexArtifactError(str(e)) from e
 
 
 def version_state(index_root: str, version: str) -> str:
@@ -289,26 +270,14 @@ def list_versions(index_root: str) -> list[VersionInfo]:
 
 # --------------------------------------------------------------------------- publish
 
-@contextlib.contextmanager
-def _publish_lock(index_root: str) -> Iterator[None]:
+def _publish_lock(index_root: str) -> ContextManager[None]:
     """Exclusive lock for publish + retention on local roots (no-op on object stores)."""
-    if not fs.is_local(index_root):
-        yield
-        return
-    import fcntl
-    root = index_root[len("file://"):] if index_root.startswith("file://") else index_root
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, LOCK_FILE), "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return root_lock(index_root, LOCK_FILE)
 
 
 def write_latest(index_root: str, version: str) -> None:
     """Point LATEST at a version, atomically. Use `publish_version`, which checks first."""
-    fs.write_bytes_atomic(fs.join(index_root, LATEST_FILE), (version + "\n").encode())
+    latest_pointer.write(index_root, check_version_name(version), "version name")
 
 
 def publish_version(index_root: str, version: str, retention: int | None = None,
@@ -385,321 +354,3 @@ def apply_retention(index_root: str, keep: int, _locked: bool = False) -> list[s
     if deleted:
         log.info("retention (keep %d): deleted %s", keep, ", ".join(deleted))
     return deleted
-
-
-# --------------------------------------------------------------------------- reader
-
-@dataclass
-class LoadedShard:
-    """One shard in memory: its ScaNN searcher, its rows and the search parameters."""
-    shard: int
-    num_shards: int
-    num_vectors: int
-    dim: int
-    kind: str                       # scann_tree_ah | scann_brute_force | empty
-    searcher: Any                   # scann ScannSearcher, or None for an empty shard
-    rows: pa.Table                  # ROW_COLUMNS, row i = ScaNN datapoint i
-    local_dir: str                  # local folder holding the shard's files
-    leaves_to_search: int = -1      # -1: the searcher's default / brute force
-    reorder_multiplier: int = 1
-    info: ShardEntry | None = None  # the manifest's shard entry
-
-    def vectors(self) -> np.ndarray:
-        """float32 [num_vectors, dim] (memory-mapped from the shard's dataset.npy)."""
-        if self.num_vectors == 0:
-            return np.zeros((0, self.dim), np.float32)
-        path = os.path.join(self.local_dir, "dataset.npy")
-        if not os.path.exists(path):
-            raise IndexArtifactError(f"shard {self.shard}: no dataset.npy in {self.local_dir}")
-        return np.load(path, mmap_mode="r")
-
-
-class IndexVersion:
-    """An opened index version: its manifest, and shards loaded on demand."""
-
-    def __init__(self, index_root: str, version: str, manifest: IndexManifest,
-                 verify: bool = True, cache_dir: str | None = None):
-        self.index_root = index_root
-        self.version = version
-        self.manifest = manifest
-        self.verify = verify
-        self.cache_dir = cache_dir
-        self.path = version_dir(index_root, version)
-
-    @property
-    def num_shards(self) -> int:
-        return self.manifest.num_shards
-
-    def check_files(self) -> None:
-        """Every file the manifest lists exists with the recorded size (cheap; no hashing)."""
-        for entry in self.manifest.shards:
-            base = fs.join(self.path, entry.path)
-            for f in entry.files:
-                uri = fs.join(base, f.name)
-                if not fs.exists(uri):
-                    raise IndexIntegrityError(f"version {self.version} shard {entry.shard}: "
-                                              f"file {uri} is missing")
-                if fs.is_local(uri):
-                    size = os.path.getsize(_local_path(uri))
-                    if size != f.bytes:
-                        raise IndexIntegrityError(
-                            f"version {self.version} shard {entry.shard}: {uri} has "
-                            f"{size} bytes, manifest says {f.bytes}")
-
-    def load_shards(self, shard_ids: Sequence[int] | None = None) -> list[LoadedShard]:
-        """Load all shards, or the chosen ones (for serving shards on several hosts)."""
-        entries = self.manifest.shards
-        if shard_ids is None:
-            shard_ids = list(range(len(entries)))
-        bad = [s for s in shard_ids if not isinstance(s, (int, np.integer))
-               or not 0 <= s < len(entries)]
-        if bad:
-            raise IndexArtifactError(f"version {self.version} has shards 0..{len(entries) - 1}; "
-                                     f"cannot load {bad}")
-        return [self._load_shard(entries[int(s)]) for s in shard_ids]
-
-    def _load_shard(self, entry: ShardEntry) -> LoadedShard:
-        from scann.scann_ops.py import scann_ops_pybind
-        base = fs.join(self.path, entry.path)
-        local = self._local_copy(base, entry)
-        where = f"version {self.version} shard {entry.shard}"
-        rows = pq.read_table(os.path.join(local, ROWS_FILE))
-        if rows.num_rows != entry.num_vectors:
-            raise IndexIntegrityError(f"{where}: {ROWS_FILE} has {rows.num_rows} rows, manifest "
-                                      f"says {entry.num_vectors}")
-        searcher = None
-        if self.verify and entry.kind != "empty":
-            check_shard_vectors(os.path.join(local, "dataset.npy"), entry.num_vectors,
-                                self.manifest.dim, where)
-        if entry.kind != "empty":
-            searcher = scann_ops_pybind.load_searcher(local, assets_backcompat_shim=False)
-            if searcher.size() != entry.num_vectors:
-                raise IndexIntegrityError(
-                    f"{where}: searcher holds {searcher.size()} vectors, manifest says "
-                    f"{entry.num_vectors}")
-        return LoadedShard(shard=entry.shard, num_shards=self.manifest.num_shards,
-                           num_vectors=entry.num_vectors, dim=self.manifest.dim,
-                           kind=entry.kind, searcher=searcher, rows=rows, local_dir=local,
-                           leaves_to_search=entry.leaves_to_search,
-                           reorder_multiplier=entry.reorder_multiplier, info=entry)
-
-    def _local_copy(self, base: str, entry: ShardEntry) -> str:
-        """A local folder with the shard's files, checksums verified when `self.verify`."""
-        files = entry.files
-        if fs.is_local(base):
-            local = _local_path(base)
-            for f in files:
-                path = os.path.join(local, f.name)
-                if not os.path.exists(path):
-                    raise IndexIntegrityError(f"version {self.version} shard {entry.shard}: "
-                                              f"file {path} is missing")
-                if self.verify:
-                    digest, size = sha256_file(path)
-                    _check_file(self.version, entry.shard, path, f, digest, size)
-            return local
-        root = self.cache_dir or tempfile.mkdtemp(prefix="catalog-index-")
-        local = os.path.join(root, self.version, entry.path)
-        os.makedirs(local, exist_ok=True)
-        for f in files:
-            uri = fs.join(base, f.name)
-            data = fs.read_bytes(uri)
-            if self.verify:
-                _check_file(self.version, entry.shard, uri, f, sha256_bytes(data), len(data))
-            dest = os.path.join(local, f.name)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with open(dest, "wb") as out:
-                out.write(data)
-        return local
-
-
-#: Stored vectors must be L2-normalised: |norm - 1| <= this (float32 rounding is ~1e-6).
-NORM_TOLERANCE = 1e-3
-_NORM_BLOCK_ROWS = 65536
-
-
-def check_shard_vectors(path: str, num_vectors: int, dim: int, where: str) -> None:
-    """IndexIntegrityError unless `path` (a shard's dataset.npy) holds float32
-    [num_vectors, dim] vectors, all finite and of unit length within NORM_TOLERANCE.
-
-    Checksums only prove the files are the ones the manifest lists; this catches a
-    shard whose vectors were zeroed or scaled and whose checksums were recomputed (it
-    would otherwise load and silently drop out of every result). Every row is checked,
-    in blocks, from a memory map.
-    """
-    try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise IndexIntegrityError(f"{where}: dataset.npy is not a readable array: {e}") from e
-    if vectors.dtype != np.float32 or vectors.shape != (num_vectors, dim):
-        raise IndexIntegrityError(f"{where}: dataset.npy holds {vectors.dtype} "
-                                  f"{list(vectors.shape)}, manifest says float32 "
-                                  f"[{num_vectors}, {dim}]")
-    for start in range(0, num_vectors, _NORM_BLOCK_ROWS):
-        block = np.asarray(vectors[start:start + _NORM_BLOCK_ROWS], dtype=np.float64)
-        if not np.all(np.isfinite(block)):
-            raise IndexIntegrityError(f"{where}: dataset.npy holds NaN or infinite values")
-        norms = np.linalg.norm(block, axis=1)
-        off = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
-        if off.size:
-            raise IndexIntegrityError(
-                f"{where}: {off.size} vectors in rows {start}..{start + len(block) - 1} are "
-                f"not unit length (row {start + int(off[0])} has norm {norms[off[0]]:.6f}; "
-                f"tolerance {NORM_TOLERANCE}); the shard's vectors were altered")
-
-
-def _check_file(version: str, shard: int, where: str, expected: ShardFile,
-                digest: str, size: int) -> None:
-    if digest != expected.sha256 or size != expected.bytes:
-        raise IndexIntegrityError(
-            f"version {version} shard {shard}: checksum mismatch for {where}: sha256 "
-            f"{digest[:16]}… ({size} bytes), manifest says {expected.sha256[:16]}… "
-            f"({expected.bytes} bytes); the file is corrupted or was modified")
-
-
-def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
-def open_index(index_root: str, version: str | None = None, verify: bool = True,
-               allow_unpublished: bool = False, cache_dir: str | None = None) -> IndexVersion:
-    """Open the version LATEST names (or `version`) under a local or object-store root.
-
-    With `verify`, every shard file is checked against the manifest's sha256 when loaded
-    (and sizes are checked now). A rejected or incomplete version opens only with
-    `allow_unpublished=True` (for inspection). Object-store shards are copied into
-    `cache_dir` (default: a new temp folder) because ScaNN loads from local files.
-    """
-    if version is None:
-        version = read_latest(index_root)
-        if version is None:
-            raise IndexArtifactError(f"no published index under {index_root} (no {LATEST_FILE})")
-    manifest = read_manifest(index_root, version)
-    if not manifest.passed and not allow_unpublished:
-        raise IndexArtifactError(f"index version {version} has status "
-                                 f"{manifest.status!r} and is not servable")
-    check_manifest_structure(manifest, version)
-    opened = IndexVersion(index_root, version, manifest, verify=verify, cache_dir=cache_dir)
-    if verify:
-        opened.check_files()
-    return opened
-
-
-def verify_version(index_root: str, version: str) -> None:
-    """Fully verify one version (manifest structure, every file's size and sha256, row
-    counts, vector norms, the searchers load); IndexArtifactError names the first problem.
-    Works for rejected versions too (they are verified, not served)."""
-    opened = open_index(index_root, version, verify=True, allow_unpublished=True)
-    opened.load_shards()
-
-
-# --------------------------------------------------------------------------- CLI
-
-def _add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index-root", required=True,
-                   help="index root (local path, file://, gs://, s3://)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--verify", action="store_true",
-                   help="verify every version with a manifest (checksums, row counts, vector "
-                        "norms, searchers load); corrupted ones are reported as such; exit 1 "
-                        "when any is corrupted")
-
-
-STATUS_CORRUPTED = "corrupted"
-
-
-def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
-    """What `index-info` prints: LATEST, and each version's state and summary.
-
-    Never raises for a damaged root: a LATEST that holds garbage is reported under
-    `latest_error`; with `verify`, a version that fails verification gets state
-    "corrupted" and its reason under `error` (a passed version is only reported passed
-    when it verifies).
-    """
-    report: dict[str, Any] = {"index_root": index_root, "latest": None, "latest_error": None,
-                              "verified": verify, "versions": []}
-    try:
-        report["latest"] = read_latest(index_root)
-    except IndexArtifactError as e:
-        report["latest_error"] = str(e)
-    names = fs.list_children(versions_dir(index_root))
-    for name in names:
-        if not is_safe_segment(name):
-            continue
-        entry: dict[str, Any] = {"version": name, "state": STATUS_INCOMPLETE,
-                                 "latest": name == report["latest"], "error": None}
-        manifest = None
-        if fs.exists(manifest_uri(index_root, name)):
-            try:
-                manifest = read_manifest(index_root, name)
-            except IndexArtifactError as e:
-                entry.update(state=STATUS_CORRUPTED, error=str(e))
-        if manifest is not None:
-            info = VersionInfo(name, STATUS_PASSED if manifest.passed else STATUS_REJECTED,
-                               entry["latest"], manifest)
-            entry.update(info.summary())
-            entry["error"] = None
-            if verify:
-                try:
-                    verify_version(index_root, name)
-                    entry["verified"] = True
-                except Exception as e:  # any failure to load is a corrupted version
-                    entry.update(state=STATUS_CORRUPTED, verified=False,
-                                 error=f"{type(e).__name__}: {e}"
-                                 if not isinstance(e, IndexArtifactError) else str(e))
-        report["versions"].append(entry)
-    if report["latest"] and report["latest"] not in names:
-        report["latest_error"] = (f"LATEST names {report['latest']}, which does not exist "
-                                  f"under {versions_dir(index_root)}")
-    return report
-
-
-def _run_info(args: argparse.Namespace, config: Config) -> int:
-    if not args.index_root or not args.index_root.strip():
-        raise UsageError("--index-root must not be empty")
-    try:
-        root = fs.check_supported(args.index_root, "--index-root")
-    except fs.UnsupportedUriError as e:
-        raise UsageError(str(e)) from e
-    if fs.is_local(root) and not os.path.isdir(root):
-        print(f"catalog-search index-info: error: --index-root {args.index_root} is not a "
-              "folder", file=sys.stderr)
-        return 1
-    try:
-        report = info_report(root, verify=args.verify)
-    except (IndexArtifactError, OSError) as e:
-        print(f"catalog-search index-info: error: {e}", file=sys.stderr)
-        return 1
-    corrupted = [v["version"] for v in report["versions"] if v["state"] == STATUS_CORRUPTED]
-    rc = 1 if corrupted or report["latest_error"] else 0
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-        return rc
-    print(f"index root: {args.index_root}")
-    if report["latest_error"]:
-        print(f"LATEST:     ERROR: {report['latest_error']}")
-    else:
-        print(f"LATEST:     {report['latest'] or '(none published)'}")
-    if not report["versions"]:
-        print("no versions")
-        return rc
-    print(f"{'':2}{'version':<32} {'state':<10} {'vectors':>9} {'shards':>6} {'recall':<24} "
-          f"created_at")
-    for v in report["versions"]:
-        recall = " ".join(f"{k}={val:.4f}" for k, val in sorted((v.get("recall") or {}).items())
-                          if isinstance(val, (int, float)))
-        nv = v.get("num_vectors")
-        print(f"{'*' if v['latest'] else ' ':2}{v['version']:<32} {v['state']:<10} "
-              f"{nv if nv is not None else '-':>9} "
-              f"{v.get('num_shards') or '-':>6} {recall or '-':<24} {v.get('created_at') or '-'}")
-        if v.get("error"):
-            print(f"{'':4}{v['error']}")
-    if args.verify:
-        print(f"verified: {len(report['versions']) - len(corrupted)} ok, {len(corrupted)} "
-              f"corrupted" + (f" ({', '.join(corrupted)})" if corrupted else ""))
-    return rc
-
-
-COMMANDS = {
-    "index-info": Command(help="versions, LATEST, counts and recall of an index root",
-                          add_arguments=_add_info_arguments, run=_run_info),
-}

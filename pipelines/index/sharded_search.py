@@ -1,6 +1,6 @@
 """Search several loaded index shards as one index, plus the exact brute-force reference.
 
-    shards = open_index(root).load_shards()          # pipelines.index.artifact
+    shards = open_index(root).load_shards()          # pipelines.index.reader
     searcher = ShardedSearcher(shards)
     scores, rows = searcher.search(queries, k=10)    # float32 [Q,k'], int64 [Q,k'] (-1 = none)
     hits = searcher.hits(scores, rows)               # [[Hit(image_id, product_id, ...), ...]]

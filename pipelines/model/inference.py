@@ -15,7 +15,8 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from pipelines.model.features import embed_variants
-from pipelines.model.resolve import Embedder, ModelError, ModelSpec, configure_tf_threads, resolve_model
+from pipelines.model.resolve import (Embedder, ModelSpec, check_same_model, configure_tf_threads,
+                                     resolve_model)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
             local = resolve_model(spec.handle, cache_dir,
                                   spec.input_size if not spec.handle.startswith("builtin:")
                                   else None)
-            if local.fingerprint != spec.fingerprint:
-                raise ModelError(f"model {spec.handle} on this worker has fingerprint "
-                                 f"{local.fingerprint[:12]}, the job expects "
-                                 f"{spec.fingerprint[:12]}")
-            spec = local
+            spec = check_same_model(local, spec, "on this worker", "the job expects")
         log.info("loading model %s from %s", spec.model_id, spec.path)
         return Embedder(spec)
 

@@ -101,8 +101,8 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
     if _is_remote(handle):
         path = handle.rstrip("/")
     else:
-        local = handle[len("file://"):] if handle.startswith("file://") else handle
-        path = os.path.abspath(os.path.expanduser(local))
+        from pipelines.core import filesystem
+        path = os.path.abspath(os.path.expanduser(filesystem.normalize(handle)))
     if not _saved_model_exists(path):
         raise ModelError(f"model handle {handle!r} is neither a builtin:NAME, an http(s) TF Hub "
                          f"URL, nor a SavedModel directory (no saved_model.pb in {path})")
@@ -122,6 +122,18 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
                      dim=int(meta.get("dim", sig_dim) or 0), fingerprint=fp)
 
 
+def check_same_model(found: ModelSpec, recorded: ModelSpec, where: str, recorded_by: str
+                     ) -> ModelSpec:
+    """`found` (the recorded model's handle resolved `where`) when it has the fingerprint
+    `recorded` holds, else ModelError: its vectors would not match the recorded ones.
+    `recorded_by` names who recorded it ("the job expects", "the index was built with")."""
+    if found.fingerprint != recorded.fingerprint:
+        raise ModelError(f"model {recorded.handle!r} resolves to fingerprint "
+                         f"{found.fingerprint[:12]} {where}, but {recorded_by} "
+                         f"{recorded.fingerprint[:12]}")
+    return found
+
+
 # Builtin conversions older than this abort inside TensorFlow where oneDNN is on (see
 # pipelines/model/efficientnet_lite.py): an exported copy of one must be exported again.
 MIN_CONVERTER_VERSION = 3
@@ -138,7 +150,8 @@ def _refuse_stale_conversion(handle: str, meta: dict[str, Any]) -> None:
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    from pipelines.core import filesystem
+    return not filesystem.is_local(path)
 
 
 def _saved_model_exists(path: str) -> bool:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.index import artifact as art
+from pipelines.index import reader
 from pipelines.index.build import run_build_index
 from serving.searcher import CatalogSearcher
 from test_index_build import clustered_vectors, make_config, write_snapshot
@@ -162,7 +163,7 @@ def test_every_corruption_is_refused_and_the_good_version_keeps_serving(two_vers
         art.write_latest(root, BAD)
         # the library loader refuses
         try:
-            art.open_index(root).load_shards()
+            reader.open_index(root).load_shards()
             failures.append((kind, "open_index accepted it"))
         except Exception as e:  # noqa: BLE001 - any refusal, checked for its reason below
             if not isinstance(e, art.IndexArtifactError) and reason:
@@ -190,7 +191,7 @@ def test_garbage_latest_is_refused_and_the_good_version_keeps_serving(two_versio
     assert outcome.status in ("refused", "unchanged") and searcher.version == GOOD
     if garbage:
         with pytest.raises(art.IndexArtifactError):
-            art.open_index(root)
+            reader.open_index(root)
 
 
 def test_index_info_verify_reports_the_corrupted_version(two_versions, tmp_path, capsys):

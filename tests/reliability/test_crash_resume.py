@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.index import artifact as art
+from pipelines.index import reader
 from pipelines.embed import snapshot
 from pipelines.embed.sample_catalog import write_catalog
 
@@ -223,7 +224,7 @@ def _build_crash_and_resume(setup, tmp_path, point: str) -> None:
         assert proc.returncode == 0, text
     version = art.read_latest(root)
     assert version in ("v-rerun", "v-crash")
-    art.open_index(root).load_shards()  # verifies checksums, counts and norms
+    reader.open_index(root).load_shards()  # verifies checksums, counts and norms
     got, want = _shard_contents(root, version), _shard_contents(root, "v-clean")
     for (rows_g, vec_g), (rows_w, vec_w) in zip(got, want):
         assert rows_g == rows_w

@@ -21,6 +21,7 @@ import pytest
 import image_factory as f
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
+from pipelines.index import reader
 from pipelines.embed import snapshot
 from catalog_search.cli import main as cli_main
 from pipelines.core.config import FetchConfig
@@ -174,7 +175,7 @@ def test_defect3_zeroed_vectors_with_recomputed_checksums_are_refused(built_inde
     np.save(path, np.zeros_like(vectors))
     _rechecksum(root, "v0001")
     with pytest.raises(art.IndexIntegrityError, match="not unit length"):
-        art.open_index(root).load_shards()
+        reader.open_index(root).load_shards()
 
 
 def test_defect3_row_count_mismatch_is_refused(built_index, tmp_path):
@@ -183,7 +184,7 @@ def test_defect3_row_count_mismatch_is_refused(built_index, tmp_path):
     art.write_manifest(root, "v0001",
                        dataclasses.replace(manifest, num_vectors=manifest.num_vectors + 5))
     with pytest.raises(art.IndexIntegrityError, match="num_vectors"):
-        art.open_index(root)
+        reader.open_index(root)
 
 
 # ------------------------------------------------------------------ defect 8: fetch hangs
@@ -278,7 +279,7 @@ def test_defect9_gs_without_the_extra_names_the_pip_extra():
 
 def test_defect9_file_uri_roots_for_index_and_embeddings(built_index, tmp_path, capsys):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
-    opened = art.open_index("file://" + root)
+    opened = reader.open_index("file://" + root)
     assert sum(s.num_vectors for s in opened.load_shards()) == 120
     assert cli_main(["index-info", "--index-root", "file://" + root, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["latest"] == "v0001"

@@ -1,0 +1,228 @@
+"""build_index, step 2 (Beam workers): read a split, validate every row, stage per-shard parts.
+
+A bad row (no embedding, wrong dimension, NaN/inf, zero or non-unit vector, empty
+image_id/product_id/view, another model_id) is reported with its file and row number
+(describe_errors); a split that finds any stages nothing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.core import filesystem as fs
+from pipelines.embed import snapshot as snap
+from pipelines.index import artifact as art
+
+from pipelines.index.build_plan import BuildSpec, Split, sample_key, shard_for
+from pipelines.index.reader import NORM_TOLERANCE
+
+# Rows read per Arrow batch inside a split (bounds a worker's memory per batch).
+READ_BATCH_ROWS = 8192
+_EXAMPLES = 5
+_ROW_STRING_COLUMNS = ("image_id", "product_id", "view")
+
+
+def _row_error(kind: str, split: Split, row: int, image_id: Any, detail: str = "") -> dict:
+    return {"kind": kind, "file": os.path.basename(split.uri), "row": int(row),
+            "image_id": image_id, "detail": detail}
+
+
+def _batch_vectors(col: pa.ChunkedArray | pa.Array, dim: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors [n, dim] float32, row has embedding, row has the right dimension)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    present = ~col.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(col.type) and col.type.list_size == dim and present.all():
+        return snap.embedding_matrix(col, dim), present, np.ones(n, bool)
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    good_dim = present & (lengths == dim)
+    out = np.zeros((n, dim), np.float32)
+    idx = np.flatnonzero(good_dim)
+    if len(idx):
+        sub = col.take(pa.array(idx))
+        out[idx] = snap.embedding_matrix(sub, dim)
+    return out, present, good_dim
+
+
+def validate_batch(batch: pa.RecordBatch, spec: BuildSpec, split: Split, first_row: int
+                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(vectors, good-row mask, row errors) of one batch; errors name file and row."""
+    n = batch.num_rows
+    ids = batch.column("image_id").to_pylist()
+    errors: list[dict] = []
+    good = np.ones(n, bool)
+
+    def flag(mask: np.ndarray, kind: str, detail: Any = None) -> None:
+        nonlocal good
+        for i in np.flatnonzero(mask & good):
+            d = detail(i) if callable(detail) else (detail or "")
+            errors.append(_row_error(kind, split, first_row + int(i), ids[i], d))
+        good &= ~mask
+
+    for name in _ROW_STRING_COLUMNS:
+        col = batch.column(name)
+        empty = pc.fill_null(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0)),
+                             True).to_numpy(zero_copy_only=False)
+        flag(empty, f"missing:{name}")
+    model_ids = batch.column("model_id")
+    other = pc.fill_null(pc.not_equal(model_ids, spec.model_id), True).to_numpy(
+        zero_copy_only=False)
+    mids = model_ids.to_pylist()
+    flag(other, "model", lambda i: repr(mids[i]))
+    vectors, present, good_dim = _batch_vectors(batch.column("embedding"), spec.dim)
+    flag(~present, "no_embedding")
+    flag(~good_dim, "dimension", f"expected {spec.dim}")
+    finite = np.isfinite(vectors).all(axis=1)
+    flag(~finite, "nan")
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0), axis=1)
+    flag(norms < 1e-6, "zero")
+    flag(np.abs(norms - 1.0) > NORM_TOLERANCE, "norm", lambda i: f"{norms[i]:.4f}")
+    return vectors, good, errors
+
+
+_ERROR_TEXT = {
+    "missing:image_id": "rows have no image_id",
+    "missing:product_id": "rows have no product_id",
+    "missing:view": "rows have no view",
+    "model": ("rows have another model_id than summary.json's (the snapshot mixes "
+              "embeddings of several models)"),
+    "no_embedding": "rows have no embedding",
+    "dimension": "rows have mixed embedding dimensions",
+    "nan": "vectors contain NaN or infinite values",
+    "zero": "zero vectors (cannot be L2-normalised)",
+    "norm": f"vectors are not L2-normalised (|norm - 1| > {NORM_TOLERANCE})",
+    "duplicate": "duplicate (image_id, view) pairs",
+}
+
+
+def _example_text(e: dict) -> str:
+    where = f"{e['file']} row {e['row']}" if "file" in e else ""
+    if e["kind"] == "norm":
+        return f"{e['image_id']} (norm {e['detail']}) in {where}"
+    if e["kind"] == "duplicate":
+        return e["detail"]
+    detail = f" ({e['detail']})" if e.get("detail") else ""
+    return f"image_id {e['image_id']!r}{detail} in {where}"
+
+
+def describe_errors(summary: dict[str, Any]) -> str:
+    """One sentence per kind of bad row: count, what is wrong, examples with file and row."""
+    parts = []
+    for kind in sorted(summary):
+        entry = summary[kind]
+        text = _ERROR_TEXT.get(kind, kind)
+        examples = [_example_text(e) for e in entry["examples"]]
+        more = entry["count"] - len(examples)
+        parts.append(f"{entry['count']} {text}, e.g. {', '.join(examples)}"
+                     + (f" (and {more} more)" if more > 0 else ""))
+    return "; ".join(parts)
+
+
+def _merge_error_summaries(summaries: Iterable[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for s in summaries:
+        for kind, entry in s.items():
+            cur = out.setdefault(kind, {"count": 0, "examples": []})
+            cur["count"] += entry["count"]
+            cur["examples"] = sorted(cur["examples"] + entry["examples"],
+                                     key=lambda e: (e.get("file", ""), e.get("row", 0),
+                                                    str(e.get("detail"))))[:_EXAMPLES]
+    return out
+
+
+def _summarise_errors(errors: Iterable[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for e in errors:
+        cur = out.setdefault(e["kind"], {"count": 0, "examples": []})
+        cur["count"] += 1
+        cur["examples"].append(e)
+    return _merge_error_summaries([out])
+
+
+def _part_schema(dim: int) -> pa.Schema:
+    return pa.schema([(c, pa.string()) for c in art.ROW_COLUMNS]
+                     + [("embedding", pa.list_(pa.float32(), dim))])
+
+
+def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
+    """ReadSplit (worker): validate one row group, stage per-shard parts, draw samples.
+
+    Yields TaggedOutputs: "part" (shard, {"uri", "rows"}), "errors" (a summary of bad rows,
+    capped at a few examples per kind), "gate"/"tune" (sample_key, image_id, view, vector
+    bytes) candidates, "views" (set of views), "products" (bucket, uri).
+    """
+    from apache_beam import pvalue
+
+    seeds = {"gate": spec.eval_seed, "tune": spec.eval_seed + 1}
+    fraction = spec.sample_fraction
+    errors: list[dict] = []
+    by_shard: dict[int, list[pa.Table]] = {}
+    products: set[str] = set()
+    views: set[str] = set()
+    columns = list(dict.fromkeys([*art.ROW_COLUMNS, "model_id", "embedding"]))
+    with fs.FileSystems.open(split.uri) as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        row = split.first_row
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[split.row_group],
+                                     columns=present):
+            vectors, good, errs = validate_batch(batch, spec, split, row)
+            row += batch.num_rows
+            if errs:
+                errors += errs
+            if errors:
+                continue  # the build will fail: stop staging, keep collecting errors
+            ids = batch.column("image_id").to_pylist()
+            vws = batch.column("view").to_pylist()
+            views.update(vws)
+            products.update(batch.column("product_id").to_pylist())
+            for name, seed in seeds.items():
+                for i, (iid, v) in enumerate(zip(ids, vws)):
+                    key = sample_key(seed, iid, v)
+                    if key < fraction:
+                        yield pvalue.TaggedOutput(name, (key, iid, v, vectors[i].tobytes()))
+            shards = np.fromiter((shard_for(i, spec.num_shards) for i in ids), np.int64,
+                                 count=len(ids))
+            table = pa.table({c: (batch.column(c) if c in batch.schema.names
+                                  else pa.nulls(batch.num_rows, pa.string()))
+                              for c in art.ROW_COLUMNS})
+            table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), spec.dim))
+            for s in np.unique(shards):
+                by_shard.setdefault(int(s), []).append(
+                    table.take(pa.array(np.flatnonzero(shards == s))))
+    if errors:
+        yield pvalue.TaggedOutput("errors", _summarise_errors(errors))
+        return
+    schema = _part_schema(spec.dim)
+    for s, tables in sorted(by_shard.items()):
+        part = pa.concat_tables(tables).cast(schema)
+        uri = spec.part_uri(s, split.index)
+        fs.write_parquet(uri, part, compression="none")
+        yield pvalue.TaggedOutput("part", (s, {"uri": uri, "rows": part.num_rows}))
+    buckets: dict[int, list[str]] = {}
+    for pid in products:
+        buckets.setdefault(shard_for(pid, spec.num_shards), []).append(pid)
+    for b, pids in sorted(buckets.items()):
+        uri = spec.products_uri(b, split.index)
+        fs.write_parquet(uri, pa.table({"product_id": sorted(pids)}), compression="zstd")
+        yield pvalue.TaggedOutput("products", (b, uri))
+    yield pvalue.TaggedOutput("views", sorted(views))
+
+
+def _read_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:
+    """A shard's staged rows sorted by (image_id, view), and their vectors."""
+    tables = [fs.read_parquet(p["uri"]) for p in sorted(parts, key=lambda p: p["uri"])]
+    table = pa.concat_tables(tables) if tables else _part_schema(dim).empty_table()
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending"),
+                                                             ("view", "ascending")]))
+    vectors = snap.embedding_matrix(table.column("embedding"), dim)
+    return table.select(list(art.ROW_COLUMNS)), vectors

@@ -1,0 +1,231 @@
+"""build_index, step 3 (Beam workers): build one shard's ScaNN searcher and tune its budget.
+
+Brute force below max(brute_force_below, MIN_TREE_AH_ROWS) vectors, otherwise tree + AH +
+reordering with leaves_to_search tuned to the shard's share of the global top-k; the
+serialized searcher, rows.parquet and every file's sha256 go to the version's shard folder.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.core import filesystem as fs
+from pipelines.index import artifact as art
+from pipelines.index.sharded_search import search_exact
+
+from pipelines.index.build_plan import BuildSpec
+from pipelines.index.build_rows import _read_shard, _summarise_errors
+from pipelines.index.recall_gate import _queries, _tie_aware_found
+
+log = logging.getLogger(__name__)
+
+# Shards smaller than this always use brute force (tree + AH training needs data).
+MIN_TREE_AH_ROWS = 256
+# Fewer relevant (global top-k) neighbours than this in a shard's tuning set: tune the
+# shard against its own top-k instead (too few to estimate its share reliably).
+MIN_RELEVANT_FOR_GLOBAL_TUNING = 100
+
+
+def shard_exact_scores(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
+                       ) -> np.ndarray:
+    """A shard's exact top-k scores for the tuning queries, [T, k] (-inf padded)."""
+    _, parts = item
+    queries = _queries(tune, spec.dim)
+    out = np.full((len(queries), spec.k), -np.inf, np.float32)
+    if not parts or not len(queries):
+        return out
+    _, vectors = _read_shard(parts, spec.dim)
+    scores, _ = search_exact(vectors, queries, spec.k)
+    out[:, :scores.shape[1]] = scores
+    return out
+
+
+def _merge_top_scores(arrays: Iterable[np.ndarray]) -> np.ndarray | None:
+    """Per row, the best k of several [T, k] score arrays (a CombineFn's merge)."""
+    best = None
+    for a in arrays:
+        if a is None:
+            continue
+        if best is None:
+            best = a
+            continue
+        k = a.shape[1]
+        both = np.concatenate([best, a], axis=1)
+        best = -np.sort(-both, axis=1)[:, :k]
+    return best
+
+
+def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
+                  pre_reorder: int, leaves: int, kth: np.ndarray) -> np.ndarray:
+    """Per query, how many of the shard's approximate top-k reach `kth` (true scores)."""
+    idx, dist = searcher.search_batched(queries, k, pre_reorder, leaves)
+    idx = np.asarray(idx, np.int64)
+    valid = ~np.isnan(np.asarray(dist, np.float32)) & (idx >= 0)
+    true = np.einsum("qd,qkd->qk", queries, vectors[np.where(valid, idx, 0)])
+    return _tie_aware_found(np.where(valid, true, -np.inf), kth)
+
+
+def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
+                pre_reorder: int, num_leaves: int, target: float,
+                global_kth: np.ndarray | None) -> tuple[int, float, dict[str, Any]]:
+    """Fewest leaves_to_search finding `target` of this shard's share of the global top-k.
+
+    The relevant rows of a query are the shard's rows whose exact score reaches the
+    query's global k-th exact score (`global_kth`); when the shard holds fewer than
+    MIN_RELEVANT_FOR_GLOBAL_TUNING of them (or global_kth is None), its own top-k.
+    Returns (leaves, recall on the relevant rows, details).
+    """
+    exact, _ = search_exact(vectors, queries, k)
+    kth = exact[:, -1]
+    basis = "shard top-k"
+    if global_kth is not None:
+        relevant = _tie_aware_found(exact, global_kth)
+        if relevant.sum() >= MIN_RELEVANT_FOR_GLOBAL_TUNING:
+            kth, basis = global_kth, "shard share of the global top-k"
+    relevant = np.minimum(_tie_aware_found(exact, kth), k)
+    total = int(relevant.sum())
+    candidates = sorted({max(1, min(num_leaves, int(round(1.35 ** i))))
+                         for i in range(0, 64)} | {num_leaves})
+    cache: dict[int, float] = {}
+
+    def recall(leaves: int) -> float:
+        if leaves not in cache:
+            found = _search_found(searcher, vectors, queries, k, pre_reorder, leaves, kth)
+            cache[leaves] = float(np.minimum(found, relevant).sum() / max(1, total))
+        return cache[leaves]
+
+    details = {"basis": basis, "relevant": total}
+    lo, hi = 0, len(candidates) - 1
+    if recall(candidates[hi]) < target:
+        return candidates[hi], cache[candidates[hi]], details
+    while lo < hi:  # recall grows with the leaves searched: binary search the first >= target
+        mid = (lo + hi) // 2
+        if recall(candidates[mid]) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[lo], cache[candidates[lo]], details
+
+
+def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple],
+                global_kth: np.ndarray | None, errors: dict) -> dict[str, Any]:
+    """BuildShard (worker): read a shard's parts, build, serialize, checksum; its report."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    shard, parts = item
+    started = time.time()
+    p = spec.params
+    report: dict[str, Any] = {"shard": shard,
+                              "path": art.shard_relpath(shard, spec.num_shards)}
+    if errors:  # a split found bad rows: the build fails, write nothing
+        report["skipped"] = True
+        return report
+    rows, vectors = _read_shard(parts, spec.dim)
+    n = rows.num_rows
+    report.update(num_vectors=n, parts=len(parts))
+    if n:
+        keys = pc.binary_join_element_wise(rows.column("image_id"), rows.column("view"), "\0")
+        same = pc.equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        dups = np.flatnonzero(same)
+        if len(dups):
+            ids, vws = rows.column("image_id"), rows.column("view")
+            report["errors"] = _summarise_errors(
+                {"kind": "duplicate", "detail": repr((ids[int(i)].as_py(), vws[int(i)].as_py())),
+                 "image_id": ids[int(i)].as_py()} for i in dups)
+            fs.write_json(spec.result_uri(shard), report)
+            return report
+    report["num_images"] = len(pc.unique(rows.column("image_id"))) if n else 0
+    shard_uri = spec.shard_uri(shard)
+    local_final = fs.is_local(shard_uri)
+    fs.delete_tree(shard_uri)  # a retried bundle starts clean
+    local_dir = fs.normalize(shard_uri) if local_final else tempfile.mkdtemp(
+        prefix=f"catalog-shard-{shard:05d}-")
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+        if n == 0:
+            report.update(kind="empty", search={})
+        elif n < max(p.brute_force_below, MIN_TREE_AH_ROWS):
+            k = min(p.num_neighbors, n)
+            searcher = (scann_ops_pybind.builder(vectors, k, "dot_product")
+                        .score_brute_force().build())
+            searcher.serialize(local_dir, relative_path=True)
+            report.update(kind="scann_brute_force", search={})
+        else:
+            report.update(_build_tree_ah(scann_ops_pybind, vectors, spec, tune, global_kth,
+                                         local_dir))
+        pq.write_table(rows, os.path.join(local_dir, art.ROWS_FILE), compression="zstd")
+        files = art.local_dir_checksums(local_dir)
+        if not local_final:
+            for f in files:
+                with open(os.path.join(local_dir, f["name"]), "rb") as fh:
+                    fs.write_bytes(fs.join(shard_uri, f["name"]), fh.read())
+    finally:
+        if not local_final:
+            shutil.rmtree(local_dir, ignore_errors=True)
+    report.update(files=files, build_seconds=round(time.time() - started, 3), pid=os.getpid())
+    fs.write_json(spec.result_uri(shard), report)
+    log.info("shard %d/%d: %s, %d vectors, %.1fs", shard, spec.num_shards, report["kind"], n,
+             report["build_seconds"])
+    from pipelines.core import progress
+    progress.tick()
+    return report
+
+
+def leaves_for(shard_rows: int, total_rows: int) -> int:
+    """Tree leaves of a shard: leaves of about sqrt(total_rows) vectors each.
+
+    One shard gets round(sqrt(n)) leaves; N shards together get about as many leaves, of
+    the same size, as one shard of the whole catalog would, so searching a fraction of
+    every shard's leaves scans about as many vectors as the same fraction of one shard
+    (with sqrt(shard rows) per shard they would scan sqrt(N) times more).
+    """
+    leaf_size = math.sqrt(max(1, total_rows))
+    return max(2, min(shard_rows, int(round(shard_rows / leaf_size))))
+
+
+def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
+                   tune: list[tuple], global_kth: np.ndarray | None, local_dir: str
+                   ) -> dict[str, Any]:
+    """Train and serialize a tree + AH + reorder searcher; tune its search budget."""
+    p = spec.params
+    n = len(vectors)
+    k = p.num_neighbors
+    num_leaves = leaves_for(n, spec.num_rows)
+    leaves = max(1, min(num_leaves, math.ceil(p.leaves_to_search_fraction * num_leaves)))
+    full_pre = k * p.reorder_multiplier
+    min_partition = max(1, min(50, n // (2 * num_leaves)))
+    builder = (scann_ops_pybind.builder(vectors, k, "dot_product")
+               .tree(num_leaves=num_leaves, num_leaves_to_search=leaves,
+                     training_sample_size=min(n, 100_000), min_partition_size=min_partition)
+               .score_ah(p.dimensions_per_block,
+                         anisotropic_quantization_threshold=p.anisotropic_threshold,
+                         training_sample_size=min(n, 100_000))
+               .reorder(full_pre))
+    builder.set_n_training_threads(p.training_threads)
+    searcher = builder.build()
+    multiplier = p.reorder_multiplier
+    tuning: dict[str, Any] = {"target": p.tune_recall_target}
+    queries = _queries(tune, spec.dim)
+    if p.tune_recall_target is not None and len(queries):
+        kk = min(k, n)
+        scaled = max(1, math.ceil(p.reorder_multiplier / spec.num_shards))
+        for mult in dict.fromkeys([scaled, p.reorder_multiplier]):
+            leaves, tuned, details = tune_leaves(searcher, vectors, queries, kk, kk * mult,
+                                                 num_leaves, p.tune_recall_target, global_kth)
+            multiplier = mult
+            if tuned >= p.tune_recall_target:
+                break
+        tuning.update(queries=int(len(queries)), shard_recall=round(tuned, 6), **details)
+    searcher.serialize(local_dir, relative_path=True)
+    return {"kind": "scann_tree_ah", "num_leaves": num_leaves,
+            "search": {"leaves_to_search": int(leaves), "reorder_multiplier": int(multiplier)},
+            "tuning": tuning}

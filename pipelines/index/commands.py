@@ -1,0 +1,189 @@
+"""The index commands: `catalog-search build-index` (pipelines/index/build.py) and
+`catalog-search index-info` (what an index root holds, optionally verified).
+
+    catalog-search build-index --embeddings SNAPSHOT_OR_ROOT --index-root ROOT [--shards N]
+    catalog-search index-info --index-root ROOT [--verify] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from pipelines.core import filesystem as fs
+from pipelines.core.command import Command, UsageError, check_name_arg, check_uri_arg
+from pipelines.core.config import Config
+from pipelines.core.names import is_safe_segment
+from pipelines.index import artifact as art
+from pipelines.index.artifact import (STATUS_INCOMPLETE, STATUS_PASSED, STATUS_REJECTED,
+                                      IndexArtifactError, VersionInfo, manifest_uri,
+                                      read_latest, read_manifest, versions_dir)
+from pipelines.index.build import IndexBuildError, RecallGateError, run_build_index
+from pipelines.index.reader import verify_version
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", required=True,
+                   help="embeddings snapshot folder, or an embeddings root (its LATEST)")
+    p.add_argument("--index-root", required=True, help="index root (local path or gs://, s3://)")
+    p.add_argument("--shards", type=int, help="number of shards (default: config index.shards)")
+    p.add_argument("--version", help="version name (default: UTC time + short hash)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object instead of text")
+    p.add_argument("--recall-threshold", type=float,
+                   help="override index.recall_threshold (recall@k below it: not published)")
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    overrides: dict[str, Any] = {}
+    if args.shards is not None:
+        if args.shards < 1:
+            raise UsageError(f"--shards must be >= 1, got {args.shards}")
+        overrides["shards"] = args.shards
+    if args.recall_threshold is not None:
+        if not 0 <= args.recall_threshold <= 1:
+            raise UsageError(f"--recall-threshold must be in [0, 1], got {args.recall_threshold}")
+        overrides["recall_threshold"] = args.recall_threshold
+    if overrides:
+        config = config.replace(index=overrides)
+    check_name_arg("--version", args.version)
+    for what, uri in (("--embeddings", args.embeddings), ("--index-root", args.index_root)):
+        check_uri_arg(what, uri)
+    try:
+        manifest = run_build_index(args.embeddings, args.index_root, config,
+                                   version=args.version)
+    except IndexBuildError as e:
+        print(f"catalog-search build-index: bad input, nothing published: {e}", file=sys.stderr)
+        return 1
+    except RecallGateError as e:
+        print(f"catalog-search build-index: {e}", file=sys.stderr)
+        return 3
+    ev = manifest.evaluation
+    result = {"version": manifest.version, "latest": art.read_latest(args.index_root),
+              "num_vectors": manifest.num_vectors, "shards": manifest.num_shards,
+              ev["metric"]: ev[ev["metric"]], "recall@1": ev["recall@1"],
+              "threshold": ev["threshold"]}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    print(f"version      {result['version']}  "
+          f"({'published as LATEST' if result['latest'] == result['version'] else 'passed; LATEST is ' + str(result['latest'])})\n"
+          f"vectors      {result['num_vectors']} in {result['shards']} shard(s)\n"
+          f"evaluation   {ev['metric']} {ev[ev['metric']]:.4f}, recall@1 {ev['recall@1']:.4f} "
+          f"(threshold {ev['threshold']:.2f})\n"
+          f"index root   {args.index_root}")
+    return 0
+
+
+# --------------------------------------------------------------------------- index-info
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index-root", required=True,
+                   help="index root (local path, file://, gs://, s3://)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="verify every version with a manifest (checksums, row counts, vector "
+                        "norms, searchers load); corrupted ones are reported as such; exit 1 "
+                        "when any is corrupted")
+
+
+STATUS_CORRUPTED = "corrupted"
+
+
+def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
+    """What `index-info` prints: LATEST, and each version's state and summary.
+
+    Never raises for a damaged root: a LATEST that holds garbage is reported under
+    `latest_error`; with `verify`, a version that fails verification gets state
+    "corrupted" and its reason under `error` (a passed version is only reported passed
+    when it verifies).
+    """
+    report: dict[str, Any] = {"index_root": index_root, "latest": None, "latest_error": None,
+                              "verified": verify, "versions": []}
+    try:
+        report["latest"] = read_latest(index_root)
+    except IndexArtifactError as e:
+        report["latest_error"] = str(e)
+    names = fs.list_children(versions_dir(index_root))
+    for name in names:
+        if not is_safe_segment(name):
+            continue
+        entry: dict[str, Any] = {"version": name, "state": STATUS_INCOMPLETE,
+                                 "latest": name == report["latest"], "error": None}
+        manifest = None
+        if fs.exists(manifest_uri(index_root, name)):
+            try:
+                manifest = read_manifest(index_root, name)
+            except IndexArtifactError as e:
+                entry.update(state=STATUS_CORRUPTED, error=str(e))
+        if manifest is not None:
+            info = VersionInfo(name, STATUS_PASSED if manifest.passed else STATUS_REJECTED,
+                               entry["latest"], manifest)
+            entry.update(info.summary())
+            entry["error"] = None
+            if verify:
+                try:
+                    verify_version(index_root, name)
+                    entry["verified"] = True
+                except Exception as e:  # any failure to load is a corrupted version
+                    entry.update(state=STATUS_CORRUPTED, verified=False,
+                                 error=f"{type(e).__name__}: {e}"
+                                 if not isinstance(e, IndexArtifactError) else str(e))
+        report["versions"].append(entry)
+    if report["latest"] and report["latest"] not in names:
+        report["latest_error"] = (f"LATEST names {report['latest']}, which does not exist "
+                                  f"under {versions_dir(index_root)}")
+    return report
+
+
+def _run_info(args: argparse.Namespace, config: Config) -> int:
+    root = check_uri_arg("--index-root", args.index_root)
+    if fs.is_local(root) and not os.path.isdir(root):
+        print(f"catalog-search index-info: error: --index-root {args.index_root} is not a "
+              "folder", file=sys.stderr)
+        return 1
+    try:
+        report = info_report(root, verify=args.verify)
+    except (IndexArtifactError, OSError) as e:
+        print(f"catalog-search index-info: error: {e}", file=sys.stderr)
+        return 1
+    corrupted = [v["version"] for v in report["versions"] if v["state"] == STATUS_CORRUPTED]
+    rc = 1 if corrupted or report["latest_error"] else 0
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return rc
+    print(f"index root: {args.index_root}")
+    if report["latest_error"]:
+        print(f"LATEST:     ERROR: {report['latest_error']}")
+    else:
+        print(f"LATEST:     {report['latest'] or '(none published)'}")
+    if not report["versions"]:
+        print("no versions")
+        return rc
+    print(f"{'':2}{'version':<32} {'state':<10} {'vectors':>9} {'shards':>6} {'recall':<24} "
+          f"created_at")
+    for v in report["versions"]:
+        recall = " ".join(f"{k}={val:.4f}" for k, val in sorted((v.get("recall") or {}).items())
+                          if isinstance(val, (int, float)))
+        nv = v.get("num_vectors")
+        print(f"{'*' if v['latest'] else ' ':2}{v['version']:<32} {v['state']:<10} "
+              f"{nv if nv is not None else '-':>9} "
+              f"{v.get('num_shards') or '-':>6} {recall or '-':<24} {v.get('created_at') or '-'}")
+        if v.get("error"):
+            print(f"{'':4}{v['error']}")
+    if args.verify:
+        print(f"verified: {len(report['versions']) - len(corrupted)} ok, {len(corrupted)} "
+              f"corrupted" + (f" ({', '.join(corrupted)})" if corrupted else ""))
+    return rc
+
+
+COMMANDS = {
+    "build-index": Command(
+        help="embeddings snapshot -> sharded ScaNN index version, gated and published "
+             "(exit 1: bad input, 3: recall gate failed)",
+        add_arguments=_add_arguments, run=_run),
+    "index-info": Command(help="versions, LATEST, counts and recall of an index root",
+                          add_arguments=_add_info_arguments, run=_run_info),
+}
