@@ -54,6 +54,23 @@ def test_health_ready_and_openapi(client):
         assert path in spec["paths"]
     content = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
+    # Generated from the pydantic models (serving.api.schemas): text with or instead of the
+    # photo / vector, so neither image nor vector is required.
+    form = content["multipart/form-data"]["schema"]
+    body = content["application/json"]["schema"]
+    for schema in (form, body):
+        assert {"text", "text_weight", "k", "filters", "collapse"} <= set(schema["properties"])
+        assert not schema.get("required")
+    assert "binary" in json.dumps(form["properties"]["image"])
+    assert "vector" in body["properties"] and body["additionalProperties"] is False
+    search = spec["paths"]["/v1/search"]["post"]["responses"]
+    assert search["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/SearchResponse")
+    assert search["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse")
+    assert "HTTPValidationError" not in json.dumps(spec["paths"])  # errors keep our shape
+    assert {"SearchResponse", "HitOut", "ReloadResponse", "ReadyResponse",
+            "ErrorResponse"} <= set(spec["components"]["schemas"])
 
 
 def test_search_by_image_upload(client, world):

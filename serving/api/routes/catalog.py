@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from serving.api.errors import ApiError, api_error
 from serving.api.parsing import parse_filters, parse_weight
-from serving.api.schemas import SearchResponse, error_responses
+from serving.api.schemas import ErrorResponse, SearchResponse, error_responses
 from serving.api.security import IMAGE_CSP
 from serving.api.state import ServingState, State, run_search
 from serving.errors import NotReadyError
@@ -73,7 +73,8 @@ async def similar_image(image_id: str, state: State, k: K = None, filters: Filte
             responses={200: {"description": "the image's bytes",
                              "content": {m: {} for m in ("image/jpeg", "image/png",
                                                          "image/gif", "image/webp")}},
-                       **error_responses(404, 503)})
+                       **error_responses(404, 503),
+                       422: {"model": ErrorResponse, "description": "malformed request"}})
 async def image(image_id: str, state: State) -> Response:
     """The image's bytes, as the type they show (JPEG/PNG/GIF/WebP), never guessed from a
     name. Catalog images at http(s) URLs are not fetched by the server: search results
