@@ -197,9 +197,10 @@ def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np
     return run_visual(idx, vector_, k, parsed, collapse, ())
 
 
-def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None, image_id: str | None = None,
-               k: int | None = None, filters: Mapping[str, Any] | None = None,
-               collapse: bool = True, text_weight: float | None = None) -> SearchResults:
+def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
+               image_id: str | None = None, k: int | None = None,
+               filters: Mapping[str, Any] | None = None, collapse: bool = True,
+               text_weight: float | None = None) -> SearchResults:
     """"More like this": products like a catalog product (mean of its images) or image.
 
     The product (or image) itself is left out of the results. With a text weight > 0

@@ -1,4 +1,5 @@
-"""What a query answers: `SearchResults` over the one hit type (pipelines.index.sharded_search.Hit)."""
+"""What a query answers: `SearchResults` over the one hit type
+(pipelines.index.sharded_search.Hit)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -34,11 +34,11 @@ import numpy as np
 
 from pipelines.core.config import Config, load_config
 from pipelines.index.sharded_search import ShardedSearcher
+from serving import query
 from serving.embedder import QueryEmbedder, check_model_allowed
 from serving.errors import IndexLoadError, NotReadyError, QueryError
 from serving.filters import validate_filters
 from serving.loaded_index import LoadedIndex, verify_loaded
-from serving import query
 from serving.query import collect_hits
 from serving.results import SearchResults
 
@@ -61,7 +61,6 @@ class ReloadOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
 
 
 # --------------------------------------------------------------------------- searcher
