@@ -76,7 +76,9 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
 
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every process below `root`."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat=,args="], capture_output=True,
+    # -ww: whole command lines (without it ps cuts them at 80 columns, and with a long repo
+    # path "pipelines.orchestration.steps" falls past the cut)
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,stat=,args="], capture_output=True,
                          text=True).stdout
     children: dict[int, list[int]] = {}
     args: dict[int, str] = {}
