@@ -23,6 +23,7 @@ SERVING = [
     "uvicorn>=0.30",
     "python-multipart>=0.0.9",
     "bm25s>=0.2",   # BM25 text ranking for image + text search (serving/text_search.py)
+    "prometheus-client>=0.20",  # /metrics (serving/api/metrics.py)
 ]
 # No Beam provider: the DAGs launch jobs as TaskFlow subprocesses (docs/AIRFLOW.md).
 AIRFLOW = [

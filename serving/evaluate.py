@@ -123,7 +123,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     the photo (serving.fusion) with `text_weight` (default fusion.text_weight).
     """
     from pipelines.embed.manifest import read_rows
-    from serving.searcher import CatalogSearcher, QueryError, collect_hits
+    from serving.query import collect_hits
+    from serving.searcher import CatalogSearcher, QueryError
 
     started = time.perf_counter()
     searcher = CatalogSearcher.open(index_root, version=version, config=config)

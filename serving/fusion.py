@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
 
+from pipelines.index.sharded_search import Hit
+from serving.filters import hit_matches
+
 if TYPE_CHECKING:
-    from serving.searcher import LoadedIndex, SearchHit
+    from serving.loaded_index import LoadedIndex
 
 # A product found by text contributes at most this many of its images as candidates.
 MAX_ROWS_PER_TEXT_PRODUCT = 64
@@ -39,16 +42,14 @@ def _min_max(x: np.ndarray) -> np.ndarray:
 
 
 def _accept(idx: "LoadedIndex", row: int, filters: Mapping[str, frozenset[str]] | None,
-            excluded: set[int], exclude_product: str | None) -> "SearchHit | None":
-    from serving.searcher import _matches
+            excluded: set[int], exclude_product: str | None) -> Hit | None:
     if row in excluded:
         return None
     pid = idx.product_id(row)
     if exclude_product is not None and pid == exclude_product:
         return None
     hit = idx.hit(row, 0.0)
-    if filters and not _matches({**hit.metadata, "product_id": hit.product_id,
-                                 "image_id": hit.image_id}, filters):
+    if filters and not hit_matches(hit, filters):
         return None
     return hit
 
@@ -56,10 +57,10 @@ def _accept(idx: "LoadedIndex", row: int, filters: Mapping[str, frozenset[str]] 
 def _ranked_hits(idx: "LoadedIndex", rows: np.ndarray, fused: np.ndarray,
                  visual: np.ndarray | None, text: np.ndarray | None, k: int,
                  filters: Mapping[str, frozenset[str]] | None, collapse: bool,
-                 excluded: set[int], exclude_product: str | None) -> list["SearchHit"]:
+                 excluded: set[int], exclude_product: str | None) -> list[Hit]:
     from dataclasses import replace
     order = np.argsort(-fused, kind="stable")
-    hits: list[SearchHit] = []
+    hits: list[Hit] = []
     seen: set[str] = set()
     for i in order.tolist():
         row = int(rows[i])
@@ -80,7 +81,7 @@ def _ranked_hits(idx: "LoadedIndex", rows: np.ndarray, fused: np.ndarray,
 
 def text_hits(idx: "LoadedIndex", text: str, k: int,
               filters: Mapping[str, frozenset[str]] | None = None,
-              collapse: bool = True) -> list["SearchHit"]:
+              collapse: bool = True) -> list[Hit]:
     """Products (or their images) ranked by BM25 of `text`; only products that match."""
     ti = idx.text_index
     assert ti is not None
@@ -104,7 +105,7 @@ def fused_hits(idx: "LoadedIndex", vector: np.ndarray, text: str, k: int, weight
                candidates: int, filters: Mapping[str, frozenset[str]] | None = None,
                collapse: bool = True, exclude_rows: Iterable[int] = (),
                exclude_product: str | None = None, exact: bool = False,
-               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list["SearchHit"]:
+               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[Hit]:
     """Images ranked by (1-w)·visual' + w·text' over the candidate union (module docstring)."""
     ti = idx.text_index
     assert ti is not None

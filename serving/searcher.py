@@ -5,11 +5,14 @@
     results = searcher.search_vector(vector, k=10)
     results = searcher.similar_to(product_id="P0003", k=10)        # "more like this"
 
-A `CatalogSearcher` holds one `LoadedIndex` (an immutable, fully loaded index version:
-its shards, its row table and the query embedder built from the version's own model,
-with the same decode/preprocess code as the embed pipeline). `reload()` loads a new
-version beside the serving one, verifies it and swaps one reference; a request keeps
-the `LoadedIndex` it started with, so in-flight requests finish on the old version.
+A `CatalogSearcher` holds one `LoadedIndex` (serving.loaded_index: an immutable, fully
+loaded index version: its `ShardedSearcher` over the ScaNN shards and row table, its BM25
+text index and the query embedder built from the version's own model, with the same
+decode/preprocess code as the embed pipeline). Two hops reach ScaNN: CatalogSearcher
+(version policy, hot swap, query checks) -> LoadedIndex -> its ShardedSearcher's shards.
+`reload()` loads a new version beside the serving one, verifies it and swaps one
+reference; a request keeps the `LoadedIndex` it started with, so in-flight requests
+finish on the old version.
 A version that fails to load or verify is refused with a logged reason and the old one
 keeps serving. `IndexWatcher` calls `reload()` whenever LATEST changes.
 
@@ -22,80 +25,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import reprlib
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.core.config import Config, load_config
-from pipelines.index.manifest import IndexManifest
+from pipelines.index.sharded_search import ShardedSearcher
+from serving import query
+from serving.embedder import QueryEmbedder, check_model_allowed
+from serving.errors import IndexLoadError, NotReadyError, QueryError
+from serving.filters import validate_filters
+from serving.loaded_index import LoadedIndex, verify_loaded
+from serving.query import collect_hits
+from serving.results import SearchResults
+
+# The names callers import from here (the search layer's front door).
+__all__ = ["CatalogSearcher", "IndexWatcher", "ReloadOutcome", "LoadedIndex", "QueryEmbedder",
+           "SearchResults", "QueryError", "IndexLoadError", "NotReadyError",
+           "check_model_allowed", "validate_filters", "collect_hits"]
 
 log = logging.getLogger(__name__)
-
-# Rows examined to learn which metadata keys exist (for validating filter keys).
-_METADATA_KEY_SAMPLE = 20_000
-# Self-recall probe run on every version before it may serve.
-_VERIFY_PROBES = 8
-_MAX_FILTER_KEYS = 16
-_MAX_FILTER_VALUES = 100
-
-
-class QueryError(ValueError):
-    """A query cannot be answered as asked; `reason` is a short machine-readable cause.
-
-    Reasons: bad_k, bad_filter, bad_vector, unknown_product, unknown_image, too_large,
-    and the decode reasons of pipelines.model.image_decode.DecodeError (not_an_image, empty,
-    truncated, corrupt, too_many_pixels).
-    """
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class IndexLoadError(RuntimeError):
-    """An index version cannot be loaded or fails verification."""
-
-
-class NotReadyError(RuntimeError):
-    """No index version is loaded yet."""
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One result: a catalog image (the best one of its product when collapsed)."""
-    product_id: str
-    image_id: str
-    score: float
-    metadata: dict[str, Any]
-    image_uri: str | None = None
-    visual_score: float | None = None  # image + text queries: the parts of the fused score
-    text_score: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("visual_score", "text_score"):
-            if d[key] is None:
-                del d[key]
-        return d
-
-
-@dataclass(frozen=True)
-class SearchResults:
-    """The answer to one query."""
-    version: str
-    k: int
-    collapsed: bool
-    hits: list[SearchHit]
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "k": self.k, "collapsed": self.collapsed,
-                "results": [h.to_dict() for h in self.hits], "timings_ms": self.timings_ms}
 
 
 @dataclass(frozen=True)
@@ -109,269 +61,6 @@ class ReloadOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------- query embedder
-
-def _normalise_handle(handle: str) -> str:
-    """A model handle in a comparable form: local paths absolute and resolved."""
-    handle = handle.strip()
-    if handle.startswith("builtin:"):
-        return handle
-    from pipelines.core import filesystem as fs
-    if not fs.is_local(handle):
-        return handle.rstrip("/")
-    return os.path.realpath(os.path.abspath(os.path.expanduser(fs.normalize(handle))))
-
-
-def check_model_allowed(handle: Any, config: Config) -> str:
-    """The manifest's model handle if serving may load it; IndexLoadError naming why not.
-
-    An index artifact is data: the model it names is only loaded when the operator
-    trusts it: a builtin:NAME model (our own code and the packaged weights), the
-    operator's `model.handle`, or a handle listed in `serving.allowed_model_handles`.
-    Anything else (a URL or directory only the manifest names) is refused unloaded.
-    """
-    if not isinstance(handle, str) or not handle.strip():
-        raise IndexLoadError(f"the index manifest names no usable model handle ({handle!r})")
-    if handle.startswith("builtin:"):
-        return handle
-    allowed = {_normalise_handle(h) for h in (config.model.handle,
-                                              *config.serving.allowed_model_handles)}
-    if _normalise_handle(handle) in allowed:
-        return handle
-    raise IndexLoadError(
-        f"model handle {reprlib.repr(handle)} named by the index manifest is not trusted by "
-        f"this server: serving loads only builtin:* models, model.handle "
-        f"({config.model.handle!r}) and serving.allowed_model_handles; add the handle to "
-        f"serving.allowed_model_handles (or --allow-model) if the operator trusts it")
-
-
-class QueryEmbedder:
-    """Photo bytes -> embedding, with the index's model and the pipeline's decode/preprocess."""
-
-    def __init__(self, model: Mapping[str, Any], config: Config):
-        from pipelines.model.resolve import (Embedder, ModelError, ModelSpec, check_same_model,
-                                             resolve_model)
-        if not isinstance(model, Mapping):
-            raise IndexLoadError("the index manifest has no model object")
-        check_model_allowed(model.get("handle"), config)
-        try:
-            recorded = ModelSpec.from_dict(dict(model))
-        except (KeyError, TypeError) as e:
-            raise IndexLoadError(f"the index manifest's model is malformed: {e}") from e
-        try:
-            spec = resolve_model(recorded.handle, config.model.resolved_cache_dir(),
-                                 recorded.input_size)
-        except Exception as e:  # ModelError, conversion errors, missing directories
-            raise IndexLoadError(f"model {recorded.handle!r} of the index cannot be resolved "
-                                 f"here: {e}") from e
-        try:
-            check_same_model(spec, recorded, "here", "the index was built with")
-        except ModelError as e:
-            raise IndexLoadError(f"{e}: query embeddings would not match the catalog's") from e
-        self.spec = spec
-        self.config = config
-        # Feature variants (zoom levels, flip) the catalog was embedded with: from the index
-        # manifest, never from the serving config, so queries get exactly the same treatment.
-        from pipelines.model.features import features_dict
-        self.features = features_dict(model.get("features"))
-        self._embedder = Embedder(spec)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.spec.fingerprint
-
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Query bytes -> uint8 [S,S,3] (or the zoom variants); raises QueryError with the
-        decode reason.
-
-        Uploads get the tighter limits: serving.max_query_pixels decoded pixels and the
-        common photo formats only (pipelines.model.image_decode.QUERY_FORMATS).
-        """
-        from pipelines.model.features import load_query_arrays
-        from pipelines.model.image_decode import QUERY_FORMATS, DecodeError
-        try:
-            return load_query_arrays(data, self.spec.input_size, self.config, self.features,
-                                     max_decoded_pixels=self.config.serving.max_query_pixels,
-                                     formats=QUERY_FORMATS)
-        except DecodeError as e:
-            raise QueryError(e.reason, f"image cannot be used: {e}") from e
-
-    def embed_arrays(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,S,S,3] (or [N,V,S,S,3]: feature variants) -> float32 [N,dim], normalised."""
-        from pipelines.model.features import embed_variants
-        return embed_variants(self._embedder.embed, images)
-
-    def embed_bytes(self, data: bytes) -> np.ndarray:
-        """One photo -> float32 [dim]."""
-        return self.embed_arrays(self.preprocess(data)[None])[0]
-
-
-# --------------------------------------------------------------------------- loaded index
-
-class LoadedIndex:
-    """One index version in memory. Immutable once built; shared by concurrent requests."""
-
-    def __init__(self, version: str, manifest: IndexManifest, shard_ids: list[int],
-                 backend: "_ShardBackend", embedder: QueryEmbedder | None):
-        self.version = version
-        self.manifest = manifest
-        self.shard_ids = shard_ids
-        self.embedder = embedder
-        self.text_index: Any = None  # serving.text_search.TextIndex, built by CatalogSearcher
-        self._backend = backend
-        self.num_vectors = backend.num_rows
-        self.dim = int(manifest.dim or backend.dim)
-        self.loaded_at = time.time()
-        images: dict[str, list[int]] = {}
-        for i, img in enumerate(backend.image_ids):
-            images.setdefault(img, []).append(i)  # several rows when views are separate
-        self._image_rows = images
-        self.has_views = len(images) < backend.num_rows
-        products: dict[str, list[int]] = {}
-        for i, pid in enumerate(backend.product_ids):
-            products.setdefault(pid, []).append(i)
-        self._product_rows = products
-        # Starts at the mean images per product; refined by collect_hits as queries run.
-        self.rows_per_product_hit = max(1.0, backend.num_rows / max(1, len(products)))
-        step = max(1, self.num_vectors // _METADATA_KEY_SAMPLE)
-        keys: set[str] = {"product_id", "image_id"}
-        for i in range(0, self.num_vectors, step):
-            keys.update(self.metadata(i))
-        self.filter_keys = frozenset(keys)
-
-    @property
-    def num_products(self) -> int:
-        return len(self._product_rows)
-
-    def metadata(self, row: int) -> dict[str, Any]:
-        text = self._backend.metadata[row]
-        if not text:
-            return {}
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    def hit(self, row: int, score: float) -> SearchHit:
-        b = self._backend
-        return SearchHit(product_id=b.product_ids[row], image_id=b.image_ids[row],
-                         score=float(score), metadata=self.metadata(row),
-                         image_uri=b.image_uris[row] if b.image_uris is not None else None)
-
-    def learn_rows_per_product_hit(self, observed: float) -> None:
-        """Update the running estimate of rows scanned per distinct product in results."""
-        self.rows_per_product_hit = 0.9 * self.rows_per_product_hit + 0.1 * observed
-
-    def product_id(self, row: int) -> str:
-        return self._backend.product_ids[row]
-
-    def image_id(self, row: int) -> str:
-        return self._backend.image_ids[row]
-
-    def has_image(self, image_id: str) -> bool:
-        return image_id in self._image_rows
-
-    def image_uri(self, image_id: str) -> str | None:
-        rows = self._image_rows.get(image_id)
-        if not rows or self._backend.image_uris is None:
-            return None
-        return self._backend.image_uris[rows[0]]
-
-    def image_rows(self, image_id: str) -> list[int]:
-        return self._image_rows.get(image_id, [])
-
-    def product_rows(self, product_id: str) -> list[int]:
-        return self._product_rows.get(product_id, [])
-
-    def vectors_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._backend.vectors_of(rows)
-
-    def search(self, queries: np.ndarray, n: int, exact: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [Q,D] -> (scores [Q,n'], global rows [Q,n'], -1 = none), best first."""
-        n = max(1, min(int(n), self.num_vectors))
-        return self._backend.search(np.ascontiguousarray(queries, dtype=np.float32), n, exact)
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "num_vectors": self.num_vectors,
-                "num_products": self.num_products, "dim": self.dim, "shards": self.shard_ids,
-                "model_id": self.manifest.model_id, "created_at": self.manifest.created_at,
-                "loaded_at": self.loaded_at}
-
-
-class _ShardBackend:
-    """Adapter over pipelines.index.artifact / pipelines.index.sharded_search: rows + search."""
-
-    def __init__(self, shards: list[Any]):
-        from pipelines.index.sharded_search import ShardedSearcher
-        self._searcher = ShardedSearcher(shards)
-        s = self._searcher
-        self.num_rows = int(s.num_vectors)
-        self.dim = int(s.dim)
-        self.image_ids = s.image_ids
-        self.product_ids = s.product_ids
-        self.metadata = s.metadata
-        self.image_uris = getattr(s, "image_uris", None)
-
-    def search(self, queries: np.ndarray, n: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-        if exact:
-            return self._searcher.search_exact(queries, n)
-        return self._searcher.search(queries, n)
-
-    def vectors_of(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._searcher.vectors(np.asarray(rows, dtype=np.int64))
-
-
-# --------------------------------------------------------------------------- filters
-
-def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
-                     ) -> dict[str, frozenset[str]]:
-    """{"key": value | [values]} -> {"key": accepted values as strings}; QueryError if bad."""
-    if filters is None:
-        return {}
-    if not isinstance(filters, Mapping):
-        raise QueryError("bad_filter", f"filters must be an object of key -> value(s), "
-                                       f"got {type(filters).__name__}")
-    if len(filters) > _MAX_FILTER_KEYS:
-        raise QueryError("bad_filter", f"at most {_MAX_FILTER_KEYS} filter keys")
-    known = set(known_keys) if known_keys is not None else None
-    out: dict[str, frozenset[str]] = {}
-    for key, value in filters.items():
-        if not isinstance(key, str) or not key:
-            raise QueryError("bad_filter", f"filter key {reprlib.repr(key)} must be a non-empty "
-                                           f"string")
-        if known is not None and key not in known:
-            raise QueryError("bad_filter", f"filter key {reprlib.repr(key)} is not a metadata "
-                                           f"field of this index; known: "
-                                           f"{', '.join(sorted(known))}")
-        values = value if isinstance(value, list) else [value]
-        if not values or len(values) > _MAX_FILTER_VALUES:
-            raise QueryError("bad_filter", f"filter {reprlib.repr(key)} needs 1 to "
-                                           f"{_MAX_FILTER_VALUES} values")
-        for v in values:
-            if isinstance(v, (dict, list)) or v is None:
-                raise QueryError("bad_filter", f"filter {reprlib.repr(key)}: values must be "
-                                               f"strings, numbers or booleans, got "
-                                               f"{reprlib.repr(v)}")
-        out[key] = frozenset(_filter_text(v) for v in values)
-    return out
-
-
-def _filter_text(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def _matches(hit_fields: Mapping[str, Any], filters: Mapping[str, frozenset[str]]) -> bool:
-    for key, accepted in filters.items():
-        value = hit_fields.get(key)
-        if value is None or _filter_text(value) not in accepted:
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------- searcher
@@ -550,10 +239,9 @@ class CatalogSearcher:
         unknown = [s for s in shard_ids if s not in all_ids]
         if unknown:
             raise IndexLoadError(f"version {version} has shards {all_ids}; asked for {unknown}")
-        shards = artifact.load_shards(shard_ids=shard_ids)
-        backend = _ShardBackend(shards)
+        shards = ShardedSearcher(artifact.load_shards(shard_ids=shard_ids))
         embedder = self._embedder_for(manifest.model) if self.load_embedder else None
-        loaded = LoadedIndex(version, manifest, shard_ids, backend, embedder)
+        loaded = LoadedIndex(version, manifest, shard_ids, shards, embedder)
         verify_loaded(loaded)
         from serving.text_search import build_text_index
         try:
@@ -562,49 +250,13 @@ class CatalogSearcher:
             log.warning("text search is off: %s (pip install '.[serving]')", e)
         return loaded
 
-    # -- queries ---------------------------------------------------------------------------
-
-    def check_k(self, k: int | None) -> int:
-        """k or the default; QueryError unless 1 <= k <= serving.max_k."""
-        if k is None:
-            return self.config.serving.default_k
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise QueryError("bad_k", f"k must be an integer, got {k!r}")
-        if not 1 <= int(k) <= self.config.serving.max_k:
-            raise QueryError("bad_k", f"k must be between 1 and {self.config.serving.max_k}, "
-                                      f"got {k}")
-        return int(k)
-
-    def check_text(self, text: str | None) -> str | None:
-        """None, or query text of 1 to fusion.max_text_chars characters; QueryError if not."""
-        if text is None:
-            return None
-        if not isinstance(text, str):
-            raise QueryError("bad_text", f"text must be a string, got {type(text).__name__}")
-        text = text.strip()
-        if not text:
-            raise QueryError("bad_text", "text is empty")
-        limit = self.config.fusion.max_text_chars
-        if len(text) > limit:
-            raise QueryError("bad_text", f"text has {len(text)} characters; the limit is {limit}")
-        return text
+    # -- queries: on the version serving when the query arrives (serving.query) ------------
 
     def search_text(self, text: str, k: int | None = None,
                     filters: Mapping[str, Any] | None = None,
                     collapse: bool = True) -> SearchResults:
         """Products whose metadata text matches `text` (BM25); only matching products."""
-        from serving.fusion import text_hits
-        idx = self.current
-        k = self.check_k(k)
-        parsed = validate_filters(filters, idx.filter_keys)
-        query = self.check_text(text)
-        if query is None:
-            raise QueryError("bad_text", "text is required")
-        self._check_text_index(idx)
-        t0 = time.perf_counter()
-        hits = text_hits(idx, query, k, parsed, collapse)
-        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                             timings_ms={"text_ms": (time.perf_counter() - t0) * 1e3})
+        return query.search_text(self.current, self.config, text, k, filters, collapse)
 
     def search_image(self, data: bytes, k: int | None = None,
                      filters: Mapping[str, Any] | None = None,
@@ -615,27 +267,8 @@ class CatalogSearcher:
         With `text`, visual and text (BM25) scores are fused (serving.fusion), weighted by
         `text_weight` (default fusion.text_weight).
         """
-        idx = self.current
-        k = self.check_k(k)
-        parsed = validate_filters(filters, idx.filter_keys)
-        query_text = self.check_text(text)
-        weight = self.check_weight(text_weight, self.config.fusion.text_weight)
-        limit = self.config.serving.max_upload_bytes
-        if len(data) > limit:
-            raise QueryError("too_large", f"image is {len(data)} bytes; the limit is {limit}")
-        if idx.embedder is None:
-            raise QueryError("no_model", "this searcher was opened without a query model")
-        t0 = time.perf_counter()
-        pixels = idx.embedder.preprocess(data)
-        t1 = time.perf_counter()
-        vector = idx.embedder.embed_arrays(pixels[None])[0]
-        t2 = time.perf_counter()
-        if query_text is not None:
-            results = self._run_fused(idx, vector, query_text, weight, k, parsed, collapse, ())
-        else:
-            results = self._run(idx, vector, k, parsed, collapse, exclude_rows=())
-        results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
-        return results
+        return query.search_image(self.current, self.config, data, k, filters, collapse, text,
+                                  text_weight)
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int | None = None,
                       filters: Mapping[str, Any] | None = None,
@@ -645,15 +278,8 @@ class CatalogSearcher:
 
         With `text`, fused with the text score as in `search_image`.
         """
-        idx = self.current
-        k = self.check_k(k)
-        parsed = validate_filters(filters, idx.filter_keys)
-        query_text = self.check_text(text)
-        weight = self.check_weight(text_weight, self.config.fusion.text_weight)
-        vector_ = self.check_vector(vector, idx.dim)
-        if query_text is not None:
-            return self._run_fused(idx, vector_, query_text, weight, k, parsed, collapse, ())
-        return self._run(idx, vector_, k, parsed, collapse, ())
+        return query.search_vector(self.current, self.config, vector, k, filters, collapse,
+                                   text, text_weight)
 
     def similar_to(self, product_id: str | None = None, image_id: str | None = None,
                    k: int | None = None, filters: Mapping[str, Any] | None = None,
@@ -664,188 +290,12 @@ class CatalogSearcher:
         (`text_weight`, default fusion.similar_text_weight) the product's title similarity
         (BM25 of its title) is fused with the visual score (serving.fusion).
         """
-        weight = self.check_weight(text_weight, self.config.fusion.similar_text_weight)
+        # argument errors come before "not ready"
+        query.check_weight(text_weight, self.config.fusion.similar_text_weight)
         if (product_id is None) == (image_id is None):
             raise QueryError("bad_query", "give exactly one of product_id or image_id")
-        idx = self.current
-        k = self.check_k(k)
-        parsed = validate_filters(filters, idx.filter_keys)
-        if product_id is not None:
-            rows = idx.product_rows(product_id)
-            if not rows:
-                raise QueryError("unknown_product",
-                                 f"product {product_id!r} is not in index version {idx.version}")
-            exclude_product = product_id
-        else:
-            assert image_id is not None  # exactly one of the two was given (checked above)
-            rows = idx.image_rows(image_id)
-            if not rows:
-                raise QueryError("unknown_image",
-                                 f"image {image_id!r} is not in index version {idx.version}")
-            exclude_product = None
-        vectors = idx.vectors_of(rows)
-        vector = _normalise(vectors.mean(axis=0))
-        if weight > 0:
-            from serving.fusion import product_title
-            title = product_title(idx, product_id if product_id is not None
-                                  else idx.product_id(rows[0]))
-            return self._run_fused(idx, vector, title, weight, k, parsed, collapse, rows,
-                                   exclude_product)
-        return self._run(idx, vector, k, parsed, collapse, exclude_rows=rows,
-                         exclude_product=exclude_product)
-
-    @staticmethod
-    def check_weight(weight: Any, default: float) -> float:
-        """A text weight in [0, 1] (default when None); QueryError if not."""
-        if weight is None:
-            return default
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not 0.0 <= float(weight) <= 1.0:
-            raise QueryError("bad_text_weight", f"text_weight must be a number in [0, 1], "
-                                                f"got {weight!r}")
-        return float(weight)
-
-    @staticmethod
-    def _check_text_index(idx: LoadedIndex) -> None:
-        if idx.text_index is None:
-            raise QueryError("text_unavailable", "text search is not available on this server "
-                                                 "(the bm25s package is not installed)")
-
-    def _run_fused(self, idx: LoadedIndex, vector: np.ndarray, text: str, weight: float,
-                   k: int, filters: Mapping[str, frozenset[str]], collapse: bool,
-                   exclude_rows: Iterable[int], exclude_product: str | None = None
-                   ) -> SearchResults:
-        from serving.fusion import fused_hits
-        self._check_text_index(idx)
-        t0 = time.perf_counter()
-        hits = fused_hits(idx, vector, text, k, weight, self.config.fusion.candidates,
-                          filters, collapse, exclude_rows, exclude_product)
-        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                             timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
-
-    @staticmethod
-    def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
-        """A finite, non-zero vector of the index's dimension, L2-normalised."""
-        try:
-            with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused below
-                v = np.asarray(vector, dtype=np.float32)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise QueryError("bad_vector", f"vector must be a list of finite numbers: "
-                                           f"{reprlib.repr(str(e))}") from e
-        if v.ndim != 1 or v.shape[0] != dim:
-            raise QueryError("bad_vector", f"vector must have {dim} numbers, got shape "
-                                           f"{list(v.shape)}")
-        if not np.all(np.isfinite(v)):
-            raise QueryError("bad_vector", "vector has NaN or infinite values")
-        if not np.any(v):
-            raise QueryError("bad_vector", "vector is all zeros")
-        return _normalise(v)
-
-    def _run(self, idx: LoadedIndex, vector: np.ndarray, k: int,
-             filters: Mapping[str, frozenset[str]], collapse: bool,
-             exclude_rows: Iterable[int], exclude_product: str | None = None,
-             exact: bool = False) -> SearchResults:
-        t0 = time.perf_counter()
-        hits = collect_hits(idx, vector, k, filters, collapse, exclude_rows, exclude_product,
-                            exact)
-        return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                             timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
-
-
-def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
-                 filters: Mapping[str, frozenset[str]] | None = None, collapse: bool = True,
-                 exclude_rows: Iterable[int] = (), exclude_product: str | None = None,
-                 exact: bool = False,
-                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[SearchHit]:
-    """Top-k hits for one normalised query vector: over-fetch images, filter, collapse.
-
-    Asks the index for more neighbours (x4 each round) until k hits survive filtering and
-    product collapsing, or the whole index has been asked for. `neighbours` (scores [n],
-    rows [n]) from an earlier batched search, if given, are used for the first round.
-    """
-    excluded = set(int(r) for r in exclude_rows)
-    extra = len(excluded) + (len(idx.product_rows(exclude_product)) if exclude_product else 0)
-    needs_more = collapse or bool(filters) or extra > 0 or idx.has_views
-    # Collapsing to products needs about k x (rows scanned per distinct product) rows;
-    # that ratio is learned from earlier queries, so one search round is usually enough.
-    first = int(k * idx.rows_per_product_hit * 1.25) if collapse else 4 * k
-    fetch = min(idx.num_vectors, (max(first, 32) if needs_more else k) + extra)
-    while True:
-        if neighbours is not None:
-            scores, rows = neighbours[0][None], neighbours[1][None]
-            fetch, neighbours = max(1, scores.shape[1]), None
-        else:
-            scores, rows = idx.search(vector[None], fetch, exact=exact)
-        hits: list[SearchHit] = []
-        seen: set[str] = set()
-        for scanned, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
-            if row < 0 or row in excluded:
-                continue
-            product_id = idx.product_id(row)
-            if exclude_product is not None and product_id == exclude_product:
-                continue
-            key = product_id if collapse else idx.image_id(row)  # views of one image: once
-            if key in seen:
-                continue
-            hit = idx.hit(row, score)
-            if filters and not _matches({**hit.metadata, "product_id": hit.product_id,
-                                         "image_id": hit.image_id}, filters):
-                continue
-            seen.add(key)
-            hits.append(hit)
-            if len(hits) == k:
-                if collapse and not filters:
-                    idx.learn_rows_per_product_hit(scanned / k)
-                return hits
-        if fetch >= idx.num_vectors:
-            return hits
-        fetch = min(idx.num_vectors, fetch * 4)
-
-
-def _normalise(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float32)
-    norm = float(np.linalg.norm(v))
-    return v / norm if norm > 0 else v
-
-
-def verify_loaded(idx: LoadedIndex) -> None:
-    """Refuse a version that would serve wrong answers; raises IndexLoadError with why."""
-    manifest = idx.manifest
-    if idx.num_vectors == 0:
-        raise IndexLoadError(f"version {idx.version}: the loaded shards hold no vectors")
-    shards = manifest.shards
-    expected = sum(shards[s].num_vectors for s in idx.shard_ids if s < len(shards))
-    if expected and expected != idx.num_vectors:
-        raise IndexLoadError(f"version {idx.version}: manifest says shards {idx.shard_ids} hold "
-                             f"{expected} vectors, loaded {idx.num_vectors}")
-    if idx.embedder is not None and idx.embedder.spec.dim and idx.embedder.spec.dim != idx.dim:
-        raise IndexLoadError(f"version {idx.version}: model {idx.embedder.spec.model_id} gives "
-                             f"{idx.embedder.spec.dim}-d vectors, the index holds {idx.dim}-d")
-    rng = np.random.default_rng(0)
-    probes = rng.choice(idx.num_vectors, size=min(_VERIFY_PROBES, idx.num_vectors),
-                        replace=False)
-    vectors = idx.vectors_of(probes)
-    if vectors.shape != (len(probes), idx.dim) or not np.all(np.isfinite(vectors)):
-        raise IndexLoadError(f"version {idx.version}: stored vectors are malformed "
-                             f"(shape {vectors.shape}, expected [{len(probes)}, {idx.dim}])")
-    scores, rows = idx.search(vectors, min(10, idx.num_vectors))
-    found = 0
-    for probe, vec, row_scores, row_ids in zip(probes, vectors, scores, rows):
-        # A probe is found when its own row, or a row with an identical score (a duplicate
-        # image), comes back in its top 10.
-        own = float(vec @ vec)
-        if int(probe) in set(int(r) for r in row_ids) or np.any(np.abs(row_scores - own) < 1e-4):
-            found += 1
-    if found < len(probes) * 0.75:
-        raise IndexLoadError(f"version {idx.version}: self-search found only {found} of "
-                             f"{len(probes)} probe vectors in their own top 10")
-    if idx.embedder is not None:
-        # One forward pass so the first request does not pay for graph tracing.
-        size = idx.embedder.spec.input_size
-        probe_vec = idx.embedder.embed_arrays(np.full((1, size, size, 3), 128, np.uint8))
-        if probe_vec.shape[1] != idx.dim:
-            raise IndexLoadError(f"version {idx.version}: model gives {probe_vec.shape[1]}-d "
-                                 f"vectors, the index holds {idx.dim}-d")
+        return query.similar_to(self.current, self.config, product_id, image_id, k, filters,
+                                collapse, text_weight)
 
 
 # --------------------------------------------------------------------------- hot reload

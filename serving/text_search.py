@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from serving.searcher import LoadedIndex
+    from serving.loaded_index import LoadedIndex
 
 log = logging.getLogger(__name__)
 

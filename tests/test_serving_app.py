@@ -54,6 +54,23 @@ def test_health_ready_and_openapi(client):
         assert path in spec["paths"]
     content = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
+    # Generated from the pydantic models (serving.api.schemas): text with or instead of the
+    # photo / vector, so neither image nor vector is required.
+    form = content["multipart/form-data"]["schema"]
+    body = content["application/json"]["schema"]
+    for schema in (form, body):
+        assert {"text", "text_weight", "k", "filters", "collapse"} <= set(schema["properties"])
+        assert not schema.get("required")
+    assert "binary" in json.dumps(form["properties"]["image"])
+    assert "vector" in body["properties"] and body["additionalProperties"] is False
+    search = spec["paths"]["/v1/search"]["post"]["responses"]
+    assert search["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/SearchResponse")
+    assert search["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse")
+    assert "HTTPValidationError" not in json.dumps(spec["paths"])  # errors keep our shape
+    assert {"SearchResponse", "HitOut", "ReloadResponse", "ReadyResponse",
+            "ErrorResponse"} <= set(spec["components"]["schemas"])
 
 
 def test_search_by_image_upload(client, world):
@@ -183,15 +200,16 @@ def test_metrics_count_requests_errors_and_latency(client):
     client.get("/healthz")
     _upload(client, b"not an image")
     text = client.get("/metrics").text
-    assert 'catalog_search_requests_total{route="/healthz",method="GET",status="200"}' in text
-    assert 'catalog_search_requests_total{route="/v1/search",method="POST",status="422"}' in text
-    assert 'catalog_search_errors_total{route="/v1/search",reason="not_an_image"}' in text
-    assert 'catalog_search_request_seconds_bucket{route="/v1/search",le="+Inf"}' in text
+    # prometheus_client writes labels in name order and values as floats
+    assert 'catalog_search_requests_total{method="GET",route="/healthz",status="200"}' in text
+    assert 'catalog_search_requests_total{method="POST",route="/v1/search",status="422"}' in text
+    assert 'catalog_search_errors_total{reason="not_an_image",route="/v1/search"}' in text
+    assert 'catalog_search_request_seconds_bucket{le="+Inf",route="/v1/search"}' in text
     assert 'catalog_search_index_info{version="v0001"} 1' in text
     assert "catalog_search_index_vectors 36" in text
     count = [line for line in text.splitlines()
              if line.startswith('catalog_search_request_seconds_count{route="/v1/search"}')]
-    assert count and int(count[0].split()[-1]) >= 1
+    assert count and float(count[0].split()[-1]) >= 1
 
 
 def test_page_is_served(client):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.core import filesystem as fs
+from serving.query import run_visual
 from serving.searcher import (CatalogSearcher, IndexLoadError, IndexWatcher, QueryError,
                               validate_filters)
 from serving_fixtures import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,
@@ -184,7 +185,7 @@ def test_hot_reload_under_concurrent_queries(world, tmp_path):
     assert searcher.version == "v0001" and searcher.current is not old
     assert old.num_vectors == NUM_PRODUCTS * IMAGES_PER_PRODUCT
     assert searcher.reload(version="v0002").status == "loaded"
-    hits = CatalogSearcher._run(searcher, old, old.vectors_of([0])[0], 3, {}, True, ())
+    hits = run_visual(old, old.vectors_of([0])[0], 3, {}, True, ())
     assert hits.version == "v0001" and len(hits.hits) == 3
     assert searcher.current.num_vectors == (NUM_PRODUCTS - 2) * IMAGES_PER_PRODUCT
     assert searcher.reload().status == "unchanged"  # LATEST = v0002

@@ -9,7 +9,8 @@
 Global rows number the rows of all given shards in order: the rows of shards[0] first,
 then shards[1], ... `image_ids[row]`, `product_ids[row]`, `views[row]`,
 `image_uris[row]` and `metadata[row]` (JSON text) map a row back to the catalog;
-`vectors(rows)` returns the indexed vectors. Scores are dot products of L2-normalised
+`vectors(rows)` returns the indexed vectors; `hit(row, score)` maps a row to a `Hit`
+(metadata parsed by `parse_metadata`). Scores are dot products of L2-normalised
 vectors (cosine similarity), best first; k' = min(k, num_vectors). A query for which
 the approximate search finds fewer than k' neighbours gets score -inf and row -1 in the
 remaining slots (`hits` leaves those out).
@@ -52,15 +53,36 @@ def shard_pool() -> ThreadPoolExecutor:
 
 @dataclass(frozen=True)
 class Hit:
-    """One neighbour of a query, mapped back to the catalog."""
+    """One neighbour of a query, mapped back to the catalog.
+
+    The one result type of the project: ShardedSearcher.hits returns it, and serving
+    answers with it (collapsed to the best image per product, filtered, or fused with the
+    text score: then `score` is the fused score and `visual_score` / `text_score` its parts).
+    """
     row: int
     shard: int
     score: float
     image_id: str
     product_id: str
     view: str
-    image_uri: str
+    image_uri: str | None
     metadata: dict[str, Any]
+    visual_score: float | None = None
+    text_score: float | None = None
+
+
+def parse_metadata(text: str | None) -> dict[str, Any]:
+    """A row's metadata column (JSON object text) as a dict; {} when empty or not an object.
+
+    The one metadata parser: search hits, serving's filters and its text index use it.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def search_exact(vectors: np.ndarray, queries: np.ndarray, k: int,
@@ -225,15 +247,10 @@ class ShardedSearcher:
         """The catalog entry of one global row."""
         row = int(row)
         shard = int(self._shard_of_row[row])
-        text = self.metadata[row]
-        try:
-            meta = json.loads(text) if text else {}
-        except ValueError:
-            meta = {"_raw": text}
-        return Hit(row=row, shard=self.shards[shard].shard, score=float(score),
+        return Hit(row=row, shard=int(self.shards[shard].shard), score=float(score),
                    image_id=self.image_ids[row], product_id=self.product_ids[row],
                    view=self.views[row], image_uri=self.image_uris[row],
-                   metadata=meta if isinstance(meta, dict) else {"_value": meta})
+                   metadata=parse_metadata(self.metadata[row]))
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         """`search` output -> per query, its hits best first (padding left out)."""

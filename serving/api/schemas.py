@@ -1,0 +1,201 @@
+"""The request and response models of the HTTP API (pydantic): FastAPI builds the OpenAPI
+schema from them, and the search requests are validated with them.
+
+Query values keep the service's own rules (serving.api.parsing): a bad value fails
+validation with its reason as the error type (PydanticCustomError), which the error
+handler answers as `{"error": {"reason": ..., "message": ...}}` (serving.api.errors).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+from urllib.parse import quote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from serving.api.errors import ApiError
+from serving.api.parsing import parse_bool, parse_filters, parse_k, parse_text, parse_weight
+from serving.results import SearchResults
+
+# Largest integer accepted in a vector (beyond it float32 overflows).
+_MAX_VECTOR_INT = 2 ** 128
+
+
+def _checked(parse: Callable[..., Any], *args: Any) -> Any:
+    """Run a parser of serving.api.parsing; its ApiError becomes a validation error whose
+    type is the reason."""
+    try:
+        return parse(*args)
+    except ApiError as e:
+        raise PydanticCustomError(e.reason, "{message}", {"message": e.message}) from None
+
+
+# --------------------------------------------------------------------------- requests
+
+class SearchOptions(BaseModel):
+    """What every search request may carry besides the photo or vector."""
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="query words: fused with the photo or vector, "
+                                               "or searched alone (BM25 over product text)")
+    text_weight: float | None = Field(
+        None, description="weight of the text score, 0..1 (default fusion.text_weight)",
+        json_schema_extra={"minimum": 0, "maximum": 1})
+    k: int | None = Field(None, description="results wanted (default serving.default_k, "
+                                            "at most serving.max_k)",
+                          json_schema_extra={"minimum": 1})
+    filters: dict[str, Any] | None = Field(
+        None, description='metadata filter: key -> value or list of accepted values, e.g. '
+                          '{"category": "dairy"} (a JSON object; a JSON string in forms)')
+    collapse: bool = Field(True, description="best image per product (default) or images")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, raw: Any) -> Any:
+        return _checked(parse_k, raw)
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _filters(cls, raw: Any, info: ValidationInfo) -> Any:
+        context = info.context or {}
+        return _checked(parse_filters, raw, context.get("max_json_depth", 8),
+                        context.get("max_json_bytes", 1_000_000))
+
+    @field_validator("collapse", mode="before")
+    @classmethod
+    def _collapse(cls, raw: Any) -> Any:
+        return _checked(parse_bool, raw, "collapse")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text(cls, raw: Any) -> Any:
+        return _checked(parse_text, raw)
+
+    @field_validator("text_weight", mode="before")
+    @classmethod
+    def _text_weight(cls, raw: Any) -> Any:
+        return _checked(parse_weight, raw)
+
+
+class VectorSearchRequest(SearchOptions):
+    """application/json: search by embedding, by text, or both."""
+
+    vector: list[float] | None = Field(
+        None, description="a query embedding of the index's dimension (normalised by the "
+                          "server); required unless 'text' is given")
+
+    @field_validator("vector", mode="before")
+    @classmethod
+    def _vector(cls, raw: Any) -> Any:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+            raise PydanticCustomError("bad_vector", "vector must be a list of numbers")
+        if any(isinstance(x, int) and not -_MAX_VECTOR_INT < x < _MAX_VECTOR_INT for x in raw):
+            raise PydanticCustomError("bad_vector", "vector has a number too large for float32")
+        return raw
+
+
+class ImageSearchForm(SearchOptions):
+    """multipart/form-data: search by photo (fused with 'text' if given) or by text alone."""
+    model_config = ConfigDict(extra="ignore")
+
+    image: bytes | None = Field(None, description="the query photo (JPEG, PNG, WebP, ...); "
+                                                  "required unless 'text' is given")
+
+
+# --------------------------------------------------------------------------- responses
+
+class ErrorDetail(BaseModel):
+    reason: str = Field(description="machine-readable cause, e.g. bad_k, not_an_image, busy")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer (4xx, and 503 not_ready / busy)."""
+    error: ErrorDetail
+
+
+class HitOut(BaseModel):
+    """One result: a catalog image (the best one of its product when collapsed)."""
+    product_id: str
+    image_id: str
+    score: float = Field(description="cosine similarity, or the fused score with text")
+    metadata: dict[str, Any]
+    image_url: str = Field(description="the catalog's own http(s) URL, else /v1/images/{id}")
+    visual_score: float | None = Field(None, description="image + text queries only")
+    text_score: float | None = Field(None, description="image + text queries only")
+
+
+class SearchResponse(BaseModel):
+    version: str = Field(description="the index version that answered")
+    k: int
+    collapsed: bool
+    results: list[HitOut]
+    timings_ms: dict[str, float]
+
+    @classmethod
+    def from_results(cls, results: SearchResults) -> "SearchResponse":
+        return cls(version=results.version, k=results.k, collapsed=results.collapsed,
+                   timings_ms=results.timings_ms,
+                   results=[HitOut(product_id=h.product_id, image_id=h.image_id, score=h.score,
+                                   metadata=h.metadata,
+                                   image_url=public_image_url(h.image_id, h.image_uri),
+                                   visual_score=h.visual_score, text_score=h.text_score)
+                            for h in results.hits])
+
+
+class ReloadResponse(BaseModel):
+    """What POST /v1/reload did (status 409 when the version was refused)."""
+    status: Literal["loaded", "unchanged", "refused"]
+    version: str | None
+    serving_version: str | None
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class ReadyResponse(BaseModel):
+    """The serving index version (503 with {"ready": false, "version": null} before one)."""
+    ready: bool
+    version: str | None
+    num_vectors: int | None = None
+    num_products: int | None = None
+    dim: int | None = None
+    shards: list[int] | None = None
+    model_id: str | None = None
+    created_at: Any = None
+    loaded_at: float | None = None
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: its error statuses documented with the error model."""
+    what = {401: "admin token missing (when one is set)", 403: "admin token wrong",
+            404: "unknown product or image", 409: "the version was refused (reason in the body)",
+            413: "upload or body larger than its limit",
+            415: "neither multipart/form-data nor application/json",
+            422: "undecodable image, bad k, vector, filters, text or text_weight",
+            503: "no index version loaded yet, or every decode slot busy (Retry-After)"}
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
+def public_image_url(image_id: str, image_uri: str | None) -> str:
+    """Where a client loads a result's image: the catalog's own http(s) URL, else our endpoint.
+
+    The server never fetches a URL read from the catalog; an http(s) catalog image is
+    loaded by the client from its host. Any other URI is served by /v1/images/{id}, with
+    the id percent-encoded (every character but unreserved ones).
+    """
+    if image_uri and image_uri[:8].lower().startswith(("http://", "https://")):
+        try:
+            parts = urlsplit(image_uri)
+        except ValueError:
+            parts = None
+        if parts is not None and parts.scheme.lower() in ("http", "https") and parts.hostname \
+                and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in image_uri):
+            return quote(image_uri, safe=":/?#[]@!$&'()*+,;=%~")
+    return "/v1/images/" + quote(image_id, safe="")

@@ -1,0 +1,61 @@
+"""What the routers share: the searcher, config, decode slots, metrics and admin token of
+one app (`ServingState` on app.state.serving, given to routes by `Depends(serving_state)`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from pipelines.core.config import Config
+from serving.api.errors import ApiError, api_error
+from serving.api.gate import QueryGate
+from serving.api.metrics import ServingMetrics
+from serving.auth import check_bearer
+from serving.errors import NotReadyError, QueryError
+from serving.searcher import CatalogSearcher, IndexWatcher
+
+
+@dataclass
+class ServingState:
+    searcher: CatalogSearcher
+    config: Config
+    gate: QueryGate
+    metrics: ServingMetrics
+    watcher: IndexWatcher
+    admin_token: str | None
+
+    def json_context(self) -> dict[str, int]:
+        """Limits the request models' validators apply (serving.api.schemas)."""
+        return {"max_json_depth": self.config.serving.max_json_depth,
+                "max_json_bytes": self.config.serving.max_json_bytes}
+
+    def require_admin(self, request: Request) -> None:
+        """401/403 unless the request carries the admin bearer token (when one is set)."""
+        if self.admin_token is None:
+            return
+        status = check_bearer(request.headers.get("authorization"), self.admin_token)
+        if status == 401:
+            raise ApiError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer "
+                                                "<admin token>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="catalog-search"'})
+        if status == 403:
+            raise ApiError(403, "forbidden", "the admin token is wrong")
+
+
+def serving_state(request: Request) -> ServingState:
+    """FastAPI dependency: the ServingState of the app answering `request`."""
+    return request.app.state.serving
+
+
+async def run_search(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a searcher call off the event loop; its QueryError / NotReadyError -> ApiError."""
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except (QueryError, NotReadyError) as e:
+        raise api_error(e) from None
+
+
+# A route parameter `state: State` receives the app's ServingState.
+State = Annotated[ServingState, Depends(serving_state)]
