@@ -1,13 +1,16 @@
 """Who may import whom (docs/ARCHITECTURE.md, "Packages and imports").
 
-    catalog_search  ->  serving  ->  pipelines.{embed,index,model,orchestration}  ->  pipelines.core
-         |                                   ^
-         +-----------------------------------+
+ 5   catalog_search (cli.py, demo.py)                  dags/
+ 4   serving     pipelines.orchestration
+ 3    pipelines.index
+ 2    pipelines.embed
+ 1    pipelines.model
+ 0    pipelines.core
 
-The CLI and the demo (catalog_search) are the only code that imports both the batch stages
-and serving; serving never imports the CLI, and nothing in pipelines imports serving or
-catalog_search. pipelines.core imports no other stage. dags/ import only pipelines.
-Checked statically over every import statement, including those inside functions.
+A package imports only packages of a lower rank; serving and orchestration (both 4) do not
+import each other. So the CLI and the demo (catalog_search) are the only code that imports
+both the batch stages and serving, and nothing in pipelines imports serving. Checked
+statically over every import statement, including those inside functions.
 """
 from __future__ import annotations
 
@@ -18,14 +21,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# package prefix -> prefixes it must never import
-FORBIDDEN = {
-    "pipelines": ("serving", "catalog_search", "dags"),
-    "pipelines.core": ("pipelines.model", "pipelines.embed", "pipelines.index",
-                       "pipelines.orchestration"),
-    "serving": ("catalog_search", "dags", "pipelines.orchestration"),
-    "dags": ("serving", "catalog_search"),
-}
+RANK = {"pipelines.core": 0, "pipelines.model": 1, "pipelines.embed": 2, "pipelines.index": 3,
+        "pipelines.orchestration": 4, "serving": 4, "catalog_search": 5, "dags": 5}
+
+
+def _package(module: str) -> str | None:
+    """The ranked package a module belongs to (None: not ours, or pipelines/__init__)."""
+    for name in sorted(RANK, key=len, reverse=True):
+        if module == name or module.startswith(name + "."):
+            return name
+    return None
 
 
 def _module_name(path: Path) -> str:
@@ -53,20 +58,29 @@ def _sources() -> list[Path]:
                   for p in (REPO / top).rglob("*.py"))
 
 
-def _is_under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def test_the_layers_import_downwards_only():
     wrong = []
     for path in _sources():
         module = _module_name(path)
-        rules = [bad for owner, bad in FORBIDDEN.items() if _is_under(module, owner)]
+        own = _package(module)
+        if own is None:
+            continue
         for lineno, name in _imports(path):
-            for bad in (b for rule in rules for b in rule):
-                if _is_under(name, bad):
-                    wrong.append(f"{path.relative_to(REPO)}:{lineno}: {module} imports {name}")
+            target = _package(name)
+            if target is None or target == own:
+                continue
+            if RANK[target] >= RANK[own]:
+                wrong.append(f"{path.relative_to(REPO)}:{lineno}: {own} (rank {RANK[own]}) "
+                             f"imports {name} ({target}, rank {RANK[target]})")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_every_package_is_ranked():
+    """A new stage package must be placed in the order above before it can be used."""
+    packages = {".".join(p.parent.relative_to(REPO).parts) for top in ("pipelines", "serving",
+                "catalog_search") for p in (REPO / top).glob("*/__init__.py")}
+    packages = {p for p in packages if p.startswith("pipelines.")}
+    assert packages <= set(RANK), sorted(packages - set(RANK))
 
 
 @pytest.mark.parametrize("text,expect", [
@@ -79,7 +93,7 @@ def test_the_checker_sees_imports_inside_functions(tmp_path, text, expect):
     path = tmp_path / "m.py"
     path.write_text(text)
     names = [n for _, n in _imports(path)]
-    assert any(_is_under(n, "serving") or _is_under(n, "catalog_search") for n in names) is expect
+    assert any(_package(n) in ("serving", "catalog_search") for n in names) is expect
 
 
 def test_no_stage_module_names_another_by_string():
