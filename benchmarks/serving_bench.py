@@ -229,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         report["build_evaluation"] = manifest.evaluation
     clone_version(index_root, "bench-a", "bench-b")
 
+    from pipelines.core import filesystem as fs
+    from pipelines.embed.manifest import resolve_uri
     with open(args.queries, newline="", encoding="utf-8") as f:
-        query_uris = [r["image_uri"] for r in csv.DictReader(f)]
-    images = [open(u, "rb").read() for u in query_uris[:args.latency_queries]]
+        query_uris = [resolve_uri(r["image_uri"], args.queries) for r in csv.DictReader(f)]
+    images = [fs.read_bytes(u) for u in query_uris[:args.latency_queries]]
 
     # ---- 2. in-process latency
     t0 = time.perf_counter()

@@ -195,7 +195,8 @@ def _missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
-def _resolve_uri(image_uri: str, manifest_uri: str) -> str:
+def resolve_uri(image_uri: str, manifest_uri: str) -> str:
+    """An image URI as written in a manifest, relative ones against the manifest's folder."""
     if "://" in image_uri or os.path.isabs(image_uri):
         return image_uri
     return fs.join(os.path.dirname(manifest_uri) or ".", image_uri) if "://" in manifest_uri \
@@ -246,7 +247,7 @@ def validate_record(record: Any, uri: str, line: int, manifest_index: int) -> di
     elif not image_uri:
         row["error"] = ("missing_image_uri", f"{source}: image_uri is empty")
     else:
-        row["image_uri"] = _resolve_uri(image_uri, uri)
+        row["image_uri"] = resolve_uri(image_uri, uri)
     return row
 
 
