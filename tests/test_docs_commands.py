@@ -114,6 +114,10 @@ COVERAGE: list[Coverage] = [
              RUN, "test_airflow_local_stack_sequence (slow)"),
     # docs/BENCHMARKS.md, docs/EVALUATION.md, docs/RELIABILITY.md
     Coverage(r"\.venv/bin/pip install faiss-cpu", SKIP, "registry install, for one benchmark"),
+    Coverage(r"\.venv/bin/catalog-search sample-catalog --out /tmp/abcat|"
+             r"\.venv/bin/python -c \"import csv,os; .*queries_abs\.csv.*|"
+             r"bash benchmarks/serving_ab\.sh .*", SKIP,
+             LONG + "; the serving before/after comparison (two checkouts, four bench runs)"),
     Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
