@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from pipelines.core.beam_worker import DropKnownNoise
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import ConfigError, load_config
 
@@ -29,13 +30,6 @@ _COMMAND_MODULES = {
 }
 
 
-class _DropKnownNoise(logging.Filter):
-    """Beam logs a misleading warning when the optional GCP client libraries are absent."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("apitools not found")
-
-
 def _configure_logging(verbose: bool) -> None:
     """Before any library import: our format, and Beam/TF only when something is wrong."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,7 +37,7 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropKnownNoise())
+        handler.addFilter(DropKnownNoise())  # Beam's "apitools not found" and the like
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -1,5 +1,5 @@
 """The errors of the search layer (serving.searcher and what it calls); the HTTP layer maps
-them to statuses (serving.http.errors)."""
+them to statuses (serving/api/errors.py)."""
 from __future__ import annotations
 
 

@@ -126,7 +126,7 @@ def test_incremental_run_reuses_unchanged_reembeds_changed_drops_removed(embed_c
     assert snapshot.latest(out) == second.snapshot
 
 
-def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path):
+def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path, caplog):
     manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2, size=96)
     out = str(tmp_path / "emb")
     a = run_embed([manifest], out, embed_config, run_id="r1")
@@ -137,9 +137,11 @@ def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path):
     assert sorted(os.listdir(a.snapshot)) == before
     assert not os.path.exists(os.path.join(b.snapshot, "stray.txt"))
     assert again.embedded == 4
-    # Re-running an older run_id does not move LATEST backwards.
-    run_embed([manifest], out, embed_config, run_id="r1")
+    # Re-running an older run_id does not move LATEST backwards, and says so.
+    with caplog.at_level("WARNING", logger="pipelines.embed.job"):
+        run_embed([manifest], out, embed_config, run_id="r1")
     assert snapshot.latest(out) == b.snapshot
+    assert "the embeddings LATEST stays at r2" in caplog.text
 
 
 def test_separate_views_and_merge_previous(embed_config, tmp_path):

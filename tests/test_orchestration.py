@@ -149,6 +149,23 @@ def test_previous_snapshot_skips_the_run_being_replaced(tmp_path):
     assert orch_plan.previous_snapshot(str(root), "20250302T000000Z-backfill") == a
 
 
+def test_previous_snapshot_after_a_failed_rerun_of_the_latest_date(tmp_path, caplog):
+    """A re-run of the date LATEST names deletes that snapshot first; when the re-run fails,
+    LATEST names a folder without a summary. The next date builds on the newest complete
+    snapshot before it (and says so) instead of failing every later refresh."""
+    root = tmp_path / "emb"
+    a = _fake_snapshot(root, "20250301T000000Z-refresh")
+    _fake_snapshot(root, "20250302T000000Z-refresh")
+    snapshot.mark_latest(str(root), "20250302T000000Z-refresh")
+    os.remove(os.path.join(snapshot.snapshot_path(str(root), "20250302T000000Z-refresh"),
+                           snapshot.SUMMARY_FILE))            # the failed re-run's leftovers
+    with pytest.raises(snapshot.SnapshotError, match="not a complete snapshot"):
+        snapshot.latest(str(root))                            # what the next run used to hit
+    with caplog.at_level("WARNING"):
+        assert orch_plan.previous_snapshot(str(root), "20250303T000000Z-refresh") == a
+    assert "not a complete snapshot" in caplog.text
+
+
 def test_run_id_sorts_in_time_and_rejects_unknown_kinds():
     a = orch_plan.run_id_for(orch_plan.REFRESH, datetime(2025, 3, 1, 23, 0, tzinfo=timezone.utc))
     b = orch_plan.run_id_for(orch_plan.BACKFILL, datetime(2025, 3, 2, 1, 0))
@@ -214,3 +231,21 @@ def test_hand_off_records_when_no_service_and_fails_when_unreachable(tmp_path):
         handoff.hand_off({"version": "v2"}, "http://127.0.0.1:9", str(idx), timeout_s=5)
     with pytest.raises(orch_errors.OrchestrationError, match="no index version"):
         handoff.hand_off(None, "", str(tmp_path / "nothing"))
+
+
+def test_rerun_never_deletes_the_published_version_whose_manifest_broke(tmp_path, catalog):
+    """A re-run of a date replaces a rejected or incomplete version of an earlier attempt,
+    but not the one LATEST names: its manifest no longer reading makes it look incomplete,
+    and deleting it would leave LATEST naming a missing folder. The run builds `.r02`."""
+    plan = orch_plan.validate_params(_params(tmp_path, catalog, shards=1, retention=5),
+                                     orch_plan.REFRESH, DATE)
+    summary = steps.embed_step(plan)
+    first = steps.build_index_step(plan, summary)
+    idx = tmp_path / "idx"
+    assert (idx / "LATEST").read_text().strip() == first.version == plan.run_id
+    manifest = idx / "versions" / first.version / "manifest.json"
+    manifest.write_text("{ not json")                     # the served version's manifest broke
+    second = steps.build_index_step(plan, summary)
+    assert second.version == plan.run_id + ".r02" and second.passed
+    assert manifest.read_text() == "{ not json"          # kept for the operator
+    assert (idx / "LATEST").read_text().strip() == second.version

@@ -237,7 +237,11 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
         log.error("%s", e)
         raise
     snapshot.write_summary(snapshot_dir, summary)  # complete from here on
-    snapshot.advance_latest(out_root, run_id)
+    if not snapshot.advance_latest(out_root, run_id):
+        log.warning("embed %s: complete, but the embeddings LATEST stays at %s, which sorts "
+                    "after %r (LATEST only moves forward; run ids sort by time when they "
+                    "start with a UTC timestamp, as the default ones do)", run_id,
+                    snapshot.latest_run_id(out_root), run_id)
     return summary
 
 

@@ -48,7 +48,7 @@ Steps (run_build_index):
     index.recall_threshold the manifest is written with status "rejected" plus a
     REJECTED note, and RecallGateError is raised; LATEST is not touched.
  5. Publish: manifest.json (status "passed") is written atomically, then LATEST via
-    index_artifact.publish_version, then retention.
+    pipelines.index.artifact.publish_version, then retention.
 
 Where each step lives: 1 pipelines/index/build_plan.py, 2 build_rows.py, 3 build_shard.py,
 4 recall_gate.py, the Beam job that wires 2-4 build_pipeline.py; this module is the

@@ -341,12 +341,21 @@ def read_index_latest(index_root: str) -> str | None:
 
 def previous_snapshot(embeddings_root: str, run_id: str) -> str | None:
     """The snapshot a run builds on: LATEST, or when LATEST is this run's own (a re-run of the
-    same date) the newest complete snapshot before it; None when there is none."""
+    same date) the newest complete snapshot before it; None when there is none.
+
+    LATEST can name an incomplete snapshot: a re-run of the date LATEST names replaces that
+    snapshot, and if the re-run then fails its folder is left without a summary. The next
+    run then builds on the newest complete snapshot before its own date instead (logged),
+    so one failed re-run does not fail every later refresh."""
     from pipelines.core import filesystem as fs
     from pipelines.embed import snapshot
     current = snapshot.latest_run_id(embeddings_root)
     if current is not None and current != run_id:
-        return snapshot.latest(embeddings_root)
+        if snapshot.is_complete(snapshot.snapshot_path(embeddings_root, current)):
+            return snapshot.latest(embeddings_root)
+        log.warning("embeddings LATEST names %s, which is not a complete snapshot (a failed "
+                    "re-run of that date?): building on the newest complete one before %s",
+                    current, run_id)
     older = [name for name in fs.list_children(embeddings_root)
              if name < run_id and not name.startswith(".")
              and snapshot.is_complete(snapshot.snapshot_path(embeddings_root, name))]

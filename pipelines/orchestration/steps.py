@@ -98,13 +98,21 @@ def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_di
     return True, ""
 
 
+def _next_revision(run_id: str, last: str) -> str:
+    """The revision after `last` (`<run_id>` is revision 1)."""
+    revision = int(last.split(REVISION_SEPARATOR, 1)[1]) + 1 if REVISION_SEPARATOR in last else 2
+    return _revision_name(run_id, revision)
+
+
 def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexManifest:
     """Build the run's index version from its snapshot, gate it on recall and publish LATEST.
 
     Index versions are immutable, so a re-run of the same date (or a retried task):
     - keeps a passed version of this run that holds exactly the snapshot (re-publishing it,
       a no-op when it is LATEST) instead of rebuilding it;
-    - replaces a rejected or incomplete version of an earlier attempt;
+    - replaces a rejected or incomplete version of an earlier attempt, unless the index
+      LATEST names it (a served version whose manifest no longer reads): that one is never
+      deleted, the run builds the next revision instead;
     - builds a new revision `<run_id>.rNN` when a passed version holds other content.
     """
     from pipelines.core import filesystem as fs
@@ -131,10 +139,12 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexMani
                 art.publish_version(plan.index_root, last, retention=config.index.retention,
                                     manifest=existing_manifest)
                 return existing_manifest
-            revision = int(last.split(REVISION_SEPARATOR, 1)[1]) + 1 \
-                if REVISION_SEPARATOR in last else 2
-            version = _revision_name(plan.run_id, revision)
+            version = _next_revision(plan.run_id, last)
             log.info("index version %s holds other content (%s): building %s", last, why, version)
+        elif read_index_latest(plan.index_root) == last:
+            version = _next_revision(plan.run_id, last)
+            log.warning("index version %s is LATEST but its manifest does not read (%s): kept "
+                        "for the operator, building %s", last, state, version)
         else:
             log.info("removing the %s index version %s of an earlier attempt", state, last)
             fs.delete_tree(art.version_dir(plan.index_root, last))

@@ -1,5 +1,5 @@
 """Corrupt each file kind of a real index version: the load is refused with a clear
-reason, by the library loader (pipelines.index.artifact.open_index) and by the serving
+reason, by the library loader (pipelines.index.reader.open_index) and by the serving
 searcher's reload, and the previous good version stays the one loaded.
 
 The index is real: two tree-AH shards (ScaNN tree + asymmetric hashing + reordering,
