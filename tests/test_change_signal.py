@@ -59,6 +59,7 @@ def _reconciles(s):
     return s.input_rows == s.embedded + s.reused + s.dead_lettered
 
 
+@pytest.mark.heavy
 def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
         image_server, embed_config, tmp_path):
     rows = [{"product_id": f"P{i}", "image_id": f"img{i}",
@@ -102,6 +103,7 @@ def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
     assert _reconciles(s4)
 
 
+@pytest.mark.heavy
 def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path):
     img = tmp_path / "img"
     img.mkdir()

@@ -100,6 +100,7 @@ def test_cli_help_lists_every_command():
         assert cmd in r.stdout
 
 
+@pytest.mark.heavy
 def test_cli_embed_argument_errors(tmp_path):
     r = _cli("embed", "--out", str(tmp_path))
     assert r.returncode == 2 and "--manifest" in r.stderr
@@ -113,6 +114,7 @@ def test_cli_embed_argument_errors(tmp_path):
     assert r.returncode == 2 and "fetch.timeout_s" in r.stderr
 
 
+@pytest.mark.heavy
 def test_cli_embed_prints_a_reconciled_summary(tiny_model, tmp_path):
     from pipelines.embed.sample_catalog import write_catalog
     manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2, size=96)

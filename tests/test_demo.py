@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -24,6 +26,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
                 CATALOG_SEARCH_CACHE=str(tmp_path / "cache"))
 
 
+@pytest.mark.heavy
 def test_a_failing_step_ends_the_demo_within_a_minute(tmp_path, tiny_model):
     # model.cache_dir under a regular file: the embed step crashes (a retryable error,
     # which the DAGs would retry after 2 and 4 minutes); the demo does not retry.
@@ -43,6 +46,7 @@ def test_a_failing_step_ends_the_demo_within_a_minute(tmp_path, tiny_model):
     assert "apitools" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.heavy
 def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path, tiny_model):
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:

@@ -250,6 +250,7 @@ def _subcommand_and_flags(key: str) -> tuple[tuple[str, ...], set[str]] | None:
     return sub, flags
 
 
+@pytest.mark.heavy
 def test_help_of_every_documented_subcommand_and_script_names_the_documented_flags():
     """Also for the skipped commands: the subcommands and flags they use exist."""
     wanted: dict[tuple[str, ...], set[str]] = {}
@@ -472,6 +473,7 @@ def _check_example_query(out: str, key: str, full: bool) -> None:
         assert abs(hits[0][1] - 0.86) < 0.03 and abs(other - 0.69) < 0.05, out
 
 
+@pytest.mark.heavy
 def test_readme_command_line_chain(tmp_path):
     """The README's command line, in order, on the sample catalog cut to 3 products."""
     _readme_chain(tmp_path, tiny=True)

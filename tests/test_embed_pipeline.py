@@ -126,6 +126,7 @@ def test_incremental_run_reuses_unchanged_reembeds_changed_drops_removed(embed_c
     assert snapshot.latest(out) == second.snapshot
 
 
+@pytest.mark.heavy
 def test_rerun_of_a_run_id_replaces_only_that_snapshot(embed_config, tmp_path, caplog):
     manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2, size=96)
     out = str(tmp_path / "emb")

@@ -83,6 +83,7 @@ def test_fingerprint_changes_with_each_option_and_not_otherwise(embed_config):
     assert embedding_fingerprint(spec, embed_config.replace(fusion={"text_weight": 0.9})) == base
 
 
+@pytest.mark.heavy
 def test_changing_a_feature_option_reembeds_and_unchanged_reuses(embed_config, tmp_path):
     manifest = write_catalog(str(tmp_path / "cat"), num_products=3, images_per_product=2,
                              size=96)

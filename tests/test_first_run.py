@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -45,6 +47,7 @@ def test_version_flag():
     assert r.returncode == 0 and r.stdout.startswith("catalog-search 0.")
 
 
+@pytest.mark.heavy
 def test_serve_before_the_first_refresh_becomes_ready_when_a_version_is_published(
         tmp_path, tiny_model):
     cfg = tmp_path / "cfg.yaml"

@@ -138,6 +138,7 @@ def test_retention_spares_an_older_build_still_writing_until_it_goes_quiet(built
     assert [v.version for v in art.list_versions(root)] == ["v0003"]
 
 
+@pytest.mark.heavy
 def test_retention_through_builds(tmp_path):
     root = str(tmp_path / "index")
     snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(60, 8, seed=23))

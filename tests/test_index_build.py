@@ -97,6 +97,7 @@ def exact_ids(snapshot_path: str, queries: np.ndarray, k: int) -> tuple[np.ndarr
 
 # --------------------------------------------------------------------------- builds
 
+@pytest.mark.heavy
 def test_sharded_brute_force_equals_exact_search(tmp_path):
     vectors = clustered_vectors(420, 32, seed=1)
     snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
@@ -194,6 +195,7 @@ def test_gate_rejects_a_poor_config_and_keeps_latest(tmp_path):
         art.publish_version(root, "v-poor")
 
 
+@pytest.mark.heavy
 def test_crash_between_version_and_latest_keeps_previous_version(tmp_path, monkeypatch):
     root = str(tmp_path / "index")
     snap_path = write_snapshot(str(tmp_path / "snap"), clustered_vectors(200, 16, seed=5))
@@ -390,6 +392,7 @@ def _launcher_must_not_read_rows(monkeypatch) -> None:
     monkeypatch.setattr(snapshot, "load", refuse)
 
 
+@pytest.mark.heavy
 def test_shards_are_built_by_workers_from_parquet_splits(tmp_path, monkeypatch):
     vectors = clustered_vectors(900, 32, seed=21)
     snap_path = _write_split_snapshot(str(tmp_path / "snap"), vectors, files=3, row_group=100)

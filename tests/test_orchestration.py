@@ -233,6 +233,7 @@ def test_hand_off_records_when_no_service_and_fails_when_unreachable(tmp_path):
         handoff.hand_off(None, "", str(tmp_path / "nothing"))
 
 
+@pytest.mark.heavy
 def test_rerun_never_deletes_the_published_version_whose_manifest_broke(tmp_path, catalog):
     """A re-run of a date replaces a rejected or incomplete version of an earlier attempt,
     but not the one LATEST names: its manifest no longer reading makes it look incomplete,

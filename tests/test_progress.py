@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipelines.core import progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +30,7 @@ def test_ticks_from_several_processes_add_up(tmp_path, monkeypatch):
     assert path.stat().st_size == 200
 
 
+@pytest.mark.heavy
 def test_embed_of_300_images_prints_progress_lines(tmp_path, tiny_model):
     from pipelines.embed.sample_catalog import write_catalog
     manifest = write_catalog(str(tmp_path / "cat"), num_products=100, images_per_product=3,

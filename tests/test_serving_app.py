@@ -231,6 +231,7 @@ def test_not_ready_without_an_index(tmp_path, world):
         assert c.post("/v1/reload").status_code == 409
 
 
+@pytest.mark.heavy
 def test_reload_endpoint_and_hot_swap_under_load(tmp_path, world):
     root = copy_index(world, str(tmp_path / "index"))
     app = create_app(root, world.config, watch=False)

@@ -67,6 +67,7 @@ def test_dockerfile_installs_exactly_setup_py_requirements():
     assert set(installs) == expected  # apache-beam comes with the base image
 
 
+@pytest.mark.heavy
 def test_the_model_is_baked_where_the_worker_handler_looks(tmp_path, monkeypatch):
     from pipelines.model.inference import WORKER_CACHE_ENV, EmbeddingModelHandler
     from pipelines.model.resolve import ModelSpec, resolve_model

@@ -231,11 +231,13 @@ def _build_crash_and_resume(setup, tmp_path, point: str) -> None:
         np.testing.assert_array_equal(vec_g, vec_w)
 
 
+@pytest.mark.heavy
 def test_embed_killed_while_workers_run_resumes_to_the_clean_result(setup, tmp_path):
     """Also the regression test of issue 9 defect 12 (workers outlived a killed launcher)."""
     _embed_crash_and_resume(setup, tmp_path, "workers_running")
 
 
+@pytest.mark.heavy
 def test_build_index_killed_while_staging_resumes_to_the_clean_result(setup, tmp_path):
     _build_crash_and_resume(setup, tmp_path, "staging_written")
 

@@ -83,6 +83,7 @@ def test_default_guard_fails_the_hostile_catalog_and_moves_nothing(embed_config,
     assert (out / "r1" / "failed_summary.json").exists()
 
 
+@pytest.mark.heavy
 def test_each_bad_manifest_fails_fast_with_a_clear_message(embed_config, tmp_path):
     bad = write_bad_manifests(str(tmp_path / "bad"))
     assert len([b for b in bad if b.expected != "ok"]) >= 15
