@@ -351,8 +351,9 @@ def previous_snapshot(embeddings_root: str, run_id: str) -> str | None:
     from pipelines.embed import snapshot
     current = snapshot.latest_run_id(embeddings_root)
     if current is not None and current != run_id:
-        if snapshot.is_complete(snapshot.snapshot_path(embeddings_root, current)):
-            return snapshot.latest(embeddings_root)
+        path = snapshot.snapshot_path(embeddings_root, current)
+        if snapshot.is_complete(path):
+            return path
         log.warning("embeddings LATEST names %s, which is not a complete snapshot (a failed "
                     "re-run of that date?): building on the newest complete one before %s",
                     current, run_id)

@@ -61,7 +61,6 @@ def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_di
     import io
 
     import numpy as np
-    import pyarrow.parquet as pq
 
     from pipelines.core import filesystem as fs
     from pipelines.index import artifact as art
@@ -81,7 +80,7 @@ def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_di
         if not entry.num_vectors:
             continue
         shard_dir = fs.join(base, entry.path)
-        rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(shard_dir, art.ROWS_FILE))))
+        rows = fs.read_parquet(fs.join(shard_dir, art.ROWS_FILE))
         try:
             shard_vectors = np.load(io.BytesIO(fs.read_bytes(fs.join(shard_dir, "dataset.npy"))))
         except (OSError, ValueError) as e:
