@@ -169,11 +169,11 @@ def parquet_to_bytes(table: "pa.Table", compression: str = "snappy") -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def parquet_from_bytes(data: bytes) -> "pa.Table":
-    """The table of one Parquet file held in memory."""
+def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> "pa.Table":
+    """The table of one Parquet file held in memory (only `columns` when given)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    return pq.read_table(pa.BufferReader(data))
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
 def write_parquet(uri: str, table: "pa.Table", compression: str = "snappy") -> None:
@@ -181,12 +181,13 @@ def write_parquet(uri: str, table: "pa.Table", compression: str = "snappy") -> N
     write_bytes(uri, parquet_to_bytes(table, compression))
 
 
-def read_parquet(uri: str) -> "pa.Table":
-    """A whole Parquet file: local files are read in place, others through read_bytes."""
+def read_parquet(uri: str, columns: list[str] | None = None) -> "pa.Table":
+    """A Parquet file (only `columns` when given): local files are read in place, others
+    through read_bytes."""
     if is_local(uri):
         import pyarrow.parquet as pq
-        return pq.read_table(check_supported(uri))
-    return parquet_from_bytes(read_bytes(uri))
+        return pq.read_table(check_supported(uri), columns=columns)
+    return parquet_from_bytes(read_bytes(uri), columns)
 
 
 def match(pattern: str) -> list[str]:

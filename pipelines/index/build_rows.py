@@ -218,11 +218,30 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
 
 
 def _read_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:
-    """A shard's staged rows sorted by (image_id, view), and their vectors."""
-    tables = [fs.read_parquet(p["uri"]) for p in sorted(parts, key=lambda p: p["uri"])]
-    table = pa.concat_tables(tables) if tables else _part_schema(dim).empty_table()
-    if table.num_rows:
-        table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending"),
-                                                             ("view", "ascending")]))
-    vectors = snap.embedding_matrix(table.column("embedding"), dim)
-    return table.select(list(art.ROW_COLUMNS)), vectors
+    """A shard's staged rows sorted by (image_id, view), and their vectors.
+
+    Memory: the float32 matrix plus one staged part at a time (the rows without their
+    embeddings are small). Concatenating the parts and sorting the whole table, as this
+    did before, held three or four copies of the shard's vectors at once.
+    """
+    ordered = sorted(parts, key=lambda p: p["uri"])
+    columns = list(art.ROW_COLUMNS)
+    rows = pa.concat_tables([fs.read_parquet(p["uri"], columns).select(columns) for p in ordered]
+                            or [_part_schema(dim).empty_table().select(columns)])
+    n = rows.num_rows
+    if not n:
+        return rows, np.zeros((0, dim), np.float32)
+    order = pc.sort_indices(rows, sort_keys=[("image_id", "ascending"),
+                                             ("view", "ascending")]).to_numpy()
+    rows = rows.take(pa.array(order))
+    position = np.empty(n, np.int64)  # position[i] = sorted position of concatenated row i
+    position[order] = np.arange(n)
+    vectors = np.empty((n, dim), np.float32)
+    start = 0
+    for p in ordered:
+        col = fs.read_parquet(p["uri"], columns=["embedding"]).column("embedding")
+        m = len(col)
+        vectors[position[start:start + m]] = snap.embedding_matrix(col, dim)
+        start += m
+        del col
+    return rows, vectors
