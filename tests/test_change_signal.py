@@ -127,6 +127,52 @@ def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path
     assert _reconciles(s3)
 
 
+@pytest.mark.heavy
+def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path):
+    """Reused vectors are copied in Arrow from the previous snapshot's files (one
+    embeddings-reused-* file per previous file), bit for bit, with the current manifest's
+    catalog fields; a backfill's carried-forward rows go the same way."""
+    import glob
+
+    import numpy as np
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(5):
+        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(50 * i, 100, 30)))
+    fields = ["product_id", "image_id", "image_uri", "title"]
+    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg",
+             "title": f"old {i}"} for i in range(4)]
+    out = str(tmp_path / "emb")
+    s1 = run_embed([_manifest(tmp_path / "m1.csv", rows, fields)], out, embed_config,
+                   run_id="r1")
+    before = snapshot.read_table(s1.snapshot)
+
+    rows[0]["product_id"], rows[0]["title"] = "P0-moved", "new 0"  # catalog fields change
+    s2 = run_embed([_manifest(tmp_path / "m2.csv", rows, fields)], out, embed_config,
+                   run_id="r2", previous=s1.snapshot)
+    assert s2.reused_without_fetch == 4 and s2.embedded == 0 and _reconciles(s2)
+    reused_files = glob.glob(os.path.join(s2.snapshot, "embeddings-reused-*.parquet"))
+    assert len(reused_files) == len(snapshot.embedding_files(s1.snapshot)) == 1
+    after = snapshot.read_table(s2.snapshot)
+    assert sorted(after.column("image_id").to_pylist()) == [f"img{i}" for i in range(4)]
+    by_id = {r["image_id"]: r for r in after.to_pylist()}
+    for r in before.to_pylist():
+        assert np.array_equal(np.float32(by_id[r["image_id"]]["embedding"]),
+                              np.float32(r["embedding"]))
+        assert by_id[r["image_id"]][SIGNAL_COLUMN] == r[SIGNAL_COLUMN]
+    assert by_id["img0"]["product_id"] == "P0-moved" and "new 0" in by_id["img0"]["metadata"]
+    assert by_id["img1"]["product_id"] == "P1" and "old 1" in by_id["img1"]["metadata"]
+
+    drop = [{"product_id": "P4", "image_id": "img4", "image_uri": "img/4.jpg", "title": "t"}]
+    s3 = run_embed([_manifest(tmp_path / "drop.csv", drop, fields)], out, embed_config,
+                   run_id="r3", previous=s2.snapshot, merge_previous=True)
+    assert s3.embedded == 1 and s3.carried_forward == 4 and _reconciles(s3)
+    merged = {r["image_id"]: r for r in snapshot.read_table(s3.snapshot).to_pylist()}
+    assert sorted(merged) == [f"img{i}" for i in range(5)]
+    assert merged["img0"]["product_id"] == "P0-moved"
+    assert merged["img2"]["embedding"] == by_id["img2"]["embedding"]
+
+
 def test_signals(tmp_path):
     row = {"image_uri": "http://x/a.jpg", "metadata": {"etag": "abc"}}
     assert manifest_signal(row) != manifest_signal({**row, "metadata": {"etag": "abd"}})

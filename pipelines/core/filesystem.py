@@ -190,6 +190,17 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> "pa.Table":
     return parquet_from_bytes(read_bytes(uri), columns)
 
 
+def parquet_column_names(uri: str) -> list[str]:
+    """The column names of a Parquet file, from its footer (local files: only the footer
+    is read; others are read through FileSystems.open, which can seek)."""
+    import pyarrow.parquet as pq
+    uri = check_supported(uri)
+    if is_local(uri):
+        return list(pq.read_schema(uri).names)
+    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return list(pq.read_schema(f).names)
+
+
 def match(pattern: str) -> list[str]:
     """Sorted paths matching a glob pattern; empty when nothing matches."""
     result = FileSystems.match([check_supported(pattern)])[0]

@@ -1,6 +1,8 @@
 """The embeddings snapshot contract (see ../shared/DESIGN.md and docs/ARCHITECTURE.md).
 
-    <embeddings_root>/<run_id>/embeddings-SSSSS-of-NNNNN.parquet
+    <embeddings_root>/<run_id>/embeddings-SSSSS-of-NNNNN.parquet   embedded rows
+    <embeddings_root>/<run_id>/embeddings-reused-<digest>.parquet  reused / carried rows
+                                       (readers take every embeddings-*.parquet)
     <embeddings_root>/<run_id>/dead_letter-SSSSS-of-NNNNN.jsonl
     <embeddings_root>/<run_id>/summary.json     written last: a snapshot without it is incomplete
     <embeddings_root>/LATEST                    the newest complete run_id, written atomically

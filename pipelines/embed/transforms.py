@@ -2,9 +2,16 @@
 which plans a run, runs this graph and writes the summary).
 
     manifests ─ read rows ─ validate ─┐
-    previous snapshot (optional) ─────┴─ CoGroupByKey(image_id)
+    previous snapshot's rows, without ┴─ CoGroupByKey(image_id)
+    their vectors (optional)
         ─ ResolveImage ─ DecodeViews ─ RunInference ─ CoGroupByKey(image_id) ─ AssembleRows
         ─ embeddings-*.parquet, dead_letter-*.jsonl, _counts.json (outcomes by kind)
+        ResolveImage's reused and carried-forward rows ─ GroupByKey(previous file)
+        ─ CopyReused: one Arrow take per previous file ─ embeddings-reused-*.parquet
+
+Reused vectors never travel through the pipeline as Python values: a nightly run that
+reuses most of the catalog moves (file, image_id, view, catalog fields) records and
+copies the vectors file by file in Arrow.
 """
 from __future__ import annotations
 
@@ -35,6 +42,12 @@ from pipelines.model.resolve import ModelSpec
 log = logging.getLogger(__name__)
 NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
+#: Files of reused / carried-forward rows: embeddings-reused-<digest of the previous file>.
+REUSED_PREFIX = f"{snapshot.EMBEDDINGS_PREFIX}-reused"
+#: Key of the previous snapshot file a previous row was read from (not written out).
+SOURCE_FILE = "_previous_file"
+#: Catalog fields a reused row takes from the current manifest row.
+_CATALOG_FIELDS = ("product_id", "image_uri", "metadata")
 PROGRESS_EVERY = 200
 
 # Outcome counters; every input row ends in exactly one of the first three.
@@ -97,7 +110,7 @@ class ResolveImage(beam.DoFn):
         if not current:
             if previous and self.s.merge_previous:
                 yield beam.pvalue.TaggedOutput("count", CARRIED)
-                yield from ({SIGNAL_COLUMN: None, **p} for p in previous)
+                yield from (_copy_record(p, {}) for p in previous)
             elif previous:
                 yield beam.pvalue.TaggedOutput("count", DROPPED)
             return
@@ -140,10 +153,69 @@ class ResolveImage(beam.DoFn):
         Metrics.counter(NAMESPACE, REUSED).inc()
         yield beam.pvalue.TaggedOutput("count", REUSED)
         yield beam.pvalue.TaggedOutput("count", how)
+        fields = {"product_id": winner["product_id"], "image_uri": winner["image_uri"],
+                  "metadata": json.dumps(winner["metadata"], sort_keys=True),
+                  SIGNAL_COLUMN: signal}
         for p in previous:
-            yield dict(p, product_id=winner["product_id"], image_uri=winner["image_uri"],
-                       metadata=json.dumps(winner["metadata"], sort_keys=True),
-                       **{SIGNAL_COLUMN: signal})
+            yield _copy_record(p, fields)
+
+
+def _copy_record(previous_row: dict[str, Any], fields: dict[str, Any]
+                 ) -> tuple[str, dict[str, Any]]:
+    """(previous file, what CopyReused needs to copy one previous row): its key and its
+    catalog fields, replaced by `fields` where given (a carried row keeps its own)."""
+    record = {"image_id": previous_row["image_id"], "view": previous_row["view"],
+              **{f: previous_row.get(f) for f in _CATALOG_FIELDS + (SIGNAL_COLUMN,)}}
+    record.update(fields)
+    return previous_row[SOURCE_FILE], record
+
+
+class ReadPreviousRows(beam.DoFn):
+    """A previous snapshot file -> (image_id, row without its embedding, + SOURCE_FILE)."""
+
+    def process(self, uri: str):
+        columns = [c for c in fs.parquet_column_names(uri) if c != "embedding"]
+        table = fs.read_parquet(uri, columns)
+        for row in table.to_pylist():
+            row[SOURCE_FILE] = uri
+            yield row["image_id"], row
+
+
+class CopyReused(beam.DoFn):
+    """(previous file, records) -> one embeddings-reused-*.parquet in the new snapshot: the
+    file's rows for those (image_id, view) keys, vectors copied in Arrow, catalog fields
+    and change signal from the records. Yields the number of rows written."""
+
+    def __init__(self, snapshot_dir: str, dim: int):
+        self.snapshot_dir = snapshot_dir
+        self.dim = dim
+
+    def process(self, element):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        uri, records = element
+        records = sorted(records, key=lambda r: (r["image_id"], r["view"]))
+        table = fs.read_parquet(uri)
+        keys = pc.binary_join_element_wise(table.column("image_id"), table.column("view"),
+                                           "\0").to_pylist()
+        where = {key: i for i, key in enumerate(keys)}
+        try:
+            take = [where[r["image_id"] + "\0" + r["view"]] for r in records]
+        except KeyError as e:
+            raise RuntimeError(f"previous snapshot file {uri} changed during the run: "
+                               f"{e.args[0]!r} is gone") from None
+        rows = table.take(pa.array(take, pa.int64()))
+        schema = output_schema(self.dim)
+        columns = []
+        for field in schema:
+            if field.name in _CATALOG_FIELDS or field.name == SIGNAL_COLUMN:
+                columns.append(pa.array([r[field.name] for r in records], field.type))
+            else:
+                columns.append(rows.column(field.name).cast(field.type))
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        fs.write_parquet(fs.join(self.snapshot_dir, f"{REUSED_PREFIX}-{digest}.parquet"),
+                         pa.Table.from_arrays(columns, schema=schema))
+        yield len(records)
 
 
 class DecodeViews(beam.DoFn):
@@ -243,9 +315,9 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
 
     if previous:
         prev = (p
-                | "ReadPrevious" >> beam.io.ReadFromParquet(
-                    fs.join(previous, f"{snapshot.EMBEDDINGS_PREFIX}-*.parquet"))
-                | "KeyPrevious" >> beam.Map(lambda r: (r["image_id"], r)))
+                | "ListPrevious" >> beam.Create(snapshot.embedding_files(previous))
+                | "SpreadPrevious" >> beam.Reshuffle()
+                | "ReadPrevious" >> beam.ParDo(ReadPreviousRows()))
     else:
         prev = p | "NoPrevious" >> beam.Create([])
 
@@ -253,6 +325,9 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
                 | "JoinPrevious" >> beam.CoGroupByKey()
                 | "Resolve" >> beam.ParDo(ResolveImage(settings)).with_outputs(
                     "dead", "decode", "count", main="reused"))
+    _ = (resolved.reused
+         | "GroupByPreviousFile" >> beam.GroupByKey()
+         | "CopyReused" >> beam.ParDo(CopyReused(snapshot_dir, int(settings.model["dim"]))))
     decoded = (resolved.decode
                | "Decode" >> beam.ParDo(DecodeViews(settings)).with_outputs(
                    "dead", "info", main="images"))
@@ -271,7 +346,7 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
                  | "Assemble" >> beam.ParDo(AssembleRows(settings)).with_outputs(
                      "dead", "count", main="rows"))
 
-    rows_out = (resolved.reused, assembled.rows) | "AllRows" >> beam.Flatten()
+    rows_out = assembled.rows
     dead = ((valid.dead, resolved.dead, decoded.dead, assembled.dead)
             | "AllDead" >> beam.Flatten())
     _ = (rows_out
