@@ -184,3 +184,62 @@ def test_signals(tmp_path):
     first = filesystem_signal(str(p))
     p.write_bytes(b"12")
     assert first and filesystem_signal(str(p)) != first
+
+
+@pytest.mark.heavy
+def test_small_refresh_runs_in_process_on_the_direct_runner(embed_config, tmp_path):
+    """A refresh with at most runner.direct_small_run_rows rows to fetch runs in the
+    launcher (no worker processes); more, --verify-content, 0 or a cluster runner: as
+    configured. The count uses the change signals only (no fetch)."""
+    import dataclasses
+
+    from pipelines.embed import small_run
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(4):
+        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(60 * i, 20, 90)))
+    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg"}
+            for i in range(4)]
+    manifest = _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"])
+    out = str(tmp_path / "emb")
+    s1 = run_embed([manifest], out, embed_config, run_id="r1")
+    assert s1.timings["running_mode"] == "in_memory"  # the fixture's own mode, untouched
+
+    workers = dataclasses.replace(embed_config, runner=dataclasses.replace(
+        embed_config.runner, direct_running_mode="multi_processing", direct_num_workers=2,
+        direct_small_run_rows=1))
+    views = ["original"]
+
+    def choose(config, **kw):
+        args = dict(manifests=[manifest], previous=s1.snapshot, reusable=True,
+                    verify_content=False, output_views=views)
+        args.update(kw)
+        return small_run.choose_config(config, **args)
+
+    cfg, note = choose(workers)
+    assert note == {"running_mode": "in_memory", "rows_to_fetch": 0}
+    assert cfg.runner.direct_running_mode == "in_memory" and cfg.runner.direct_num_workers == 1
+    path = img / "1.jpg"
+    old = os.stat(path)
+    path.write_bytes(f.jpeg_bytes(color=(5, 250, 5)))
+    os.utime(path, (old.st_atime + 10, old.st_mtime + 10))
+    assert choose(workers)[1] == {"running_mode": "in_memory", "rows_to_fetch": 1}
+    path2 = img / "2.jpg"
+    old2 = os.stat(path2)
+    os.utime(path2, (old2.st_atime + 20, old2.st_mtime + 20))
+    cfg, note = choose(workers)
+    assert note == {"running_mode": "multi_processing", "rows_to_fetch": "more than 1"}
+    assert cfg is workers
+    for kw in ({"verify_content": True}, {"reusable": False}, {"previous": None}):
+        assert choose(workers, **kw)[0] is workers
+    never = dataclasses.replace(workers, runner=dataclasses.replace(
+        workers.runner, direct_small_run_rows=0))
+    assert choose(never)[0] is never
+    cluster = dataclasses.replace(workers, runner=dataclasses.replace(
+        workers.runner, name="DataflowRunner"))
+    assert choose(cluster)[0] is cluster
+
+    os.utime(path2, ns=(old2.st_atime_ns, old2.st_mtime_ns))  # as r1 saw it: 1 to fetch
+    s2 = run_embed([manifest], out, workers, run_id="r2", previous=s1.snapshot)
+    assert s2.timings["running_mode"] == "in_memory" and s2.timings["rows_to_fetch"] == 1
+    assert s2.embedded == 1 and s2.reused_without_fetch == 3 and _reconciles(s2)

@@ -159,6 +159,7 @@ class RunnerConfig:
     direct_num_workers: int = 2
     direct_running_mode: str = "multi_processing"
     tf_threads: int = 1
+    direct_small_run_rows: int = 1000
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -168,6 +169,8 @@ class RunnerConfig:
                  "runner.direct_running_mode",
                  "must be in_memory, multi_threading or multi_processing")
         _require(self.tf_threads >= 0, "runner.tf_threads", "must be >= 0 (0 = TensorFlow default)")
+        _require(self.direct_small_run_rows >= 0, "runner.direct_small_run_rows",
+                 "must be >= 0 (0 = always start the configured workers)")
 
     @property
     def is_direct(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from pipelines.core import filesystem as fs
 
@@ -74,3 +74,18 @@ def unchanged(signal: str | None, previous: list[dict[str, Any]]) -> bool:
     """True when `signal` is known and every previous row of the image stored the same."""
     return bool(signal) and bool(previous) and all(
         p.get(SIGNAL_COLUMN) == signal for p in previous)
+
+
+def same_views(previous: list[dict[str, Any]], output_views: Sequence[str]) -> bool:
+    """The previous rows of an image hold exactly the configured output views."""
+    return sorted(p["view"] for p in previous) == sorted(output_views)
+
+
+def reuse_without_fetch(signal: str | None, previous: list[dict[str, Any]],
+                        output_views: Sequence[str], verify_content: bool) -> bool:
+    """The one rule for reusing an image's previous vectors without fetching it (given a
+    previous snapshot with the same embedding fingerprint): no --verify-content, the
+    previous rows hold exactly the configured output views, and the change signal is known
+    and equal to the one stored on every previous row."""
+    return (not verify_content and same_views(previous, output_views)
+            and unchanged(signal, previous))

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
-from pipelines.embed import snapshot
+from pipelines.embed import small_run, snapshot
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.core.config import Config
 from pipelines.model.features import features_dict, is_plain
@@ -198,8 +198,10 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     log.info("embed %s: %d rows from %d manifest(s) -> %s (model %s, previous: %s)",
              run_id, input_rows, len(uris), snapshot_dir, spec.model_id, previous or "none")
 
-    pipeline = make_pipeline(config, f"catalog-embed-{run_id}")
-    build_pipeline(pipeline, uris, snapshot_dir, settings, previous, config)
+    run_config, execution = small_run.choose_config(
+        config, uris, previous, reuse, verify_content, settings.output_view_names())
+    pipeline = make_pipeline(run_config, f"catalog-embed-{run_id}")
+    build_pipeline(pipeline, uris, snapshot_dir, settings, previous, run_config)
     pipeline_started = time.time()
     with progress.report_progress("embed", input_rows, "rows", enabled=config.runner.is_direct):
         result = pipeline.run()
@@ -225,7 +227,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
         timings={"total_s": round(time.time() - started, 3),
                  "pipeline_s": round(pipeline_s, 3),
                  "embedded_per_s": round(counted[EMBEDDED] / pipeline_s, 2)
-                 if pipeline_s else None},
+                 if pipeline_s else None, **execution},
         created_at=datetime.now(timezone.utc).isoformat(),
     )
     fs.delete_files([fs.join(snapshot_dir, COUNTS_FILE)])

@@ -31,7 +31,8 @@ from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.embed import snapshot
-from pipelines.embed.change_signal import SIGNAL_COLUMN, row_signal, unchanged
+from pipelines.embed.change_signal import (SIGNAL_COLUMN, reuse_without_fetch, row_signal,
+                                           same_views)
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.embed.manifest import read_rows
 from pipelines.model.features import preprocess_feature_views
@@ -123,10 +124,9 @@ class ResolveImage(beam.DoFn):
                 "the later row wins"))
         if previous and self.s.merge_previous:
             yield beam.pvalue.TaggedOutput("count", REPLACED)
-        same_views = sorted(p["view"] for p in previous) == sorted(self.s.output_view_names())
+        views = self.s.output_view_names()
         signal = row_signal(winner)  # before fetching: a change after it is seen next run
-        if (self.s.reuse and same_views and not self.s.verify_content
-                and unchanged(signal, previous)):
+        if self.s.reuse and reuse_without_fetch(signal, previous, views, self.s.verify_content):
             yield from self._reuse(winner, previous, signal, "reused_without_fetch")
             return
         try:
@@ -137,7 +137,7 @@ class ResolveImage(beam.DoFn):
             return
         Metrics.counter(NAMESPACE, "bytes_fetched").inc(len(data))
         sha = hashlib.sha256(data).hexdigest()
-        if (self.s.reuse and previous and same_views
+        if (self.s.reuse and previous and same_views(previous, views)
                 and all(p["content_sha256"] == sha for p in previous)):
             yield from self._reuse(winner, previous, signal, "reused_after_hash")
             return
