@@ -184,6 +184,12 @@ def test_signals(tmp_path):
     first = filesystem_signal(str(p))
     p.write_bytes(b"12")
     assert first and filesystem_signal(str(p)) != first
+    # a file:// URI is stat'ed too (the digest includes the URI as written)
+    assert filesystem_signal(p.as_uri()) and filesystem_signal(p.as_uri()) != first
+    # a path with glob characters is one file, not a pattern
+    q = tmp_path / "b[1].jpg"
+    q.write_bytes(b"1")
+    assert filesystem_signal(str(q))
 
 
 @pytest.mark.heavy

@@ -50,13 +50,10 @@ def filesystem_signal(uri: str) -> str | None:
     if uri.startswith(("http://", "https://")):
         return None
     try:
-        if hasattr(fs.FileSystems, "metadata"):  # Beam >= 2.59
-            meta = fs.FileSystems.metadata(uri)
-        else:  # one object listing: the same FileMetadata (path, size, last modified)
-            found = fs.FileSystems.match([uri])[0].metadata_list
-            if len(found) != 1:
-                return None
-            meta = found[0]
+        # FileSystem.metadata: one stat / object HEAD. (FileSystems.match would do the
+        # same listing, but compiles a glob regex per path: 0.7 ms per row, uncached.)
+        path = fs.normalize(uri)
+        meta = fs.FileSystems.get_filesystem(path).metadata(path)
     except Exception:  # missing or unreadable: the fetch will report it
         return None
     if meta.last_updated_in_seconds in (None, 0):
