@@ -114,6 +114,12 @@ COVERAGE: list[Coverage] = [
              RUN, "test_airflow_local_stack_sequence (slow)"),
     # docs/BENCHMARKS.md, docs/EVALUATION.md, docs/RELIABILITY.md
     Coverage(r"\.venv/bin/pip install faiss-cpu", SKIP, "registry install, for one benchmark"),
+    Coverage(r"printf 'augment:\\n views: \[original, hflip\]\\n mode: separate\\n' > "
+             r"/tmp/fitcfg\.yaml|"
+             r"\.venv/bin/catalog-search embed --config /tmp/fitcfg\.yaml .*/tmp/groc/.*", SKIP,
+             "the grocery embeddings the benchmark vectors are fitted to (the full grocery "
+             "catalog, original + hflip: minutes); embed with a --config file: "
+             "tests/test_config_and_cli.py"),
     Coverage(r"\.venv/bin/catalog-search sample-catalog --out /tmp/abcat|"
              r"\.venv/bin/python -c \"import csv,os; .*queries_abs\.csv.*|"
              r"bash benchmarks/serving_ab\.sh .*", SKIP,
