@@ -55,6 +55,17 @@ def _manifest(path, rows, fields):
     return str(path)
 
 
+def _local_catalog(tmp_path, n: int, green: int):
+    """n local JPEGs under tmp_path/img and a manifest naming them: (manifest, img dir)."""
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(n):
+        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(60 * i, green, 30)))
+    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg"}
+            for i in range(n)]
+    return _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"]), img
+
+
 def _reconciles(s):
     return s.input_rows == s.embedded + s.reused + s.dead_lettered
 
@@ -105,13 +116,7 @@ def test_unchanged_updated_at_is_not_fetched_changed_or_verify_content_is(
 
 @pytest.mark.heavy
 def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path):
-    img = tmp_path / "img"
-    img.mkdir()
-    for i in range(4):
-        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(60 * i, 120, 30)))
-    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg"}
-            for i in range(4)]
-    manifest = _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"])
+    manifest, img = _local_catalog(tmp_path, 4, green=120)
     out = str(tmp_path / "emb")
     s1 = run_embed([manifest], out, embed_config, run_id="r1")
     assert s1.fetched == 4
@@ -200,13 +205,7 @@ def test_small_refresh_runs_in_process_on_the_direct_runner(embed_config, tmp_pa
     import dataclasses
 
     from pipelines.embed import small_run
-    img = tmp_path / "img"
-    img.mkdir()
-    for i in range(4):
-        (img / f"{i}.jpg").write_bytes(f.jpeg_bytes(color=(60 * i, 20, 90)))
-    rows = [{"product_id": f"P{i}", "image_id": f"img{i}", "image_uri": f"img/{i}.jpg"}
-            for i in range(4)]
-    manifest = _manifest(tmp_path / "m.csv", rows, ["product_id", "image_id", "image_uri"])
+    manifest, img = _local_catalog(tmp_path, 4, green=20)
     out = str(tmp_path / "emb")
     s1 = run_embed([manifest], out, embed_config, run_id="r1")
     assert s1.timings["running_mode"] == "in_memory"  # the fixture's own mode, untouched
