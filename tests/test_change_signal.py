@@ -133,7 +133,7 @@ def test_file_metadata_signal_skips_unchanged_local_files(embed_config, tmp_path
 
 
 @pytest.mark.heavy
-def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path):
+def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path, monkeypatch):
     """Reused vectors are copied in Arrow from the previous snapshot's files (one
     embeddings-reused-* file per previous file), bit for bit, with the current manifest's
     catalog fields; a backfill's carried-forward rows go the same way."""
@@ -152,6 +152,8 @@ def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path)
                    run_id="r1")
     before = snapshot.read_table(s1.snapshot)
 
+    from pipelines.embed import transforms
+    monkeypatch.setattr(transforms, "REUSED_ROW_GROUP_ROWS", 2)
     rows[0]["product_id"], rows[0]["title"] = "P0-moved", "new 0"  # catalog fields change
     s2 = run_embed([_manifest(tmp_path / "m2.csv", rows, fields)], out, embed_config,
                    run_id="r2", previous=s1.snapshot)
@@ -166,6 +168,9 @@ def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path)
                               np.float32(r["embedding"]))
         assert by_id[r["image_id"]][SIGNAL_COLUMN] == r[SIGNAL_COLUMN]
     assert by_id["img0"]["product_id"] == "P0-moved" and "new 0" in by_id["img0"]["metadata"]
+    import pyarrow.parquet as pq
+    # row groups of REUSED_ROW_GROUP_ROWS (2 here): build_index's parallel splits
+    assert pq.read_metadata(reused_files[0]).num_row_groups == 2
     assert by_id["img1"]["product_id"] == "P1" and "old 1" in by_id["img1"]["metadata"]
 
     drop = [{"product_id": "P4", "image_id": "img4", "image_uri": "img/4.jpg", "title": "t"}]

@@ -160,12 +160,14 @@ def write_json(uri: str, obj: Any, atomic: bool = True) -> None:
     (write_bytes_atomic if atomic else write_bytes)(uri, data)
 
 
-def parquet_to_bytes(table: "pa.Table", compression: str = "snappy") -> bytes:
-    """A table as the bytes of one Parquet file (pyarrow's default compression unless told)."""
+def parquet_to_bytes(table: "pa.Table", compression: str = "snappy",
+                     row_group_size: int | None = None) -> bytes:
+    """A table as the bytes of one Parquet file (pyarrow's default compression and row
+    group size unless told)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
     return sink.getvalue().to_pybytes()
 
 
@@ -176,9 +178,10 @@ def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> "pa.Tab
     return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
-def write_parquet(uri: str, table: "pa.Table", compression: str = "snappy") -> None:
+def write_parquet(uri: str, table: "pa.Table", compression: str = "snappy",
+                  row_group_size: int | None = None) -> None:
     """Write a table as one Parquet file (not atomic: see write_bytes)."""
-    write_bytes(uri, parquet_to_bytes(table, compression))
+    write_bytes(uri, parquet_to_bytes(table, compression, row_group_size))
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> "pa.Table":

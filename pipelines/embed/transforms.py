@@ -45,6 +45,8 @@ NAMESPACE = "catalog_search_embed"
 COUNTS_FILE = "_counts.json"
 #: Files of reused / carried-forward rows: embeddings-reused-<digest of the previous file>.
 REUSED_PREFIX = f"{snapshot.EMBEDDINGS_PREFIX}-reused"
+#: Row groups of those files: build_index reads a snapshot in parallel by row group.
+REUSED_ROW_GROUP_ROWS = 10_000
 #: Key of the previous snapshot file a previous row was read from (not written out).
 SOURCE_FILE = "_previous_file"
 #: Catalog fields a reused row takes from the current manifest row.
@@ -214,7 +216,8 @@ class CopyReused(beam.DoFn):
                 columns.append(rows.column(field.name).cast(field.type))
         digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
         fs.write_parquet(fs.join(self.snapshot_dir, f"{REUSED_PREFIX}-{digest}.parquet"),
-                         pa.Table.from_arrays(columns, schema=schema))
+                         pa.Table.from_arrays(columns, schema=schema),
+                         row_group_size=REUSED_ROW_GROUP_ROWS)
         yield len(records)
 
 
