@@ -222,7 +222,7 @@ def test_small_refresh_runs_in_process_on_the_direct_runner(embed_config, tmp_pa
 
     def choose(config, **kw):
         args = dict(manifests=[manifest], previous=s1.snapshot, reusable=True,
-                    verify_content=False, output_views=views)
+                    verify_content=False, output_views=views, input_rows=4)
         args.update(kw)
         return small_run.choose_config(config, **args)
 
@@ -240,7 +240,8 @@ def test_small_refresh_runs_in_process_on_the_direct_runner(embed_config, tmp_pa
     cfg, note = choose(workers)
     assert note == {"running_mode": "multi_processing", "rows_to_fetch": "more than 1"}
     assert cfg is workers
-    for kw in ({"verify_content": True}, {"reusable": False}, {"previous": None}):
+    for kw in ({"verify_content": True}, {"reusable": False}, {"previous": None},
+               {"input_rows": small_run.MAX_COUNTED_ROWS + 1}):
         assert choose(workers, **kw)[0] is workers
     never = dataclasses.replace(workers, runner=dataclasses.replace(
         workers.runner, direct_small_run_rows=0))

@@ -199,7 +199,7 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
              run_id, input_rows, len(uris), snapshot_dir, spec.model_id, previous or "none")
 
     run_config, execution = small_run.choose_config(
-        config, uris, previous, reuse, verify_content, settings.output_view_names())
+        config, uris, previous, reuse, verify_content, settings.output_view_names(), input_rows)
     pipeline = make_pipeline(run_config, f"catalog-embed-{run_id}")
     build_pipeline(pipeline, uris, snapshot_dir, settings, previous, run_config)
     pipeline_started = time.time()

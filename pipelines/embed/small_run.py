@@ -9,7 +9,8 @@ not match the previous snapshot, decided by the same `reuse_without_fetch` Resol
 uses. When that is at most `runner.direct_small_run_rows`, the job runs in the launcher
 process (`direct_running_mode: in_memory`, TensorFlow on every core) instead of starting
 workers. Counting stops as soon as the limit is passed, so a full re-embed pays for one
-stat per row up to the limit. Cluster runners are never changed.
+stat per row up to the limit; manifests over MAX_COUNTED_ROWS rows are not counted.
+Cluster runners are never changed.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ from pipelines.embed.change_signal import SIGNAL_COLUMN, reuse_without_fetch, ro
 from pipelines.embed.manifest import read_rows
 
 log = logging.getLogger(__name__)
+
+#: Larger manifests are not counted: the count holds the previous snapshot's ids in the
+#: launcher, and past this size the reused rows' own cost (about 0.16 ms each in one
+#: process, docs/BENCHMARKS.md) dwarfs the few seconds of worker start-up saved.
+MAX_COUNTED_ROWS = 200_000
 
 
 def rows_to_fetch(manifests: Sequence[str], previous: str, output_views: Sequence[str],
@@ -50,13 +56,14 @@ def rows_to_fetch(manifests: Sequence[str], previous: str, output_views: Sequenc
 
 
 def choose_config(config: Config, manifests: Sequence[str], previous: str | None,
-                  reusable: bool, verify_content: bool, output_views: Sequence[str]
-                  ) -> tuple[Config, dict[str, Any]]:
+                  reusable: bool, verify_content: bool, output_views: Sequence[str],
+                  input_rows: int) -> tuple[Config, dict[str, Any]]:
     """(the config to run with, what was decided: for the summary's timings)."""
     r = config.runner
     limit = r.direct_small_run_rows
     if (not r.is_direct or r.direct_running_mode == "in_memory" or limit <= 0
-            or not previous or not reusable or verify_content):
+            or not previous or not reusable or verify_content
+            or input_rows > MAX_COUNTED_ROWS):
         return config, {"running_mode": r.direct_running_mode if r.is_direct else r.name}
     planned = rows_to_fetch(manifests, previous, output_views, limit)
     if planned > limit:
