@@ -186,7 +186,7 @@ class ReadPreviousRows(beam.DoFn):
 class CopyReused(beam.DoFn):
     """(previous file, records) -> one embeddings-reused-*.parquet in the new snapshot: the
     file's rows for those (image_id, view) keys, vectors copied in Arrow, catalog fields
-    and change signal from the records. Yields the number of rows written."""
+    and change signal from the records (their count is already in the outcomes)."""
 
     def __init__(self, snapshot_dir: str, dim: int):
         self.snapshot_dir = snapshot_dir
@@ -218,7 +218,7 @@ class CopyReused(beam.DoFn):
         fs.write_parquet(fs.join(self.snapshot_dir, f"{REUSED_PREFIX}-{digest}.parquet"),
                          pa.Table.from_arrays(columns, schema=schema),
                          row_group_size=REUSED_ROW_GROUP_ROWS)
-        yield len(records)
+        return []
 
 
 class DecodeViews(beam.DoFn):
@@ -349,10 +349,9 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
                  | "Assemble" >> beam.ParDo(AssembleRows(settings)).with_outputs(
                      "dead", "count", main="rows"))
 
-    rows_out = assembled.rows
     dead = ((valid.dead, resolved.dead, decoded.dead, assembled.dead)
             | "AllDead" >> beam.Flatten())
-    _ = (rows_out
+    _ = (assembled.rows
          | "WriteEmbeddings" >> beam.io.WriteToParquet(
              fs.join(snapshot_dir, snapshot.EMBEDDINGS_PREFIX),
              output_schema(int(settings.model["dim"])),
