@@ -154,12 +154,22 @@ def test_manifest_missing_or_renamed_field_names_the_field_and_the_file(pipeline
 
 def test_manifest_format_version_is_required(pipeline_files):
     raw = _json(pipeline_files["manifest"])
-    for bad in (dict(raw, format="catalog-search-index/2"),
+    for bad in (dict(raw, format="catalog-search-index/3"),
                 {k: v for k, v in raw.items() if k != "format"}, [raw], None):
         with pytest.raises(ManifestFormatError, match="not an index manifest of format "
-                                                      "catalog-search-index/1") as e:
+                                                      "catalog-search-index/1 or "
+                                                      "catalog-search-index/2") as e:
             IndexManifest.from_dict(bad, "m.json")
         assert isinstance(e.value, IndexIntegrityError) and e.value.field == "format"
+
+
+def test_a_version_1_manifest_reads_and_keeps_its_format(pipeline_files):
+    raw = _json(pipeline_files["manifest"])
+    assert raw["format"] == FORMAT == "catalog-search-index/2"
+    old = IndexManifest.from_dict(dict(raw, format="catalog-search-index/1"), "m.json")
+    assert old.format == "catalog-search-index/1"
+    assert old.to_dict()["format"] == "catalog-search-index/1"
+    assert IndexManifest.from_dict(raw, "m.json").format == FORMAT
 
 
 def test_a_malformed_manifest_on_disk_is_refused_by_the_reader(pipeline_files, tmp_path):

@@ -2,11 +2,15 @@
 between build_index (writer) and the index reader, serving, evaluation, the orchestration
 and the benchmarks (readers).
 
-The JSON keys are the ones build_index always wrote; "format" (`FORMAT`) has been in every
-manifest since the first one, so a manifest without it, with another format, or with a
-required field missing or of the wrong type is refused (`ManifestFormatError`, an
-`IndexIntegrityError`, naming the field and the file). Keys this code does not know (a
-newer writer's additions) are kept in `extra` and written back unchanged.
+The JSON keys are the ones build_index always wrote; "format" has been in every manifest
+since the first one. This code writes `FORMAT` (version 2) and reads `READ_FORMATS`:
+version 1 manifests (built before adapters, delta logs and the ScaNN options of
+docs/ARCHITECTURE.md "Vector spaces") mean raw model vectors, hash-sharded shards and
+ScaNN's own `dataset.npy` as the stored vectors. A manifest without a format, with
+another one, or with a required field missing or of the wrong type is refused
+(`ManifestFormatError`, an `IndexIntegrityError`, naming the field and the file). Keys
+this code does not know (a newer writer's additions) are kept in `extra` and written back
+unchanged; a manifest read and written back keeps its own format.
 
 The consistency of the shard table (shard numbers, paths, file names, sums) is checked
 by `pipelines.index.artifact.check_manifest_structure` when a version is opened.
@@ -20,7 +24,10 @@ from typing import Any, Mapping
 from pipelines.core.contract import FORMAT_KEY, ContractError
 from pipelines.core.contract import field as read_field
 
-FORMAT = "catalog-search-index/1"
+FORMAT_V1 = "catalog-search-index/1"
+FORMAT = "catalog-search-index/2"
+#: Manifest formats this code reads (an old reader refuses a newer format outright).
+READ_FORMATS = (FORMAT_V1, FORMAT)
 STATUS_PASSED = "passed"
 STATUS_REJECTED = "rejected"
 
@@ -144,6 +151,7 @@ class IndexManifest:
     build: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # recall@k, threshold, passed
     extra: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT           # the format it was written in (READ_FORMATS)
 
     @property
     def model_id(self) -> str | None:
@@ -163,7 +171,7 @@ class IndexManifest:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            FORMAT_KEY: FORMAT, "version": self.version, "status": self.status,
+            FORMAT_KEY: self.format, "version": self.version, "status": self.status,
             "created_at": self.created_at, "model": self.model, "dim": self.dim,
             "distance": self.distance, "num_vectors": self.num_vectors,
             "num_images": self.num_images, "num_products": self.num_products,
@@ -177,10 +185,11 @@ class IndexManifest:
     @classmethod
     def from_dict(cls, d: Any, source: str = "index manifest") -> "IndexManifest":
         """The manifest from its JSON form; ManifestFormatError names the field and `source`."""
-        if not isinstance(d, Mapping) or d.get(FORMAT_KEY) != FORMAT:
+        if not isinstance(d, Mapping) or d.get(FORMAT_KEY) not in READ_FORMATS:
             found = d.get(FORMAT_KEY) if isinstance(d, Mapping) else type(d).__name__
-            raise ManifestFormatError(f"not an index manifest of format {FORMAT} (found "
-                                      f"{found!r})", source, FORMAT_KEY)
+            raise ManifestFormatError(f"not an index manifest of format "
+                                      f"{' or '.join(READ_FORMATS)} (found {found!r})",
+                                      source, FORMAT_KEY)
         if not isinstance(d.get("shards"), list) or not d["shards"]:
             raise ManifestFormatError("the manifest has no shard table", source, "shards")
         return cls(
@@ -199,4 +208,4 @@ class IndexManifest:
             source_snapshot=dict(_get(d, "source_snapshot", dict, source, {})),
             build=dict(_get(d, "build", dict, source, {})),
             evaluation=dict(_get(d, "evaluation", dict, source, {}, nullable=True) or {}),
-            extra=_extra(cls, d, FORMAT_KEY))
+            extra=_extra(cls, d, FORMAT_KEY), format=str(d[FORMAT_KEY]))
