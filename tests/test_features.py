@@ -67,9 +67,12 @@ def test_fingerprint_changes_with_each_option_and_not_otherwise(embed_config):
     legacy = {"model": spec.fingerprint, "input_size": spec.input_size, "resize": "center_crop",
               "views": ["original"], "mode": "mean", "seed": 0}
     assert base == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
-    # the shipped defaults (zoom 1.3 / queries 1.6) are not plain: they re-embed once
-    assert load_config().features.scales == (1.3,)
-    assert embedding_fingerprint(spec, embed_config) != base
+    # the shipped defaults are the neutral plain ones (issue 17): same fingerprint as legacy
+    shipped = load_config().features
+    assert (shipped.scales, shipped.flip, shipped.query_scales) == ((1.0,), False, None)
+    assert embedding_fingerprint(spec, load_config()) == base
+    zoomed = embed_config.replace(features={"scales": [1.3], "query_scales": [1.6]})
+    assert embedding_fingerprint(spec, zoomed) != base
     embed_config = plain
     seen = {base}
     for change in ({"features": {"flip": True}}, {"features": {"scales": [1.0, 1.3]}},

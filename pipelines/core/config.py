@@ -106,11 +106,12 @@ class FeaturesConfig:
             index manifest); query_scales (null = scales) zooms query photos differently
             from catalog images (shelf photos vs packshots).
     """
-    # Defaults chosen by the grocery quality grid (docs/EVALUATION.md): zooming catalog
-    # images 1.3x and query photos 1.6x costs nothing and lifts recall@1.
-    scales: tuple[float, ...] = (1.3,)
+    # Neutral defaults (issue 17): the plain center crop. The grocery grid's zoom (scales
+    # [1.3], query_scales [1.6]) helps shelf photos of small goods and hurts full-frame
+    # garment photos (docs/EVALUATION.md, "Feature defaults"), so it is an option, not a default.
+    scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    query_scales: tuple[float, ...] | None = (1.6,)
+    query_scales: tuple[float, ...] | None = None
 
     def validate(self) -> None:
         _require(1 <= len(self.scales) <= 4, "features.scales", "must list 1 to 4 scales")
