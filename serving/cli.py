@@ -71,6 +71,12 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filters", help='metadata filter, JSON, e.g. {"category": "dairy"}')
     p.add_argument("--images", dest="by_image", action="store_true",
                    help="list images instead of collapsing to products")
+    p.add_argument("--group-by", metavar="FIELD",
+                   help="crowding: at most --max-per-group results per value of this metadata "
+                        "field, e.g. brand or seller (product_id: images per product)")
+    p.add_argument("--max-per-group", type=int, metavar="N",
+                   help="crowding: results per --group-by value (default 1; alone: images per "
+                        "product)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
 
@@ -93,6 +99,11 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
                          f"{config.fusion.max_text_chars} characters")
     if args.text_weight is not None and not 0.0 <= args.text_weight <= 1.0:
         raise UsageError(f"--text-weight must be in [0, 1], got {args.text_weight}")
+    if args.max_per_group is not None and not 1 <= args.max_per_group <= config.serving.max_k:
+        raise UsageError(f"--max-per-group must be between 1 and {config.serving.max_k} "
+                         f"(serving.max_k), got {args.max_per_group}")
+    if args.group_by is not None and not args.group_by.strip():
+        raise UsageError("--group-by must name a metadata field")
     for uri in args.images:
         if not fs.exists(uri):
             raise UsageError(f"query image {uri} does not exist")
@@ -102,20 +113,22 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
     except IndexLoadError as e:
         print(f"catalog-search query: cannot load the index: {e}")
         return 1
+    crowding = {"group_by": args.group_by, "max_per_group": args.max_per_group}
     failures = 0
     for uri in args.images or [None]:
         try:
             if uri is None:  # text only
                 uri = f"text: {args.text}"
                 results = searcher.search_text(args.text, k=args.k, filters=filters,
-                                               collapse=not args.by_image)
+                                               collapse=not args.by_image, **crowding)
             else:
                 data = fs.read_bytes(uri, max_bytes=config.serving.max_upload_bytes)
                 results = searcher.search_image(data, k=args.k, filters=filters,
                                                 collapse=not args.by_image, text=args.text,
-                                                text_weight=args.text_weight)
+                                                text_weight=args.text_weight, **crowding)
         except QueryError as e:
-            if e.reason in ("bad_k", "bad_filter", "bad_text", "bad_text_weight"):
+            if e.reason in ("bad_k", "bad_filter", "bad_text", "bad_text_weight",
+                            "bad_group_by", "bad_max_per_group"):
                 raise UsageError(str(e)) from None
             print(f"{uri}: {e.reason}: {e}")
             failures += 1

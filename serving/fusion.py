@@ -24,6 +24,7 @@ from pipelines.index.sharded_search import Hit
 from serving.filters import hit_matches
 
 if TYPE_CHECKING:
+    from serving.crowding import Crowding
     from serving.loaded_index import LoadedIndex
 
 # A product found by text contributes at most this many of its images as candidates.
@@ -57,18 +58,20 @@ def _accept(idx: "LoadedIndex", row: int, filters: Mapping[str, frozenset[str]] 
 def _ranked_hits(idx: "LoadedIndex", rows: np.ndarray, fused: np.ndarray,
                  visual: np.ndarray | None, text: np.ndarray | None, k: int,
                  filters: Mapping[str, frozenset[str]] | None, collapse: bool,
-                 excluded: set[int], exclude_product: str | None) -> list[Hit]:
+                 excluded: set[int], exclude_product: str | None,
+                 crowding: "Crowding | None" = None) -> list[Hit]:
     from dataclasses import replace
     order = np.argsort(-fused, kind="stable")
     hits: list[Hit] = []
     seen: set[str] = set()
+    crowd = crowding.counter() if crowding is not None else None
     for i in order.tolist():
         row = int(rows[i])
         key = idx.product_id(row) if collapse else idx.image_id(row)
         if key in seen:
             continue
         hit = _accept(idx, row, filters, excluded, exclude_product)
-        if hit is None:
+        if hit is None or (crowd is not None and not crowd.admit(hit)):
             continue
         seen.add(key)
         hits.append(replace(hit, score=float(fused[i]),
@@ -81,7 +84,7 @@ def _ranked_hits(idx: "LoadedIndex", rows: np.ndarray, fused: np.ndarray,
 
 def text_hits(idx: "LoadedIndex", text: str, k: int,
               filters: Mapping[str, frozenset[str]] | None = None,
-              collapse: bool = True) -> list[Hit]:
+              collapse: bool = True, crowding: "Crowding | None" = None) -> list[Hit]:
     """Products (or their images) ranked by BM25 of `text`; only products that match."""
     ti = idx.text_index
     assert ti is not None
@@ -98,15 +101,19 @@ def text_hits(idx: "LoadedIndex", text: str, k: int,
         return []
     value_arr = np.asarray(values, np.float32)
     return _ranked_hits(idx, np.asarray(rows), value_arr, None, value_arr, k, filters,
-                        collapse, set(), None)
+                        collapse, set(), None, crowding)
 
 
 def fused_hits(idx: "LoadedIndex", vector: np.ndarray, text: str, k: int, weight: float,
                candidates: int, filters: Mapping[str, frozenset[str]] | None = None,
                collapse: bool = True, exclude_rows: Iterable[int] = (),
                exclude_product: str | None = None, exact: bool = False,
-               neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[Hit]:
-    """Images ranked by (1-w)·visual' + w·text' over the candidate union (module docstring)."""
+               neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+               crowding: "Crowding | None" = None) -> list[Hit]:
+    """Images ranked by (1-w)·visual' + w·text' over the candidate union (module docstring).
+
+    `crowding` caps the hits per group (serving.crowding) within the candidates.
+    """
     ti = idx.text_index
     assert ti is not None
     excluded = set(int(r) for r in exclude_rows)
@@ -139,7 +146,7 @@ def fused_hits(idx: "LoadedIndex", vector: np.ndarray, text: str, k: int, weight
     text_arr = text_scores[positions] if len(positions) else np.zeros(0, np.float32)
     fused = (1.0 - weight) * _min_max(visual_arr) + weight * _min_max(text_arr)
     return _ranked_hits(idx, row_arr, fused, visual_arr, text_arr, k, filters, collapse,
-                        excluded, exclude_product)
+                        excluded, exclude_product, crowding)
 
 
 def product_title(idx: "LoadedIndex", product_id: str) -> str:

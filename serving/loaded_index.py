@@ -104,6 +104,7 @@ class LoadedIndex:
         return {"version": self.version, "num_vectors": self.num_vectors,
                 "num_products": self.num_products, "dim": self.dim, "shards": self.shard_ids,
                 "model_id": self.manifest.model_id, "created_at": self.manifest.created_at,
+                "fields": sorted(self.filter_keys),
                 "loaded_at": self.loaded_at}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipelines.core.config import Config
 from pipelines.index.sharded_search import Hit
+from serving.crowding import Crowding, check_crowding
 from serving.errors import QueryError
 from serving.filters import hit_matches, validate_filters
 from serving.fusion import fused_hits, product_title, text_hits
@@ -83,20 +84,31 @@ def normalise(v: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
+def plan_crowding(idx: LoadedIndex, config: Config, group_by: Any, max_per_group: Any,
+                  collapse: bool) -> tuple[bool, Crowding | None]:
+    """(collapse, crowding) of a query: crowding by product_id replaces the collapse."""
+    crowding = check_crowding(group_by, max_per_group, idx.filter_keys, config.serving.max_k)
+    if crowding is not None and crowding.replaces_collapse:
+        collapse = False
+    return collapse, crowding
+
+
 def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
                  filters: Mapping[str, frozenset[str]] | None = None, collapse: bool = True,
                  exclude_rows: Iterable[int] = (), exclude_product: str | None = None,
                  exact: bool = False,
-                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[Hit]:
+                 neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                 crowding: Crowding | None = None) -> list[Hit]:
     """Top-k hits for one normalised query vector: over-fetch images, filter, collapse.
 
     Asks the index for more neighbours (x4 each round) until k hits survive filtering and
     product collapsing, or the whole index has been asked for. `neighbours` (scores [n],
     rows [n]) from an earlier batched search, if given, are used for the first round.
+    `crowding` caps the hits per group (serving.crowding) as the ranking is walked.
     """
     excluded = set(int(r) for r in exclude_rows)
     extra = len(excluded) + (len(idx.product_rows(exclude_product)) if exclude_product else 0)
-    needs_more = collapse or bool(filters) or extra > 0 or idx.has_views
+    needs_more = collapse or bool(filters) or extra > 0 or idx.has_views or bool(crowding)
     # Collapsing to products needs about k x (rows scanned per distinct product) rows;
     # that ratio is learned from earlier queries, so one search round is usually enough.
     first = int(k * idx.rows_per_product_hit * 1.25) if collapse else 4 * k
@@ -109,6 +121,7 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
             scores, rows = idx.search(vector[None], fetch, exact=exact)
         hits: list[Hit] = []
         seen: set[str] = set()
+        crowd = crowding.counter() if crowding is not None else None
         for scanned, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
             if row < 0 or row in excluded:
                 continue
@@ -121,10 +134,12 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
             hit = idx.hit(row, score)
             if filters and not hit_matches(hit, filters):
                 continue
+            if crowd is not None and not crowd.admit(hit):
+                continue
             seen.add(key)
             hits.append(hit)
             if len(hits) == k:
-                if collapse and not filters:
+                if collapse and not filters and crowd is None:
                     idx.learn_rows_per_product_hit(scanned / k)
                 return hits
         if fetch >= idx.num_vectors:
@@ -134,31 +149,37 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
 
 def search_text(idx: LoadedIndex, config: Config, text: str, k: int | None = None,
                 filters: Mapping[str, Any] | None = None,
-                collapse: bool = True) -> SearchResults:
+                collapse: bool = True, group_by: Any = None,
+                max_per_group: Any = None) -> SearchResults:
     """Products whose metadata text matches `text` (BM25); only matching products."""
     k = check_k(k, config)
     parsed = validate_filters(filters, idx.filter_keys)
+    collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     query = check_text(text, config)
     if query is None:
         raise QueryError("bad_text", "text is required")
     _check_text_index(idx)
     t0 = time.perf_counter()
-    hits = text_hits(idx, query, k, parsed, collapse)
+    hits = text_hits(idx, query, k, parsed, collapse, crowding)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                         timings_ms={"text_ms": (time.perf_counter() - t0) * 1e3})
+                         timings_ms={"text_ms": (time.perf_counter() - t0) * 1e3},
+                         crowding=crowding.to_dict() if crowding else None)
 
 
 def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = None,
                  filters: Mapping[str, Any] | None = None,
                  collapse: bool = True, text: str | None = None,
-                 text_weight: float | None = None) -> SearchResults:
+                 text_weight: float | None = None, group_by: Any = None,
+                 max_per_group: Any = None) -> SearchResults:
     """Products that look like the photo `data` (JPEG/PNG/... bytes).
 
     With `text`, visual and text (BM25) scores are fused (serving.fusion), weighted by
-    `text_weight` (default fusion.text_weight).
+    `text_weight` (default fusion.text_weight). `group_by` / `max_per_group`: crowding
+    (serving.crowding).
     """
     k = check_k(k, config)
     parsed = validate_filters(filters, idx.filter_keys)
+    collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     query_text = check_text(text, config)
     weight = check_weight(text_weight, config.fusion.text_weight)
     limit = config.serving.max_upload_bytes
@@ -172,9 +193,11 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
     vector = idx.embedder.embed_arrays(pixels[None])[0]
     t2 = time.perf_counter()
     if query_text is not None:
-        results = run_fused(config, idx, vector, query_text, weight, k, parsed, collapse, ())
+        results = run_fused(config, idx, vector, query_text, weight, k, parsed, collapse, (),
+                            crowding=crowding)
     else:
-        results = run_visual(idx, vector, k, parsed, collapse, exclude_rows=())
+        results = run_visual(idx, vector, k, parsed, collapse, exclude_rows=(),
+                             crowding=crowding)
     results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
     return results
 
@@ -182,25 +205,29 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
 def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np.ndarray,
                   k: int | None = None, filters: Mapping[str, Any] | None = None,
                   collapse: bool = True, text: str | None = None,
-                  text_weight: float | None = None) -> SearchResults:
+                  text_weight: float | None = None, group_by: Any = None,
+                  max_per_group: Any = None) -> SearchResults:
     """Products nearest to an embedding (normalised here; dimension must match).
 
-    With `text`, fused with the text score as in `search_image`.
+    With `text`, fused with the text score as in `search_image`; crowding as there.
     """
     k = check_k(k, config)
     parsed = validate_filters(filters, idx.filter_keys)
+    collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     query_text = check_text(text, config)
     weight = check_weight(text_weight, config.fusion.text_weight)
     vector_ = check_vector(vector, idx.dim)
     if query_text is not None:
-        return run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, ())
-    return run_visual(idx, vector_, k, parsed, collapse, ())
+        return run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, (),
+                         crowding=crowding)
+    return run_visual(idx, vector_, k, parsed, collapse, (), crowding=crowding)
 
 
 def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
                image_id: str | None = None, k: int | None = None,
                filters: Mapping[str, Any] | None = None, collapse: bool = True,
-               text_weight: float | None = None) -> SearchResults:
+               text_weight: float | None = None, group_by: Any = None,
+               max_per_group: Any = None) -> SearchResults:
     """"More like this": products like a catalog product (mean of its images) or image.
 
     The product (or image) itself is left out of the results. With a text weight > 0
@@ -212,6 +239,7 @@ def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
         raise QueryError("bad_query", "give exactly one of product_id or image_id")
     k = check_k(k, config)
     parsed = validate_filters(filters, idx.filter_keys)
+    collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     if product_id is not None:
         rows = idx.product_rows(product_id)
         if not rows:
@@ -231,9 +259,9 @@ def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
         title = product_title(idx, product_id if product_id is not None
                               else idx.product_id(rows[0]))
         return run_fused(config, idx, vector, title, weight, k, parsed, collapse, rows,
-                               exclude_product)
+                               exclude_product, crowding=crowding)
     return run_visual(idx, vector, k, parsed, collapse, exclude_rows=rows,
-                     exclude_product=exclude_product)
+                     exclude_product=exclude_product, crowding=crowding)
 
 
 def _check_text_index(idx: LoadedIndex) -> None:
@@ -244,22 +272,24 @@ def _check_text_index(idx: LoadedIndex) -> None:
 
 def run_fused(config: Config, idx: LoadedIndex, vector: np.ndarray, text: str, weight: float,
                k: int, filters: Mapping[str, frozenset[str]], collapse: bool,
-               exclude_rows: Iterable[int], exclude_product: str | None = None
-               ) -> SearchResults:
+               exclude_rows: Iterable[int], exclude_product: str | None = None,
+               crowding: Crowding | None = None) -> SearchResults:
     _check_text_index(idx)
     t0 = time.perf_counter()
     hits = fused_hits(idx, vector, text, k, weight, config.fusion.candidates,
-                      filters, collapse, exclude_rows, exclude_product)
+                      filters, collapse, exclude_rows, exclude_product, crowding=crowding)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                         timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
+                         timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3},
+                         crowding=crowding.to_dict() if crowding else None)
 
 
 def run_visual(idx: LoadedIndex, vector: np.ndarray, k: int,
          filters: Mapping[str, frozenset[str]], collapse: bool,
          exclude_rows: Iterable[int], exclude_product: str | None = None,
-         exact: bool = False) -> SearchResults:
+         exact: bool = False, crowding: Crowding | None = None) -> SearchResults:
     t0 = time.perf_counter()
     hits = collect_hits(idx, vector, k, filters, collapse, exclude_rows, exclude_product,
-                        exact)
+                        exact, crowding=crowding)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
-                         timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3})
+                         timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3},
+                         crowding=crowding.to_dict() if crowding else None)

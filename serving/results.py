@@ -29,7 +29,11 @@ class SearchResults:
     collapsed: bool
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    crowding: dict[str, Any] | None = None  # {"group_by", "max_per_group"} when asked for
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "k": self.k, "collapsed": self.collapsed,
-                "results": [hit_to_dict(h) for h in self.hits], "timings_ms": self.timings_ms}
+        out = {"version": self.version, "k": self.k, "collapsed": self.collapsed,
+               "results": [hit_to_dict(h) for h in self.hits], "timings_ms": self.timings_ms}
+        if self.crowding is not None:
+            out.update(self.crowding)
+        return out

@@ -18,7 +18,9 @@ keeps serving. `IndexWatcher` calls `reload()` whenever LATEST changes.
 
 Results are collapsed to products by default (best-scoring image per product) and can
 be filtered on metadata (`{"category": "dairy"}`, a value or a list of accepted values;
-`product_id` and `image_id` are filterable too).
+`product_id` and `image_id` are filterable too). Crowding (`group_by="brand",
+max_per_group=2`: at most two results per brand; serving.crowding) works for every
+query kind.
 """
 from __future__ import annotations
 
@@ -254,36 +256,43 @@ class CatalogSearcher:
 
     def search_text(self, text: str, k: int | None = None,
                     filters: Mapping[str, Any] | None = None,
-                    collapse: bool = True) -> SearchResults:
+                    collapse: bool = True, group_by: str | None = None,
+                    max_per_group: int | None = None) -> SearchResults:
         """Products whose metadata text matches `text` (BM25); only matching products."""
-        return query.search_text(self.current, self.config, text, k, filters, collapse)
+        return query.search_text(self.current, self.config, text, k, filters, collapse,
+                                 group_by, max_per_group)
 
     def search_image(self, data: bytes, k: int | None = None,
                      filters: Mapping[str, Any] | None = None,
                      collapse: bool = True, text: str | None = None,
-                     text_weight: float | None = None) -> SearchResults:
+                     text_weight: float | None = None, group_by: str | None = None,
+                     max_per_group: int | None = None) -> SearchResults:
         """Products that look like the photo `data` (JPEG/PNG/... bytes).
 
         With `text`, visual and text (BM25) scores are fused (serving.fusion), weighted by
-        `text_weight` (default fusion.text_weight).
+        `text_weight` (default fusion.text_weight). `group_by` + `max_per_group`: at most
+        that many results per value of a metadata field (serving.crowding).
         """
         return query.search_image(self.current, self.config, data, k, filters, collapse, text,
-                                  text_weight)
+                                  text_weight, group_by, max_per_group)
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int | None = None,
                       filters: Mapping[str, Any] | None = None,
                       collapse: bool = True, text: str | None = None,
-                      text_weight: float | None = None) -> SearchResults:
+                      text_weight: float | None = None, group_by: str | None = None,
+                      max_per_group: int | None = None) -> SearchResults:
         """Products nearest to an embedding (normalised here; dimension must match).
 
         With `text`, fused with the text score as in `search_image`.
         """
         return query.search_vector(self.current, self.config, vector, k, filters, collapse,
-                                   text, text_weight)
+                                   text, text_weight, group_by, max_per_group)
 
     def similar_to(self, product_id: str | None = None, image_id: str | None = None,
                    k: int | None = None, filters: Mapping[str, Any] | None = None,
-                   collapse: bool = True, text_weight: float | None = None) -> SearchResults:
+                   collapse: bool = True, text_weight: float | None = None,
+                   group_by: str | None = None,
+                   max_per_group: int | None = None) -> SearchResults:
         """"More like this": products like a catalog product (mean of its images) or image.
 
         The product (or image) itself is left out of the results. With a text weight > 0
@@ -295,7 +304,7 @@ class CatalogSearcher:
         if (product_id is None) == (image_id is None):
             raise QueryError("bad_query", "give exactly one of product_id or image_id")
         return query.similar_to(self.current, self.config, product_id, image_id, k, filters,
-                                collapse, text_weight)
+                                collapse, text_weight, group_by, max_per_group)
 
 
 # --------------------------------------------------------------------------- hot reload

@@ -210,3 +210,48 @@ def test_page_words_alone_search_the_catalog_text():
     assert products and products[0] == "P0005"  # "Organic Juice 5": both words
     assert all("organic" in titles[p] or "juice" in titles[p] for p in products)
     assert set(products) == {p for p, t in titles.items() if "organic" in t or "juice" in t}
+
+
+async def _drive_crowded(ws_url: str, page_url: str, words: str) -> dict:
+    import websockets
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        cdp = Cdp(ws)
+        await cdp.send("Page.enable")
+        await cdp.send("Runtime.enable")
+        await cdp.send("Page.navigate", url=page_url)
+        # the group-by choices come from the index's metadata fields (/readyz)
+        await cdp.wait_for("document.getElementById('group-by').options.length > 1")
+        options = await cdp.evaluate(
+            "[...document.getElementById('group-by').options].map(o => o.value)")
+        await cdp.evaluate(f"document.getElementById('text').value = {json.dumps(words)}; "
+                           "document.getElementById('k').value = '8'; "
+                           "document.getElementById('group-by').value = 'category'; "
+                           "document.getElementById('max-per-group').value = '1'; "
+                           "document.getElementById('text-search').click(); true")
+        await cdp.wait_for("document.body.dataset.state === 'results'")
+        crowded = await cdp.evaluate(
+            "[...document.querySelectorAll('#results li')].map(li => li.dataset.productId)")
+        await cdp.evaluate("document.getElementById('max-per-group').value = '0'; "
+                           "document.getElementById('text-search').click(); true")
+        await cdp.wait_for("document.body.dataset.state === 'error'")
+        error = await cdp.evaluate("document.getElementById('message').textContent")
+        return {"options": options, "crowded": crowded, "error": error}
+
+
+def test_page_crowding_caps_results_per_field():
+    """"at most 1 per category": one product of each category, from the page's controls."""
+    chromium = _find_chromium()
+    world = serving_world()
+    app = create_app(world.index_root, world.config, watch=False)
+    browser = Browser(chromium)
+    try:
+        with LiveServer(app) as live:
+            seen = asyncio.run(_drive_crowded(browser.page_ws_url(), live.url + "/",
+                                              "juice crackers apples detergent yogurt"))
+    finally:
+        browser.close()
+    assert seen["options"] == ["", "category", "title"]
+    category = {r["product_id"]: r["category"] for r in world.catalog_rows()}
+    cats = [category[p] for p in seen["crowded"]]
+    assert len(cats) == 5 and len(set(cats)) == 5  # five categories, one product each
+    assert seen["error"].startswith("error 422") and "max_per_group" in seen["error"]

@@ -18,9 +18,11 @@ STATUS_BY_REASON = {"too_large": 413, "unknown_product": 404, "unknown_image": 4
 # A request field -> the reason its malformed value is answered with.
 REASON_BY_FIELD = {"k": "bad_k", "filters": "bad_filter", "collapse": "bad_collapse",
                    "text": "bad_text", "text_weight": "bad_text_weight",
-                   "vector": "bad_vector"}
+                   "vector": "bad_vector", "group_by": "bad_group_by",
+                   "max_per_group": "bad_max_per_group"}
 # The order fields are checked in: the first bad one names the reason.
-_FIELD_ORDER = ("k", "filters", "collapse", "text", "text_weight", "vector")
+_FIELD_ORDER = ("k", "filters", "collapse", "group_by", "max_per_group", "text", "text_weight",
+                "vector")
 
 
 class ApiError(Exception):

@@ -1,6 +1,7 @@
 """Reading requests safely: bodies under a byte limit, JSON nesting checked before parsing
 (json.loads recurses), and the query values of forms, query strings and JSON bodies
-(k, filters, collapse, text, text_weight) with the reason a bad one is answered with."""
+(k, filters, collapse, text, text_weight, group_by, max_per_group) with the reason a bad
+one is answered with."""
 from __future__ import annotations
 
 import json
@@ -102,6 +103,31 @@ def parse_weight(raw: Any) -> float | None:
     if value != value:  # NaN
         raise ApiError(422, "bad_text_weight", "text_weight must be a number in [0, 1]")
     return value
+
+
+def parse_group_by(raw: Any) -> str | None:
+    """group_by (a metadata field name; whether the index has it is checked later)."""
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise ApiError(422, "bad_group_by", "group_by must be a metadata field name (a string)")
+    return raw.strip()
+
+
+def parse_max_per_group(raw: Any) -> int | None:
+    """max_per_group from a form field, query string or JSON; range is checked later."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool) or isinstance(raw, float):
+        raise ApiError(422, "bad_max_per_group", f"max_per_group must be an integer, "
+                                                 f"got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ApiError(422, "bad_max_per_group",
+                       f"max_per_group must be an integer, got {str(raw)[:40]!r}") from None
 
 
 def parse_bool(raw: Any, name: str, default: bool = True) -> bool:

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from serving.api.errors import ApiError
-from serving.api.parsing import parse_bool, parse_filters, parse_k, parse_text, parse_weight
+from serving.api.parsing import (parse_bool, parse_filters, parse_group_by, parse_k,
+                                 parse_max_per_group, parse_text, parse_weight)
 from serving.results import SearchResults
 
 # Largest integer accepted in a vector (beyond it float32 overflows).
@@ -48,6 +49,12 @@ class SearchOptions(BaseModel):
         None, description='metadata filter: key -> value or list of accepted values, e.g. '
                           '{"category": "dairy"} (a JSON object; a JSON string in forms)')
     collapse: bool = Field(True, description="best image per product (default) or images")
+    group_by: str | None = Field(
+        None, description="crowding: a metadata field (e.g. brand, seller; product_id = images "
+                          "per product) whose values get at most max_per_group results")
+    max_per_group: int | None = Field(
+        None, description="crowding: results per group_by value (default 1; alone: images "
+                          "per product)", json_schema_extra={"minimum": 1})
 
     @field_validator("k", mode="before")
     @classmethod
@@ -65,6 +72,16 @@ class SearchOptions(BaseModel):
     @classmethod
     def _collapse(cls, raw: Any) -> Any:
         return _checked(parse_bool, raw, "collapse")
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _group_by(cls, raw: Any) -> Any:
+        return _checked(parse_group_by, raw)
+
+    @field_validator("max_per_group", mode="before")
+    @classmethod
+    def _max_per_group(cls, raw: Any) -> Any:
+        return _checked(parse_max_per_group, raw)
 
     @field_validator("text", mode="before")
     @classmethod
@@ -132,12 +149,17 @@ class SearchResponse(BaseModel):
     version: str = Field(description="the index version that answered")
     k: int
     collapsed: bool
+    group_by: str | None = Field(None, description="crowding field, when asked for")
+    max_per_group: int | None = Field(None, description="crowding cap, when asked for")
     results: list[HitOut]
     timings_ms: dict[str, float]
 
     @classmethod
     def from_results(cls, results: SearchResults) -> "SearchResponse":
+        crowding = results.crowding or {}
         return cls(version=results.version, k=results.k, collapsed=results.collapsed,
+                   group_by=crowding.get("group_by"),
+                   max_per_group=crowding.get("max_per_group"),
                    timings_ms=results.timings_ms,
                    results=[HitOut(product_id=h.product_id, image_id=h.image_id, score=h.score,
                                    metadata=h.metadata,
@@ -164,6 +186,7 @@ class ReadyResponse(BaseModel):
     dim: int | None = None
     shards: list[int] | None = None
     model_id: str | None = None
+    fields: list[str] | None = Field(None, description="metadata fields (filters, group_by)")
     created_at: Any = None
     loaded_at: float | None = None
 
@@ -178,7 +201,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             404: "unknown product or image", 409: "the version was refused (reason in the body)",
             413: "upload or body larger than its limit",
             415: "neither multipart/form-data nor application/json",
-            422: "undecodable image, bad k, vector, filters, text or text_weight",
+            422: "undecodable image, bad k, vector, filters, text, text_weight, group_by "
+                 "(unknown field: the known ones are listed) or max_per_group",
             503: "no index version loaded yet, or every decode slot busy (Retry-After)"}
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 

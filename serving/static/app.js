@@ -15,9 +15,24 @@ async function refreshStatus() {
     $("index-status").textContent = body.ready
       ? `index ${body.version} · ${body.num_products} products · ${body.num_vectors} images`
       : "no index loaded yet";
+    if (body.ready) fillGroupFields(body.fields || []);
   } catch (e) {
     $("index-status").textContent = "service unreachable";
   }
+}
+
+// Crowding: "at most N per <field>" (the index's metadata fields, from /readyz).
+function fillGroupFields(fields) {
+  const select = $("group-by");
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const name of ["", ...fields.filter((f) => f !== "product_id" && f !== "image_id")]) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name || "product";
+    select.append(option);
+  }
+  select.value = chosen;
 }
 
 function renderResults(body) {
@@ -70,6 +85,10 @@ async function search(file) {
   form.append("k", $("k").value || "10");
   const category = $("category").value.trim();
   if (category) form.append("filters", JSON.stringify({ category }));
+  const perGroup = $("max-per-group").value.trim();
+  const groupBy = $("group-by").value;
+  if (perGroup) form.append("max_per_group", perGroup);
+  if (groupBy) form.append("group_by", groupBy);
   showMessage("searching…");
   document.body.dataset.state = "searching";
   try {

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from serving.api.errors import ApiError, api_error
-from serving.api.parsing import parse_filters, parse_weight
+from serving.api.parsing import parse_filters, parse_group_by, parse_max_per_group, parse_weight
 from serving.api.schemas import ErrorResponse, SearchResponse, error_responses
 from serving.api.security import IMAGE_CSP
 from serving.api.state import ServingState, State, run_search
@@ -29,6 +29,10 @@ Filters = Annotated[str | None, Query(description='JSON object, e.g. {"category"
 Collapse = Annotated[bool, Query(description="best image per product, or images")]
 TextWeight = Annotated[str | None, Query(description="weight of title similarity, 0..1 "
                                                      "(default fusion.similar_text_weight)")]
+GroupBy = Annotated[str | None, Query(description="crowding: a metadata field, e.g. brand "
+                                                  "(product_id = images per product)")]
+MaxPerGroup = Annotated[str | None, Query(description="crowding: results per group_by value "
+                                                      "(default 1)")]
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -51,10 +55,13 @@ def _filters(raw: str | None, state: ServingState) -> dict[str, Any] | None:
             responses=error_responses(404, 413, 422, 503))
 async def similar_product(product_id: str, state: State, k: K = None,
                           filters: Filters = None, collapse: Collapse = True,
-                          text_weight: TextWeight = None) -> SearchResponse:
+                          text_weight: TextWeight = None, group_by: GroupBy = None,
+                          max_per_group: MaxPerGroup = None) -> SearchResponse:
     results = await run_search(state.searcher.similar_to, product_id=product_id, k=k,
                                filters=_filters(filters, state), collapse=collapse,
-                               text_weight=parse_weight(text_weight))
+                               text_weight=parse_weight(text_weight),
+                               group_by=parse_group_by(group_by),
+                               max_per_group=parse_max_per_group(max_per_group))
     return SearchResponse.from_results(results)
 
 
@@ -62,9 +69,12 @@ async def similar_product(product_id: str, state: State, k: K = None,
             response_model=SearchResponse, response_model_exclude_none=True,
             responses=error_responses(404, 413, 422, 503))
 async def similar_image(image_id: str, state: State, k: K = None, filters: Filters = None,
-                        collapse: Collapse = True) -> SearchResponse:
+                        collapse: Collapse = True, group_by: GroupBy = None,
+                        max_per_group: MaxPerGroup = None) -> SearchResponse:
     results = await run_search(state.searcher.similar_to, image_id=image_id, k=k,
-                               filters=_filters(filters, state), collapse=collapse)
+                               filters=_filters(filters, state), collapse=collapse,
+                               group_by=parse_group_by(group_by),
+                               max_per_group=parse_max_per_group(max_per_group))
     return SearchResponse.from_results(results)
 
 

@@ -18,7 +18,8 @@ router = APIRouter(tags=["search"])
 
 # Multipart framing and form fields on top of the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
-_FORM_OPTIONS = ("k", "filters", "collapse", "text", "text_weight")
+_FORM_OPTIONS = ("k", "filters", "collapse", "text", "text_weight", "group_by",
+                 "max_per_group")
 _BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": ImageSearchForm.model_json_schema()},
     "application/json": {"schema": VectorSearchRequest.model_json_schema()}}}}
@@ -52,7 +53,8 @@ async def _search_form(request: Request, state: ServingState) -> SearchResponse:
     upload = form.get("image")
     if upload is None and options.text is not None:  # text-only query
         return SearchResponse.from_results(await run_search(
-            searcher.search_text, options.text, options.k, options.filters, options.collapse))
+            searcher.search_text, options.text, options.k, options.filters, options.collapse,
+            options.group_by, options.max_per_group))
     if not isinstance(upload, UploadFile):
         raise ApiError(422, "missing_image", "multipart field 'image' (a file) is required "
                                              "(or 'text' alone)")
@@ -62,7 +64,8 @@ async def _search_form(request: Request, state: ServingState) -> SearchResponse:
                                          f"{max_upload}")
     async with state.gate.slot():  # bounds the memory of concurrent decodes + embeds
         results = await run_search(searcher.search_image, data, options.k, options.filters,
-                                   options.collapse, options.text, options.text_weight)
+                                   options.collapse, options.text, options.text_weight,
+                                   options.group_by, options.max_per_group)
     return SearchResponse.from_results(results)
 
 
@@ -83,9 +86,10 @@ async def _search_json(request: Request, state: ServingState) -> SearchResponse:
         if query.text is None:
             raise ApiError(422, "bad_text", '"text" must be a non-empty string')
         return SearchResponse.from_results(await run_search(
-            searcher.search_text, query.text, query.k, query.filters, query.collapse))
+            searcher.search_text, query.text, query.k, query.filters, query.collapse,
+            query.group_by, query.max_per_group))
     if query.vector is None:
         raise ApiError(422, "bad_vector", "vector must be a list of numbers")
     return SearchResponse.from_results(await run_search(
         searcher.search_vector, query.vector, query.k, query.filters, query.collapse,
-        query.text, query.text_weight))
+        query.text, query.text_weight, query.group_by, query.max_per_group))
