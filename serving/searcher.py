@@ -81,7 +81,15 @@ class CatalogSearcher:
         # version -> (reason, stamp of its files when refused); retried once the stamp changes
         self._refused: dict[str, tuple[str, str]] = {}
         self._embedders: dict[str, QueryEmbedder] = {}
-        self.reload_counts = {"loaded": 0, "unchanged": 0, "refused": 0}
+        self.reload_counts = {"loaded": 0, "unchanged": 0, "refused": 0, "deltas": 0}
+        # The serving version without its deltas, the stamp of the delta log + takedown
+        # list applied on top of it, verified deltas by (version, seq), the last takedown
+        # list read (kept when the file turns out damaged) and the last delta refusal.
+        self._base: LoadedIndex | None = None
+        self._delta_stamp: str | None = None
+        self._delta_cache: dict[tuple[str, int], Any] = {}
+        self._takedowns: Any = None
+        self.delta_error: str | None = None
         # Object-store shards are copied here (ScaNN loads local files), one folder per
         # version; only the serving and the previous version's copies are kept.
         self._copies_root: str | None = None
@@ -147,6 +155,9 @@ class CatalogSearcher:
                 return self._refuse(None, f"no published version under {self.index_root} "
                                           f"(LATEST is missing)", started, remember=False)
             if target == serving:
+                applied = self._refresh_deltas(started)
+                if applied is not None:
+                    return applied
                 self.reload_counts["unchanged"] += 1
                 return ReloadOutcome("unchanged", target, serving)
             stamp = self._version_stamp(target)
@@ -154,11 +165,14 @@ class CatalogSearcher:
             if refused is not None and not force and refused[1] == stamp:
                 return ReloadOutcome("refused", target, serving, refused[0])
             try:
-                loaded = self._load(target)
+                base = self._load(target)
+                loaded, delta_stamp = self._with_deltas(base)
             except Exception as e:  # IndexLoadError and anything a broken artifact raises
                 self._prune_copies(keep={serving})
                 return self._refuse(target, str(e) or type(e).__name__, started, stamp=stamp)
             self._current = loaded  # the swap: one reference assignment
+            self._base, self._delta_stamp = base, delta_stamp
+            self._delta_cache = {k: v for k, v in self._delta_cache.items() if k[0] == target}
             self._refused.pop(target, None)
             self._prune_copies(keep={target, serving})
             self.reload_counts["loaded"] += 1
@@ -166,7 +180,74 @@ class CatalogSearcher:
             log.info("serving index version %s (%d vectors, %d products, shards %s) "
                      "after %.2fs; previous: %s", loaded.version, loaded.num_vectors,
                      loaded.num_products, loaded.shard_ids, seconds, serving)
-            return ReloadOutcome("loaded", target, target, seconds=seconds)
+            return ReloadOutcome("loaded", target, target, reason=self.delta_error or "",
+                                 seconds=seconds)
+
+    # -- deltas: applied on top of the serving version (serving.delta_index) -------------
+
+    def _log_stamp(self, version: str) -> str:
+        from pipelines.index import deltas, takedowns
+        return deltas.log_stamp(self.index_root, version) + "|" + takedowns.stamp(
+            self.index_root)
+
+    def _with_deltas(self, base: LoadedIndex) -> tuple[LoadedIndex, str]:
+        """`base` with its delta log and the takedown list applied (base itself when there
+        is neither); a damaged delta stops the log there (`delta_error` names its file)."""
+        from pipelines.core import filesystem as fs
+        from pipelines.index import deltas, takedowns
+        from serving.delta_index import DeltaIndex
+        stamp = self._log_stamp(base.version)
+        try:
+            self._takedowns = takedowns.read_takedowns(self.index_root)
+        except takedowns.TakedownError as e:  # keep the last list read
+            log.error("%s; keeping the takedown list read before", e)
+        listed = self._takedowns or takedowns.Takedowns()
+        if not fs.is_local(self.index_root) and not fs.exists(
+                deltas.log_dir(self.index_root, base.version)):
+            log_ = deltas.DeltaLog(base.version, [])
+        else:
+            log_ = deltas.read_log(self.index_root, base.version, base.dim, self._delta_cache)
+        self.delta_error = log_.error
+        if not log_.deltas and not listed and log_.error is None:
+            return base, stamp
+        return DeltaIndex(base, log_.deltas, listed.image_ids, listed.product_ids,
+                          self.config.fusion.text_fields, log_.error), stamp
+
+    def _refresh_deltas(self, started: float) -> ReloadOutcome | None:
+        """Apply the serving version's new deltas / takedowns (None when none changed)."""
+        base = self._base
+        if base is None:
+            return None
+        stamp = self._log_stamp(base.version)
+        if stamp == self._delta_stamp:
+            return None
+        previous_error = self.delta_error
+        try:
+            loaded, stamp = self._with_deltas(base)
+        except Exception as e:  # noqa: BLE001 - the serving state is kept
+            self._delta_stamp = stamp
+            return self._refuse(None, f"deltas of {base.version}: {e}", started,
+                                remember=False)
+        self._current = loaded  # the swap
+        self._delta_stamp = stamp
+        seconds = time.perf_counter() - started
+        if self.delta_error is not None and self.delta_error != previous_error:
+            self.reload_counts["refused"] += 1
+            return ReloadOutcome("refused", base.version, base.version, self.delta_error,
+                                 seconds)
+        self.reload_counts["deltas"] += 1
+        info = getattr(loaded, "delta_info", None)
+        log.info("index version %s: deltas applied %s in %.3fs", base.version,
+                 info() if info else "(none)", seconds)
+        return ReloadOutcome("deltas_applied", base.version, base.version,
+                             self.delta_error or "", seconds)
+
+    def apply_deltas_now(self) -> ReloadOutcome:
+        """Apply new deltas / takedowns of the serving version at once (after a delete)."""
+        with self._reload_lock:
+            started = time.perf_counter()
+            out = self._refresh_deltas(started)
+            return out or ReloadOutcome("unchanged", self.version, self.version)
 
     def _version_stamp(self, version: str) -> str:
         """A cheap digest of a version folder's files (paths, sizes, mtimes); "" if unlistable.

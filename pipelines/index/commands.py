@@ -3,6 +3,7 @@
 
     catalog-search build-index --embeddings SNAPSHOT_OR_ROOT --index-root ROOT [--shards N]
     catalog-search index-info --index-root ROOT [--verify] [--json]
+    catalog-search delete --index-root ROOT --product-id P ... [--image-id I ...] [--restore]
 """
 from __future__ import annotations
 
@@ -179,7 +180,60 @@ def _run_info(args: argparse.Namespace, config: Config) -> int:
     return rc
 
 
+# --------------------------------------------------------------------------- delete
+
+def _add_delete_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index-root", required=True, help="local index root")
+    p.add_argument("--product-id", action="append", default=[], metavar="P",
+                   help="a product to take down (repeat for more)")
+    p.add_argument("--image-id", action="append", default=[], metavar="I",
+                   help="an image to take down (repeat for more)")
+    p.add_argument("--reason", default="takedown", help="recorded with the takedown")
+    p.add_argument("--restore", action="store_true",
+                   help="lift the takedowns of these ids instead (they return with the next "
+                        "build, or a delta that upserts them)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_delete(args: argparse.Namespace, config: Config) -> int:
+    from pipelines.index import delete
+    from pipelines.index.deltas import DeltaError
+    root = check_uri_arg("--index-root", args.index_root)
+    if not fs.is_local(root):
+        raise UsageError(f"--index-root {args.index_root}: takedowns are written to local "
+                         "index roots only")
+    if not os.path.isdir(root):
+        raise UsageError(f"--index-root {args.index_root} is not a folder")
+    if not args.product_id and not args.image_id:
+        raise UsageError("give at least one --product-id or --image-id")
+    try:
+        delete.check_ids(args.image_id, args.product_id)
+    except DeltaError as e:
+        raise UsageError(str(e)) from e
+    try:
+        if args.restore:
+            result = delete.restore_ids(root, args.image_id, args.product_id)
+        else:
+            result = delete.delete_ids(root, args.image_id, args.product_id, args.reason,
+                                       source={"by": "catalog-search delete"})
+    except (IndexArtifactError, OSError) as e:
+        print(f"catalog-search delete: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    elif args.restore:
+        print(f"lifted: {result['lifted']}; not listed: {result['not_listed']}")
+    else:
+        print(f"version {result['version']} delta {result['delta']} (durable): removed "
+              f"{result['removed']}; not found (kept on the takedown list) "
+              f"{result['not_found']}")
+    return 0
+
+
 COMMANDS = {
+    "delete": Command(help="take products / images down now: a durable delete delta + the "
+                           "takedown list (builds leave them out); --restore lifts it",
+                      add_arguments=_add_delete_arguments, run=_run_delete),
     "build-index": Command(
         help="embeddings snapshot -> sharded ScaNN index version, gated and published "
              "(exit 1: bad input, 3: recall gate failed)",

@@ -170,7 +170,7 @@ class SearchResponse(BaseModel):
 
 class ReloadResponse(BaseModel):
     """What POST /v1/reload did (status 409 when the version was refused)."""
-    status: Literal["loaded", "unchanged", "refused"]
+    status: Literal["loaded", "unchanged", "refused", "deltas_applied"]
     version: str | None
     serving_version: str | None
     reason: str = ""
@@ -189,6 +189,7 @@ class ReadyResponse(BaseModel):
     fields: list[str] | None = Field(None, description="metadata fields (filters, group_by)")
     created_at: Any = None
     loaded_at: float | None = None
+    deltas: dict[str, Any] | None = None  # serving.delta_index.DeltaIndex.delta_info
 
 
 class HealthResponse(BaseModel):
