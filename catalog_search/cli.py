@@ -20,6 +20,7 @@ from pipelines.core.config import ConfigError, load_config
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
     "embed": "pipelines.embed.commands",
+    "train-adapter": "pipelines.adapter.commands",
     "build-index": "pipelines.index.commands",
     "index-info": "pipelines.index.commands",
     "delete": "pipelines.index.commands",
@@ -69,6 +70,7 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
 
 _HELP_LINES = {
     "embed": "catalog manifest(s) -> embeddings snapshot (Beam RunInference)",
+    "train-adapter": "catalog snapshot (+ labelled photos) -> gated linear embedding adapter",
     "build-index": "embeddings snapshot -> sharded ScaNN index version, gated and published",
     "index-info": "versions, LATEST, counts and recall of an index root",
     "delete": "take products / images down now (durable delete delta + takedown list)",

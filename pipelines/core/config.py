@@ -193,8 +193,12 @@ class IndexConfig:
     retention: int = 5
     tune_recall_target: float | None = 0.98
     training_threads: int = 0
+    # An adapter folder (catalog-search train-adapter): the index holds adapter(raw) vectors.
+    adapter: str | None = None
 
     def validate(self) -> None:
+        _require(self.adapter is None or bool(str(self.adapter).strip()), "index.adapter",
+                 "must be null or an adapter folder")
         _require(1 <= self.shards <= 4096, "index.shards", "must be between 1 and 4096")
         _require(self.num_neighbors >= 1, "index.num_neighbors", "must be >= 1")
         _require(self.brute_force_below >= 0, "index.brute_force_below", "must be >= 0")
@@ -209,6 +213,42 @@ class IndexConfig:
                  "index.tune_recall_target", "must be null or in (0, 1]")
         _require(self.training_threads >= 0, "index.training_threads",
                  "must be >= 0 (0 = ScaNN default)")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Trained embedding adapter (pipelines/adapter, `catalog-search train-adapter`).
+
+    A linear projection of the frozen model vectors to `dim` dimensions (L2-normalised),
+    trained with a supervised-contrastive loss (temperature) on batches of
+    products_per_batch products x samples_per_product images/pairs; a seeded held-out
+    split (val_products of the products, val_pairs of the remaining pairs) gates it: the
+    adapter is written only when its validation recall@1 exceeds the identity's by more
+    than min_gain. enabled: the catalog_refresh DAG runs its train_adapter task.
+    """
+    enabled: bool = False
+    dim: int = 256
+    epochs: int = 60
+    learning_rate: float = 3e-4
+    temperature: float = 0.1
+    products_per_batch: int = 32
+    samples_per_product: int = 8
+    val_products: float = 0.1
+    val_pairs: float = 0.1
+    min_gain: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(isinstance(self.enabled, bool), "adapter.enabled", "must be true or false")
+        _require(1 <= self.dim <= 8192, "adapter.dim", "must be between 1 and 8192")
+        _require(1 <= self.epochs <= 10_000, "adapter.epochs", "must be between 1 and 10000")
+        _require(0 < self.learning_rate <= 1, "adapter.learning_rate", "must be in (0, 1]")
+        _require(0 < self.temperature <= 10, "adapter.temperature", "must be in (0, 10]")
+        _require(self.products_per_batch >= 2, "adapter.products_per_batch", "must be >= 2")
+        _require(self.samples_per_product >= 2, "adapter.samples_per_product", "must be >= 2")
+        _require(0 < self.val_products < 1, "adapter.val_products", "must be in (0, 1)")
+        _require(0 <= self.val_pairs < 1, "adapter.val_pairs", "must be in [0, 1)")
+        _require(0 <= self.min_gain < 1, "adapter.min_gain", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +300,7 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     def validate(self) -> "Config":

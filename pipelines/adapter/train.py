@@ -1,0 +1,155 @@
+"""Training a linear adapter on frozen model vectors (TensorFlow / Keras, CPU).
+
+The projection W [in_dim, out_dim] starts as the top `out_dim` right singular vectors of
+the training vectors (the best rank-out_dim approximation of their geometry: cosine
+scores close to the raw ones), and is trained with a **supervised-contrastive loss**
+(Khosla et al. 2020): in a batch of P products x up to M of their images / labelled
+photos, each row's positives are the other rows of its product and everything else is
+negative; temperature `adapter.temperature`. Chosen over a proxy / normalised-softmax
+loss because it measured better on the grocery validation split (docs/EVALUATION.md,
+"Adapters") and needs no per-product parameters (it works for products it never saw,
+which the held-out products of the gate measure). An MLP head was measured as not
+helping, so the adapter stays linear (and exactly serialisable as one matrix).
+
+Deterministic for a seed on one machine (numpy RNG for batches, TF seeded, CPU only).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LOSS_NAME = "supervised_contrastive"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    out_dim: int = 256
+    epochs: int = 60
+    learning_rate: float = 3e-4
+    temperature: float = 0.1
+    products_per_batch: int = 32
+    samples_per_product: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainParams":
+        return cls(out_dim=cfg.dim, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                   temperature=cfg.temperature, products_per_batch=cfg.products_per_batch,
+                   samples_per_product=cfg.samples_per_product, seed=cfg.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def initial_weights(x: np.ndarray, out_dim: int) -> np.ndarray:
+    """[in_dim, out_dim]: the top right singular vectors of `x` (padded with the next
+    coordinate axes when x has fewer rows or dimensions than out_dim)."""
+    in_dim = x.shape[1]
+    _, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+    w = np.zeros((in_dim, out_dim), np.float64)
+    k = min(out_dim, vt.shape[0])
+    w[:, :k] = vt[:k].T
+    for j in range(k, out_dim):  # more outputs than the data spans: spare orthogonal axes
+        e = np.zeros(in_dim)
+        e[j % in_dim] = 1.0
+        e -= w[:, :j] @ (w[:, :j].T @ e)
+        n = np.linalg.norm(e)
+        w[:, j] = e / n if n > 1e-9 else 0.0
+    return w.astype(np.float32)
+
+
+def _batches(labels: np.ndarray, params: TrainParams, rng: np.random.Generator
+             ) -> list[np.ndarray]:
+    """One epoch: batches of P products x up to M rows each, covering every row once
+    (products with more rows than M appear in several batches)."""
+    by_product: dict[int, list[int]] = {}
+    for i in rng.permutation(len(labels)):
+        by_product.setdefault(int(labels[i]), []).append(int(i))
+    chunks = []  # (product, rows) groups of up to M rows
+    for rows in by_product.values():
+        for s in range(0, len(rows), params.samples_per_product):
+            chunks.append(rows[s:s + params.samples_per_product])
+    order = rng.permutation(len(chunks))
+    out, current, products = [], [], 0
+    for c in order:
+        current.extend(chunks[c])
+        products += 1
+        if products == params.products_per_batch:
+            out.append(np.asarray(current, np.int64))
+            current, products = [], 0
+    if current:
+        out.append(np.asarray(current, np.int64))
+    return out
+
+
+def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train W on rows `x` [n, in_dim] with product labels [n]; returns (W, history)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    try:
+        tf.config.set_visible_devices([], "GPU")  # CPU only (the issue's budget)
+    except (RuntimeError, ValueError):  # devices already initialised in this process
+        pass
+    import keras
+
+    started = time.time()
+    rng = np.random.default_rng(params.seed)
+    tf.random.set_seed(params.seed)
+    w0 = initial_weights(x, params.out_dim)
+    layer = keras.layers.Dense(params.out_dim, use_bias=False,
+                               kernel_initializer=keras.initializers.Constant(w0))
+    layer.build((None, x.shape[1]))
+    optimizer = keras.optimizers.Adam(learning_rate=params.learning_rate)
+    xs = tf.constant(np.asarray(x, np.float32))
+    ys = tf.constant(np.asarray(labels, np.int64))
+    inv_t = 1.0 / params.temperature
+
+    @tf.function(reduce_retracing=True)
+    def step(idx: tf.Tensor) -> tf.Tensor:
+        xb = tf.gather(xs, idx)
+        yb = tf.gather(ys, idx)
+        with tf.GradientTape() as tape:
+            z = tf.math.l2_normalize(layer(xb), axis=1)
+            logits = tf.matmul(z, z, transpose_b=True) * inv_t
+            n = tf.shape(z)[0]
+            self_mask = tf.eye(n, dtype=tf.bool)
+            logits = tf.where(self_mask, tf.fill(tf.shape(logits), -1e9), logits)
+            same = tf.logical_and(tf.equal(yb[:, None], yb[None, :]),
+                                  tf.logical_not(self_mask))
+            pos = tf.cast(same, tf.float32)
+            log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+            num_pos = tf.reduce_sum(pos, axis=1)
+            per_anchor = -tf.reduce_sum(pos * log_prob, axis=1) / tf.maximum(num_pos, 1.0)
+            has = tf.cast(num_pos > 0, tf.float32)
+            loss = tf.reduce_sum(per_anchor * has) / tf.maximum(tf.reduce_sum(has), 1.0)
+        grads = tape.gradient(loss, layer.trainable_variables)
+        optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+        return loss
+
+    history: list[float] = []
+    steps = 0
+    for epoch in range(params.epochs):
+        losses = []
+        for idx in _batches(labels, params, rng):
+            if len(idx) < 2:
+                continue
+            losses.append(float(step(tf.constant(idx))))
+            steps += 1
+        history.append(round(float(np.mean(losses)) if losses else 0.0, 5))
+        if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == params.epochs:
+            log.info("train-adapter: epoch %d/%d loss %.4f", epoch + 1, params.epochs,
+                     history[-1])
+    w = np.asarray(layer.kernel.numpy(), np.float32)
+    info = {"loss": LOSS_NAME, "params": params.to_dict(), "init": "top singular vectors",
+            "steps": steps, "loss_first_epoch": history[0] if history else None,
+            "loss_last_epoch": history[-1] if history else None, "loss_by_epoch": history,
+            "seconds": round(time.time() - started, 2)}
+    return w, info
