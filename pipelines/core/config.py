@@ -20,6 +20,8 @@ import yaml
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 AUGMENT_VIEWS = ("original", "hflip", "crop", "rotate", "jitter")
+# index.reorder_dtype: how ScaNN stores the vectors it reorders with.
+REORDER_DTYPES = ("float32", "int8", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -195,6 +197,11 @@ class IndexConfig:
     training_threads: int = 0
     # An adapter folder (catalog-search train-adapter): the index holds adapter(raw) vectors.
     adapter: str | None = None
+    # ScaNN builder options (issue 18); recorded per shard in the index manifest.
+    leaves_per_sqrt_n: float = 1.0       # num_leaves = this x sqrt(total vectors), over shards
+    projection_dim: int | None = None    # PCA to this many dims for partitioning + hashing
+    soar_lambda: float | None = None     # SOAR spilled assignments (dot product)
+    reorder_dtype: str = "float32"       # float32 | int8 | bfloat16 (exact-score reordering)
 
     def validate(self) -> None:
         _require(self.adapter is None or bool(str(self.adapter).strip()), "index.adapter",
@@ -213,6 +220,14 @@ class IndexConfig:
                  "index.tune_recall_target", "must be null or in (0, 1]")
         _require(self.training_threads >= 0, "index.training_threads",
                  "must be >= 0 (0 = ScaNN default)")
+        _require(0 < self.leaves_per_sqrt_n <= 64, "index.leaves_per_sqrt_n",
+                 "must be in (0, 64]")
+        _require(self.projection_dim is None or self.projection_dim >= 1,
+                 "index.projection_dim", "must be null or >= 1")
+        _require(self.soar_lambda is None or self.soar_lambda > 0, "index.soar_lambda",
+                 "must be null or > 0")
+        _require(self.reorder_dtype in REORDER_DTYPES, "index.reorder_dtype",
+                 f"must be one of {', '.join(REORDER_DTYPES)}")
 
 
 @dataclass(frozen=True)

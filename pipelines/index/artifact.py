@@ -191,8 +191,8 @@ def check_manifest_structure(manifest: IndexManifest, version: str) -> None:
             names.append(name)
         if ROWS_FILE not in names:
             raise bad(f"shard {i} lists no {ROWS_FILE}")
-        if entry.kind != "empty" and "dataset.npy" not in names:
-            raise bad(f"shard {i} lists no dataset.npy")
+        if entry.kind != "empty" and entry.stored_vectors not in names:
+            raise bad(f"shard {i} lists no {entry.stored_vectors} (its stored vectors)")
     if counted != total:
         raise bad(f"says num_vectors {total!r}, but its shards hold {counted}")
 

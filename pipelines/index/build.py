@@ -81,14 +81,23 @@ def _scann_description(config: Config) -> dict[str, Any]:
     ix = config.index
     return {"distance": "dot_product", "num_neighbors": ix.num_neighbors,
             "brute_force_below": max(ix.brute_force_below, MIN_TREE_AH_ROWS),
-            "tree": {"num_leaves": "round(shard vectors / sqrt(total vectors)), >= 2",
+            "tree": {"num_leaves": "round(shard vectors x leaves_per_sqrt_n / sqrt(total "
+                                   "vectors)), >= 2",
+                     "leaves_per_sqrt_n": ix.leaves_per_sqrt_n,
+                     "soar_lambda": ix.soar_lambda,
                      "leaves_to_search_fraction": ix.leaves_to_search_fraction,
                      "tune_recall_target": ix.tune_recall_target,
                      "tuning": "per shard, to its share of the global top-k"},
             "score_ah": {"dimensions_per_block": ix.dimensions_per_block,
                          "anisotropic_quantization_threshold": ix.anisotropic_threshold,
                          "hash_type": "lut16"},
-            "reorder": {"reorder_multiplier": ix.reorder_multiplier, "dtype": "float32",
+            "projection": {"pca_dim": ix.projection_dim,
+                           "applies": "only when the index dim is larger (each shard's "
+                                      "options say what it was built with)"},
+            "reorder": {"reorder_multiplier": ix.reorder_multiplier, "dtype": ix.reorder_dtype,
+                        "stored_vectors": "each shard's vectors_file (float32): ScaNN's "
+                                          "dataset.npy, or vectors.npy when ScaNN reorders "
+                                          "with int8 / bfloat16",
                         "per_shard": "ceil(reorder_multiplier / shards) unless tuning needs "
                                      "the full one"},
             "serialized": "relative paths, no docids (ids in rows.parquet)"}

@@ -61,6 +61,17 @@ class BuildParams:
     dimensions_per_block: int
     tune_recall_target: float | None
     training_threads: int
+    leaves_per_sqrt_n: float = 1.0
+    projection_dim: int | None = None
+    soar_lambda: float | None = None
+    reorder_dtype: str = "float32"
+
+    def projection_for(self, dim: int) -> int | None:
+        """The PCA dimension a `dim`-d shard is built with (None: no projection, also when
+        dim is not larger than projection_dim, e.g. 256-d adapted vectors)."""
+        if self.projection_dim is None or dim <= self.projection_dim:
+            return None
+        return self.projection_dim
 
     @classmethod
     def from_config(cls, config: Config) -> "BuildParams":
@@ -71,7 +82,9 @@ class BuildParams:
                    anisotropic_threshold=ix.anisotropic_threshold,
                    dimensions_per_block=ix.dimensions_per_block,
                    tune_recall_target=ix.tune_recall_target,
-                   training_threads=ix.training_threads)
+                   training_threads=ix.training_threads,
+                   leaves_per_sqrt_n=ix.leaves_per_sqrt_n, projection_dim=ix.projection_dim,
+                   soar_lambda=ix.soar_lambda, reorder_dtype=ix.reorder_dtype)
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,10 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
     if ix.dimensions_per_block > dim:
         raise IndexBuildError(f"index.dimensions_per_block={ix.dimensions_per_block} exceeds the "
                               f"embedding dimension {dim}")
+    projected = BuildParams.from_config(config).projection_for(dim)
+    if projected is not None and ix.dimensions_per_block > projected:
+        raise IndexBuildError(f"index.dimensions_per_block={ix.dimensions_per_block} exceeds "
+                              f"index.projection_dim={projected}")
     run_id = summary.run_id or os.path.basename(path.rstrip("/"))
     if version is None:
         version = art.new_version_name(salt=f"{path}|{run_id}")

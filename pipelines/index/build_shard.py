@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow.compute as pc
@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
-from pipelines.index.sharded_search import search_exact
+from pipelines.index.sharded_search import RESCORE_FACTOR, search_exact
 
-from pipelines.index.build_plan import BuildSpec
+from pipelines.index.build_plan import BuildParams, BuildSpec
+from pipelines.index.manifest import DEFAULT_VECTORS_FILE
 from pipelines.index.build_rows import _read_shard, _summarise_errors
 from pipelines.index.recall_gate import _queries, _tie_aware_found
 
@@ -65,18 +66,27 @@ def _merge_top_scores(arrays: Iterable[np.ndarray]) -> np.ndarray | None:
 
 
 def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
-                  pre_reorder: int, leaves: int, kth: np.ndarray) -> np.ndarray:
-    """Per query, how many of the shard's approximate top-k reach `kth` (true scores)."""
-    idx, dist = searcher.search_batched(queries, k, pre_reorder, leaves)
+                  pre_reorder: int, leaves: int, kth: np.ndarray, rescore: bool = False
+                  ) -> np.ndarray:
+    """Per query, how many of the shard's approximate top-k reach `kth` (true scores).
+
+    `rescore`: as serving searches a quantized-reorder shard (RESCORE_FACTOR x k
+    candidates, the best k by exact score)."""
+    fetch = min(len(vectors), RESCORE_FACTOR * k) if rescore else k
+    idx, dist = searcher.search_batched(queries, fetch, max(pre_reorder, fetch), leaves)
     idx = np.asarray(idx, np.int64)
     valid = ~np.isnan(np.asarray(dist, np.float32)) & (idx >= 0)
-    true = np.einsum("qd,qkd->qk", queries, vectors[np.where(valid, idx, 0)])
-    return _tie_aware_found(np.where(valid, true, -np.inf), kth)
+    true = np.where(valid, np.einsum("qd,qkd->qk", queries, vectors[np.where(valid, idx, 0)]),
+                    -np.inf)
+    if rescore:
+        true = -np.sort(-true, axis=1)[:, :k]
+    return _tie_aware_found(true, kth)
 
 
 def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
                 pre_reorder: int, num_leaves: int, target: float,
-                global_kth: np.ndarray | None) -> tuple[int, float, dict[str, Any]]:
+                global_kth: np.ndarray | None, rescore: bool = False
+                ) -> tuple[int, float, dict[str, Any]]:
     """Fewest leaves_to_search finding `target` of this shard's share of the global top-k.
 
     The relevant rows of a query are the shard's rows whose exact score reaches the
@@ -99,7 +109,8 @@ def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
 
     def recall(leaves: int) -> float:
         if leaves not in cache:
-            found = _search_found(searcher, vectors, queries, k, pre_reorder, leaves, kth)
+            found = _search_found(searcher, vectors, queries, k, pre_reorder, leaves, kth,
+                                  rescore)
             cache[leaves] = float(np.minimum(found, relevant).sum() / max(1, total))
         return cache[leaves]
 
@@ -158,7 +169,8 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
             searcher = (scann_ops_pybind.builder(vectors, k, "dot_product")
                         .score_brute_force().build())
             searcher.serialize(local_dir, relative_path=True)
-            report.update(kind="scann_brute_force", search={})
+            report.update(kind="scann_brute_force", search={},
+                          vectors_file=_stored_vectors(local_dir, vectors))
         else:
             report.update(_build_tree_ah(scann_ops_pybind, vectors, spec, tune, global_kth,
                                          local_dir))
@@ -180,16 +192,70 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
     return report
 
 
-def leaves_for(shard_rows: int, total_rows: int) -> int:
-    """Tree leaves of a shard: leaves of about sqrt(total_rows) vectors each.
+def leaves_for(shard_rows: int, total_rows: int, per_sqrt_n: float = 1.0) -> int:
+    """Tree leaves of a shard: per_sqrt_n x sqrt(total_rows) leaves over the whole index,
+    of equal size, so each shard gets its share.
 
-    One shard gets round(sqrt(n)) leaves; N shards together get about as many leaves, of
-    the same size, as one shard of the whole catalog would, so searching a fraction of
-    every shard's leaves scans about as many vectors as the same fraction of one shard
-    (with sqrt(shard rows) per shard they would scan sqrt(N) times more).
+    One shard gets round(per_sqrt_n x sqrt(n)) leaves; N shards together get about as
+    many leaves, of the same size, as one shard of the whole catalog would, so searching a
+    fraction of every shard's leaves scans about as many vectors as the same fraction of
+    one shard (with sqrt(shard rows) per shard they would scan sqrt(N) times more).
     """
-    leaf_size = math.sqrt(max(1, total_rows))
+    leaf_size = math.sqrt(max(1, total_rows)) / per_sqrt_n
     return max(2, min(shard_rows, int(round(shard_rows / leaf_size))))
+
+
+#: Our own float32 copy of a shard's vectors when ScaNN keeps only quantized ones.
+VECTORS_FILE = "vectors.npy"
+
+
+def _stored_vectors(local_dir: str, vectors: np.ndarray) -> str:
+    """The stored-vectors file of a serialized shard: ScaNN's float32 dataset.npy when it
+    holds exactly the shard's vectors, else our own vectors.npy (written here)."""
+    scann_copy = os.path.join(local_dir, DEFAULT_VECTORS_FILE)
+    if os.path.exists(scann_copy):
+        kept = np.load(scann_copy, mmap_mode="r", allow_pickle=False)
+        if kept.dtype == np.float32 and kept.shape == vectors.shape:
+            return DEFAULT_VECTORS_FILE
+    np.save(os.path.join(local_dir, VECTORS_FILE), np.ascontiguousarray(vectors, np.float32),
+            allow_pickle=False)
+    return VECTORS_FILE
+
+
+def builder_options(p: BuildParams, dim: int) -> dict[str, Any]:
+    """The ScaNN builder options a shard of `dim`-d vectors is built with (manifest)."""
+    return {"leaves_per_sqrt_n": p.leaves_per_sqrt_n, "projection_dim": p.projection_for(dim),
+            "soar_lambda": p.soar_lambda, "reorder_dtype": p.reorder_dtype,
+            "dimensions_per_block": p.dimensions_per_block,
+            "anisotropic_threshold": p.anisotropic_threshold}
+
+
+def make_tree_ah_builder(scann_ops_pybind: Any, vectors: np.ndarray, k: int,
+                         num_leaves: int, leaves: int, pre_reorder: int,
+                         options: Mapping[str, Any]) -> Any:
+    """The ScaNN builder of a tree + AH + reorder shard with `options` (builder_options)."""
+    from scann.scann_ops.py.scann_builder import ReorderType
+
+    n = len(vectors)
+    min_partition = max(1, min(50, n // (2 * num_leaves)))
+    builder = (scann_ops_pybind.builder(vectors, k, "dot_product")
+               .tree(num_leaves=num_leaves, num_leaves_to_search=leaves,
+                     training_sample_size=min(n, 100_000), min_partition_size=min_partition,
+                     soar_lambda=options.get("soar_lambda"))
+               .score_ah(int(options["dimensions_per_block"]),
+                         anisotropic_quantization_threshold=options["anisotropic_threshold"],
+                         training_sample_size=min(n, 100_000))
+               .reorder(pre_reorder, quantize=getattr(ReorderType, _REORDER_TYPES[
+                   options["reorder_dtype"]])))
+    if options.get("projection_dim"):
+        # both arguments, else ScaNN 1.4.2 raises ValueError
+        builder = builder.pca(reduction_dim=int(options["projection_dim"]),
+                              pca_significance_threshold=None)
+    return builder
+
+
+# index.reorder_dtype -> ScaNN's ReorderType member
+_REORDER_TYPES = {"float32": "FLOAT32", "int8": "INT8", "bfloat16": "BFLOAT16"}
 
 
 def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
@@ -199,17 +265,12 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     p = spec.params
     n = len(vectors)
     k = p.num_neighbors
-    num_leaves = leaves_for(n, spec.num_rows)
+    num_leaves = leaves_for(n, spec.num_rows, p.leaves_per_sqrt_n)
     leaves = max(1, min(num_leaves, math.ceil(p.leaves_to_search_fraction * num_leaves)))
     full_pre = k * p.reorder_multiplier
-    min_partition = max(1, min(50, n // (2 * num_leaves)))
-    builder = (scann_ops_pybind.builder(vectors, k, "dot_product")
-               .tree(num_leaves=num_leaves, num_leaves_to_search=leaves,
-                     training_sample_size=min(n, 100_000), min_partition_size=min_partition)
-               .score_ah(p.dimensions_per_block,
-                         anisotropic_quantization_threshold=p.anisotropic_threshold,
-                         training_sample_size=min(n, 100_000))
-               .reorder(full_pre))
+    options = builder_options(p, spec.dim)
+    builder = make_tree_ah_builder(scann_ops_pybind, vectors, k, num_leaves, leaves, full_pre,
+                                   options)
     builder.set_n_training_threads(p.training_threads)
     searcher = builder.build()
     multiplier = p.reorder_multiplier
@@ -220,7 +281,8 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
         scaled = max(1, math.ceil(p.reorder_multiplier / spec.num_shards))
         for mult in dict.fromkeys([scaled, p.reorder_multiplier]):
             leaves, tuned, details = tune_leaves(searcher, vectors, queries, kk, kk * mult,
-                                                 num_leaves, p.tune_recall_target, global_kth)
+                                                 num_leaves, p.tune_recall_target, global_kth,
+                                                 rescore=p.reorder_dtype != "float32")
             multiplier = mult
             if tuned >= p.tune_recall_target:
                 break
@@ -228,4 +290,5 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     searcher.serialize(local_dir, relative_path=True)
     return {"kind": "scann_tree_ah", "num_leaves": num_leaves,
             "search": {"leaves_to_search": int(leaves), "reorder_multiplier": int(multiplier)},
-            "tuning": tuning}
+            "tuning": tuning, "options": options,
+            "vectors_file": _stored_vectors(local_dir, vectors)}

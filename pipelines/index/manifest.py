@@ -28,6 +28,8 @@ FORMAT_V1 = "catalog-search-index/1"
 FORMAT = "catalog-search-index/2"
 #: Manifest formats this code reads (an old reader refuses a newer format outright).
 READ_FORMATS = (FORMAT_V1, FORMAT)
+#: A shard's stored vectors when its entry names no `vectors_file` (ScaNN's float32 copy).
+DEFAULT_VECTORS_FILE = "dataset.npy"
 STATUS_PASSED = "passed"
 STATUS_REJECTED = "rejected"
 
@@ -91,7 +93,16 @@ class ShardEntry:
     num_leaves: int | None = None
     tuning: dict[str, Any] | None = None
     build_seconds: float | None = None
+    # The shard's stored float32 vectors (a file of `files`; None: ScaNN's dataset.npy,
+    # as in version-1 manifests) and the ScaNN builder options it was built with.
+    vectors_file: str | None = None
+    options: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stored_vectors(self) -> str:
+        """The file (of `files`) holding the shard's float32 index-space vectors."""
+        return self.vectors_file or DEFAULT_VECTORS_FILE
 
     @property
     def leaves_to_search(self) -> int:
@@ -106,7 +117,8 @@ class ShardEntry:
                                "num_vectors": self.num_vectors, "kind": self.kind,
                                "files": [f.to_dict() for f in self.files],
                                "search": self.search}
-        for name in ("num_images", "num_leaves", "tuning", "build_seconds"):
+        for name in ("num_images", "num_leaves", "tuning", "build_seconds", "vectors_file",
+                     "options"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update({k: v for k, v in self.extra.items() if k not in out})
@@ -128,6 +140,8 @@ class ShardEntry:
                    tuning=_get(d, "tuning", dict, source, None, nullable=True),
                    build_seconds=_get(d, "build_seconds", (int, float), source, None,
                                       nullable=True),
+                   vectors_file=_get(d, "vectors_file", str, source, None, nullable=True),
+                   options=_get(d, "options", dict, source, None, nullable=True),
                    extra=_extra(cls, d))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,7 +21,7 @@ from pipelines.core.checksums import sha256_file
 from pipelines.index.artifact import (LATEST_FILE, ROWS_FILE, IndexArtifactError,
                                       IndexIntegrityError, check_manifest_structure, read_latest,
                                       read_manifest, sha256_bytes, version_dir)
-from pipelines.index.manifest import IndexManifest, ShardEntry, ShardFile
+from pipelines.index.manifest import DEFAULT_VECTORS_FILE, IndexManifest, ShardEntry, ShardFile
 
 
 @dataclass
@@ -38,15 +38,31 @@ class LoadedShard:
     leaves_to_search: int = -1      # -1: the searcher's default / brute force
     reorder_multiplier: int = 1
     info: ShardEntry | None = None  # the manifest's shard entry
+    _vectors: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def quantized_reorder(self) -> bool:
+        """ScaNN reorders this shard with int8 / bfloat16 vectors (approximate scores)."""
+        options = (self.info.options if self.info is not None else None) or {}
+        return options.get("reorder_dtype", "float32") != "float32"
+
+    @property
+    def vectors_file(self) -> str:
+        """The shard's stored-vectors file (the manifest entry's; version 1: dataset.npy)."""
+        return self.info.stored_vectors if self.info is not None else DEFAULT_VECTORS_FILE
 
     def vectors(self) -> np.ndarray:
-        """float32 [num_vectors, dim] (memory-mapped from the shard's dataset.npy)."""
+        """float32 [num_vectors, dim], memory-mapped from the shard's stored-vectors file
+        (`vectors_file`: vectors.npy, or ScaNN's dataset.npy when ScaNN keeps float32)."""
         if self.num_vectors == 0:
             return np.zeros((0, self.dim), np.float32)
-        path = os.path.join(self.local_dir, "dataset.npy")
-        if not os.path.exists(path):
-            raise IndexArtifactError(f"shard {self.shard}: no dataset.npy in {self.local_dir}")
-        return np.load(path, mmap_mode="r")
+        if self._vectors is None:
+            path = os.path.join(self.local_dir, self.vectors_file)
+            if not os.path.exists(path):
+                raise IndexArtifactError(f"shard {self.shard}: no {self.vectors_file} in "
+                                         f"{self.local_dir}")
+            self._vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._vectors
 
 
 class IndexVersion:
@@ -104,7 +120,7 @@ class IndexVersion:
                                       f"says {entry.num_vectors}")
         searcher = None
         if self.verify and entry.kind != "empty":
-            check_shard_vectors(os.path.join(local, "dataset.npy"), entry.num_vectors,
+            check_shard_vectors(os.path.join(local, entry.stored_vectors), entry.num_vectors,
                                 self.manifest.dim, where)
         if entry.kind != "empty":
             searcher = scann_ops_pybind.load_searcher(local, assets_backcompat_shim=False)
@@ -154,7 +170,7 @@ _NORM_BLOCK_ROWS = 65536
 
 
 def check_shard_vectors(path: str, num_vectors: int, dim: int, where: str) -> None:
-    """IndexIntegrityError unless `path` (a shard's dataset.npy) holds float32
+    """IndexIntegrityError unless `path` (a shard's stored vectors) holds float32
     [num_vectors, dim] vectors, all finite and of unit length within NORM_TOLERANCE.
 
     Checksums only prove the files are the ones the manifest lists; this catches a
@@ -162,18 +178,19 @@ def check_shard_vectors(path: str, num_vectors: int, dim: int, where: str) -> No
     would otherwise load and silently drop out of every result). Every row is checked,
     in blocks, from a memory map.
     """
+    name = os.path.basename(path)
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise IndexIntegrityError(f"{where}: dataset.npy is not a readable array: {e}") from e
+        raise IndexIntegrityError(f"{where}: {name} is not a readable array: {e}") from e
     if vectors.dtype != np.float32 or vectors.shape != (num_vectors, dim):
-        raise IndexIntegrityError(f"{where}: dataset.npy holds {vectors.dtype} "
+        raise IndexIntegrityError(f"{where}: {name} holds {vectors.dtype} "
                                   f"{list(vectors.shape)}, manifest says float32 "
                                   f"[{num_vectors}, {dim}]")
     for start in range(0, num_vectors, _NORM_BLOCK_ROWS):
         block = np.asarray(vectors[start:start + _NORM_BLOCK_ROWS], dtype=np.float64)
         if not np.all(np.isfinite(block)):
-            raise IndexIntegrityError(f"{where}: dataset.npy holds NaN or infinite values")
+            raise IndexIntegrityError(f"{where}: {name} holds NaN or infinite values")
         norms = np.linalg.norm(block, axis=1)
         off = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
         if off.size:

@@ -34,6 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+# A shard reordering with int8 / bfloat16 returns this x k candidates, rescored in float32.
+RESCORE_FACTOR = 2
 # Database rows scored per block by `search_exact` (bounds its memory to Q x block).
 _EXACT_BLOCK_ROWS = 65536
 
@@ -198,9 +200,20 @@ class ShardedSearcher:
 
     @staticmethod
     def _search_shard(shard: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One shard's top-k (local rows, -1 / -inf padding where ScaNN found fewer)."""
+        """One shard's top-k (local rows, -1 / -inf padding where ScaNN found fewer).
+
+        A shard whose ScaNN reorders with int8 / bfloat16 vectors returns approximate
+        scores: it is asked for RESCORE_FACTOR x k neighbours, which are rescored exactly
+        with the shard's stored float32 vectors, so every shard's scores are exact dot
+        products and merging shards by score compares like with like.
+        """
+        rescore = getattr(shard, "quantized_reorder", False)
+        if rescore:
+            wanted = k
+            k = min(int(shard.num_vectors), RESCORE_FACTOR * k)
         brute = shard.kind == "scann_brute_force"
-        pre = -1 if brute else max(k, k * shard.reorder_multiplier)
+        pre = -1 if brute else max(k, wanted * shard.reorder_multiplier if rescore
+                                   else k * shard.reorder_multiplier)
         leaves = -1 if brute else shard.leaves_to_search
         if queries.shape[0] == 1:
             idx, dist = shard.searcher.search(queries[0], k, pre, leaves)
@@ -216,9 +229,12 @@ class ShardedSearcher:
             idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan)
         missing = np.isnan(dist)
-        if not missing.any():
-            return dist, idx
-        return np.where(missing, -np.inf, dist).astype(np.float32), np.where(missing, -1, idx)
+        if missing.any():
+            dist = np.where(missing, -np.inf, dist).astype(np.float32)
+            idx = np.where(missing, -1, idx)
+        if rescore:
+            return _rescore(shard.vectors(), queries, dist, idx, wanted)
+        return dist, idx
 
     # ---------------------------------------------------------------- exact reference
 
@@ -256,6 +272,19 @@ class ShardedSearcher:
         """`search` output -> per query, its hits best first (padding left out)."""
         return [[self.hit(r, s) for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]
+
+
+def _rescore(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray, idx: np.ndarray,
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates [Q, m] rescored with exact dot products of `vectors`; the best k."""
+    valid = idx >= 0
+    flat = np.where(valid, idx, 0).reshape(-1)
+    order = np.argsort(flat, kind="stable")  # sorted gather: sequential reads of the map
+    gathered = np.empty((flat.size, vectors.shape[1]), np.float32)
+    gathered[order] = np.asarray(vectors[flat[order]], np.float32)
+    exact = np.einsum("qd,qmd->qm", queries, gathered.reshape(idx.shape[0], idx.shape[1], -1))
+    exact = np.where(valid, exact, -np.inf).astype(np.float32)
+    return _top_k_rows(exact, idx, k)
 
 
 def _top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -82,7 +82,8 @@ def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_di
         shard_dir = fs.join(base, entry.path)
         rows = fs.read_parquet(fs.join(shard_dir, art.ROWS_FILE))
         try:
-            shard_vectors = np.load(io.BytesIO(fs.read_bytes(fs.join(shard_dir, "dataset.npy"))))
+            shard_vectors = np.load(io.BytesIO(fs.read_bytes(
+                fs.join(shard_dir, entry.stored_vectors))), allow_pickle=False)
         except (OSError, ValueError) as e:
             return False, f"shard {entry.shard} vectors unreadable: {e}"
         for j, row in enumerate(rows.to_pylist()):
