@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import logging
 import os
+import socket
 from typing import Any, Callable
 
 from pipelines.core.command import Command, UsageError
@@ -104,9 +106,10 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
                          f"(serving.max_k), got {args.max_per_group}")
     if args.group_by is not None and not args.group_by.strip():
         raise UsageError("--group-by must name a metadata field")
+    from serving.cli_checks import check_index_root, check_query_image
     for uri in args.images:
-        if not fs.exists(uri):
-            raise UsageError(f"query image {uri} does not exist")
+        check_query_image(uri)
+    check_index_root(args.index_root)
     try:
         searcher = CatalogSearcher.open(args.index_root, version=args.version,
                                         shard_ids=shard_ids, config=config)
@@ -142,11 +145,21 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
             continue
         print(f"\n{uri}  (index {results.version}, "
               f"{sum(results.timings_ms.values()):.1f} ms)")
-        print(f"  {'rank':>4}  {'score':>6}  {'product_id':<20} {'image_id':<24} metadata")
-        for rank, hit in enumerate(results.hits, 1):
-            meta = ", ".join(f"{k}={v}" for k, v in hit.metadata.items())
-            print(f"  {rank:>4}  {hit.score:6.3f}  {hit.product_id:<20} {hit.image_id:<24} {meta}")
+        print(results_table(results.hits))
     return 1 if failures else 0
+
+
+def results_table(hits: list) -> str:
+    """The `query` table: rank, score, product_id, image_id, metadata; the id columns are
+    as wide as their longest value (at least 20 / 24), so long ids stay aligned."""
+    pw = max([20] + [len(h.product_id) for h in hits])
+    iw = max([24] + [len(h.image_id) for h in hits])
+    lines = [f"  {'rank':>4}  {'score':>6}  {'product_id':<{pw}} {'image_id':<{iw}} metadata"]
+    for rank, hit in enumerate(hits, 1):
+        meta = ", ".join(f"{k}={v}" for k, v in hit.metadata.items())
+        lines.append(f"  {rank:>4}  {hit.score:6.3f}  {hit.product_id:<{pw}} "
+                     f"{hit.image_id:<{iw}} {meta}".rstrip())
+    return "\n".join(lines)
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,9 +177,6 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace, config: Config) -> int:
-    import uvicorn
-
-    from serving.app import create_app
     from serving.auth import AdminTokenError, admin_token_from_env, read_token_file
     config = with_allowed_models(args, config)
     try:
@@ -182,30 +192,67 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
     if "://" not in args.index_root and os.path.exists(args.index_root) \
             and not os.path.isdir(args.index_root):
         raise UsageError(f"--index-root {args.index_root} is not a directory")
-    if token is None and host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("serving on %s without an admin token: anyone who can reach the port can "
-                    "POST /v1/reload (set CATALOG_SEARCH_ADMIN_TOKEN_FILE or --admin-token-file)",
-                    host)
     if args.no_watch and args.version is None and "://" not in args.index_root \
             and not os.path.isdir(args.index_root):
         raise UsageError(f"--index-root {args.index_root} does not exist (and --no-watch "
                          "would never pick up a first version)")
+    from serving.cli_checks import check_index_root
+    check_index_root(args.index_root, must_exist=False)  # an embeddings folder, say
+    # The port is bound before the index loads (seconds): a busy port fails at once.
+    sock = bind_socket(host, port)
     if "://" not in args.index_root and not os.path.isdir(args.index_root):
         # Before the first refresh: serve, not ready (/readyz 503), until a version is
         # published there (the watcher polls LATEST; POST /v1/reload loads it at once).
         log.warning("index root %s does not exist yet: not ready until a version is "
                     "published there", args.index_root)
-    app = create_app(args.index_root, config, version=args.version,
-                     shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
-    log.info("serving %s on http://%s:%d", args.index_root, host, port)
-    log_config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    if args.json:  # uvicorn's access log goes to stdout by default: keep stdout for the JSON line
-        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    server = _listening_server(
-        uvicorn.Config(app, host=host, port=port, log_level="info", log_config=log_config),
-        (lambda bound: _print_started(app, args.index_root, bound)) if args.json else None)
-    server.run()
+    if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without an admin token: anyone who can reach the port can "
+                    "POST /v1/reload (set CATALOG_SEARCH_ADMIN_TOKEN_FILE or --admin-token-file)",
+                    host)
+    try:
+        import uvicorn  # imported after the checks: fastapi and uvicorn take a second
+
+        from serving.app import create_app
+        app = create_app(args.index_root, config, version=args.version,
+                         shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
+        log.info("serving %s on http://%s:%d", args.index_root, host, sock.getsockname()[1])
+        log_config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        if args.json:  # uvicorn's access log goes to stdout by default: stdout is for the JSON
+            log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+        server = _listening_server(
+            uvicorn.Config(app, host=host, port=port, log_level="info", log_config=log_config),
+            (lambda bound: _print_started(app, args.index_root, bound)) if args.json else None)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening; UsageError naming the address when
+    it cannot be (the port is in use, the host is not an address of this machine)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot resolve it: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} is already in use (cannot listen on {where}); "
+                             "stop what uses it or pass --port") from None
+        raise UsageError(f"cannot listen on {where}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _listening_server(config: Any, on_started: Callable[[tuple], None] | None) -> Any:
@@ -215,6 +262,8 @@ def _listening_server(config: Any, on_started: Callable[[tuple], None] | None) -
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets=sockets)
+            if self.started and sockets is not None:  # uvicorn logs this only without sockets
+                self._log_started_message(sockets)
             if self.started and on_started is not None and self.servers:
                 on_started(self.servers[0].sockets[0].getsockname())
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import io
 import logging
+import sys
 import time
 from collections import defaultdict
 from typing import Any, Iterable
@@ -31,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipelines.core import filesystem as fs
+from pipelines.core import progress
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
 
@@ -43,6 +45,10 @@ METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "precision@1", "mAP@10")
 MODES = ("index", "exact")
 # Neighbours fetched per query in the batched first pass.
 SEARCH_DEPTH = 1000
+
+
+class EvaluateError(ValueError):
+    """An evaluation cannot run on this index and these queries (no usable query, ...)."""
 
 
 def _average_precision(relevant_flags: list[bool], num_relevant: int, depth: int) -> float:
@@ -102,6 +108,19 @@ def _save_vector_cache(path: str, image_uris: list[str], vectors: np.ndarray) ->
     fs.write_bytes(path, buf.getvalue())
 
 
+def _skip_reason(row: dict[str, Any], idx: Any) -> dict[str, str] | None:
+    """Why a labelled query row cannot be evaluated (dead-lettered by the manifest reader,
+    or its product is not in the index), or None."""
+    if row.get("error"):
+        reason, message = row["error"]
+        return {"source": row.get("source", ""), "reason": reason, "message": message}
+    if not idx.product_rows(row["product_id"]):
+        return {"source": row.get("source", ""), "reason": "product_not_indexed",
+                "message": f"product {row['product_id']!r} has no image in index "
+                           f"version {idx.version}"}
+    return None
+
+
 def query_text(row: dict[str, Any], field: str) -> str:
     """The text a labelled query row contributes in a photo + text evaluation."""
     value = row.get(field) if field in ("product_id", "image_id") else \
@@ -135,55 +154,70 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     rows = list(read_rows(0, queries))
     skipped: list[dict[str, str]] = []
     usable: list[dict[str, Any]] = []
-    pixels: list[np.ndarray] = []
     cache_file = _vector_cache_file(vector_cache, queries, idx.manifest.model) \
         if vector_cache else None
     cached = _load_vector_cache(cache_file) if cache_file else {}
-    from_cache: dict[int, np.ndarray] = {}
-    for row in rows:
-        if row.get("error"):
-            reason, message = row["error"]
-            skipped.append({"source": row.get("source", ""), "reason": reason,
-                            "message": message})
-            continue
-        if not idx.product_rows(row["product_id"]):
-            skipped.append({"source": row.get("source", ""), "reason": "product_not_indexed",
-                            "message": f"product {row['product_id']!r} has no image in index "
-                                       f"version {idx.version}"})
-            continue
-        if row["image_uri"] in cached:
-            from_cache[len(usable)] = cached[row["image_uri"]]
-            usable.append(row)
-            continue
-        try:
-            data = fs.read_bytes(row["image_uri"], max_bytes=config.fetch.max_bytes)
-            pixels.append(embedder.preprocess(data))
-        except QueryError as e:
-            skipped.append({"source": row.get("source", ""), "reason": e.reason,
-                            "message": str(e)})
-            continue
-        except Exception as e:  # unreadable file, too large
-            skipped.append({"source": row.get("source", ""), "reason": "unreadable",
-                            "message": f"{row['image_uri']}: {e}"})
-            continue
-        usable.append(row)
-    if not usable:
-        raise ValueError(f"{queries}: no usable query (of {len(rows)} rows; "
-                         f"{len(skipped)} skipped, first: {skipped[:1]})")
-    log.info("evaluate: %d queries (%d skipped), %d vectors from the cache, embedding %d",
-             len(usable), len(skipped), len(from_cache), len(pixels))
-    t_embed = time.perf_counter()
+    vector_of: dict[int, np.ndarray] = {}  # usable index -> vector
+    from_cache = 0
+    pending: list[tuple[int, np.ndarray]] = []  # (usable index, pixels) not embedded yet
     batch = config.model.batch_size
-    fresh = iter(np.concatenate([embedder.embed_arrays(np.stack(pixels[i:i + batch]))
-                                 for i in range(0, len(pixels), batch)]) if pixels else [])
-    vectors = np.stack([from_cache[i] if i in from_cache else next(fresh)
-                        for i in range(len(usable))]).astype(np.float32)
-    embed_s = time.perf_counter() - t_embed
-    if cache_file and pixels:
+    embed_s = 0.0
+
+    def embed_pending() -> None:
+        nonlocal embed_s
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        out = embedder.embed_arrays(np.stack([p for _, p in pending]))
+        embed_s += time.perf_counter() - t0
+        for (i, _), vec in zip(pending, out):
+            vector_of[i] = vec
+        progress.tick(len(pending))
+        pending.clear()
+
+    # progress lines like embed's: each query counts once it is embedded, cached or skipped
+    with progress.report_progress("evaluate", len(rows), "queries"):
+        for row in rows:
+            reason = _skip_reason(row, idx)
+            if reason is not None:
+                skipped.append(reason)
+                progress.tick()
+                continue
+            if row["image_uri"] in cached:
+                vector_of[len(usable)] = cached[row["image_uri"]]
+                from_cache += 1
+                usable.append(row)
+                progress.tick()
+                continue
+            try:
+                data = fs.read_bytes(row["image_uri"], max_bytes=config.fetch.max_bytes)
+                pending.append((len(usable), embedder.preprocess(data)))
+            except QueryError as e:
+                skipped.append({"source": row.get("source", ""), "reason": e.reason,
+                                "message": str(e)})
+                progress.tick()
+                continue
+            except Exception as e:  # unreadable file, too large
+                skipped.append({"source": row.get("source", ""), "reason": "unreadable",
+                                "message": f"{row['image_uri']}: {e}"})
+                progress.tick()
+                continue
+            usable.append(row)
+            if len(pending) >= batch:
+                embed_pending()
+        embed_pending()
+    if not usable:
+        raise EvaluateError(f"{queries}: no usable query (of {len(rows)} rows; "
+                            f"{len(skipped)} skipped, first: {skipped[:1]})")
+    embedded = len(usable) - from_cache
+    log.info("evaluate: %d queries (%d skipped), %d vectors from the cache, %d embedded in "
+             "%.1fs", len(usable), len(skipped), from_cache, embedded, embed_s)
+    vectors = np.stack([vector_of[i] for i in range(len(usable))]).astype(np.float32)
+    if cache_file and embedded:
         _save_vector_cache(cache_file, [r["image_uri"] for r in usable], vectors)
     weight = text_weight if text_weight is not None else config.fusion.text_weight
     if text_from is not None and idx.text_index is None:
-        raise ValueError("text fusion needs the index's text index (serving.text_search)")
+        raise EvaluateError("text fusion needs the index's text index (serving.text_search)")
 
     # Batched neighbour lists, deep enough for top-10 products in most cases
     # (collect_hits asks for more, one query at a time, when they are not).
@@ -255,7 +289,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "features": idx.manifest.model.get("features"),
         "fusion": {"text_from": text_from, "text_weight": weight if text_from else None,
                    "candidates": config.fusion.candidates if text_from else None},
-        "queries_from_cache": len(from_cache),
+        "queries_from_cache": from_cache,
         "timings_s": {"total": round(time.perf_counter() - started, 2),
                       "embed": round(embed_s, 2),
                       **{f"search_{m}": round(s, 3) for m, s in search_s.items()}},
@@ -296,8 +330,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
-    if not fs.exists(args.queries):
-        raise UsageError(f"--queries {args.queries} does not exist")
+    from serving.cli_checks import check_index_root, check_output_folder, check_queries_manifest
+    from serving.errors import IndexLoadError
     if args.examples < 0:
         raise UsageError("--examples must be >= 0")
     if args.text_weight is not None and not 0.0 <= args.text_weight <= 1.0:
@@ -306,11 +340,24 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--text-weight needs --text-from")
     if args.text_from is not None and not args.text_from.strip():
         raise UsageError("--text-from must name a query-manifest field")
+    check_output_folder("--out", args.out)
+    check_output_folder("--vector-cache", args.vector_cache)
+    # the queries file is read whole and the index root checked before the index loads
+    check_queries_manifest(args.queries)
+    check_index_root(args.index_root)
     from serving.cli import with_allowed_models
     config = with_allowed_models(args, config)
-    report = evaluate(args.index_root, args.queries, args.out, config, version=args.version,
-                      max_examples=args.examples, vector_cache=args.vector_cache,
-                      text_from=args.text_from, text_weight=args.text_weight)
+    try:
+        report = evaluate(args.index_root, args.queries, args.out, config,
+                          version=args.version, max_examples=args.examples,
+                          vector_cache=args.vector_cache, text_from=args.text_from,
+                          text_weight=args.text_weight)
+    except IndexLoadError as e:
+        print(f"catalog-search evaluate: cannot load the index: {e}", file=sys.stderr)
+        return 1
+    except EvaluateError as e:
+        print(f"catalog-search evaluate: error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"version": report["version"], "queries": report["queries"],
                           "skipped": len(report["skipped"]), "overall": report["overall"],

@@ -66,7 +66,8 @@ def test_query_json_filters_and_errors(world, tmp_path, capsys):
     assert main(["query", "--index-root", str(tmp_path / "no-index"), "-k", "0",
                  row["image_uri"]]) == 2
     assert "-k must be between 1 and" in capsys.readouterr().err
-    assert main(["query", "--index-root", str(tmp_path / "no-index"), row["image_uri"]]) == 1
+    # a missing index root is an argument mistake too (tests/test_cli_mistakes.py)
+    assert main(["query", "--index-root", str(tmp_path / "no-index"), row["image_uri"]]) == 2
 
 
 def test_serve_rejects_bad_arguments(world, tmp_path, capsys):
@@ -167,3 +168,25 @@ def test_evaluate_vector_cache_and_text_fusion(world, tmp_path):
                  "--text-weight", "0.5"]) == 2  # --text-weight needs --text-from
     assert main(["evaluate", "--index-root", world.index_root, "--queries", world.queries,
                  "--text-from", "category", "--text-weight", "3"]) == 2
+
+
+def test_evaluate_prints_progress_like_embed(world, tmp_path, monkeypatch, caplog):
+    """evaluate embeds its queries in batches and logs `evaluate progress:` lines against
+    the number of query rows (skipped rows count as done), ending in done (issue 23)."""
+    import logging
+    import re
+
+    from pipelines.core import progress
+    monkeypatch.setenv(progress.PROGRESS_INTERVAL_ENV, "0.2")
+    caplog.set_level(logging.INFO)
+    queries = _queries_with_problems(world, tmp_path)  # 12 usable rows + 2 skipped
+    config = world.config.replace(model={"batch_size": 2})
+    report = evaluate(world.index_root, queries, str(tmp_path / "out"), config)
+    assert report["queries"] == NUM_PRODUCTS
+    lines = [r.getMessage() for r in caplog.records if "evaluate progress:" in r.getMessage()]
+    total = NUM_PRODUCTS + 2
+    pattern = re.compile(rf"evaluate progress: (\d+)/{total} queries \(\d+%\), ")
+    done = [int(pattern.match(line).group(1)) for line in lines]
+    assert done and done == sorted(done) and done[-1] == total, lines
+    assert lines[-1].startswith(f"evaluate progress: {total}/{total} queries (100%), done")
+    assert any(f"{NUM_PRODUCTS} embedded in" in r.getMessage() for r in caplog.records)

@@ -7,7 +7,14 @@ worker appends one byte per finished item with O_APPEND (atomic for small writes
 any number of worker processes share one file). The launcher's reporter thread reads
 the file size every second and logs a line every `interval_s` seconds or every 10 %:
 
-    embed progress: 120/300 images (40%), 11.8/s, ETA 15s
+    embed progress: 12/300 rows (4%), ETA estimating…, 6s elapsed
+    embed progress: 120/300 rows (40%), 11.8/s, ETA 15s, 16s elapsed
+
+The rate (`EtaEstimator`) starts at the first finished items, not at the job's start: Beam's
+start-up (worker processes, model load) would otherwise make the first ETAs many times
+too long. It is smoothed (an exponential moving average over ~15 s) and the line says
+"estimating…" until MIN_ESTIMATE_S seconds and two progress updates have followed the
+first items.
 
 On a cluster runner the workers cannot write the launcher's local file; the env var is
 not set there and `tick()` is a no-op (Dataflow's and Flink's UIs show their progress).
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -46,18 +54,82 @@ def tick(n: int = 1) -> None:
         os.close(fd)
 
 
-def format_line(what: str, unit: str, done: int, total: int, elapsed_s: float) -> str:
-    """`<what> progress: done/total <unit> (pct), rate/s, ETA`."""
+#: Seconds of progress after the first finished items before the line gives a rate and ETA.
+MIN_ESTIMATE_S = 3.0
+#: Time constant of the rate's exponential moving average (seconds).
+SMOOTHING_S = 15.0
+ESTIMATING = "estimating…"
+
+
+class EtaEstimator:
+    """The rate and ETA of a job from (time, items done) observations.
+
+    The first observation with items done is the anchor: start-up time before it does not
+    count. Once MIN_ESTIMATE_S seconds and two increments have followed the anchor, the
+    rate is the average since the anchor; after that, an exponential moving average (time
+    constant SMOOTHING_S) of the rate between increments (items arrive in bundles: an
+    observation with nothing new carries no rate), so one slow or bursty bundle moves it
+    only a little. `rate()` / `eta_s()` are None until then (the line says estimating…).
+    """
+
+    def __init__(self, total: int, min_estimate_s: float = MIN_ESTIMATE_S,
+                 smoothing_s: float = SMOOTHING_S) -> None:
+        self.total = total
+        self.min_estimate_s = min_estimate_s
+        self.smoothing_s = smoothing_s
+        self._anchor: tuple[float, int] | None = None
+        self._last: tuple[float, int] | None = None
+        self._increments = 0
+        self._rate: float | None = None
+        self.done = 0
+
+    def update(self, now: float, done: int) -> None:
+        """Record that `done` items are finished at time `now` (seconds, monotonic)."""
+        self.done = done
+        if done <= 0:
+            return
+        if self._anchor is None:
+            self._anchor = self._last = (now, done)
+            return
+        assert self._last is not None
+        last_t, last_done = self._last
+        if now <= last_t or done <= last_done:
+            return  # no news: items arrive in bundles, the rate is read between arrivals
+        self._increments += 1
+        t0, d0 = self._anchor
+        if self._rate is None:
+            if now - t0 >= self.min_estimate_s and self._increments >= 2:
+                self._rate = (done - d0) / (now - t0)
+        else:
+            alpha = 1.0 - math.exp(-(now - last_t) / self.smoothing_s)
+            self._rate += alpha * ((done - last_done) / (now - last_t) - self._rate)
+        self._last = (now, done)
+
+    def rate(self) -> float | None:
+        """Items per second, or None while estimating."""
+        return self._rate if self._rate else None
+
+    def eta_s(self) -> float | None:
+        """Seconds to go (0 when done), or None while estimating."""
+        if self.done >= self.total:
+            return 0.0
+        rate = self.rate()
+        return (self.total - self.done) / rate if rate else None
+
+
+def format_line(what: str, unit: str, done: int, total: int, elapsed_s: float,
+                rate: float | None) -> str:
+    """`<what> progress: done/total <unit> (pct), rate/s, ETA, elapsed`; with `rate` None
+    (not known yet) `ETA estimating…` and no rate."""
     pct = 100.0 * done / total if total else 100.0
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
     if done >= total:
         eta = "done"
-    elif rate > 0:
-        eta = f"ETA {_duration((total - done) / rate)}"
+    elif rate:
+        eta = f"{rate:.1f}/s, ETA {_duration((total - done) / rate)}"
     else:
-        eta = "ETA unknown"
-    return (f"{what} progress: {done}/{total} {unit} ({pct:.0f}%), {rate:.1f}/s, "
-            f"{eta}, {_duration(elapsed_s)} elapsed")
+        eta = f"ETA {ESTIMATING}"
+    return (f"{what} progress: {done}/{total} {unit} ({pct:.0f}%), {eta}, "
+            f"{_duration(elapsed_s)} elapsed")
 
 
 def _duration(seconds: float) -> str:
@@ -92,7 +164,7 @@ def report_progress(what: str, total: int, unit: str = "items",
     previous = os.environ.get(PROGRESS_FILE_ENV)
     os.environ[PROGRESS_FILE_ENV] = path
     stop = threading.Event()
-    started = time.time()
+    started = time.monotonic()
     interval = _interval()
 
     def done_count() -> int:
@@ -102,15 +174,20 @@ def report_progress(what: str, total: int, unit: str = "items",
             return 0
 
     printed = [0]  # the last count a line was logged for
+    estimator = EtaEstimator(total)
+
+    def line(done: int, now: float) -> str:
+        return format_line(what, unit, done, total, now - started, estimator.rate())
 
     def run() -> None:
-        last_line, last_done, last_decile = time.time(), 0, 0
+        last_line, last_done, last_decile = time.monotonic(), 0, 0
         while not stop.wait(min(1.0, interval)):
             done = done_count()
+            now = time.monotonic()
+            estimator.update(now, done)
             decile = done * 10 // total
-            now = time.time()
             if done != last_done and (now - last_line >= interval or decile > last_decile):
-                log.info("%s", format_line(what, unit, done, total, now - started))
+                log.info("%s", line(done, now))
                 last_line, last_done, last_decile = now, done, decile
                 printed[0] = done
 
@@ -124,7 +201,8 @@ def report_progress(what: str, total: int, unit: str = "items",
         stop.set()
         thread.join()
         if ok and printed[0] != done_count():
-            log.info("%s", format_line(what, unit, done_count(), total, time.time() - started))
+            estimator.update(time.monotonic(), done_count())
+            log.info("%s", line(done_count(), time.monotonic()))
         if previous is None:
             os.environ.pop(PROGRESS_FILE_ENV, None)
         else:

@@ -71,7 +71,12 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: int | None = None
         raise DecodeError("too_many_pixels", str(e)) from e
     except Image.DecompressionBombWarning as e:
         raise DecodeError("too_many_pixels", str(e)) from e
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+    except Image.UnidentifiedImageError as e:  # its text names the BytesIO object
+        accepted = f"the accepted formats ({', '.join(formats)})" if formats \
+            else "the image formats Pillow reads"
+        raise DecodeError("not_an_image", f"not a decodable image: {len(data)} bytes in none "
+                          f"of {accepted}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError...
         raise DecodeError("not_an_image", f"not a decodable image: {e}") from e
     w, h = img.size
     if w <= 0 or h <= 0:
