@@ -31,6 +31,7 @@ import numpy as np
 
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
+from pipelines.core.locks import RunLockedError, run_lock
 from pipelines.embed import small_run, snapshot
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.core.config import Config
@@ -149,6 +150,8 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     (audits); see pipelines.embed.change_signal for when a vector is reused without a fetch.
     Re-running with the same run_id replaces that snapshot and nothing else; the run_id
     is checked (pipelines.core.names) before anything is deleted or written.
+    Two runs of one run_id under one local root never overlap: the second is refused at
+    once (EmbedError naming the holder; pipelines.core.locks.run_lock).
     Raises EmbedError (nothing touched) for bad input, DeadLetterRateError when more than
     config.embed.max_dead_letter_fraction of the rows are dead-lettered (LATEST stays).
     """
@@ -161,6 +164,24 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     check_roots(out_root, previous)
     out_root = fs.normalize(out_root)
     previous = fs.normalize(previous) if previous else previous
+    try:
+        with run_lock(out_root, run_lock_name(run_id),
+                      f"embed --run-id {run_id} (--out {out_root})"):
+            return _run_embed_locked(manifests, out_root, config, run_id, previous,
+                                     merge_previous, verify_content, started)
+    except RunLockedError as e:
+        raise EmbedError(str(e)) from e
+
+
+def run_lock_name(run_id: str) -> str:
+    """The run lock of an embed run under its embeddings root (pipelines.core.locks.run_lock):
+    held from before the snapshot folder is replaced until LATEST is moved."""
+    return f".embed-{run_id}.lock"
+
+
+def _run_embed_locked(manifests: Sequence[str], out_root: str, config: Config, run_id: str,
+                      previous: str | None, merge_previous: bool, verify_content: bool,
+                      started: float) -> SnapshotSummary:
     try:
         snapshot.latest_run_id(out_root)  # a corrupted LATEST: refuse before any work
     except snapshot.SnapshotError as e:

@@ -37,7 +37,7 @@ from typing import Any, ContextManager
 from pipelines.core import filesystem as fs
 from pipelines.core import latest as latest_pointer
 from pipelines.core.checksums import sha256_file
-from pipelines.core.locks import root_lock
+from pipelines.core.locks import is_run_locked, root_lock
 from pipelines.core.names import InvalidNameError, check_segment, is_safe_segment
 from pipelines.index.manifest import (FORMAT, STATUS_PASSED, STATUS_REJECTED, IndexArtifactError,
                                       IndexIntegrityError, IndexManifest, ManifestFormatError,
@@ -270,6 +270,17 @@ def list_versions(index_root: str) -> list[VersionInfo]:
 
 # --------------------------------------------------------------------------- publish
 
+def build_lock_name(version: str) -> str:
+    """The run lock a build of `version` holds under its index root for its whole run
+    (pipelines.core.locks.run_lock; local roots)."""
+    return f".build-{check_version_name(version)}.lock"
+
+
+def is_being_built(index_root: str, version: str) -> bool:
+    """True when a live build of `version` holds its run lock (local roots only)."""
+    return is_run_locked(index_root, build_lock_name(version))
+
+
 def _publish_lock(index_root: str) -> ContextManager[None]:
     """Exclusive lock for publish + retention on local roots (no-op on object stores)."""
     return root_lock(index_root, LOCK_FILE)
@@ -346,6 +357,8 @@ def apply_retention(index_root: str, keep: int, _locked: bool = False) -> list[s
         if v.state != STATUS_PASSED and v.version > oldest_kept:
             continue
         if v.state == STATUS_INCOMPLETE:
+            if is_being_built(index_root, v.version):
+                continue
             changed = fs.last_modified(version_dir(index_root, v.version))
             if changed is not None and time.time() - changed < INCOMPLETE_GRACE_S:
                 continue

@@ -60,16 +60,20 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import contextlib
 import shutil
 import time
-from typing import Any
+from typing import Any, ContextManager
 
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.core.config import Config
 from pipelines.index.build_pipeline import _run_build_pipeline
-from pipelines.index.build_plan import BuildSpec, IndexBuildError, check_version, plan_build
+from pipelines.core.locks import RunLockedError, run_lock
+from pipelines.embed.summary import SnapshotSummary
+from pipelines.index.build_plan import (BuildSpec, IndexBuildError, Split, check_version,
+                                        claim_version_dir, plan_build)
 from pipelines.index.build_rows import _merge_error_summaries, describe_errors
 from pipelines.index.build_shard import MIN_TREE_AH_ROWS
 from pipelines.index.recall_gate import TIE_EPSILON, RecallGateError, merge_gate
@@ -106,9 +110,7 @@ def _scann_description(config: Config) -> dict[str, Any]:
 def _fail_and_clean(spec: BuildSpec, created: list[str], message: str) -> IndexBuildError:
     """Remove what this build wrote (the version, and folders it created if now empty)."""
     fs.delete_tree(art.version_dir(spec.index_root, spec.version))
-    for folder in created:  # innermost first
-        if fs.is_local(folder) and not fs.list_children(folder):
-            shutil.rmtree(fs.normalize(folder), ignore_errors=True)
+    _remove_if_empty(created)
     return IndexBuildError(message)
 
 
@@ -116,12 +118,14 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
                     version: str | None = None) -> art.IndexManifest:
     """Build, evaluate and publish one index version; returns its manifest.
 
+    Two builds of one version under one local index root never overlap: the second is
+    refused at once (IndexBuildError naming the holder). An incomplete version (an
+    interrupted build, never published) is replaced by the re-run (claim_version_dir).
     Raises IndexBuildError for bad input (nothing is left under the index root) and
     RecallGateError when the recall gate fails (the version stays on disk marked
     rejected, LATEST unchanged).
     """
     started = time.time()
-    ix = config.index
     if version is not None:
         check_version(version)
     try:
@@ -129,11 +133,41 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     except fs.UnsupportedUriError as e:
         raise IndexBuildError(str(e)) from e
     embeddings, index_root = fs.normalize(embeddings), fs.normalize(index_root)
-    spec, splits, summary = plan_build(embeddings, index_root, config, version)
-    version = spec.version
-    vdir = art.version_dir(index_root, version)
     created = [d for d in (art.versions_dir(index_root), index_root)
                if fs.is_local(d) and not fs.exists(d)]
+    try:
+        with contextlib.ExitStack() as stack:
+            if version is not None:  # before planning: a concurrent build is refused at once
+                stack.enter_context(_build_lock(index_root, version))
+            spec, splits, summary = plan_build(embeddings, index_root, config, version)
+            if version is None:
+                stack.enter_context(_build_lock(index_root, spec.version))
+            claim_version_dir(index_root, spec.version, locked=fs.is_local(index_root))
+            return _build_locked(config, spec, splits, summary, created, started)
+    except RunLockedError as e:
+        _remove_if_empty(created)
+        raise IndexBuildError(str(e)) from e
+    except IndexBuildError:
+        _remove_if_empty(created)  # after the lock file went: folders this build created
+        raise
+
+
+def _build_lock(index_root: str, version: str) -> ContextManager[None]:
+    return run_lock(index_root, art.build_lock_name(version),
+                    f"build-index --version {version} (--index-root {index_root})")
+
+
+def _remove_if_empty(created: list[str]) -> None:
+    for folder in created:  # innermost first
+        if fs.is_local(folder) and fs.exists(folder) and not fs.list_children(folder):
+            shutil.rmtree(fs.normalize(folder), ignore_errors=True)
+
+
+def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary: SnapshotSummary,
+                  created: list[str], started: float) -> art.IndexManifest:
+    ix = config.index
+    index_root, version = spec.index_root, spec.version
+    vdir = art.version_dir(index_root, version)
     log.info("build-index: %d vectors (dim %d) in %d splits from %s -> %s, %d shards",
              spec.num_rows, spec.dim, len(splits), spec.snapshot_path, vdir, spec.num_shards)
     plan_s = time.time() - started

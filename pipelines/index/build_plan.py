@@ -8,7 +8,9 @@ shard of an image and a row's place in the seeded gate/tuning samples.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ from pipelines.core.config import Config
 from pipelines.embed import snapshot as snap
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.index import artifact as art
+
+log = logging.getLogger(__name__)
 
 BUILD_DIR = "_build"
 # Candidate rows per sample drawn inside ReadSplit: this many times the sample size.
@@ -236,12 +240,43 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
         version = art.new_version_name(salt=f"{path}|{run_id}")
     check_version(version)
     vdir = art.version_dir(index_root, version)
-    if fs.list_children(vdir):
-        raise IndexBuildError(f"index version {version} already exists at {vdir}; versions "
-                              f"are immutable, choose another name")
     spec = BuildSpec(snapshot_path=path, index_root=index_root, version=version,
                      staging=fs.join(vdir, BUILD_DIR), num_shards=ix.shards, num_rows=n,
                      dim=dim, model_id=str(model["model_id"]), k=min(ix.num_neighbors, n),
                      eval_queries=ix.eval_queries, eval_seed=ix.eval_seed,
                      params=BuildParams.from_config(config), model=dict(model))
     return spec, splits, summary
+
+
+def claim_version_dir(index_root: str, version: str, locked: bool) -> None:
+    """Make sure `versions/<version>/` is free for this build (call it holding the build's
+    run lock, `locked`): an empty or absent folder is free; an *incomplete* version (no
+    manifest.json: an interrupted build) that LATEST does not name is deleted and rebuilt
+    -- it was never published, so nothing can be serving it. On object stores (no lock)
+    only one unchanged for art.INCOMPLETE_GRACE_S is, as retention does. Anything else
+    (a passed or rejected version, or one LATEST names) raises IndexBuildError: published
+    versions are immutable."""
+    vdir = art.version_dir(index_root, version)
+    if not fs.list_children(vdir):
+        return
+    complete = fs.exists(art.manifest_uri(index_root, version))
+    state = art.version_state(index_root, version) if complete else art.STATUS_INCOMPLETE
+    try:
+        latest = art.read_latest(index_root)
+    except art.IndexArtifactError:
+        latest = None
+    if not complete and latest != version:
+        changed = fs.last_modified(vdir)
+        idle = changed is None or time.time() - changed >= art.INCOMPLETE_GRACE_S
+        if locked or idle:
+            log.warning("index version %s at %s is incomplete (no %s: an interrupted build, "
+                        "never published): replacing it", version, vdir, art.MANIFEST_FILE)
+            fs.delete_tree(vdir)
+            return
+        raise IndexBuildError(f"index version {version} at {vdir} is incomplete and changed "
+                              f"{time.time() - (changed or 0):.0f}s ago: another build may "
+                              "still be writing it; choose another name or retry later")
+    why = ("LATEST names it" if latest == version else f"its state is {state}"
+           if state != art.STATUS_INCOMPLETE else f"its {art.MANIFEST_FILE} does not read")
+    raise IndexBuildError(f"index version {version} already exists at {vdir} ({why}); "
+                          "versions are immutable, choose another name")

@@ -113,6 +113,14 @@ def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"version": name, "state": STATUS_INCOMPLETE,
                                  "latest": name == report["latest"], "error": None}
+        if not fs.exists(manifest_uri(index_root, name)):
+            entry["building"] = art.is_being_built(index_root, name)
+            entry["error"] = (
+                "no manifest.json: a build is writing it" if entry["building"] else
+                "no manifest.json: an interrupted build, never published (re-run build-index "
+                "--version with this name to replace it; retention removes it later)")
+            if verify:
+                entry["verified"] = False
         manifest = None
         if fs.exists(manifest_uri(index_root, name)):
             try:
@@ -175,8 +183,13 @@ def _run_info(args: argparse.Namespace, config: Config) -> int:
         if v.get("error"):
             print(f"{'':4}{v['error']}")
     if args.verify:
-        print(f"verified: {len(report['versions']) - len(corrupted)} ok, {len(corrupted)} "
-              f"corrupted" + (f" ({', '.join(corrupted)})" if corrupted else ""))
+        incomplete = [v["version"] for v in report["versions"]
+                      if v["state"] == STATUS_INCOMPLETE]
+        ok = len(report["versions"]) - len(corrupted) - len(incomplete)
+        print(f"verified: {ok} ok, {len(corrupted)} corrupted"
+              + (f" ({', '.join(corrupted)})" if corrupted else "")
+              + f", {len(incomplete)} incomplete"
+              + (f" ({', '.join(incomplete)})" if incomplete else ""))
     return rc
 
 

@@ -4,7 +4,9 @@ Real subprocesses of the CLI, the multi-process DirectRunner (2 worker processes
 the tiny real SavedModel. After each kill:
   - LATEST never named the killed run's output, at any moment it was polled;
   - no worker process of the killed launcher is left after a few seconds (defect 12);
-  - a re-run gives exactly the vectors of a clean run, and LATEST then names it.
+  - a re-run gives the vectors of a clean run (within EMBED_TOLERANCE: identical on a
+    quiet machine, ~1e-7 apart under CPU load), and LATEST then names it; a killed
+    `build-index --version V` is completed by re-running the same command.
 The short variants (one kill point each) run by default; `-m slow` runs them all.
 """
 from __future__ import annotations
@@ -26,6 +28,11 @@ from pipelines.embed import snapshot
 from pipelines.embed.sample_catalog import write_catalog
 
 WORKER_MARKERS = (b"pipelines.core.beam_worker", b"sdk_worker_main")
+#: Re-embedded vectors equal a clean run's within this (absolute, per component): the
+#: same model on the same bytes, but TF's CPU kernels may split work differently under
+#: load (issue 24: 8 of 36 rows differed by up to 2.2e-7 on a loaded machine; bit-identical
+#: on a quiet one). docs/RELIABILITY.md states the guarantee with this figure.
+EMBED_TOLERANCE = 1e-6
 
 
 def _env() -> dict[str, str]:
@@ -180,8 +187,8 @@ def _embed_crash_and_resume(setup, tmp_path, point: str) -> None:
     got = _vectors_by_id(os.path.join(out, "r-b-crash"))
     want = _vectors_by_id(os.path.join(setup["clean_emb"], "r-clean"))
     assert sorted(got) == sorted(want)
-    for image_id, vector in want.items():
-        np.testing.assert_array_equal(got[image_id], vector)
+    for image_id, vector in want.items():  # "identical": within EMBED_TOLERANCE (see below)
+        np.testing.assert_allclose(got[image_id], vector, rtol=0, atol=EMBED_TOLERANCE)
 
 
 BUILD_POINTS = {
@@ -218,12 +225,14 @@ def _build_crash_and_resume(setup, tmp_path, point: str) -> None:
         assert art.version_state(root, "v-crash") in ("incomplete", "passed")
         _assert_no_lingering_workers(workers)
     if art.read_latest(root) != "v-crash":
+        # the same command again: the killed, never published version is replaced (issue 24
+        # defect 2: it used to be refused as "already exists")
         proc = _cli(["--config", setup["config"], "build-index", "--embeddings", emb,
-                     "--index-root", root, "--shards", "2", "--version", "v-rerun"])
+                     "--index-root", root, "--shards", "2", "--version", "v-crash"])
         text = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, text
     version = art.read_latest(root)
-    assert version in ("v-rerun", "v-crash")
+    assert version == "v-crash"
     reader.open_index(root).load_shards()  # verifies checksums, counts and norms
     got, want = _shard_contents(root, version), _shard_contents(root, "v-clean")
     for (rows_g, vec_g), (rows_w, vec_w) in zip(got, want):
