@@ -53,8 +53,13 @@ class FetchConfig:
     backoff_s: float = 0.5
     max_bytes: int = 20_000_000
     deadline_s: float = 60.0
+    concurrency: int = 16
+    per_host_concurrency: int = 16
 
     def validate(self) -> None:
+        _require(1 <= self.concurrency <= 256, "fetch.concurrency", "must be between 1 and 256")
+        _require(1 <= self.per_host_concurrency <= 256, "fetch.per_host_concurrency",
+                 "must be between 1 and 256")
         _require(self.timeout_s > 0, "fetch.timeout_s", "must be > 0")
         _require(self.deadline_s > 0, "fetch.deadline_s", "must be > 0")
         _require(0 <= self.retries <= 10, "fetch.retries", "must be between 0 and 10")

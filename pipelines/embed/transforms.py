@@ -26,6 +26,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
@@ -34,6 +35,7 @@ from pipelines.embed import snapshot
 from pipelines.embed.change_signal import (SIGNAL_COLUMN, reuse_without_fetch, row_signal,
                                            same_views)
 from pipelines.embed.fetch import FetchError, fetch_bytes
+from pipelines.embed.inflight import InFlight
 from pipelines.embed.manifest import read_rows
 from pipelines.model.features import preprocess_feature_views
 from pipelines.model.image_decode import DecodeError, decode_image
@@ -101,65 +103,102 @@ class SplitValid(beam.DoFn):
 
 
 class ResolveImage(beam.DoFn):
-    """Per image_id: pick the winning row, fetch, hash, and reuse or send to decode."""
+    """Per image_id: pick the winning row, fetch, hash, and reuse or send to decode.
+
+    The slow part of each element (its change-signal lookup and its fetch) runs on the
+    worker's fetch threads, up to `fetch.concurrency` elements at once (see
+    pipelines/embed/inflight.py); each element's outputs are emitted as it finishes,
+    within the bundle that read it, in the element's window. concurrency 1: inline."""
 
     def __init__(self, settings: EmbedSettings):
         self.s = settings
+        self._inflight: InFlight | None = None
 
-    def process(self, element):
+    def start_bundle(self):
+        if self._inflight is not None:  # a failed bundle's calls: never emitted
+            self._inflight.discard()
+        self._inflight = InFlight(self.s.fetch.concurrency)
+
+    def process(self, element, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam):
         image_id, groups = element
         current = sorted(groups["current"], key=lambda r: r["order"])
-        previous = list(groups["previous"])
+        previous = list(groups["previous"])  # read here: grouped values belong to this thread
+        assert self._inflight is not None
+        self._inflight.submit(self._resolve, (image_id, current, previous),
+                              tag=(window, timestamp))
+        yield from self._emit(self._inflight.ready())
+
+    def finish_bundle(self):
+        assert self._inflight is not None
+        yield from self._emit(self._inflight.drain())
+
+    @staticmethod
+    def _emit(results):
+        for (window, timestamp), (outputs, counters, ticks) in results:
+            for name, n in counters:
+                Metrics.counter(NAMESPACE, name).inc(n)
+            progress.tick(ticks)
+            for tag, value in outputs:
+                windowed = WindowedValue(value, timestamp, (window,))
+                yield windowed if tag is None else beam.pvalue.TaggedOutput(tag, windowed)
+
+    def _resolve(self, args) -> tuple[list[tuple[str | None, Any]], list[tuple[str, int]], int]:
+        """One element's outputs as (tag or None, value), Beam counters, progress ticks.
+        Runs on a fetch thread: no Beam calls here (metrics are counted where emitted)."""
+        image_id, current, previous = args
+        out: list[tuple[str | None, Any]] = []
+        counters: list[tuple[str, int]] = []
         if not current:
             if previous and self.s.merge_previous:
-                yield beam.pvalue.TaggedOutput("count", CARRIED)
-                yield from (_copy_record(p, {}) for p in previous)
+                out.append(("count", CARRIED))
+                out.extend((None, _copy_record(p, {})) for p in previous)
             elif previous:
-                yield beam.pvalue.TaggedOutput("count", DROPPED)
-            return
-        progress.tick(len(current))  # fused with decode + inference: leads them by a batch
+                out.append(("count", DROPPED))
+            return out, counters, 0
         winner = current[-1]
         for dup in current[:-1]:
-            yield beam.pvalue.TaggedOutput("dead", _dead_letter(
+            out.append(("dead", _dead_letter(
                 dup, "manifest", "duplicate_image_id",
                 f"{dup['source']}: image_id {image_id!r} appears again at {winner['source']}; "
-                "the later row wins"))
+                "the later row wins")))
         if previous and self.s.merge_previous:
-            yield beam.pvalue.TaggedOutput("count", REPLACED)
+            out.append(("count", REPLACED))
         views = self.s.output_view_names()
         signal = row_signal(winner)  # before fetching: a change after it is seen next run
         if self.s.reuse and reuse_without_fetch(signal, previous, views, self.s.verify_content):
-            yield from self._reuse(winner, previous, signal, "reused_without_fetch")
-            return
+            self._reuse(out, counters, winner, previous, signal, "reused_without_fetch")
+            return out, counters, len(current)
+        out.append(("count", "fetched"))
         try:
-            yield beam.pvalue.TaggedOutput("count", "fetched")
             data = fetch_bytes(winner["image_uri"], self.s.fetch)
         except FetchError as e:
-            yield beam.pvalue.TaggedOutput("dead", _dead_letter(winner, "fetch", e.reason, str(e)))
-            return
-        Metrics.counter(NAMESPACE, "bytes_fetched").inc(len(data))
+            out.append(("dead", _dead_letter(winner, "fetch", e.reason, str(e))))
+            return out, counters, len(current)
+        counters.append(("bytes_fetched", len(data)))
         sha = hashlib.sha256(data).hexdigest()
         if (self.s.reuse and previous and same_views(previous, views)
                 and all(p["content_sha256"] == sha for p in previous)):
-            yield from self._reuse(winner, previous, signal, "reused_after_hash")
-            return
+            self._reuse(out, counters, winner, previous, signal, "reused_after_hash")
+            return out, counters, len(current)
         info = {k: winner[k] for k in ("image_id", "product_id", "image_uri", "source")}
         info["metadata"] = json.dumps(winner["metadata"], sort_keys=True)
         info["content_sha256"] = sha
         info[SIGNAL_COLUMN] = signal
-        yield beam.pvalue.TaggedOutput("decode", (info, data))
+        out.append(("decode", (info, data)))
+        return out, counters, len(current)
 
-    def _reuse(self, winner: dict[str, Any], previous: list[dict[str, Any]],
-               signal: str | None, how: str):
+    @staticmethod
+    def _reuse(out: list, counters: list, winner: dict[str, Any],
+               previous: list[dict[str, Any]], signal: str | None, how: str) -> None:
         """The previous rows of an unchanged image, with the winning row's catalog fields."""
-        Metrics.counter(NAMESPACE, REUSED).inc()
-        yield beam.pvalue.TaggedOutput("count", REUSED)
-        yield beam.pvalue.TaggedOutput("count", how)
+        counters.append((REUSED, 1))
+        out.append(("count", REUSED))
+        out.append(("count", how))
         fields = {"product_id": winner["product_id"], "image_uri": winner["image_uri"],
                   "metadata": json.dumps(winner["metadata"], sort_keys=True),
                   SIGNAL_COLUMN: signal}
-        for p in previous:
-            yield _copy_record(p, fields)
+        out.extend((None, _copy_record(p, fields)) for p in previous)
 
 
 def _copy_record(previous_row: dict[str, Any], fields: dict[str, Any]
