@@ -290,3 +290,22 @@ def test_object_store_reads_and_signal_lookups_overlap(tmp_path):
     assert key(map(repr, seq_out)) == key(map(repr, par_out))
     signals = [v[0]["change_signal"] for tag, v in par_out if tag == "decode"]
     assert len(signals) == 8 and all(s and s.startswith("fs:") for s in signals)
+
+
+def test_launcher_signal_count_looks_up_concurrently(tmp_path):
+    """small_run's count of rows to fetch (the launcher, before a DirectRunner refresh)
+    looks up change signals fetch.concurrency at a time too."""
+    from pipelines.embed import small_run
+    rows = []
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+        rows.append({"image_uri": f"slowfetchfs://{tmp_path}/{i}.jpg", "metadata": {}})
+    start = time.monotonic()
+    seq = small_run._signals(rows, 1)
+    seq_wall = time.monotonic() - start
+    _SlowFS.peak = 0
+    start = time.monotonic()
+    par = small_run._signals(rows, 8)
+    par_wall = time.monotonic() - start
+    assert seq == par and len(set(seq)) == 8 and all(s.startswith("fs:") for s in seq)
+    assert _SlowFS.peak == 8 and par_wall < seq_wall / 3, (par_wall, seq_wall)

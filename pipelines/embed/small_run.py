@@ -15,6 +15,7 @@ Cluster runners are never changed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ from pipelines.core import filesystem as fs
 from pipelines.core.config import Config
 from pipelines.embed import snapshot
 from pipelines.embed.change_signal import SIGNAL_COLUMN, reuse_without_fetch, row_signal
+from pipelines.embed.inflight import shared_executor
 from pipelines.embed.manifest import read_rows
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,20 @@ log = logging.getLogger(__name__)
 #: launcher, and past this size the reused rows' own cost (about 0.16 ms each in one
 #: process, docs/BENCHMARKS.md) dwarfs the few seconds of worker start-up saved.
 MAX_COUNTED_ROWS = 200_000
+_CHUNK_ROWS = 256
+
+
+def _signals(rows: list[dict[str, Any]], concurrency: int) -> list[str | None]:
+    """row_signal of each row; up to `concurrency` lookups (a stat / object HEAD) at once."""
+    if concurrency <= 1 or len(rows) <= 1:
+        return [row_signal(r) for r in rows]
+    return list(shared_executor(concurrency).map(row_signal, rows))
 
 
 def rows_to_fetch(manifests: Sequence[str], previous: str, output_views: Sequence[str],
-                  limit: int) -> int:
-    """Manifest rows a refresh against `previous` would fetch, counted up to limit + 1."""
+                  limit: int, concurrency: int = 1) -> int:
+    """Manifest rows a refresh against `previous` would fetch, counted up to limit + 1
+    (change signals looked up `concurrency` at a time, in chunks of a few hundred rows)."""
     by_id: dict[str, list[dict[str, Any]]] = {}
     for uri in snapshot.embedding_files(previous):
         columns = [c for c in ("image_id", "view", SIGNAL_COLUMN)
@@ -44,14 +55,14 @@ def rows_to_fetch(manifests: Sequence[str], previous: str, output_views: Sequenc
             by_id.setdefault(row["image_id"], []).append(row)
     count = 0
     for index, uri in enumerate(manifests):
-        for row in read_rows(index, uri):
-            if row["error"]:
-                continue  # dead-lettered without a fetch
-            if not reuse_without_fetch(row_signal(row), by_id.get(row["image_id"], []),
-                                       output_views, verify_content=False):
-                count += 1
-                if count > limit:
-                    return count
+        rows = (r for r in read_rows(index, uri) if not r["error"])  # errors: no fetch
+        while chunk := list(itertools.islice(rows, _CHUNK_ROWS)):
+            for row, signal in zip(chunk, _signals(chunk, concurrency)):
+                if not reuse_without_fetch(signal, by_id.get(row["image_id"], []),
+                                           output_views, verify_content=False):
+                    count += 1
+                    if count > limit:
+                        return count
     return count
 
 
@@ -65,7 +76,8 @@ def choose_config(config: Config, manifests: Sequence[str], previous: str | None
             or not previous or not reusable or verify_content
             or input_rows > MAX_COUNTED_ROWS):
         return config, {"running_mode": r.direct_running_mode if r.is_direct else r.name}
-    planned = rows_to_fetch(manifests, previous, output_views, limit)
+    planned = rows_to_fetch(manifests, previous, output_views, limit,
+                            config.fetch.concurrency)
     if planned > limit:
         return config, {"running_mode": r.direct_running_mode,
                         "rows_to_fetch": f"more than {limit}"}
