@@ -352,4 +352,6 @@ class DeltaIndex(LoadedIndex):
         out = self.base.describe()
         out.update(num_vectors=self.searchable_rows, num_products=self.num_products,
                    deltas=self.delta_info())
+        if "fields" in out:
+            out["fields"] = sorted(self.filter_keys)
         return out

@@ -114,6 +114,24 @@ def _fail_and_clean(spec: BuildSpec, created: list[str], message: str) -> IndexB
     return IndexBuildError(message)
 
 
+def _apply_takedowns(spec: BuildSpec, files: list[str]) -> tuple[BuildSpec, dict[str, Any]]:
+    """The spec with the index root's takedown list (rows left out by ReadSplit), and what
+    it does to this snapshot: rows removed, and the listed ids the snapshot no longer holds
+    (the catalog dropped them: cleared from the list once this version is published)."""
+    import dataclasses
+
+    from pipelines.index import takedowns as td
+    try:
+        listed = td.read_takedowns(spec.index_root)
+    except td.TakedownError as e:
+        raise IndexBuildError(f"{e}; repair or remove it before building") from e
+    if not listed:
+        return spec, {}
+    counted = td.count_in_snapshot(files, listed)
+    return dataclasses.replace(spec, takedown_image_ids=frozenset(listed.image_ids),
+                               takedown_product_ids=frozenset(listed.product_ids)), counted
+
+
 def run_build_index(embeddings: str, index_root: str, config: Config,
                     version: str | None = None) -> art.IndexManifest:
     """Build, evaluate and publish one index version; returns its manifest.
@@ -166,6 +184,10 @@ def _remove_if_empty(created: list[str]) -> None:
 def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary: SnapshotSummary,
                   created: list[str], started: float) -> art.IndexManifest:
     ix = config.index
+    try:
+        spec, takedowns = _apply_takedowns(spec, sorted({s.uri for s in splits}))
+    except IndexBuildError as e:
+        raise _fail_and_clean(spec, created, str(e)) from e
     index_root, version = spec.index_root, spec.version
     vdir = art.version_dir(index_root, version)
     log.info("build-index: %d vectors (dim %d) in %d splits from %s -> %s, %d shards",
@@ -212,10 +234,12 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
     evaluation["merge_seconds"] = round(time.time() - t0, 4)
     model = summary.model
     run_id = summary.run_id or os.path.basename(spec.snapshot_path.rstrip("/"))
-    if sum(r["num_vectors"] for r in reports) != spec.num_rows:
+    removed = takedowns["rows_removed"] if takedowns else 0
+    if sum(r["num_vectors"] for r in reports) != spec.num_rows - removed:
         raise IndexBuildError(f"version {version}: shards hold "
                               f"{sum(r['num_vectors'] for r in reports)} vectors but the "
-                              f"snapshot has {spec.num_rows}; the build lost rows")
+                              f"snapshot has {spec.num_rows} ({removed} taken down); the "
+                              f"build lost rows")
     metric = f"recall@{spec.k}"
     measured = evaluation[metric]
     evaluation.update(metric=metric, threshold=ix.recall_threshold,
@@ -226,11 +250,13 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
              "splits": len(splits), "parts": sum(r.get("parts", 0) for r in reports),
              "plan_seconds": round(plan_s, 3), "beam_seconds": round(beam_s, 3),
              "total_seconds": round(time.time() - started, 3)}
+    if takedowns:
+        build["takedowns"] = {k: v for k, v in takedowns.items() if k != "absent"}
     manifest = art.IndexManifest(
         version=version,
         status=art.STATUS_PASSED if evaluation["passed"] else art.STATUS_REJECTED,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        model=model, dim=spec.dim, distance="dot_product", num_vectors=spec.num_rows,
+        model=model, dim=spec.dim, distance="dot_product", num_vectors=spec.num_rows - removed,
         num_images=sum(r.get("num_images", 0) for r in reports),
         num_products=int(num_products), views=views,
         shard_assignment="sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
@@ -250,6 +276,10 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
     art.write_manifest(index_root, version, manifest)
     published = art.publish_version(index_root, version, retention=ix.retention,
                                     manifest=manifest)
+    if published and takedowns and (takedowns["absent"]["image_ids"]
+                                    or takedowns["absent"]["product_ids"]):
+        from pipelines.index.takedowns import clear_absent
+        clear_absent(index_root, takedowns["absent"])
     log.info("build-index: version %s %s: %s=%.4f (threshold %.2f), %.1fs", version,
              "published" if published else "passed (a newer version is LATEST)", metric,
              measured, ix.recall_threshold, time.time() - started)

@@ -117,6 +117,9 @@ class BuildSpec:
     eval_seed: int
     params: BuildParams
     model: dict[str, Any] | None = None   # summary.json's model (for the gate's reader)
+    # The index root's takedown list (pipelines/index/takedowns.py): rows left out.
+    takedown_image_ids: frozenset[str] = frozenset()
+    takedown_product_ids: frozenset[str] = frozenset()
 
     @property
     def sample_fraction(self) -> float:

@@ -179,6 +179,8 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
                 errors += errs
             if errors:
                 continue  # the build will fail: stop staging, keep collecting errors
+            if spec.takedown_image_ids or spec.takedown_product_ids:
+                batch, vectors = _without_takedowns(batch, vectors, spec)
             ids = batch.column("image_id").to_pylist()
             vws = batch.column("view").to_pylist()
             views.update(vws)
@@ -215,6 +217,18 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
         fs.write_parquet(uri, pa.table({"product_id": sorted(pids)}), compression="zstd")
         yield pvalue.TaggedOutput("products", (b, uri))
     yield pvalue.TaggedOutput("views", sorted(views))
+
+
+def _without_takedowns(batch: pa.RecordBatch, vectors: np.ndarray, spec: BuildSpec
+                       ) -> tuple[pa.RecordBatch, np.ndarray]:
+    """The batch without the rows of taken-down image_ids / product_ids."""
+    keep = np.fromiter(
+        (i not in spec.takedown_image_ids and p not in spec.takedown_product_ids
+         for i, p in zip(batch.column("image_id").to_pylist(),
+                         batch.column("product_id").to_pylist())), bool, count=batch.num_rows)
+    if keep.all():
+        return batch, vectors
+    return batch.filter(pa.array(keep)), vectors[keep]
 
 
 def _read_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:

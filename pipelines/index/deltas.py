@@ -290,6 +290,11 @@ def committed_seqs(index_root: str, version: str) -> list[int]:
 
 
 def log_lock(index_root: str) -> Any:
+    """The lock every writer of the delta logs and the takedown list holds (local roots;
+    a no-op elsewhere, where deltas are not written)."""
+    import contextlib
+    if not fs.is_local(index_root):
+        return contextlib.nullcontext()
     folder = fs.normalize(deltas_root(index_root))
     os.makedirs(folder, exist_ok=True)
     return exclusive_lock(os.path.join(folder, LOCK_FILE))

@@ -126,3 +126,35 @@ def remove(takedowns: Takedowns, image_ids: Iterable[str], product_ids: Iterable
     drop_i, drop_p = set(image_ids), set(product_ids)
     return Takedowns({k: v for k, v in takedowns.image_ids.items() if k not in drop_i},
                      {k: v for k, v in takedowns.product_ids.items() if k not in drop_p})
+
+
+def count_in_snapshot(files: Iterable[str], listed: Takedowns) -> dict[str, Any]:
+    """What a takedown list does to a snapshot (its embeddings files; only the id columns
+    are read): rows it removes, and the listed ids the snapshot does not hold."""
+    images, products = set(listed.image_ids), set(listed.product_ids)
+    seen_i: set[str] = set()
+    seen_p: set[str] = set()
+    removed = 0
+    for uri in files:
+        t = fs.read_parquet(uri, columns=["image_id", "product_id"])
+        for i, p in zip(t.column("image_id").to_pylist(), t.column("product_id").to_pylist()):
+            hit = False
+            if i in images:
+                seen_i.add(i)
+                hit = True
+            if p in products:
+                seen_p.add(p)
+                hit = True
+            removed += hit
+    return {"rows_removed": removed, "image_ids": len(seen_i), "product_ids": len(seen_p),
+            "absent": {"image_ids": sorted(images - seen_i),
+                       "product_ids": sorted(products - seen_p)}}
+
+
+def clear_absent(index_root: str, absent: Mapping[str, Iterable[str]]) -> None:
+    """Lift the takedowns of ids a published version's snapshot no longer holds."""
+    from pipelines.index.deltas import log_lock
+    with log_lock(index_root):
+        current = read_takedowns(index_root)
+        write_takedowns(index_root, remove(current, absent.get("image_ids", ()),
+                                           absent.get("product_ids", ())))

@@ -194,9 +194,12 @@ def reconcile(embed_summary: SnapshotSummary, index_manifest: IndexManifest) -> 
             f"view(s) ({s.embedded} embedded + {s.reused} reused + "
             f"{s.carried_forward} carried forward)")
     num_vectors = index_manifest.num_vectors
-    if num_vectors != rows:
+    # rows of taken-down ids the build left out (pipelines/index/takedowns.py)
+    removed = int((index_manifest.build.get("takedowns") or {}).get("rows_removed", 0))
+    if num_vectors != rows - removed:
         raise PermanentStepError(f"index version {index_manifest.version} holds "
-                                 f"{num_vectors} vectors but snapshot {snapshot_dir} has {rows} rows")
+                                 f"{num_vectors} vectors but snapshot {snapshot_dir} has {rows} rows"
+                                 f" ({removed} taken down)")
     return {"images": images, "rows": rows, "num_vectors": num_vectors}
 
 

@@ -4,7 +4,9 @@
     catalog_search_errors_total{reason, route}             counter (answers >= 400)
     catalog_search_request_seconds{route}                  histogram (latency)
     catalog_search_index_info{version}                     gauge, 1 for the serving version
-    catalog_search_index_vectors                           gauge
+    catalog_search_index_vectors                           gauge (searchable rows)
+    catalog_search_index_deltas, _delta_rows_added, _delta_rows_removed,
+    catalog_search_index_delta_oldest_age_seconds          gauges (serving.delta_index)
     catalog_search_index_ready                             gauge, 1 once a version is loaded
     catalog_search_reloads_total{outcome}                  counter (loaded/unchanged/refused)
     catalog_search_decode_rejected_total                   counter (503 busy of the slots)
@@ -42,8 +44,22 @@ class _IndexCollector(Collector):
         if idx is not None:
             info.add_metric([idx.version], 1)
         yield info
-        yield GaugeMetricFamily("catalog_search_index_vectors", "Vectors in the serving index.",
-                                value=idx.num_vectors if idx is not None else 0)
+        yield GaugeMetricFamily("catalog_search_index_vectors",
+                                "Searchable vectors in the serving index (version + delta rows "
+                                "added - rows deleted).",
+                                value=getattr(idx, "searchable_rows", idx.num_vectors)
+                                if idx is not None else 0)
+        delta_info = getattr(idx, "delta_info", None)
+        info_d = delta_info() if delta_info is not None else {}
+        for name, key, text in (
+                ("deltas", "deltas", "Deltas applied on top of the serving version."),
+                ("delta_rows_added", "rows_added", "Rows the applied deltas added."),
+                ("delta_rows_removed", "rows_removed",
+                 "Rows of the version or its deltas that deletes and takedowns removed."),
+                ("delta_oldest_age_seconds", "oldest_delta_age_s",
+                 "Age of the oldest applied delta (0 when none).")):
+            yield GaugeMetricFamily(f"catalog_search_index_{name}", text,
+                                    value=info_d.get(key) or 0)
         yield GaugeMetricFamily("catalog_search_index_ready",
                                 "1 when an index version is loaded.",
                                 value=1 if idx is not None else 0)

@@ -177,6 +177,22 @@ class ReloadResponse(BaseModel):
     seconds: float = 0.0
 
 
+class DeleteIds(BaseModel):
+    image_ids: list[str]
+    product_ids: list[str]
+
+
+class DeleteResponse(BaseModel):
+    """What POST /v1/admin/delete did: durable before the answer, applied to serving."""
+    version: str
+    delta: int
+    reason: str
+    removed: DeleteIds
+    not_found: DeleteIds
+    already_taken_down: DeleteIds
+    applied: ReloadResponse
+
+
 class ReadyResponse(BaseModel):
     """The serving index version (503 with {"ready": false, "version": null} before one)."""
     ready: bool
