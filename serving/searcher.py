@@ -206,7 +206,8 @@ class CatalogSearcher:
                 deltas.log_dir(self.index_root, base.version)):
             log_ = deltas.DeltaLog(base.version, [])
         else:
-            log_ = deltas.read_log(self.index_root, base.version, base.dim, self._delta_cache)
+            log_ = deltas.read_log(self.index_root, base.version, base.dim, self._delta_cache,
+                                   deltas.version_adapter(base.manifest))
         self.delta_error = log_.error
         if not log_.deltas and not listed and log_.error is None:
             return base, stamp

@@ -271,7 +271,35 @@ def test_refused_writes(world, root):
     manifest = art.read_manifest(root, "v0001")
     import dataclasses
     art.write_manifest(root, "v0001", dataclasses.replace(
-        manifest, extra={**manifest.extra, "adapter": {"id": "adapter-1"}}))
+        manifest, extra={**manifest.extra, "adapter": {"id": "adapter-1", "path": "elsewhere"}}))
     with pytest.raises(dl.DeltaError, match="adapter"):
-        dl.write_delta(root, delete_product_ids=["P0001"])
+        dl.write_delta(root, rows=rows, vectors=vectors)
+    with pytest.raises(dl.DeltaError, match="adapter"):
+        dl.write_delta(root, rows=rows, vectors=vectors, model_space=True)
     assert dl.committed_seqs(root, "v0001") == []
+
+
+def test_model_space_vectors_are_projected_with_the_versions_adapter(world, root):
+    import dataclasses
+
+    from pipelines.adapter.artifact import copy_into_version, make_adapter
+    from pipelines.index import artifact as art
+    manifest = art.read_manifest(root, "v0001")
+    dim = manifest.dim
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))  # a rotation: dim stays the same
+    adapter = make_adapter(q.astype(np.float32), manifest.model)
+    copy_into_version(adapter, art.version_dir(root, "v0001"))
+    art.write_manifest(root, "v0001", dataclasses.replace(
+        manifest, extra={**manifest.extra, "adapter": adapter.record()}))
+    rows, raw = _new_rows(world, 2)
+    dm = dl.write_delta(root, rows=rows, vectors=raw, model_space=True)
+    assert dm.adapter == adapter.id
+    stored = dl.read_delta(root, "v0001", 1, dim, adapter.id).vectors
+    np.testing.assert_allclose(stored, adapter.apply(raw), atol=1e-6)
+    with pytest.raises(dl.DeltaIntegrityError, match="adapter"):
+        dl.read_delta(root, "v0001", 1, dim, None)
+    # index-space vectors naming the version's adapter are taken as they are
+    dl.write_delta(root, rows=rows, vectors=stored, adapter=adapter.id)
+    with pytest.raises(dl.DeltaError, match="adapter"):
+        dl.write_delta(root, rows=rows, vectors=stored, adapter="linear48@other")

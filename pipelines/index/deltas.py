@@ -25,10 +25,12 @@ change is lost. Reading verifies every file against delta.json (sha256, size) an
 vectors (shape, dtype, finite, unit norm) and refuses a damaged delta with
 `DeltaIntegrityError` naming the file. Nothing is unpickled (`np.load(allow_pickle=False)`).
 
-Vectors are index space: for a version without an adapter that is the model's own vectors
-(the snapshot's); the model fingerprint and dim are checked against the version. A
-version with an adapter (`adapter` in its manifest) is refused: the adapter API
-(issue 17) had not landed when this was written, so the writer cannot project vectors.
+Vectors are index space (docs/ARCHITECTURE.md "Vector spaces"). A writer holding
+model-space vectors (a snapshot's) passes `model_space=True`: they are checked against the
+model's dim and projected with the adapter the version carries (`pipelines.adapter`;
+identity without one). Index-space vectors must name the adapter they were projected
+with (`adapter=`), which must be the version's. delta.json records the adapter id, and
+the reader refuses a delta whose adapter, dim or model fingerprint is not the version's.
 
 Writing needs a local index root (the lock and the rename); reading works on any root.
 """
@@ -198,13 +200,23 @@ class Delta:
 
 def version_adapter(manifest: IndexManifest) -> str | None:
     """The adapter id an index version carries (None: index space is model space)."""
-    adapter = manifest.extra.get("adapter") or manifest.model.get("adapter")
+    adapter = manifest.extra.get("adapter")
     if adapter is None:
         return None
     if isinstance(adapter, Mapping):
-        return str(adapter.get("id") or adapter.get("adapter_id") or json.dumps(
-            adapter, sort_keys=True))
+        return str(adapter.get("id") or json.dumps(adapter, sort_keys=True))
     return str(adapter)
+
+
+def _load_version_adapter(index_root: str, manifest: IndexManifest) -> Any:
+    from pipelines.adapter import AdapterError, load_for_version
+    from pipelines.index.artifact import version_dir
+    try:
+        return load_for_version(version_dir(index_root, manifest.version),
+                                manifest.extra.get("adapter"))
+    except AdapterError as e:
+        raise DeltaError(f"index version {manifest.version}: its adapter does not load: "
+                         f"{e}") from e
 
 
 # --------------------------------------------------------------------------- writing
@@ -305,12 +317,16 @@ def write_delta(index_root: str, version: str | None = None, rows: pa.Table | No
                 delete_product_ids: Sequence[str] = (),
                 model_fingerprint: str | None = None, dim: int | None = None,
                 source: Mapping[str, Any] | None = None,
-                manifest: IndexManifest | None = None) -> DeltaManifest:
+                manifest: IndexManifest | None = None, model_space: bool = False,
+                adapter: str | None = None) -> DeltaManifest:
     """Commit one delta to `version`'s log (default: the version LATEST names).
 
-    `rows` (ROW_COLUMNS) and `vectors` (float32 [rows, dim], index space, unit length) are
-    upserts; `delete_*` are deletes. `model_fingerprint` / `dim`, when given, must equal
-    the version's (DeltaError otherwise, nothing written). Durable when it returns.
+    `rows` (ROW_COLUMNS) and `vectors` (float32 [rows, dim], unit length) are upserts:
+    index space, projected with adapter `adapter` (None: no adapter), or with
+    `model_space=True` model-space vectors, projected here with the version's adapter.
+    `delete_*` are deletes. `model_fingerprint` / `dim` (of the vectors as given), when
+    given, must be the version's (DeltaError otherwise, nothing written). Durable when it
+    returns.
     """
     from pipelines.index.artifact import read_latest
     if not fs.is_local(index_root):
@@ -325,18 +341,33 @@ def write_delta(index_root: str, version: str | None = None, rows: pa.Table | No
     if not manifest.passed:
         raise DeltaError(f"index version {version} has status {manifest.status!r}; deltas "
                          "apply to passed versions only")
-    adapter = version_adapter(manifest)
-    if adapter is not None:
-        raise DeltaError(f"index version {version} has adapter {adapter!r}; deltas cannot yet "
-                         "project vectors through an adapter (issue 17's API is not in this "
-                         "build): run a full build instead")
+    version_adapter_id = version_adapter(manifest)
     version_fp = manifest.model.get("fingerprint")
     if model_fingerprint is not None and version_fp is not None \
             and model_fingerprint != version_fp:
         raise DeltaError(f"model fingerprint {model_fingerprint} differs from index version "
                          f"{version}'s {version_fp}: the vectors are of another model")
-    if dim is not None and dim != manifest.dim:
-        raise DeltaError(f"vectors have dim {dim}, index version {version} has {manifest.dim}")
+    model_dim = int(manifest.model.get("dim") or manifest.dim)
+    if model_space and vectors is not None and len(vectors):
+        given = np.asarray(vectors, np.float32)
+        if dim is not None and dim != model_dim:
+            raise DeltaError(f"vectors have dim {dim}, the model of index version {version} "
+                             f"gives {model_dim}")
+        if given.ndim != 2 or given.shape[1] != model_dim:
+            raise DeltaError(f"model-space vectors have shape {list(given.shape)}; the model of "
+                             f"index version {version} gives {model_dim}-d vectors")
+        from pipelines.adapter import AdapterError, apply_adapter
+        try:
+            vectors = apply_adapter(_load_version_adapter(index_root, manifest), given)
+        except AdapterError as e:
+            raise DeltaError(str(e)) from e
+    elif not model_space and vectors is not None and len(vectors):
+        if adapter != version_adapter_id:
+            raise DeltaError(f"index-space vectors projected with adapter {adapter!r}, but index "
+                             f"version {version} has adapter {version_adapter_id!r}")
+        if dim is not None and dim != manifest.dim:
+            raise DeltaError(f"vectors have dim {dim}, index version {version} has "
+                             f"{manifest.dim}")
     rows_, vectors_ = _check_rows(rows, vectors, manifest.dim)
     del_images = _ids(delete_image_ids, "delete_image_ids")
     del_products = _ids(delete_product_ids, "delete_product_ids")
@@ -368,7 +399,7 @@ def write_delta(index_root: str, version: str | None = None, rows: pa.Table | No
             dm = DeltaManifest(
                 version=version, seq=seq, kind=kind,
                 created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-                dim=manifest.dim, model_fingerprint=version_fp, adapter=None,
+                dim=manifest.dim, model_fingerprint=version_fp, adapter=version_adapter_id,
                 num_rows=rows_.num_rows,
                 num_images=len(set(rows_.column("image_id").to_pylist())),
                 delete_image_ids=len(del_images), delete_product_ids=len(del_products),
@@ -389,8 +420,10 @@ def write_delta(index_root: str, version: str | None = None, rows: pa.Table | No
 
 # --------------------------------------------------------------------------- reading
 
-def read_delta(index_root: str, version: str, seq: int, dim: int | None = None) -> Delta:
-    """One committed delta, verified; DeltaIntegrityError names the damaged file."""
+def read_delta(index_root: str, version: str, seq: int, dim: int | None = None,
+               adapter: str | None = None) -> Delta:
+    """One committed delta, verified against the version's `dim` and `adapter` id when
+    given; DeltaIntegrityError names the damaged or mismatched file."""
     folder = delta_dir(index_root, version, seq)
     manifest_path = fs.join(folder, DELTA_FILE)
     try:
@@ -403,6 +436,9 @@ def read_delta(index_root: str, version: str, seq: int, dim: int | None = None) 
                                   f"{dm.seq}, but lies in {version}'s log as delta {seq}")
     if dim is not None and dm.dim != dim:
         raise DeltaIntegrityError(f"{manifest_path}: dim {dm.dim}, the version has {dim}")
+    if dim is not None and dm.adapter != adapter:
+        raise DeltaIntegrityError(f"{manifest_path}: vectors of adapter {dm.adapter!r}, the "
+                                  f"version has adapter {adapter!r}")
     data: dict[str, bytes] = {}
     for f in dm.files:
         if f.name not in (ROWS_FILE, VECTORS_FILE, DELETES_FILE):
@@ -458,7 +494,8 @@ class DeltaLog:
 
 
 def read_log(index_root: str, version: str, dim: int | None = None,
-             cache: dict[tuple[str, int], Delta] | None = None) -> DeltaLog:
+             cache: dict[tuple[str, int], Delta] | None = None,
+             adapter: str | None = None) -> DeltaLog:
     """Every committed delta of `version`, in order, stopping at the first damaged one
     (the ones after it are not applied: later deltas may build on it). `cache` keeps
     already verified deltas (committed deltas never change) between calls."""
@@ -469,7 +506,7 @@ def read_log(index_root: str, version: str, dim: int | None = None,
         delta = cache.get(key) if cache is not None else None
         if delta is None:
             try:
-                delta = read_delta(index_root, version, seq, dim)
+                delta = read_delta(index_root, version, seq, dim, adapter)
             except DeltaIntegrityError as e:
                 out.error = str(e)
                 out.pending = seqs[i:]
