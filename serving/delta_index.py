@@ -29,6 +29,7 @@ import numpy as np
 
 from pipelines.index.deltas import Delta
 from pipelines.index.sharded_search import Hit, parse_metadata, search_exact
+from serving.filter_index import OverlayFilterIndex
 from serving.loaded_index import LoadedIndex
 
 #: Over-fetch from the base at most this many rows beyond n for masked base rows (beyond,
@@ -188,6 +189,9 @@ class DeltaIndex(LoadedIndex):
         for text in metadata:
             keys.update(parse_metadata(text))
         self.filter_keys = frozenset(keys)
+        # fast filters (serving.filter_index) over live base and delta rows
+        self.filter_index = OverlayFilterIndex(base.filter_index, self._masked, n_base,
+                                               metadata)
         self.text_index = self._text_index(text_fields)
 
     # -- the text index -------------------------------------------------------------------

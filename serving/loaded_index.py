@@ -17,6 +17,7 @@ from pipelines.index.manifest import IndexManifest
 from pipelines.index.sharded_search import Hit, ShardedSearcher, parse_metadata
 from serving.embedder import QueryEmbedder
 from serving.errors import IndexLoadError
+from serving.filter_index import FilterIndex
 
 # Rows examined to learn which metadata keys exist (for validating filter keys).
 _METADATA_KEY_SAMPLE = 20_000
@@ -54,6 +55,8 @@ class LoadedIndex:
         for i in range(0, self.num_vectors, step):
             keys.update(self.metadata(i))
         self.filter_keys = frozenset(keys)
+        # Per metadata value, its rows (fast filtered search: serving.filter_index).
+        self.filter_index = FilterIndex.build(shards.metadata)
 
     @property
     def num_products(self) -> int:

@@ -17,6 +17,7 @@ from pipelines.core.config import Config
 from pipelines.index.sharded_search import Hit
 from serving.crowding import Crowding, check_crowding
 from serving.errors import QueryError
+from serving.filter_index import EXACT_MAX_ROWS, exact_ranking, matching_rows
 from serving.filters import hit_matches, validate_filters
 from serving.fusion import fused_hits, product_title, text_hits
 from serving.loaded_index import LoadedIndex
@@ -112,8 +113,20 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
     # Collapsing to products needs about k x (rows scanned per distinct product) rows;
     # that ratio is learned from earlier queries, so one search round is usually enough.
     first = int(k * idx.rows_per_product_hit * 1.25) if collapse else 4 * k
+    # Filters (serving.filter_index): the rows that can pass them, when their keys are
+    # indexed; few: rank all of them exactly; many: over-fetch by 1 / selectivity, and
+    # rank them exactly if approximate rounds still leave fewer than k hits.
+    allowed = matching_rows(idx, filters) if filters else None
+    complete = False  # the ranking walked holds every row that can pass the filters
+    if allowed is not None:
+        if exact or len(allowed) <= EXACT_MAX_ROWS:
+            neighbours, complete = exact_ranking(idx, vector, allowed), True
+        else:
+            first = int(first * idx.num_vectors / len(allowed))
     fetch = min(idx.num_vectors, (max(first, 32) if needs_more else k) + extra)
+    rounds = 0
     while True:
+        rounds += 1
         if neighbours is not None:
             scores, rows = neighbours[0][None], neighbours[1][None]
             fetch, neighbours = max(1, scores.shape[1]), None
@@ -142,6 +155,11 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
                 if collapse and not filters and crowd is None:
                     idx.learn_rows_per_product_hit(scanned / k)
                 return hits
+        if complete:
+            return hits
+        if allowed is not None and (rounds >= 2 or fetch >= idx.num_vectors):
+            neighbours, complete = exact_ranking(idx, vector, allowed), True
+            continue
         if fetch >= idx.num_vectors:
             return hits
         fetch = min(idx.num_vectors, fetch * 4)
