@@ -73,6 +73,9 @@ COVERAGE: list[Coverage] = [
              "test_readme_command_line_chain"),
     Coverage(r"(CATALOG_SEARCH_ADMIN_TOKEN_FILE=\S+ )?catalog-search serve --index-root out/index.*",
              RUN, "test_readme_command_line_chain"),
+    Coverage(r"catalog-search duplicates --index-root out/index .*", TEST,
+             "tests/test_duplicates.py (the job on a catalog with planted copies, the CLI, "
+             "its bad arguments, the report in a browser)"),
     # README: other runners
     Coverage(r"docker (build|push) .*", SKIP, "needs docker and a registry; the image "
              "definition is checked by tests/test_worker_image.py"),

@@ -2,6 +2,7 @@
 
  5   catalog_search (cli.py, demo.py)                  dags/
  4   serving     pipelines.orchestration
+ 3.5  pipelines.duplicates
  3    pipelines.index
  2.5  pipelines.adapter   (trained adapters: read by index, serving, deltas)
  2    pipelines.embed
@@ -23,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 RANK = {"pipelines.core": 0, "pipelines.model": 1, "pipelines.embed": 2, "pipelines.adapter": 2.5,
-        "pipelines.index": 3,
+        "pipelines.index": 3, "pipelines.duplicates": 3.5,
         "pipelines.orchestration": 4, "serving": 4, "catalog_search": 5, "dags": 5}
 
 

@@ -310,6 +310,38 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class DuplicatesConfig:
+    """`catalog-search duplicates` (pipelines/duplicates/): near-duplicate images across
+    products of a published index version.
+
+    A pair of images of different products is a near duplicate when their (index-space)
+    cosine similarity is >= `threshold`, or >= `candidate_threshold` and their small
+    grayscale signatures correlate >= `pixel_threshold` (null: no pixel check). Exact
+    byte duplicates (same content_sha256) are always reported.
+    """
+    threshold: float = 0.97
+    candidate_threshold: float = 0.80
+    pixel_threshold: float | None = 0.95
+    neighbours: int = 20
+    block_rows: int = 2048
+    report_groups: int = 200
+    report_images_per_group: int = 12
+
+    def validate(self) -> None:
+        _require(0 < self.threshold <= 1, "duplicates.threshold", "must be in (0, 1]")
+        _require(0 < self.candidate_threshold <= self.threshold,
+                 "duplicates.candidate_threshold", "must be in (0, threshold]")
+        _require(self.pixel_threshold is None or 0 < self.pixel_threshold <= 1,
+                 "duplicates.pixel_threshold", "must be null or in (0, 1]")
+        _require(1 <= self.neighbours <= 1000, "duplicates.neighbours",
+                 "must be between 1 and 1000")
+        _require(self.block_rows >= 1, "duplicates.block_rows", "must be >= 1")
+        _require(self.report_groups >= 0, "duplicates.report_groups", "must be >= 0")
+        _require(self.report_images_per_group >= 2, "duplicates.report_images_per_group",
+                 "must be >= 2")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -322,6 +354,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
