@@ -86,6 +86,7 @@ class DeltaIndex(LoadedIndex):
         self.shard_ids = base.shard_ids
         self.shards = base.shards
         self.embedder = base.embedder
+        self.adapter = base.adapter  # queries are projected as the base's are
         self.dim = base.dim
         self.loaded_at = base.loaded_at
         self.has_views = base.has_views

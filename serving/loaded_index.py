@@ -28,9 +28,14 @@ _VERIFY_PROBES = 8
 class LoadedIndex:
     """One index version in memory. Immutable once built; shared by concurrent requests."""
 
+    #: The version's adapter (pipelines.adapter.Adapter) when its vectors are adapter(raw).
+    adapter: Any = None
+
     def __init__(self, version: str, manifest: IndexManifest, shard_ids: list[int],
-                 shards: ShardedSearcher, embedder: QueryEmbedder | None):
+                 shards: ShardedSearcher, embedder: QueryEmbedder | None,
+                 adapter: Any = None):
         self.version = version
+        self.adapter = adapter
         self.manifest = manifest
         self.shard_ids = shard_ids
         self.shards = shards
@@ -61,6 +66,18 @@ class LoadedIndex:
     @property
     def num_products(self) -> int:
         return len(self._product_rows)
+
+    @property
+    def query_dim(self) -> int:
+        """The dimension of a query vector (model space): the adapter's input, else dim."""
+        return int(self.adapter.in_dim) if self.adapter is not None else self.dim
+
+    def to_index_space(self, raw: np.ndarray) -> np.ndarray:
+        """Model-space query vector(s) -> the index's space (the version's own adapter;
+        unchanged without one). Stored vectors (similar products) are already there."""
+        if self.adapter is None:
+            return raw
+        return self.adapter.apply(raw)
 
     def metadata(self, row: int) -> dict[str, Any]:
         return parse_metadata(self.shards.metadata[row])
@@ -107,6 +124,7 @@ class LoadedIndex:
         return {"version": self.version, "num_vectors": self.num_vectors,
                 "num_products": self.num_products, "dim": self.dim, "shards": self.shard_ids,
                 "model_id": self.manifest.model_id, "created_at": self.manifest.created_at,
+                "adapter_id": self.adapter.id if self.adapter is not None else None,
                 "fields": sorted(self.filter_keys),
                 "loaded_at": self.loaded_at}
 
@@ -121,9 +139,15 @@ def verify_loaded(idx: LoadedIndex) -> None:
     if expected and expected != idx.num_vectors:
         raise IndexLoadError(f"version {idx.version}: manifest says shards {idx.shard_ids} hold "
                              f"{expected} vectors, loaded {idx.num_vectors}")
-    if idx.embedder is not None and idx.embedder.spec.dim and idx.embedder.spec.dim != idx.dim:
+    if idx.adapter is not None and idx.adapter.out_dim != idx.dim:
+        raise IndexLoadError(f"version {idx.version}: adapter {idx.adapter.id} gives "
+                             f"{idx.adapter.out_dim}-d vectors, the index holds {idx.dim}-d")
+    if (idx.embedder is not None and idx.embedder.spec.dim
+            and idx.embedder.spec.dim != idx.query_dim):
         raise IndexLoadError(f"version {idx.version}: model {idx.embedder.spec.model_id} gives "
-                             f"{idx.embedder.spec.dim}-d vectors, the index holds {idx.dim}-d")
+                             f"{idx.embedder.spec.dim}-d vectors, the index "
+                             + (f"adapter takes {idx.query_dim}-d" if idx.adapter is not None
+                                else f"holds {idx.dim}-d"))
     rng = np.random.default_rng(0)
     probes = rng.choice(idx.num_vectors, size=min(_VERIFY_PROBES, idx.num_vectors),
                         replace=False)
@@ -145,7 +169,8 @@ def verify_loaded(idx: LoadedIndex) -> None:
     if idx.embedder is not None:
         # One forward pass so the first request does not pay for graph tracing.
         size = idx.embedder.spec.input_size
-        probe_vec = idx.embedder.embed_arrays(np.full((1, size, size, 3), 128, np.uint8))
+        probe_vec = idx.to_index_space(
+            idx.embedder.embed_arrays(np.full((1, size, size, 3), 128, np.uint8)))
         if probe_vec.shape[1] != idx.dim:
             raise IndexLoadError(f"version {idx.version}: model gives {probe_vec.shape[1]}-d "
                                  f"vectors, the index holds {idx.dim}-d")

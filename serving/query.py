@@ -208,7 +208,7 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
     t0 = time.perf_counter()
     pixels = idx.embedder.preprocess(data)
     t1 = time.perf_counter()
-    vector = idx.embedder.embed_arrays(pixels[None])[0]
+    vector = idx.to_index_space(idx.embedder.embed_arrays(pixels[None])[0])
     t2 = time.perf_counter()
     if query_text is not None:
         results = run_fused(config, idx, vector, query_text, weight, k, parsed, collapse, (),
@@ -234,7 +234,7 @@ def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np
     collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     query_text = check_text(text, config)
     weight = check_weight(text_weight, config.fusion.text_weight)
-    vector_ = check_vector(vector, idx.dim)
+    vector_ = idx.to_index_space(check_vector(vector, idx.query_dim))  # model -> index space
     if query_text is not None:
         return run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, (),
                          crowding=crowding)

@@ -323,9 +323,13 @@ class CatalogSearcher:
         unknown = [s for s in shard_ids if s not in all_ids]
         if unknown:
             raise IndexLoadError(f"version {version} has shards {all_ids}; asked for {unknown}")
+        try:
+            adapter = artifact.load_adapter()  # from the artifact only, under its checksums
+        except Exception as e:
+            raise IndexLoadError(f"version {version}: cannot open: {e}") from e
         shards = ShardedSearcher(artifact.load_shards(shard_ids=shard_ids))
         embedder = self._embedder_for(manifest.model) if self.load_embedder else None
-        loaded = LoadedIndex(version, manifest, shard_ids, shards, embedder)
+        loaded = LoadedIndex(version, manifest, shard_ids, shards, embedder, adapter=adapter)
         verify_loaded(loaded)
         from serving.text_search import build_text_index
         try:

@@ -94,6 +94,9 @@ COVERAGE: list[Coverage] = [
              r"(embed|build-index|evaluate) .*out/grocery.*", SKIP,
              "the full grocery dataset (2,721 + 2,485 images: minutes); the same "
              "subcommands run here on the sample catalog"),
+    Coverage(r"(catalog-search|\$CS) train-adapter .*", TEST,
+             "tests/test_adapter.py (train-adapter on generated confusable products: written, "
+             "gate refusal keeps the old adapter, bad input / arguments)"),
     # docs/EVALUATION.md: the quality grid's per-row steps and its model-cost loop
     Coverage(r"CS=\"\.venv/bin/catalog-search --config \$ROW/config\.yaml\"|"
              r"\$CS (embed|build-index|evaluate) .*\$ROW/.*", SKIP,

@@ -132,6 +132,18 @@ def _apply_takedowns(spec: BuildSpec, files: list[str]) -> tuple[BuildSpec, dict
                                takedown_product_ids=frozenset(listed.product_ids)), counted
 
 
+def _load_adapter(path: str | None) -> Any:
+    """The adapter `index.adapter` / `--adapter` names (verified), or None."""
+    if path is None:
+        return None
+    from pipelines.adapter import AdapterError, load_adapter
+    try:
+        fs.check_supported(path, "index.adapter")
+        return load_adapter(fs.normalize(path))
+    except (AdapterError, fs.UnsupportedUriError) as e:
+        raise IndexBuildError(f"adapter: {e}") from e
+
+
 def run_build_index(embeddings: str, index_root: str, config: Config,
                     version: str | None = None) -> art.IndexManifest:
     """Build, evaluate and publish one index version; returns its manifest.
@@ -153,15 +165,19 @@ def run_build_index(embeddings: str, index_root: str, config: Config,
     embeddings, index_root = fs.normalize(embeddings), fs.normalize(index_root)
     created = [d for d in (art.versions_dir(index_root), index_root)
                if fs.is_local(d) and not fs.exists(d)]
+    adapter = _load_adapter(config.index.adapter)
     try:
         with contextlib.ExitStack() as stack:
             if version is not None:  # before planning: a concurrent build is refused at once
                 stack.enter_context(_build_lock(index_root, version))
-            spec, splits, summary = plan_build(embeddings, index_root, config, version)
+            spec, splits, summary = plan_build(embeddings, index_root, config, version, adapter)
             if version is None:
                 stack.enter_context(_build_lock(index_root, spec.version))
             claim_version_dir(index_root, spec.version, locked=fs.is_local(index_root))
-            return _build_locked(config, spec, splits, summary, created, started)
+            if adapter is not None:  # the version carries its adapter under its checksums
+                from pipelines.adapter.artifact import copy_into_version
+                copy_into_version(adapter, art.version_dir(index_root, spec.version))
+            return _build_locked(config, spec, splits, summary, created, started, adapter)
     except RunLockedError as e:
         _remove_if_empty(created)
         raise IndexBuildError(str(e)) from e
@@ -182,7 +198,8 @@ def _remove_if_empty(created: list[str]) -> None:
 
 
 def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary: SnapshotSummary,
-                  created: list[str], started: float) -> art.IndexManifest:
+                  created: list[str], started: float, adapter: Any = None
+                  ) -> art.IndexManifest:
     ix = config.index
     try:
         spec, takedowns = _apply_takedowns(spec, sorted({s.uri for s in splits}))
@@ -266,7 +283,8 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
         scann=_scann_description(config),
         source_snapshot={"path": spec.snapshot_path, "run_id": run_id,
                          "num_rows": spec.num_rows, "model_id": model.get("model_id")},
-        build=build, evaluation=evaluation)
+        build=build, evaluation=evaluation,
+        extra={"adapter": {**adapter.record(), "source": ix.adapter}} if adapter else {})
     if not manifest.passed:
         art.write_manifest(index_root, version, manifest)
         err = RecallGateError(version, metric, measured, ix.recall_threshold, vdir)

@@ -120,6 +120,16 @@ class BuildSpec:
     # The index root's takedown list (pipelines/index/takedowns.py): rows left out.
     takedown_image_ids: frozenset[str] = frozenset()
     takedown_product_ids: frozenset[str] = frozenset()
+    # With an adapter: the snapshot's (model-space) dimension, `dim` being the index's, and
+    # the adapter copy the version carries (workers project every row through it).
+    input_dim: int | None = None
+    adapter_dir: str | None = None
+    adapter_id: str | None = None
+
+    @property
+    def raw_dim(self) -> int:
+        """The dimension of the snapshot's vectors (model space)."""
+        return self.input_dim or self.dim
 
     @property
     def sample_fraction(self) -> float:
@@ -201,9 +211,12 @@ def plan_splits(path: str) -> tuple[list[Split], int | None, int]:
     return splits, (next(iter(dims)) if dims else None), total
 
 
-def plan_build(embeddings: str, index_root: str, config: Config, version: str | None
-               ) -> tuple[BuildSpec, list[Split], SnapshotSummary]:
-    """Check the request against summary.json and the footers; IndexBuildError if bad."""
+def plan_build(embeddings: str, index_root: str, config: Config, version: str | None,
+               adapter: Any | None = None) -> tuple[BuildSpec, list[Split], SnapshotSummary]:
+    """Check the request against summary.json and the footers; IndexBuildError if bad.
+
+    `adapter` (pipelines.adapter.Adapter): the index holds adapter(raw) vectors; it must
+    have been trained on this snapshot's model and dimension."""
     ix = config.index
     path = resolve_snapshot(embeddings)
     try:
@@ -231,9 +244,18 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
         if declared and int(declared) != dim:
             raise IndexBuildError(f"snapshot {path}: embeddings have {dim} dimensions but "
                                   f"{where} is {declared}")
+    input_dim = None
+    if adapter is not None:
+        from pipelines.adapter import AdapterError
+        try:
+            adapter.check_base(model, dim, f"snapshot {path}")
+        except AdapterError as e:
+            raise IndexBuildError(str(e)) from e
+        input_dim, dim = dim, int(adapter.out_dim)
     if ix.dimensions_per_block > dim:
         raise IndexBuildError(f"index.dimensions_per_block={ix.dimensions_per_block} exceeds the "
-                              f"embedding dimension {dim}")
+                              f"{'index' if adapter is not None else 'embedding'} dimension "
+                              f"{dim}")
     projected = BuildParams.from_config(config).projection_for(dim)
     if projected is not None and ix.dimensions_per_block > projected:
         raise IndexBuildError(f"index.dimensions_per_block={ix.dimensions_per_block} exceeds "
@@ -247,7 +269,10 @@ def plan_build(embeddings: str, index_root: str, config: Config, version: str | 
                      staging=fs.join(vdir, BUILD_DIR), num_shards=ix.shards, num_rows=n,
                      dim=dim, model_id=str(model["model_id"]), k=min(ix.num_neighbors, n),
                      eval_queries=ix.eval_queries, eval_seed=ix.eval_seed,
-                     params=BuildParams.from_config(config), model=dict(model))
+                     params=BuildParams.from_config(config), model=dict(model),
+                     input_dim=input_dim,
+                     adapter_dir=(fs.join(vdir, "adapter") if adapter is not None else None),
+                     adapter_id=adapter.id if adapter is not None else None)
     return spec, splits, summary
 
 

@@ -76,9 +76,9 @@ def validate_batch(batch: pa.RecordBatch, spec: BuildSpec, split: Split, first_r
         zero_copy_only=False)
     mids = model_ids.to_pylist()
     flag(other, "model", lambda i: repr(mids[i]))
-    vectors, present, good_dim = _batch_vectors(batch.column("embedding"), spec.dim)
+    vectors, present, good_dim = _batch_vectors(batch.column("embedding"), spec.raw_dim)
     flag(~present, "no_embedding")
-    flag(~good_dim, "dimension", f"expected {spec.dim}")
+    flag(~good_dim, "dimension", f"expected {spec.raw_dim}")
     finite = np.isfinite(vectors).all(axis=1)
     flag(~finite, "nan")
     norms = np.linalg.norm(np.where(finite[:, None], vectors, 0), axis=1)
@@ -146,6 +146,25 @@ def _summarise_errors(errors: Iterable[dict]) -> dict:
     return _merge_error_summaries([out])
 
 
+_ADAPTERS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_adapter(spec: BuildSpec) -> Any:
+    """The version's adapter copy, loaded and verified once per worker process."""
+    from pipelines.adapter import load_adapter
+    assert spec.adapter_dir is not None
+    key = (spec.adapter_dir, str(spec.adapter_id))
+    adapter = _ADAPTERS.get(key)
+    if adapter is None:
+        adapter = load_adapter(spec.adapter_dir)
+        if adapter.id != spec.adapter_id:
+            raise ValueError(f"{spec.adapter_dir}: holds adapter {adapter.id}, the build "
+                             f"planned {spec.adapter_id}")
+        _ADAPTERS.clear()
+        _ADAPTERS[key] = adapter
+    return adapter
+
+
 def _part_schema(dim: int) -> pa.Schema:
     return pa.schema([(c, pa.string()) for c in art.ROW_COLUMNS]
                      + [("embedding", pa.list_(pa.float32(), dim))])
@@ -181,6 +200,8 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
                 continue  # the build will fail: stop staging, keep collecting errors
             if spec.takedown_image_ids or spec.takedown_product_ids:
                 batch, vectors = _without_takedowns(batch, vectors, spec)
+            if spec.adapter_dir is not None:  # model space -> index space
+                vectors = _worker_adapter(spec).apply(vectors)
             ids = batch.column("image_id").to_pylist()
             vws = batch.column("view").to_pylist()
             views.update(vws)

@@ -33,6 +33,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="version name (default: UTC time + short hash)")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object instead of text")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR",
+                   help="build over adapter(raw) vectors (catalog-search train-adapter; "
+                        "default: config index.adapter); the version carries the adapter")
     p.add_argument("--recall-threshold", type=float,
                    help="override index.recall_threshold (recall@k below it: not published)")
 
@@ -47,6 +50,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         if not 0 <= args.recall_threshold <= 1:
             raise UsageError(f"--recall-threshold must be in [0, 1], got {args.recall_threshold}")
         overrides["recall_threshold"] = args.recall_threshold
+    if args.adapter is not None:
+        overrides["adapter"] = check_uri_arg("--adapter", args.adapter)
     if overrides:
         config = config.replace(index=overrides)
     check_name_arg("--version", args.version)
@@ -65,13 +70,15 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     result = {"version": manifest.version, "latest": art.read_latest(args.index_root),
               "num_vectors": manifest.num_vectors, "shards": manifest.num_shards,
               ev["metric"]: ev[ev["metric"]], "recall@1": ev["recall@1"],
-              "threshold": ev["threshold"]}
+              "threshold": ev["threshold"], "dim": manifest.dim,
+              "adapter": (manifest.adapter or {}).get("id")}
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
     print(f"version      {result['version']}  "
           f"({'published as LATEST' if result['latest'] == result['version'] else 'passed; LATEST is ' + str(result['latest'])})\n"
-          f"vectors      {result['num_vectors']} in {result['shards']} shard(s)\n"
+          f"vectors      {result['num_vectors']} x {manifest.dim}-d in {result['shards']} "
+          f"shard(s)" + (f", adapter {result['adapter']}" if result['adapter'] else "") + "\n"
           f"evaluation   {ev['metric']} {ev[ev['metric']]:.4f}, recall@1 {ev['recall@1']:.4f} "
           f"(threshold {ev['threshold']:.2f})\n"
           f"index root   {args.index_root}")

@@ -172,6 +172,13 @@ class IndexManifest:
         return self.model.get("model_id")
 
     @property
+    def adapter(self) -> dict[str, Any] | None:
+        """The adapter record (pipelines.adapter `Adapter.record()`) when the version's
+        vectors are adapter(raw) (format 2 only), else None: index space = model space."""
+        record = self.extra.get("adapter")
+        return dict(record) if isinstance(record, Mapping) else None
+
+    @property
     def num_shards(self) -> int:
         return len(self.shards)
 

@@ -97,6 +97,21 @@ class IndexVersion:
                             f"version {self.version} shard {entry.shard}: {uri} has "
                             f"{size} bytes, manifest says {f.bytes}")
 
+    def load_adapter(self) -> Any:
+        """The adapter this version carries (pipelines.adapter.Adapter, verified against
+        the manifest's record), or None when its vectors are model space;
+        IndexIntegrityError when the copy is missing, damaged or not the recorded one."""
+        from pipelines.adapter import AdapterError, load_for_version
+        try:
+            adapter = load_for_version(self.path, self.manifest.adapter)
+        except AdapterError as e:
+            raise IndexIntegrityError(f"version {self.version}: adapter: {e}") from e
+        if adapter is not None and adapter.out_dim != self.manifest.dim:
+            raise IndexIntegrityError(f"version {self.version}: adapter {adapter.id} gives "
+                                      f"{adapter.out_dim}-d vectors, the index holds "
+                                      f"{self.manifest.dim}-d")
+        return adapter
+
     def load_shards(self, shard_ids: Sequence[int] | None = None) -> list[LoadedShard]:
         """Load all shards, or the chosen ones (for serving shards on several hosts)."""
         entries = self.manifest.shards
@@ -238,4 +253,5 @@ def verify_version(index_root: str, version: str) -> None:
     counts, vector norms, the searchers load); IndexArtifactError names the first problem.
     Works for rejected versions too (they are verified, not served)."""
     opened = open_index(index_root, version, verify=True, allow_unpublished=True)
+    opened.load_adapter()
     opened.load_shards()

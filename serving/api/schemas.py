@@ -98,8 +98,9 @@ class VectorSearchRequest(SearchOptions):
     """application/json: search by embedding, by text, or both."""
 
     vector: list[float] | None = Field(
-        None, description="a query embedding of the index's dimension (normalised by the "
-                          "server); required unless 'text' is given")
+        None, description="a query embedding in model space (the model's dimension; the "
+                          "server normalises it and projects it through the index version's "
+                          "adapter, if it has one); required unless 'text' is given")
 
     @field_validator("vector", mode="before")
     @classmethod
@@ -202,6 +203,7 @@ class ReadyResponse(BaseModel):
     dim: int | None = None
     shards: list[int] | None = None
     model_id: str | None = None
+    adapter_id: str | None = None  # the version's adapter (index space = adapter(model space))
     fields: list[str] | None = Field(None, description="metadata fields (filters, group_by)")
     created_at: Any = None
     loaded_at: float | None = None
