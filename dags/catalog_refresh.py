@@ -2,7 +2,10 @@
 
 validate_params -> embed (Beam, incremental against the previous snapshot)
     -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
-    -> publish (check LATEST and counts; emit the index Asset event with version and counts)
+    -> duplicates (optional, off by default: config duplicates.in_refresh; Beam: near-duplicate
+       listings of the new version -> <index_root>/duplicates/<version>/)
+    -> publish (check LATEST and counts; emit the index Asset event with version and counts,
+       and the duplicates figures when the report ran)
 
 The task logic lives in pipelines/orchestration/ (plan, launcher, steps); Beam jobs run in a subprocess with the
 pipeline's interpreter (see docs/AIRFLOW.md for why, and for the runner options).
@@ -48,18 +51,29 @@ def catalog_refresh():
         return launcher.launch_step(launcher.BUILD_INDEX_STEP,
                                 {"plan": plan, "embed_summary": embed_summary})
 
+    @task
+    def duplicates(plan: dict, index_manifest: dict) -> dict:
+        """Optional Beam duplicates job (duplicates.in_refresh): near-duplicate listings."""
+        if not steps.duplicates_enabled(plan):
+            return {"enabled": False}
+        return launcher.launch_step(launcher.DUPLICATES_STEP,
+                                    {"plan": plan, "index_manifest": index_manifest})
+
     @task(outlets=[INDEX_ASSET])
-    def publish(plan: dict, embed_summary: dict, index_manifest: dict,
+    def publish(plan: dict, embed_summary: dict, index_manifest: dict, duplicates: dict,
                 outlet_events=None) -> dict:
-        """Check LATEST and the counts; the index Asset event carries version and counts."""
+        """Check LATEST and the counts; the index Asset event carries version and counts
+        (and the duplicates figures when the report ran)."""
         extra = steps.publish_results(plan, embed_summary, index_manifest)
+        if duplicates.get("enabled"):
+            extra["duplicates"] = duplicates
         outlet_events[INDEX_ASSET].extra = extra
         return extra
 
     plan = validate_params()
     summary = embed(plan)
     manifest = build_index(plan, summary)
-    publish(plan, summary, manifest)
+    publish(plan, summary, manifest, duplicates(plan, manifest))
 
 
 catalog_refresh()

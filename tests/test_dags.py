@@ -178,13 +178,17 @@ def test_dagbag_imports_without_errors_or_network(structure):
 
 
 def test_run_dags_structure_retries_and_asset(structure):
-    for dag_id, embed in (("catalog_refresh", "embed"), ("catalog_backfill", "embed_drop")):
+    for dag_id, embed, extra in (("catalog_refresh", "embed", ["duplicates"]),
+                                 ("catalog_backfill", "embed_drop", [])):
         d = structure["dags"][dag_id]
         tasks = d["tasks"]
-        assert set(tasks) == {"validate_params", embed, "build_index", "publish"}
-        assert tasks["validate_params"]["downstream"] == sorted([embed, "build_index", "publish"])
+        assert set(tasks) == {"validate_params", embed, "build_index", "publish", *extra}
+        assert tasks["validate_params"]["downstream"] == sorted(
+            [embed, "build_index", "publish", *extra])
         assert tasks[embed]["downstream"] == ["build_index", "publish"]
-        assert tasks["build_index"]["downstream"] == ["publish"]
+        assert tasks["build_index"]["downstream"] == sorted(["publish", *extra])
+        for name in extra:  # the optional duplicates report runs before publish
+            assert tasks[name]["downstream"] == ["publish"]
         assert tasks["publish"]["outlets"] == ["catalog_search_index"]
         for t in tasks.values():
             assert t["retries"] >= 1 and t["backoff"] > 0
@@ -263,6 +267,7 @@ def test_refresh_then_rerun_same_date_changes_nothing_else(world):
     assert extra["version"] == RUN_D1
     assert extra["input_rows"] == 16 == extra["embedded"] + extra["reused"] + extra["dead_lettered"]
     assert extra["embedded"] == 16 and extra["num_vectors"] == 16 and extra["num_shards"] == 2
+    assert "duplicates" not in extra and report["tasks"]["duplicates"] == "success"  # off
     manifest = art.read_manifest(index_root, RUN_D1)
     assert manifest.num_vectors == 16 and manifest.num_products == 8
 
@@ -371,3 +376,36 @@ def test_handoff_reloads_the_search_service(world, tiny_model):
         ready = httpx.get(live.url + "/readyz", timeout=30).json()
     assert ready["version"] == RUN_D2
     assert f"POST {live.url}/v1/reload -> 200" in output
+
+
+def test_refresh_with_the_duplicates_report(world, tmp_path):
+    """duplicates.in_refresh: the refresh runs the duplicates job on its new version (an
+    exact copy of one image planted under a new product) and its figures ride on the index
+    Asset event; off by default (the runs above carry no duplicates figures)."""
+    with open(world["manifest"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows.append({**rows[3], "product_id": "RELISTED", "image_id": "RELISTED-0"})
+    manifest = str(tmp_path / "manifest.csv")
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    conf = fast({**world["conf"], "manifests": [manifest],
+                 "embeddings_root": str(tmp_path / "embeddings"),
+                 "index_root": str(tmp_path / "index")})
+    conf["config_overrides"]["duplicates"] = {"in_refresh": True}
+    report, output = world["session"].run("catalog_refresh", conf, D1)
+    assert report["state"] == "success", output[-8000:]
+    assert report["tasks"]["duplicates"] == "success"
+    [extra] = report["asset_events"]
+    dups = extra["duplicates"]
+    assert dups["enabled"] is True and dups["version"] == RUN_D1 and dups["reconciled"]
+    assert dups["exact_pairs"] == 1 and dups["groups"] >= 1 and dups["images_in_groups"] >= 2
+    out = os.path.join(conf["index_root"], "duplicates", RUN_D1)
+    assert dups["report"] == os.path.join(out, "report.html")
+    assert {"duplicates.parquet", "duplicates.csv", "report.html", "summary.json"} <= set(
+        os.listdir(out))
+    with open(os.path.join(out, "duplicates.csv"), newline="", encoding="utf-8") as f:
+        exact = {r["image_id"] for r in csv.DictReader(f) if r["match"] == "exact"}
+    assert exact == {rows[3]["image_id"], "RELISTED-0"}
+    assert art.read_latest(conf["index_root"]) == RUN_D1

@@ -317,7 +317,8 @@ class DuplicatesConfig:
     A pair of images of different products is a near duplicate when their (index-space)
     cosine similarity is >= `threshold`, or >= `candidate_threshold` and their small
     grayscale signatures correlate >= `pixel_threshold` (null: no pixel check). Exact
-    byte duplicates (same content_sha256) are always reported.
+    byte duplicates (same content_sha256) are always reported. `in_refresh`: the
+    catalog_refresh DAG runs the job on each new version (its figures on the Asset event).
     """
     threshold: float = 0.97
     candidate_threshold: float = 0.80
@@ -326,8 +327,11 @@ class DuplicatesConfig:
     block_rows: int = 2048
     report_groups: int = 200
     report_images_per_group: int = 12
+    in_refresh: bool = False
 
     def validate(self) -> None:
+        _require(isinstance(self.in_refresh, bool), "duplicates.in_refresh",
+                 "must be true or false")
         _require(0 < self.threshold <= 1, "duplicates.threshold", "must be in (0, 1]")
         _require(0 < self.candidate_threshold <= self.threshold,
                  "duplicates.candidate_threshold", "must be in (0, threshold]")

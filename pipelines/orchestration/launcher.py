@@ -27,8 +27,8 @@ from pipelines.orchestration.plan import RunPlan, pipeline_python
 
 log = logging.getLogger(__name__)
 
-EMBED_STEP, BUILD_INDEX_STEP = "embed", "build_index"
-STEPS = (EMBED_STEP, BUILD_INDEX_STEP)
+EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP = "embed", "build_index", "duplicates"
+STEPS = (EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP)
 #: Exit code of a step subprocess that failed for a reason a retry cannot fix.
 PERMANENT_EXIT_CODE = 3
 #: The module a step subprocess runs (`python -m STEP_MODULE STEP --input .. --output ..`).
@@ -54,6 +54,11 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
         errors.extend([IndexBuildError, RecallGateError])
     except ImportError:
         pass
+    try:
+        from pipelines.duplicates.job import DuplicatesError
+        errors.append(DuplicatesError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 
@@ -62,9 +67,14 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     from pipelines.core.runner import check_runner_dependencies
     check_runner_dependencies(plan.config(), [*plan.manifests, plan.embeddings_root,
                                               plan.index_root])
-    from pipelines.orchestration.steps import build_index_step, embed_step
+    from pipelines.orchestration.steps import build_index_step, duplicates_step, embed_step
     if step == EMBED_STEP:
         return embed_step(plan).to_dict()
+    if step == DUPLICATES_STEP:
+        version = (payload.get("index_manifest") or {}).get("version")
+        if not isinstance(version, str):
+            raise OrchestrationError(f"{step} payload: index_manifest.version is missing")
+        return duplicates_step(plan, version)
     if step == BUILD_INDEX_STEP:
         from pipelines.embed.summary import SnapshotSummary, SummaryError
         try:

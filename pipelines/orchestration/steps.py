@@ -1,6 +1,6 @@
-"""The steps of a DAG run: embed, build_index (run in the pipeline interpreter by
-pipelines.orchestration.launcher) and publish (checks LATEST and the counts; the extra of
-the index Asset event)."""
+"""The steps of a DAG run: embed, build_index, the optional duplicates report (run in the
+pipeline interpreter by pipelines.orchestration.launcher) and publish (checks LATEST and
+the counts; the extra of the index Asset event)."""
 from __future__ import annotations
 
 import json
@@ -201,6 +201,33 @@ def reconcile(embed_summary: SnapshotSummary, index_manifest: IndexManifest) -> 
                                  f"{num_vectors} vectors but snapshot {snapshot_dir} has {rows} rows"
                                  f" ({removed} taken down)")
     return {"images": images, "rows": rows, "num_vectors": num_vectors}
+
+
+#: The figures of a duplicates report that ride on the index Asset event.
+DUPLICATES_FIGURES = ("version", "threshold", "groups", "images_in_groups",
+                      "products_in_groups", "near_pairs", "exact_pairs", "reconciled")
+
+
+def duplicates_enabled(plan: Mapping[str, Any]) -> bool:
+    """Whether the run's config asks for the duplicates report (duplicates.in_refresh)."""
+    return bool(RunPlan.from_dict(plan).config().duplicates.in_refresh)
+
+
+def duplicates_dir(index_root: str, version: str) -> str:
+    """Where a version's duplicates report is written: <index_root>/duplicates/<version>/."""
+    from pipelines.core import filesystem as fs
+    from pipelines.index.artifact import check_version_name
+    return fs.join(index_root, "duplicates", check_version_name(version))
+
+
+def duplicates_step(plan: RunPlan, version: str) -> dict[str, Any]:
+    """The duplicates job on the run's published version; its figures (Asset event extra)."""
+    from pipelines.duplicates.job import run_duplicates
+    out = duplicates_dir(plan.index_root, version)
+    summary = run_duplicates(plan.index_root, out, plan.config(), version=version)
+    figures = {k: summary[k] for k in DUPLICATES_FIGURES}
+    log.info("duplicates %s: %s", version, json.dumps(figures, sort_keys=True))
+    return {"enabled": True, **figures, "report": f"{out}/report.html"}
 
 
 def publish(plan: RunPlan, embed_summary: SnapshotSummary,
