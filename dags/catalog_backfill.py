@@ -5,8 +5,12 @@ Trigger it with Params naming the drop, e.g. {"manifests": ["gs://bucket/drops/2
 validate_params (refuses missing, unreadable or empty drops before any Beam job starts)
     -> embed (Beam: embeds only the drop, merged with the latest snapshot into a new one;
               a drop row whose image_id already exists replaces it, reported as replaced)
-    -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
-    -> publish (check LATEST and counts; emit the index Asset event with version and counts)
+    -> build_index (the drop's rows published as a delta of the version LATEST names, no
+                    rebuild, while the version's delta rows stay within
+                    index.delta_max_rows; otherwise the Beam build: shards, ScaNN,
+                    evaluation gate, publish LATEST)
+    -> publish (check LATEST and counts; emit the index Asset event with version, mode
+                (delta / full) and counts)
 
 The task logic lives in pipelines/orchestration/ (plan, launcher, steps) (see docs/AIRFLOW.md).
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from pipelines.orchestration import launcher, steps
+from pipelines.orchestration import delta_step, launcher
 from pipelines.orchestration import params as orch_params
 from pipelines.orchestration import plan as orch_plan
 
@@ -47,15 +51,16 @@ def catalog_backfill():
 
     @task
     def build_index(plan: dict, embed_summary: dict) -> dict:
-        """Beam build_index job: merged snapshot -> gated index version, published as LATEST."""
-        return launcher.launch_step(launcher.BUILD_INDEX_STEP,
+        """The drop as a delta of LATEST (pipelines/orchestration/delta_step.py), or when it
+        is too large the Beam build_index job (gated version, published as LATEST)."""
+        return launcher.launch_step(launcher.BACKFILL_INDEX_STEP,
                                 {"plan": plan, "embed_summary": embed_summary})
 
     @task(outlets=[INDEX_ASSET])
-    def publish(plan: dict, embed_summary: dict, index_manifest: dict,
+    def publish(plan: dict, embed_summary: dict, index_result: dict,
                 outlet_events=None) -> dict:
-        """Check LATEST and the counts; the index Asset event carries version and counts."""
-        extra = steps.publish_results(plan, embed_summary, index_manifest)
+        """Check LATEST and the counts; the index Asset event carries version, mode, counts."""
+        extra = delta_step.publish_backfill_results(plan, embed_summary, index_result)
         outlet_events[INDEX_ASSET].extra = extra
         return extra
 

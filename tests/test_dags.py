@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from pipelines.index import artifact as art
@@ -306,9 +307,14 @@ def test_backfill_bad_params_are_refused_before_beam(world):
 
 def test_backfill_adds_the_drop_and_products_are_found(world, tiny_model):
     conf, index_root, emb_root = world["conf"], world["conf"]["index_root"], world["conf"]["embeddings_root"]
-    report, output = world["session"].run("catalog_backfill",
-                                          fast({**conf, "manifests": [world["drop"]]}), D2)
+    # index.delta_max_rows 0: the full-build path (test_backfill_publishes_a_delta... below
+    # takes the default, a delta)
+    full = {**conf, "manifests": [world["drop"]],
+            "config_overrides": {**conf["config_overrides"],
+                                 "index": {"eval_queries": 20, "delta_max_rows": 0}}}
+    report, output = world["session"].run("catalog_backfill", fast(full), D2)
     assert report["state"] == "success", output[-8000:]
+    assert report["asset_events"][0]["mode"] == "full"
     assert art.read_latest(index_root) == RUN_D2
     assert snapshot.latest_run_id(emb_root) == RUN_D2
     [extra] = report["asset_events"]
@@ -409,3 +415,83 @@ def test_refresh_with_the_duplicates_report(world, tmp_path):
         exact = {r["image_id"] for r in csv.DictReader(f) if r["match"] == "exact"}
     assert exact == {rows[3]["image_id"], "RELISTED-0"}
     assert art.read_latest(conf["index_root"]) == RUN_D1
+
+
+D4, D5 = "2025-03-04T06:00:00+00:00", "2025-03-05T00:00:00+00:00"
+RUN_D4, RUN_D5 = "20250304T060000Z-backfill", "20250305T000000Z-refresh"
+
+
+def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model):
+    """A drop becomes delta 1 of the LATEST version (no rebuild, LATEST unchanged, found by
+    serving); the nightly full build then folds it in: its version serves exactly what the
+    version + delta served, and equals a from-scratch embed + build of the same catalog."""
+    from pipelines.core.config import load_config
+    from pipelines.embed.job import run_embed
+    from pipelines.index import deltas as dl
+    from pipelines.index.build import run_build_index
+    from pipelines.index.reader import open_index
+    from serving.searcher import CatalogSearcher
+    conf, index_root = world["conf"], world["conf"]["index_root"]
+    raw = write_catalog(os.path.join(world["root"], "drop2-src"), num_products=2,
+                        images_per_product=2, size=96, seed=11)
+    drop2 = os.path.join(world["root"], "drop2", "manifest.csv")
+    os.makedirs(os.path.dirname(drop2))
+    rows = _rename_products(raw, drop2, "E")
+    with open(drop2, "a", newline="", encoding="utf-8") as f:  # replaces an existing image
+        csv.writer(f).writerow(["P0002", "P0002-0", rows[1]["image_uri"], "new look", "snacks"])
+    assert art.read_latest(index_root) == RUN_D2
+    # the failed-gate run above left a 5-view snapshot as the embeddings LATEST: the drop
+    # merges into the snapshot the served version was built from
+    snapshot.mark_latest(conf["embeddings_root"], RUN_D2)
+    report, output = world["session"].run("catalog_backfill",
+                                          fast({**conf, "manifests": [drop2]}), D4)
+    assert report["state"] == "success", output[-8000:]
+    assert set(report["tasks"].values()) == {"success"}
+    [extra] = report["asset_events"]
+    assert extra["mode"] == "delta" and extra["version"] == RUN_D2 and extra["delta"] == 1
+    assert extra["drop_rows"] == 5 and extra["rows_added"] == 5 and extra["rows_removed"] == 1
+    assert extra["searchable_rows"] == 22 + 5 - 1 == extra["num_vectors"]
+    assert "published as delta 1 of index version" in output
+    assert art.read_latest(index_root) == RUN_D2  # no new version
+    assert RUN_D4 not in [v.version for v in art.list_versions(index_root)]
+    assert dl.committed_seqs(index_root, RUN_D2) == [1]
+    config = load_config(overrides={
+        "model": {"handle": tiny_model,
+                  "cache_dir": conf["config_overrides"]["model"]["cache_dir"]},
+        "runner": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
+        "index": {"eval_queries": 20, "shards": 2}})
+    searcher = CatalogSearcher.open(index_root, config=config)
+    for row in rows:
+        with open(row["image_uri"], "rb") as f:
+            assert searcher.search_image(f.read(), k=3).hits[0].product_id == row["product_id"]
+    served_before = dl.served_rows(index_root, RUN_D2)["live"]
+
+    manifests = [world["manifest"], world["drop"], drop2]
+    report, output = world["session"].run("catalog_refresh",
+                                          fast({**conf, "manifests": manifests}), D5)
+    assert report["state"] == "success", output[-8000:]
+    assert art.read_latest(index_root) == RUN_D5
+    assert dl.committed_seqs(index_root, RUN_D5) == []  # a fresh log
+    folded = open_index(index_root, RUN_D5).load_shards()
+    got = {}
+    for shard in folded:
+        vecs = shard.vectors()
+        for j, r in enumerate(shard.rows.to_pylist()):
+            got[(r["image_id"], r["view"])] = (r["product_id"], r["image_uri"], r["metadata"],
+                                               np.asarray(vecs[j]))
+    assert set(got) == served_before  # what the version + delta served, folded in
+
+    scratch = run_embed(manifests, os.path.join(world["root"], "scratch-emb"), config,
+                        run_id="scratch")
+    scratch_root = os.path.join(world["root"], "scratch-index")
+    run_build_index(scratch.snapshot, scratch_root, config, version="scratch")
+    want = {}
+    for shard in open_index(scratch_root, "scratch").load_shards():
+        vecs = shard.vectors()
+        for j, r in enumerate(shard.rows.to_pylist()):
+            want[(r["image_id"], r["view"])] = (r["product_id"], r["image_uri"], r["metadata"],
+                                                np.asarray(vecs[j]))
+    assert set(got) == set(want)
+    for key, (pid, uri, meta, vec) in want.items():
+        assert got[key][:3] == (pid, uri, meta), key
+        np.testing.assert_allclose(got[key][3], vec, atol=1e-5)

@@ -303,3 +303,70 @@ def test_model_space_vectors_are_projected_with_the_versions_adapter(world, root
     dl.write_delta(root, rows=rows, vectors=stored, adapter=adapter.id)
     with pytest.raises(dl.DeltaError, match="adapter"):
         dl.write_delta(root, rows=rows, vectors=stored, adapter="linear48@other")
+
+
+def test_backfill_decision_refuses_another_model_and_respects_the_threshold(world, root):
+    import dataclasses
+
+    from pipelines.orchestration.delta_step import decide
+    from pipelines.orchestration.errors import PermanentStepError
+    summary = snapshot.read_summary(world.snapshot)
+    other = dataclasses.replace(summary, model={**summary.model, "fingerprint": "f" * 64})
+    with pytest.raises(PermanentStepError, match="fingerprint"):
+        decide(root, other, [world.manifest], 1000)
+    with pytest.raises(PermanentStepError, match="dim"):
+        decide(root, dataclasses.replace(summary, dim=summary.dim + 1), [world.manifest], 1000)
+    assert decide(root, summary, [world.manifest], 0)["mode"] == "full"
+    big = decide(root, summary, [world.manifest], 10)  # 36 rows > 10
+    assert big["mode"] == "full" and "exceed index.delta_max_rows 10" in big["reason"]
+    fits = decide(root, summary, [world.manifest], 1000)
+    assert fits["mode"] == "delta" and fits["rows"].num_rows == NUM_PRODUCTS * 3
+
+
+def test_index_info_reports_the_deltas_and_the_counts_reconcile(world, root):
+    from pipelines.index.commands import info_report
+    rows, vectors = _new_rows(world, 2)
+    dl.write_delta(root, rows=rows, vectors=vectors)
+    delete_ids(root, product_ids=["P0003"], image_ids=["NEW-img-0"])
+    report = info_report(root)
+    [entry] = [v for v in report["versions"] if v["latest"]]
+    d = entry["deltas"]
+    assert d["deltas"] == 2 and d["rows_upserted"] == 2
+    assert d["image_ids_deleted"] == 1 and d["product_ids_deleted"] == 1
+    assert d["takedowns"] == {"image_ids": 1, "product_ids": 1}
+    assert d["oldest_age_s"] >= 0 and d["error"] is None
+    assert d["searchable_rows"] == d["base_rows"] + d["rows_added"] - d["rows_removed"]
+    s = CatalogSearcher.open(root, config=world.config)
+    info = s.current.delta_info()  # serving counts the same
+    assert (info["base_rows"], info["rows_added"], info["rows_removed"],
+            info["searchable_rows"]) == (d["base_rows"], d["rows_added"], d["rows_removed"],
+                                         d["searchable_rows"])
+    proc = subprocess.run([sys.executable, "-m", "catalog_search.cli", "index-info",
+                           "--index-root", root], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"serving {d['searchable_rows']} rows = {d['base_rows']} + 2 added" in proc.stdout
+
+
+def test_backfill_step_of_another_model_fails_permanently_with_the_reason(world, root, tmp_path):
+    """Through the launcher (a step subprocess, as the DAG task runs it): a drop embedded
+    with another model is a PermanentStepError naming the fingerprints; nothing is written."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    from pipelines.orchestration import launcher
+    from pipelines.orchestration import plan as orch_plan
+    from pipelines.orchestration.errors import PermanentStepError
+    params = {**orch_plan.default_params(orch_plan.REFRESH), "manifests": [world.manifest],
+              "embeddings_root": str(tmp_path / "emb"), "index_root": str(tmp_path / "new")}
+    plan = orch_plan.validate_params(params, orch_plan.REFRESH,
+                                     datetime(2025, 3, 1, tzinfo=timezone.utc)).to_dict()
+    plan["index_root"] = root  # the published test index (its version is not a run id)
+    summary = snapshot.read_summary(world.snapshot)
+    other = dataclasses.replace(summary, model={**summary.model, "fingerprint": "e" * 64})
+    lines: list[str] = []
+    with pytest.raises(PermanentStepError, match="fingerprint 'e{20}"):
+        launcher.launch_step(launcher.BACKFILL_INDEX_STEP,
+                             {"plan": plan, "embed_summary": other.to_dict()},
+                             echo=lines.append)
+    assert dl.committed_seqs(root, "v0001") == []

@@ -572,7 +572,8 @@ def _logs(home: Path) -> str:
 def test_airflow_local_stack_sequence(tmp_path):
     """docs/AIRFLOW.md's local stack, command by command: up, serve, connection, unpause
     (one refresh run), index_handoff on the Asset event (the service serves the version),
-    a backfill, down (no process of the stack's group left)."""
+    a backfill (a delta of that version, applied by the service), down (no process of the
+    stack's group left)."""
     work = scratch_repo(tmp_path)
     api_port, serve_port = _free_port(), _free_port()
     env = shell_env(AIRFLOW__API__PORT=str(api_port),
@@ -615,10 +616,15 @@ def test_airflow_local_stack_sequence(tmp_path):
             elif key.startswith(".venv/bin/airflow dags trigger catalog_backfill"):
                 _wait_runs(home, "catalog_backfill", 1, 480)
                 _wait_runs(home, "index_handoff", 2, 300)
+                # the drop is published as delta 1 of the refresh's version (no rebuild),
+                # and the hand-off's reload makes the service apply it
                 version = (work / "out/data/index/LATEST").read_text().strip()
-                assert version.endswith("-backfill"), version
+                assert version.endswith("-refresh"), version
                 with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/readyz") as r:
-                    assert version in r.read().decode()
+                    ready = json.loads(r.read().decode())
+                assert ready["version"] == version, ready
+                assert ready["deltas"]["deltas"] == 1, ready
+                assert ready["deltas"]["rows_added"] == 2, ready
         assert len(_runs(home, "catalog_refresh")) == 1
         assert pgid is not None and not _group_members(pgid), _group_members(pgid)
     except BaseException:

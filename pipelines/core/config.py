@@ -207,6 +207,10 @@ class IndexConfig:
     projection_dim: int | None = None    # PCA to this many dims for partitioning + hashing
     soar_lambda: float | None = None     # SOAR spilled assignments (dot product)
     reorder_dtype: str = "float32"       # float32 | int8 | bfloat16 (exact-score reordering)
+    # catalog_backfill: a drop is published as a delta (pipelines/index/deltas.py) while
+    # the version's delta rows stay at most this many with it; above, a full build runs.
+    # 0 = always a full build.
+    delta_max_rows: int = 20_000
 
     def validate(self) -> None:
         _require(self.adapter is None or bool(str(self.adapter).strip()), "index.adapter",
@@ -233,6 +237,7 @@ class IndexConfig:
                  "must be null or > 0")
         _require(self.reorder_dtype in REORDER_DTYPES, "index.reorder_dtype",
                  f"must be one of {', '.join(REORDER_DTYPES)}")
+        _require(self.delta_max_rows >= 0, "index.delta_max_rows", "must be >= 0")
 
 
 @dataclass(frozen=True)

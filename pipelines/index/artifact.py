@@ -363,6 +363,7 @@ def apply_retention(index_root: str, keep: int, _locked: bool = False) -> list[s
             if changed is not None and time.time() - changed < INCOMPLETE_GRACE_S:
                 continue
         fs.delete_tree(version_dir(index_root, v.version))
+        fs.delete_tree(fs.join(index_root, "deltas", v.version))  # its delta log goes with it
         deleted.append(v.version)
     if deleted:
         log.info("retention (keep %d): deleted %s", keep, ", ".join(deleted))

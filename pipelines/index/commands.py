@@ -147,11 +147,40 @@ def info_report(index_root: str, verify: bool = False) -> dict[str, Any]:
                     entry.update(state=STATUS_CORRUPTED, verified=False,
                                  error=f"{type(e).__name__}: {e}"
                                  if not isinstance(e, IndexArtifactError) else str(e))
+        if manifest is not None:
+            entry["deltas"] = _delta_report(index_root, manifest, entry["latest"])
         report["versions"].append(entry)
     if report["latest"] and report["latest"] not in names:
         report["latest_error"] = (f"LATEST names {report['latest']}, which does not exist "
                                   f"under {versions_dir(index_root)}")
     return report
+
+
+def _delta_report(index_root: str, manifest: Any, latest: bool) -> dict[str, Any] | None:
+    """A version's delta log (pipelines/index/deltas.py): deltas, rows added, ids deleted,
+    age; for LATEST also what serving holds (base + added - removed = searchable rows,
+    with the takedown list)."""
+    from pipelines.index import deltas as dl
+    from pipelines.index import takedowns as td
+    try:
+        log_ = dl.read_log(index_root, manifest.version, manifest.dim,
+                           adapter=dl.version_adapter(manifest))
+        out = dl.summarize(log_)
+        if not latest:
+            return out if out["deltas"] or out["error"] else None
+        try:
+            listed = td.read_takedowns(index_root)
+            out["takedowns"] = {"image_ids": len(listed.image_ids),
+                                "product_ids": len(listed.product_ids)}
+        except td.TakedownError as e:
+            listed, out["takedowns_error"] = td.Takedowns(), str(e)
+        served = dl.served_rows(index_root, manifest.version, log_, listed.image_ids,
+                                listed.product_ids)
+        out.update({k: served[k] for k in ("base_rows", "rows_added", "rows_removed",
+                                           "searchable_rows")})
+        return out
+    except (IndexArtifactError, OSError) as e:
+        return {"error": str(e)}
 
 
 def _run_info(args: argparse.Namespace, config: Config) -> int:
@@ -189,6 +218,19 @@ def _run_info(args: argparse.Namespace, config: Config) -> int:
               f"{v.get('num_shards') or '-':>6} {recall or '-':<24} {v.get('created_at') or '-'}")
         if v.get("error"):
             print(f"{'':4}{v['error']}")
+        d = v.get("deltas")
+        if d:
+            age = d.get("oldest_age_s")
+            line = (f"{'':4}deltas: {d.get('deltas', 0)} ({d.get('rows_upserted', 0)} rows "
+                    f"upserted, {d.get('image_ids_deleted', 0)} image_ids + "
+                    f"{d.get('product_ids_deleted', 0)} product_ids deleted"
+                    + (f", oldest {age:.0f}s ago" if age is not None else "") + ")")
+            if "searchable_rows" in d:
+                line += (f"; serving {d['searchable_rows']} rows = {d['base_rows']} + "
+                         f"{d['rows_added']} added - {d['rows_removed']} removed")
+            print(line)
+            if d.get("error"):
+                print(f"{'':4}delta refused: {d['error']}")
     if args.verify:
         incomplete = [v["version"] for v in report["versions"]
                       if v["state"] == STATUS_INCOMPLETE]

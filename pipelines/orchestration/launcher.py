@@ -28,7 +28,9 @@ from pipelines.orchestration.plan import RunPlan, pipeline_python
 log = logging.getLogger(__name__)
 
 EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP = "embed", "build_index", "duplicates"
-STEPS = (EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP)
+# catalog_backfill: the drop as a delta of LATEST, or a full build (delta_step.py)
+BACKFILL_INDEX_STEP = "backfill_index"
+STEPS = (EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP, BACKFILL_INDEX_STEP)
 #: Exit code of a step subprocess that failed for a reason a retry cannot fix.
 PERMANENT_EXIT_CODE = 3
 #: The module a step subprocess runs (`python -m STEP_MODULE STEP --input .. --output ..`).
@@ -42,8 +44,9 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
     from pipelines.embed import snapshot
     from pipelines.embed.manifest import ManifestError
     from pipelines.model.resolve import ModelError
-    errors: list[type[BaseException]] = [OrchestrationError, ConfigError, ManifestError,
-                                         ModelError, snapshot.SnapshotError]
+    # PermanentStepError: a step that decided itself a retry cannot help (delta_step.py)
+    errors: list[type[BaseException]] = [OrchestrationError, PermanentStepError, ConfigError,
+                                         ManifestError, ModelError, snapshot.SnapshotError]
     try:
         from pipelines.embed.job import EmbedError
         errors.append(EmbedError)
@@ -57,6 +60,12 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
     try:
         from pipelines.duplicates.job import DuplicatesError
         errors.append(DuplicatesError)
+    except ImportError:
+        pass
+    try:
+        from pipelines.index.deltas import DeltaError
+        from pipelines.index.takedowns import TakedownError
+        errors.extend([DeltaError, TakedownError])
     except ImportError:
         pass
     return tuple(errors)
@@ -75,13 +84,16 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(version, str):
             raise OrchestrationError(f"{step} payload: index_manifest.version is missing")
         return duplicates_step(plan, version)
-    if step == BUILD_INDEX_STEP:
+    if step in (BUILD_INDEX_STEP, BACKFILL_INDEX_STEP):
         from pipelines.embed.summary import SnapshotSummary, SummaryError
         try:
             summary = SnapshotSummary.from_dict(payload.get("embed_summary"),
                                                 f"{step} payload embed_summary")
         except SummaryError as e:
             raise OrchestrationError(str(e)) from e
+        if step == BACKFILL_INDEX_STEP:
+            from pipelines.orchestration.delta_step import backfill_index_step
+            return backfill_index_step(plan, summary)
         return build_index_step(plan, summary).to_dict()
     raise OrchestrationError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
 
