@@ -164,10 +164,20 @@ def run_embed(manifests: Sequence[str], out_root: str, config: Config,
     check_roots(out_root, previous)
     out_root = fs.normalize(out_root)
     previous = fs.normalize(previous) if previous else previous
+    # Bad input is refused before the run lock creates anything under --out.
+    try:
+        uris = expand_manifests(list(manifests))
+        input_rows = sum(check_manifest(u) for u in uris)
+    except ManifestError as e:
+        raise EmbedError(str(e)) from e
+    if input_rows == 0:
+        raise EmbedError("the manifest(s) hold no rows: " + ", ".join(uris))
+    if merge_previous and not previous:
+        raise EmbedError("merge_previous needs a previous snapshot")
     try:
         with run_lock(out_root, run_lock_name(run_id),
                       f"embed --run-id {run_id} (--out {out_root})"):
-            return _run_embed_locked(manifests, out_root, config, run_id, previous,
+            return _run_embed_locked(uris, input_rows, out_root, config, run_id, previous,
                                      merge_previous, verify_content, started)
     except RunLockedError as e:
         raise EmbedError(str(e)) from e
@@ -179,22 +189,13 @@ def run_lock_name(run_id: str) -> str:
     return f".embed-{run_id}.lock"
 
 
-def _run_embed_locked(manifests: Sequence[str], out_root: str, config: Config, run_id: str,
-                      previous: str | None, merge_previous: bool, verify_content: bool,
-                      started: float) -> SnapshotSummary:
+def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: Config,
+                      run_id: str, previous: str | None, merge_previous: bool,
+                      verify_content: bool, started: float) -> SnapshotSummary:
     try:
         snapshot.latest_run_id(out_root)  # a corrupted LATEST: refuse before any work
     except snapshot.SnapshotError as e:
         raise EmbedError(f"--out {out_root}: {e}; fix or remove it first") from e
-    try:
-        uris = expand_manifests(list(manifests))
-        input_rows = sum(check_manifest(u) for u in uris)
-    except ManifestError as e:
-        raise EmbedError(str(e)) from e
-    if input_rows == 0:
-        raise EmbedError("the manifest(s) hold no rows: " + ", ".join(uris))
-    if merge_previous and not previous:
-        raise EmbedError("merge_previous needs a previous snapshot")
     try:
         spec = resolve_model(config.model.handle, config.model.resolved_cache_dir(),
                              config.model.input_size)
