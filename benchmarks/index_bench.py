@@ -139,7 +139,11 @@ def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
     try:
         import faiss
     except ImportError:
-        return {"skipped": "faiss-cpu not installed (pip install faiss-cpu)"}
+        msg = ("faiss-cpu is not installed, so this run has NO faiss HNSW comparison "
+               "(it is not a project dependency: .venv/bin/pip install faiss-cpu)")
+        log.warning("%s", msg)
+        print(f"WARNING: {msg}", file=sys.stderr)
+        return {"skipped": msg}
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     t = time.time()
     index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
@@ -166,8 +170,18 @@ def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             "curve": points, "at_recall": at_targets(points, targets, single_rate)}
 
 
-LEAF_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
+LEAF_FRACTIONS = (0.002, 0.003, 0.005, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12,
+                  0.2, 0.3, 0.5)
 REORDER_MULTIPLIERS = (2, 4, 10)
+#: ScaNN builder variants (index.* overrides) this benchmark can compare (--variants).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "pca256-soar-4sqrt": {"projection_dim": 256, "soar_lambda": 1.5, "leaves_per_sqrt_n": 4.0},
+    "pca256-soar-4sqrt-int8": {"projection_dim": 256, "soar_lambda": 1.5,
+                               "leaves_per_sqrt_n": 4.0, "reorder_dtype": "int8"},
+    "baseline": {"projection_dim": None, "soar_lambda": None, "leaves_per_sqrt_n": 1.0,
+                 "reorder_dtype": "float32"},
+}
 
 
 def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarray,
@@ -175,6 +189,10 @@ def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarra
     """Sweep one global budget (leaves fraction x reorder multiplier, same on every shard)."""
     shards = [s for s in searcher.shards if s.num_vectors]
     tuned = [(s.leaves_to_search, s.reorder_multiplier) for s in shards]
+    routing = searcher.routing
+    tuned_budget = routing.budget if routing is not None else None
+    budgets = ([b for b in (1, 2, 3, 4, 6) if b < len(shards)] + [len(shards)]
+               if routing is not None else [None])
 
     def set_budget(fraction: float, mult: int) -> None:
         for s in shards:
@@ -187,24 +205,34 @@ def bench_scann(searcher: ShardedSearcher, queries: np.ndarray, exact: np.ndarra
         return recall_at_k(image_row[rows], exact)
 
     points = []
-    for mult in REORDER_MULTIPLIERS:
-        for fraction in LEAF_FRACTIONS:
-            set_budget(fraction, mult)
-            r = recall()
-            points.append({"leaves_fraction": fraction, "reorder_multiplier": mult,
-                           "recall@10": round(r, 4),
-                           "qps_batched": round(batched_qps(lambda q: searcher.search(q, K),
-                                                            queries), 1)})
-            if r >= max(targets) + 0.004:
-                break
+    for shard_budget in budgets:
+        if routing is not None:
+            routing.budget = shard_budget
+        for mult in REORDER_MULTIPLIERS:
+            for fraction in LEAF_FRACTIONS:
+                set_budget(fraction, mult)
+                r = recall()
+                point = {"leaves_fraction": fraction, "reorder_multiplier": mult,
+                         "recall@10": round(r, 4),
+                         "qps_batched": round(batched_qps(lambda q: searcher.search(q, K),
+                                                          queries), 1)}
+                if routing is not None:
+                    point["routing_budget"] = shard_budget
+                points.append(point)
+                if r >= max(targets) + 0.004:
+                    break
 
     def single_rate(point: dict[str, Any]) -> float:
         set_budget(point["leaves_fraction"], point["reorder_multiplier"])
+        if routing is not None:
+            routing.budget = point["routing_budget"]
         return qps(lambda q: searcher.search(q, K), queries, single)[1]
 
     result = {"curve": points, "at_recall": at_targets(points, targets, single_rate)}
     for s, (leaves, mult) in zip(shards, tuned):  # the build's own (gate-tuned) budget
         s.leaves_to_search, s.reorder_multiplier = leaves, mult
+    if routing is not None:
+        routing.budget = tuned_budget
     b, one = qps(lambda q: searcher.search(q, K), queries, single)
     result["build_tuned"] = {"recall@10": round(recall(), 4), "qps_batched": round(b, 1),
                              "qps_single": round(one, 1)}
@@ -244,26 +272,45 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
                                    "qps_single": round(bf_single, 1),
                                    "exact_ground_truth_seconds": round(exact_s, 2)}
     result["scann"] = {}
-    for shards in args.shards:
-        root = os.path.join(args.workdir, f"index-{dim}-{shards}")
+    runs = [(v, a, n) for v in args.variants for n in args.shards
+            for a in (args.assignments if n > 1 else ["hash"])]
+    for variant, assignment, shards in runs:
+        name = f"{variant}/{assignment}/{shards}"
+        root = os.path.join(args.workdir, f"index-{dim}-{variant}-{assignment}-{shards}")
         shutil.rmtree(root, ignore_errors=True)
         config = load_config(args.config, overrides={
             # tree-AH for every shard, so 1 and N shards compare the same kind of search
             "index": {"shards": shards, "brute_force_below": 0,
-                      "eval_queries": min(500, args.num_vectors)},
+                      "eval_queries": min(500, args.num_vectors),
+                      "shard_assignment": assignment, **VARIANTS[variant]},
             "runner": {"direct_running_mode": "multi_processing", "direct_num_workers": 2}})
         t = time.time()
         manifest = run_build_index(snap_path, root, config)
         build_s = time.time() - t
-        searcher = ShardedSearcher(reader.open_index(root).load_shards())
+        rss0 = _rss_bytes()
+        opened = reader.open_index(root)
+        searcher = ShardedSearcher(opened.load_shards(), routing=opened.routing())
+        ram = _rss_bytes() - rss0
+        disk = sum(f.bytes for s in manifest.shards for f in s.files)
+        ours = sum(f.bytes for s in manifest.shards for f in s.files
+                   if f.name in ("vectors.npy", "rows.parquet"))
         image_row = np.array([int(i[3:]) for i in searcher.image_ids] + [-1])  # row -1 -> -1
         entry = {
+            "variant": VARIANTS[variant], "shard_assignment": assignment,
             "build_wall_seconds": round(build_s, 1),
             "beam_seconds": manifest.build["beam_seconds"],
             "shard_build_seconds": [s.build_seconds for s in manifest.shards],
             "num_leaves": [s.num_leaves for s in manifest.shards],
+            "shard_sizes": [s.num_vectors for s in manifest.shards],
             "tuned_search": [s.search for s in manifest.shards],
-            "gate_recall@10": manifest.recall(10)}
+            "routing_budget": (manifest.routing or {}).get("budget"),
+            "gate_recall@10": manifest.recall(10),
+            "disk_bytes_per_vector": round(disk / args.num_vectors, 1),
+            "disk_bytes_per_vector_scann_only": round((disk - ours) / args.num_vectors, 1),
+            "ram_bytes_per_vector_at_load": round(ram / args.num_vectors, 1),
+            "ram_note": "RSS growth of this process while the shards load (ScaNN searcher "
+                        "+ row tables; the stored float32 vectors are memory-mapped and "
+                        "not counted until read)"}
         entry.update(bench_scann(searcher, queries, exact, args.targets, args.single_queries,
                                  image_row))
         if shards > 1:  # the same tuned budget, shards searched one after another
@@ -271,9 +318,9 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
             b, one = qps(lambda q, s=sequential: s.search(q, K), queries, args.single_queries)
             entry["build_tuned_sequential"] = {"qps_batched": round(b, 1),
                                                "qps_single": round(one, 1)}
-        result["scann"][str(shards)] = entry
-        log.info("dim %d, %d shards: %s", dim, shards, json.dumps(entry["at_recall"]))
-        del searcher
+        result["scann"][name] = entry
+        log.info("dim %d, %s: %s", dim, name, json.dumps(entry["at_recall"]))
+        del searcher, opened
         gc.collect()
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_peer:
@@ -284,28 +331,35 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ratios(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Per recall target: N vs 1 shards, ScaNN vs brute force, ScaNN vs peer."""
+    """Per run and recall target: vs numpy brute force, vs the peer (faiss HNSW), and for
+    N shards vs the same variant on 1 shard (queries/s ratios within this run)."""
     out: dict[str, Any] = {}
-    first = result["scann"][str(args.shards[0])]["at_recall"]
     bf = result["numpy_brute_force"]
     peer = (result.get("peer") or {}).get("at_recall", {})
-    for t, a in first.items():
-        if a is None:
-            continue
-        r = {"scann_vs_brute_force_batched": round(a["qps_batched"] / bf["qps_batched"], 1),
-             "scann_vs_brute_force_single": round(a["qps_single"] / bf["qps_single"], 1)}
-        for s in args.shards[1:]:
-            b = result["scann"][str(s)]["at_recall"].get(t)
-            if b:
-                r[f"{s}_vs_{args.shards[0]}_shards_batched"] = round(
-                    b["qps_batched"] / a["qps_batched"], 3)
-                r[f"{s}_vs_{args.shards[0]}_shards_single"] = round(
-                    b["qps_single"] / a["qps_single"], 3)
-        if peer.get(t):
-            r["scann_vs_peer_batched"] = round(a["qps_batched"] / peer[t]["qps_batched"], 2)
-            r["scann_vs_peer_single"] = round(a["qps_single"] / peer[t]["qps_single"], 2)
-        out[t] = r
+    for name, entry in result["scann"].items():
+        variant, _, shards = name.split("/")
+        one = result["scann"].get(f"{variant}/hash/1", {}).get("at_recall", {})
+        per: dict[str, Any] = {}
+        for t, a in entry["at_recall"].items():
+            if a is None:
+                per[t] = None
+                continue
+            r = {"vs_brute_force_batched": round(a["qps_batched"] / bf["qps_batched"], 1),
+                 "vs_brute_force_single": round(a["qps_single"] / bf["qps_single"], 1)}
+            if peer.get(t):
+                r["vs_peer_batched"] = round(a["qps_batched"] / peer[t]["qps_batched"], 2)
+                r["vs_peer_single"] = round(a["qps_single"] / peer[t]["qps_single"], 2)
+            if shards != "1" and one.get(t):
+                r["vs_1_shard_batched"] = round(a["qps_batched"] / one[t]["qps_batched"], 3)
+                r["vs_1_shard_single"] = round(a["qps_single"] / one[t]["qps_single"], 3)
+            per[t] = r
+        out[name] = per
     return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit", help="draw vectors from this benchmarks/fitted_vectors.py fit "
                                  "(.npz) instead of clusters; --dims is then ignored")
     p.add_argument("--targets", default="0.90,0.95,0.99", help="recall@10 targets")
+    p.add_argument("--variants", default="default",
+                   help=f"comma-separated ScaNN builder variants: {', '.join(VARIANTS)}")
+    p.add_argument("--assignments", default="hash",
+                   help="comma-separated shard assignments for N > 1 shards: hash, partition")
     args = p.parse_args(argv)
+    args.variants = args.variants.split(",")
+    args.assignments = args.assignments.split(",")
+    if any(v not in VARIANTS for v in args.variants):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if any(a not in ("hash", "partition") for a in args.assignments):
+        p.error("--assignments: hash and/or partition")
     args.targets = [float(t) for t in args.targets.split(",")]
     args.dims = [int(d) for d in args.dims.split(",")] if not args.fit else [0]
     args.shards = [int(s) for s in args.shards.split(",")]

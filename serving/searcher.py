@@ -327,7 +327,8 @@ class CatalogSearcher:
             adapter = artifact.load_adapter()  # from the artifact only, under its checksums
         except Exception as e:
             raise IndexLoadError(f"version {version}: cannot open: {e}") from e
-        shards = ShardedSearcher(artifact.load_shards(shard_ids=shard_ids))
+        shards = ShardedSearcher(artifact.load_shards(shard_ids=shard_ids),
+                                 routing=artifact.routing())
         embedder = self._embedder_for(manifest.model) if self.load_embedder else None
         loaded = LoadedIndex(version, manifest, shard_ids, shards, embedder, adapter=adapter)
         verify_loaded(loaded)

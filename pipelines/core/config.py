@@ -211,6 +211,11 @@ class IndexConfig:
     # the version's delta rows stay at most this many with it; above, a full build runs.
     # 0 = always a full build.
     delta_max_rows: int = 20_000
+    # Shards: hash (sha256(image_id) mod N) or partition (nearest k-means centroid, routed).
+    shard_assignment: str = "hash"
+    routing_partitions_per_shard: int = 4
+    routing_sample: int = 20_000
+    routing_min_coverage: float = 0.99
 
     def validate(self) -> None:
         _require(self.adapter is None or bool(str(self.adapter).strip()), "index.adapter",
@@ -238,6 +243,13 @@ class IndexConfig:
         _require(self.reorder_dtype in REORDER_DTYPES, "index.reorder_dtype",
                  f"must be one of {', '.join(REORDER_DTYPES)}")
         _require(self.delta_max_rows >= 0, "index.delta_max_rows", "must be >= 0")
+        _require(self.shard_assignment in ("hash", "partition"), "index.shard_assignment",
+                 "must be hash or partition")
+        _require(1 <= self.routing_partitions_per_shard <= 256,
+                 "index.routing_partitions_per_shard", "must be between 1 and 256")
+        _require(self.routing_sample >= 1, "index.routing_sample", "must be >= 1")
+        _require(0 < self.routing_min_coverage <= 1, "index.routing_min_coverage",
+                 "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,20 @@ def check_manifest_structure(manifest: IndexManifest, version: str) -> None:
             raise bad(f"shard {i} lists no {entry.stored_vectors} (its stored vectors)")
     if counted != total:
         raise bad(f"says num_vectors {total!r}, but its shards hold {counted}")
+    routing = manifest.routing
+    if routing is not None:
+        from pipelines.index.routing import CENTROIDS_FILE
+        owners = routing.get("centroid_shards")
+        budget = routing.get("budget")
+        if (routing.get("centroids_file") != CENTROIDS_FILE
+                or not isinstance(routing.get("sha256"), str)
+                or not isinstance(routing.get("bytes"), int)):
+            raise bad(f"routing names no valid {CENTROIDS_FILE} (file, sha256, bytes)")
+        if (not isinstance(owners, list) or not owners
+                or any(not isinstance(o, int) or not 0 <= o < len(shards) for o in owners)):
+            raise bad(f"routing has invalid centroid_shards (shards 0..{len(shards) - 1})")
+        if not isinstance(budget, int) or not 1 <= budget <= len(shards):
+            raise bad(f"routing has an invalid budget {budget!r} (1..{len(shards)})")
 
 
 def write_manifest(index_root: str, version: str, manifest: IndexManifest) -> str:

@@ -75,6 +75,7 @@ from pipelines.embed.summary import SnapshotSummary
 from pipelines.index.build_plan import (BuildSpec, IndexBuildError, Split, check_version,
                                         claim_version_dir, plan_build)
 from pipelines.index.build_rows import _merge_error_summaries, describe_errors
+from pipelines.index.build_routing import routing_entry
 from pipelines.index.build_shard import MIN_TREE_AH_ROWS
 from pipelines.index.recall_gate import TIE_EPSILON, RecallGateError, merge_gate
 
@@ -235,6 +236,11 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
         gate_results = [fs.read_json(spec.gate_uri(r["shard"])) for r in reports
                         if r.get("num_vectors")]
         sample_ids = fs.read_json(spec.stats_uri("gate_sample"))
+        routing = None
+        if spec.partitioned:
+            routing = routing_entry(fs.read_json(spec.stats_uri("routing")),
+                                    fs.read_json(spec.stats_uri("routing_budget")))
+            routing["gate_routes"] = fs.read_json(spec.stats_uri("gate_routes"))
         views = fs.read_json(spec.stats_uri("views"))
         num_products = fs.read_json(spec.stats_uri("products"))
     finally:
@@ -247,7 +253,13 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
         "reference": "exact numpy dot-product search over all snapshot vectors (per shard, "
                      "in the pipeline, merged)",
         "tie_epsilon": TIE_EPSILON}
-    evaluation.update(merge_gate(gate_results, sample_ids, spec.k))
+    if routing is not None:
+        routes = routing.pop("gate_routes")
+        evaluation.update(merge_gate(gate_results, sample_ids, spec.k, routes,
+                                     routing["budget"]))
+        evaluation["routing_budget"] = routing["budget"]
+    else:
+        evaluation.update(merge_gate(gate_results, sample_ids, spec.k))
     evaluation["merge_seconds"] = round(time.time() - t0, 4)
     model = summary.model
     run_id = summary.run_id or os.path.basename(spec.snapshot_path.rstrip("/"))
@@ -276,8 +288,12 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
         model=model, dim=spec.dim, distance="dot_product", num_vectors=spec.num_rows - removed,
         num_images=sum(r.get("num_images", 0) for r in reports),
         num_products=int(num_products), views=views,
-        shard_assignment="sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
-                         "(image_id, view) within a shard",
+        shard_assignment=("partition: the shard of the row's nearest k-means centroid "
+                          "(routing); rows sorted by (image_id, view) within a shard"
+                          if routing is not None else
+                          "sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
+                          "(image_id, view) within a shard"),
+        routing=routing,
         shards=[art.ShardEntry.from_dict({k: v for k, v in r.items() if k not in ("pid", "parts")},
                                          f"shard {r['shard']} build report") for r in reports],
         scann=_scann_description(config),

@@ -9,7 +9,9 @@ from pipelines.core import filesystem as fs
 from pipelines.core.config import Config
 
 from pipelines.index.build_plan import BuildSpec, Split
-from pipelines.index.build_rows import _merge_error_summaries, read_split
+from pipelines.index.build_rows import (_merge_error_summaries, duplicate_ids, read_split,
+                                        routing_sample)
+from pipelines.index.build_routing import budget_step, gate_routes_step, train_step
 from pipelines.index.build_shard import _merge_top_scores, build_shard, shard_exact_scores
 from pipelines.index.recall_gate import gate_shard
 
@@ -24,12 +26,29 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
         return lambda value: fs.write_json(spec.stats_uri(name), value)
 
     with make_pipeline(config, "build-index") as p:
+        if spec.partitioned:  # centroids first: rows go to their nearest centroid's shard
+            partitions = (p
+                          | "RoutingSplits" >> beam.Create(splits)
+                          | "SpreadRoutingSplits" >> beam.Reshuffle()
+                          | "SampleSplit" >> beam.FlatMap(routing_sample, spec)
+                          | "RoutingSample" >> beam.combiners.Top.Smallest(
+                              spec.params.routing_sample)
+                          | "TrainPartitions" >> beam.Map(train_step, spec))
+        else:
+            partitions = p | "NoPartitions" >> beam.Create([None])
+        part_side = pvalue.AsSingleton(partitions)
         read = (p
                 | "Splits" >> beam.Create(splits)
                 | "SpreadSplits" >> beam.Reshuffle()
-                | "ReadSplit" >> beam.FlatMap(read_split, spec).with_outputs(
-                    "part", "errors", "gate", "tune", "views", "products"))
-        errors = (read.errors
+                | "ReadSplit" >> beam.FlatMap(read_split, spec, part_side).with_outputs(
+                    "part", "errors", "gate", "tune", "views", "products", "ids"))
+        row_errors = read.errors
+        if spec.partitioned:  # the views of an image may lie in several shards
+            dups = (read.ids
+                    | "GroupIds" >> beam.GroupByKey()
+                    | "CheckDuplicates" >> beam.MapTuple(duplicate_ids))
+            row_errors = (read.errors, dups) | "AllErrors" >> beam.Flatten()
+        errors = (row_errors
                   | "MergeErrors" >> beam.CombineGlobally(_merge_error_summaries))
         _ = errors | "WriteErrors" >> beam.Map(write("errors"))
         gate_q = read.gate | "GateSample" >> beam.combiners.Top.Smallest(spec.eval_queries)
@@ -44,9 +63,18 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
                       lambda s, g: (s, sorted(g["part"], key=lambda x: x["uri"])))
                   | "SpreadShards" >> beam.Reshuffle())
         tune_side = pvalue.AsSingleton(tune_q)
-        if spec.params.tune_recall_target is not None and spec.num_shards > 1:
-            global_kth = (shards
-                          | "TuneExact" >> beam.Map(shard_exact_scores, spec, tune_side)
+        if spec.partitioned:
+            _ = gate_q | "GateRoutes" >> beam.Map(gate_routes_step, spec, part_side)
+        if (spec.params.tune_recall_target is not None and spec.num_shards > 1
+                or spec.partitioned):
+            exact = shards | "TuneExact" >> beam.Map(
+                lambda item, t: (item[0], shard_exact_scores(item, spec, t)), tune_side)
+            if spec.partitioned:
+                _ = (exact
+                     | "AllShardExact" >> beam.combiners.ToList()
+                     | "RoutingBudget" >> beam.Map(budget_step, spec, tune_side, part_side))
+            global_kth = (exact
+                          | "ExactScores" >> beam.Map(lambda x: x[1])
                           | "GlobalTopK" >> beam.CombineGlobally(_merge_top_scores)
                           | "KthScore" >> beam.Map(
                               lambda a: None if a is None else a[:, -1].copy()))

@@ -69,6 +69,10 @@ class BuildParams:
     projection_dim: int | None = None
     soar_lambda: float | None = None
     reorder_dtype: str = "float32"
+    shard_assignment: str = "hash"
+    routing_partitions_per_shard: int = 4
+    routing_sample: int = 20_000
+    routing_min_coverage: float = 0.99
 
     def projection_for(self, dim: int) -> int | None:
         """The PCA dimension a `dim`-d shard is built with (None: no projection, also when
@@ -88,7 +92,11 @@ class BuildParams:
                    tune_recall_target=ix.tune_recall_target,
                    training_threads=ix.training_threads,
                    leaves_per_sqrt_n=ix.leaves_per_sqrt_n, projection_dim=ix.projection_dim,
-                   soar_lambda=ix.soar_lambda, reorder_dtype=ix.reorder_dtype)
+                   soar_lambda=ix.soar_lambda, reorder_dtype=ix.reorder_dtype,
+                   shard_assignment=ix.shard_assignment,
+                   routing_partitions_per_shard=ix.routing_partitions_per_shard,
+                   routing_sample=ix.routing_sample,
+                   routing_min_coverage=ix.routing_min_coverage)
 
 
 @dataclass(frozen=True)
@@ -135,12 +143,28 @@ class BuildSpec:
     def sample_fraction(self) -> float:
         return min(1.0, SAMPLE_OVERDRAW * self.eval_queries / max(1, self.num_rows))
 
+    @property
+    def partitioned(self) -> bool:
+        """Rows go to the shard of their nearest k-means centroid (pipelines/index/routing)."""
+        return self.params.shard_assignment == "partition" and self.num_shards > 1
+
+    @property
+    def routing_fraction(self) -> float:
+        return min(1.0, SAMPLE_OVERDRAW * self.params.routing_sample / max(1, self.num_rows))
+
+    def routing_uri(self) -> str:
+        from pipelines.index.routing import CENTROIDS_FILE
+        return fs.join(art.version_dir(self.index_root, self.version), CENTROIDS_FILE)
+
     def part_uri(self, shard: int, split: int) -> str:
         return fs.join(self.staging, "parts", f"shard-{shard:05d}", f"split-{split:06d}.parquet")
 
     def products_uri(self, bucket: int, split: int) -> str:
         return fs.join(self.staging, "products", f"bucket-{bucket:05d}",
                        f"split-{split:06d}.parquet")
+
+    def ids_uri(self, bucket: int, split: int) -> str:
+        return fs.join(self.staging, "ids", f"bucket-{bucket:05d}", f"split-{split:06d}.parquet")
 
     def shard_uri(self, shard: int) -> str:
         return fs.join(art.version_dir(self.index_root, self.version),

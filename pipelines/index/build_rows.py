@@ -170,12 +170,15 @@ def _part_schema(dim: int) -> pa.Schema:
                      + [("embedding", pa.list_(pa.float32(), dim))])
 
 
-def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
+def read_split(split: Split, spec: BuildSpec, partitions: Any = None) -> Iterator[Any]:
     """ReadSplit (worker): validate one row group, stage per-shard parts, draw samples.
 
     Yields TaggedOutputs: "part" (shard, {"uri", "rows"}), "errors" (a summary of bad rows,
     capped at a few examples per kind), "gate"/"tune" (sample_key, image_id, view, vector
-    bytes) candidates, "views" (set of views), "products" (bucket, uri).
+    bytes) candidates, "views" (set of views), "products" (bucket, uri), and with
+    `partitions` (pipelines.index.routing: rows go to their nearest centroid's shard)
+    "ids" (bucket, uri of the split's (image_id, view) pairs of that sha256 bucket: the
+    views of an image may then lie in several shards, so duplicates are found by bucket).
     """
     from apache_beam import pvalue
 
@@ -185,6 +188,7 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
     by_shard: dict[int, list[pa.Table]] = {}
     products: set[str] = set()
     views: set[str] = set()
+    id_pairs: list[tuple[list[str], list[str]]] = []
     columns = list(dict.fromkeys([*art.ROW_COLUMNS, "model_id", "embedding"]))
     with fs.FileSystems.open(split.uri) as f:
         pf = pq.ParquetFile(f)
@@ -211,8 +215,12 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
                     key = sample_key(seed, iid, v)
                     if key < fraction:
                         yield pvalue.TaggedOutput(name, (key, iid, v, vectors[i].tobytes()))
-            shards = np.fromiter((shard_for(i, spec.num_shards) for i in ids), np.int64,
-                                 count=len(ids))
+            if partitions is not None:
+                shards = partitions.assign(vectors)
+                id_pairs.append((ids, vws))
+            else:
+                shards = np.fromiter((shard_for(i, spec.num_shards) for i in ids), np.int64,
+                                     count=len(ids))
             table = pa.table({c: (batch.column(c) if c in batch.schema.names
                                   else pa.nulls(batch.num_rows, pa.string()))
                               for c in art.ROW_COLUMNS})
@@ -237,7 +245,58 @@ def read_split(split: Split, spec: BuildSpec) -> Iterator[Any]:
         uri = spec.products_uri(b, split.index)
         fs.write_parquet(uri, pa.table({"product_id": sorted(pids)}), compression="zstd")
         yield pvalue.TaggedOutput("products", (b, uri))
+    if partitions is not None:
+        by_bucket: dict[int, tuple[list[str], list[str]]] = {}
+        for ids, vws in id_pairs:
+            for iid, v in zip(ids, vws):
+                pair = by_bucket.setdefault(shard_for(iid, spec.num_shards), ([], []))
+                pair[0].append(iid)
+                pair[1].append(v)
+        for bucket, (iids, vvs) in sorted(by_bucket.items()):
+            uri = spec.ids_uri(bucket, split.index)
+            fs.write_parquet(uri, pa.table({"image_id": iids, "view": vvs}), compression="zstd")
+            yield pvalue.TaggedOutput("ids", (bucket, uri))
     yield pvalue.TaggedOutput("views", sorted(views))
+
+
+def routing_sample(split: Split, spec: BuildSpec) -> Iterator[tuple[float, bytes]]:
+    """SampleSplit (worker): the split's candidates for the routing sample, (sample_key
+    with seed eval_seed + 2, vector bytes); the rows are validated later, by ReadSplit."""
+    fraction = spec.routing_fraction
+    seed = spec.eval_seed + 2
+    with fs.FileSystems.open(split.uri) as f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[split.row_group],
+                                     columns=["image_id", "view", "embedding"]):
+            ids = batch.column("image_id").to_pylist()
+            vws = batch.column("view").to_pylist()
+            keys = [sample_key(seed, str(i), str(v)) for i, v in zip(ids, vws)]
+            take = [j for j, key in enumerate(keys) if key < fraction]
+            if not take:
+                continue
+            vectors, _, good_dim = _batch_vectors(batch.column("embedding"), spec.raw_dim)
+            take = [j for j in take if good_dim[j]]
+            if not take:
+                continue
+            picked = vectors[take]
+            if spec.adapter_dir is not None:  # centroids live in index space
+                picked = _worker_adapter(spec).apply(picked)
+            for j, vector in zip(take, picked):
+                yield keys[j], np.ascontiguousarray(vector, np.float32).tobytes()
+
+
+def duplicate_ids(bucket: int, uris: Iterable[str]) -> dict:
+    """CheckDuplicates (worker): the error summary of (image_id, view) pairs that occur
+    more than once in one sha256 bucket (partition-routed builds)."""
+    table = pa.concat_tables([fs.read_parquet(u) for u in sorted(uris)])
+    if not table.num_rows:
+        return {}
+    keys = pc.binary_join_element_wise(table.column("image_id"), table.column("view"), "\0")
+    counts = pc.value_counts(keys)
+    dup = [str(v["values"]) for v in counts.to_pylist() if v["counts"] > 1]
+    return _summarise_errors(
+        {"kind": "duplicate", "detail": repr(tuple(d.split("\0", 1))),
+         "image_id": d.split("\0", 1)[0]} for d in sorted(dup))
 
 
 def _without_takedowns(batch: pa.RecordBatch, vectors: np.ndarray, spec: BuildSpec

@@ -10,7 +10,11 @@ ScaNN's own `dataset.npy` as the stored vectors. A manifest without a format, wi
 another one, or with a required field missing or of the wrong type is refused
 (`ManifestFormatError`, an `IndexIntegrityError`, naming the field and the file). Keys
 this code does not know (a newer writer's additions) are kept in `extra` and written back
-unchanged; a manifest read and written back keeps its own format.
+unchanged; a manifest read and written back keeps its own format. A format-2 manifest
+may carry `routing` (partition-routed shards, pipelines/index/routing.py); without it the
+shards are hash-assigned and every query searches all of them. A reader that predates
+`routing` keeps it in `extra` and searches every shard, which returns at least the
+routed hits (the full fan-out), so the format number did not change for it.
 
 The consistency of the shard table (shard numbers, paths, file names, sums) is checked
 by `pipelines.index.artifact.check_manifest_structure` when a version is opened.
@@ -164,6 +168,9 @@ class IndexManifest:
     source_snapshot: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # recall@k, threshold, passed
+    # Partition-routed shards (pipelines/index/routing.py): centroids file, its sha256 and
+    # size, each centroid's shard, the search budget; None: hash sharding.
+    routing: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT           # the format it was written in (READ_FORMATS)
 
@@ -200,6 +207,8 @@ class IndexManifest:
             "shards": [s.to_dict() for s in self.shards], "scann": self.scann,
             "source_snapshot": self.source_snapshot, "build": self.build,
             "evaluation": self.evaluation}
+        if self.routing is not None:
+            out["routing"] = self.routing
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
 
@@ -229,4 +238,5 @@ class IndexManifest:
             source_snapshot=dict(_get(d, "source_snapshot", dict, source, {})),
             build=dict(_get(d, "build", dict, source, {})),
             evaluation=dict(_get(d, "evaluation", dict, source, {}, nullable=True) or {}),
+            routing=_get(d, "routing", dict, source, None, nullable=True),
             extra=_extra(cls, d, FORMAT_KEY), format=str(d[FORMAT_KEY]))

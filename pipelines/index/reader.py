@@ -81,6 +81,29 @@ class IndexVersion:
     def num_shards(self) -> int:
         return self.manifest.num_shards
 
+    def routing(self) -> Any:
+        """The version's partition routing (pipelines.index.routing.Routing: centroids read
+        and, with `verify`, checked against the manifest's sha256), or None (hash shards)."""
+        entry = self.manifest.routing
+        if entry is None:
+            return None
+        from pipelines.index.routing import Routing, load_partitions
+        uri = fs.join(self.path, entry["centroids_file"])
+        if not fs.exists(uri):
+            raise IndexIntegrityError(f"version {self.version}: routing file {uri} is missing")
+        data = fs.read_bytes(uri)
+        if self.verify and (sha256_bytes(data) != entry["sha256"]
+                            or len(data) != entry["bytes"]):
+            raise IndexIntegrityError(
+                f"version {self.version}: checksum mismatch for {uri}: the routing "
+                f"centroids are corrupted or were modified")
+        try:
+            partitions = load_partitions(data, entry["centroid_shards"], self.manifest.dim,
+                                         f"version {self.version} {uri}")
+        except ValueError as e:
+            raise IndexIntegrityError(str(e)) from e
+        return Routing(partitions, int(entry["budget"]))
+
     def check_files(self) -> None:
         """Every file the manifest lists exists with the recorded size (cheap; no hashing)."""
         for entry in self.manifest.shards:

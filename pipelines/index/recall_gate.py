@@ -85,9 +85,13 @@ def gate_shard(report: dict[str, Any], spec: BuildSpec, sample: list[tuple]) -> 
     fs.write_json(spec.gate_uri(shard), out)
 
 
-def merge_gate(results: list[dict[str, Any]], sample_ids: list[str], k: int
+def merge_gate(results: list[dict[str, Any]], sample_ids: list[str], k: int,
+               routes: list[list[int]] | None = None, budget: int | None = None
                ) -> dict[str, float]:
-    """recall@1, recall@k and own-row found rate from the shards' Q x k gate lists."""
+    """recall@1, recall@k and own-row found rate from the shards' Q x k gate lists.
+
+    With `routes` (per query its shards, best first: partition routing) only the first
+    `budget` shards of each query answer it, as in serving."""
     results = [r for r in results if "approx_scores" in r]
     q = len(sample_ids)
     if not q or not results:
@@ -102,6 +106,12 @@ def merge_gate(results: list[dict[str, Any]], sample_ids: list[str], k: int
         return np.concatenate(parts, axis=1)
 
     approx, true, exact = stack("approx_scores"), stack("approx_true"), stack("exact_scores")
+    if routes and budget is not None:
+        routed = np.asarray(routes, np.int64)[:, :budget]
+        shard_of_column = np.repeat([int(r["shard"]) for r in results], k)
+        answers = (shard_of_column[None, :, None] == routed[:, None, :]).any(axis=2)
+        approx = np.where(answers, approx, -np.inf)
+        true = np.where(answers, true, -np.inf)
     ids = np.concatenate([np.asarray([row + [""] * (k - len(row)) for row in r["approx_ids"]],
                                      dtype=object) for r in results], axis=1)
     exact = -np.sort(-exact, axis=1)

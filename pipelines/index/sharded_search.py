@@ -138,9 +138,11 @@ def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
 class ShardedSearcher:
     """Several `LoadedShard`s searched as one index (see the module docstring)."""
 
-    def __init__(self, shards: Sequence[Any], concurrent: bool = True):
+    def __init__(self, shards: Sequence[Any], concurrent: bool = True, routing: Any = None):
         if not shards:
             raise ValueError("ShardedSearcher needs at least one shard")
+        # partition routing (pipelines.index.routing.Routing) or None: every shard searched
+        self.routing = routing
         dims = {int(s.dim) for s in shards}
         if len(dims) != 1:
             raise ValueError(f"shards have different dimensions: {sorted(dims)}")
@@ -166,8 +168,46 @@ class ShardedSearcher:
     # ---------------------------------------------------------------- approximate search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate global top-k: (scores float32 [Q,k'], rows int64 [Q,k'])."""
-        return self._merged_top_k(queries, k, self._search_shard)
+        """Approximate global top-k: (scores float32 [Q,k'], rows int64 [Q,k']).
+
+        With partition routing, each query searches only its `routing.budget` best shards
+        of those loaded here (ranked by their centroids); a budget of every loaded shard
+        is the full fan-out."""
+        if self.routing is None or self.routing.budget >= len(self.shards):
+            return self._merged_top_k(queries, k, self._search_shard)
+        return self._routed_top_k(queries, k)
+
+    def _routed_top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipelines.index.routing import route_mask
+        queries = _as_queries(queries, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), self.num_vectors)
+        mask = route_mask(queries, self.routing.partitions, [s.shard for s in self.shards],
+                          self.routing.budget)
+        todo = [(j, offset, shard) for j, (offset, shard)
+                in enumerate(zip(self.offsets[:-1], self.shards))
+                if shard.num_vectors > 0 and mask[:, j].any()]
+
+        def run(j: int, shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            sub = np.flatnonzero(mask[:, j])
+            s, r = self._search_shard(shard, queries[sub], min(k, shard.num_vectors))
+            return sub, s, r
+
+        if self.concurrent and len(todo) > 1:
+            pool = shard_pool()
+            futures = [pool.submit(run, j, shard) for j, _, shard in todo]
+            results = [f.result() for f in futures]
+        else:
+            results = [run(j, shard) for j, _, shard in todo]
+        q = queries.shape[0]
+        scores = np.full((q, max(1, k * len(todo))), -np.inf, np.float32)
+        rows = np.full(scores.shape, -1, np.int64)
+        for t, ((_, offset, _), (sub, s, r)) in enumerate(zip(todo, results)):
+            cols = slice(t * k, t * k + s.shape[1])
+            scores[sub, cols] = s
+            rows[sub, cols] = np.where(r >= 0, r + offset, -1)
+        return _top_k_rows(scores, rows, k)
 
     def _merged_top_k(self, queries: np.ndarray, k: int,
                       search_shard: Callable[[Any, np.ndarray, int],
