@@ -33,6 +33,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from pipelines.core.config import Config
 from serving.api.errors import error_response, install_error_handlers
@@ -48,6 +49,9 @@ from serving.searcher import CatalogSearcher, IndexWatcher
 __all__ = ["create_app", "PAGE_CSP", "public_image_url"]
 
 log = logging.getLogger(__name__)
+#: The status a request the client aborted is counted with (nginx's "client closed request");
+#: nothing is sent, the connection is gone.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def create_app(index_root: str, config: Config, *, version: str | None = None,
@@ -95,6 +99,11 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
         started = time.perf_counter()
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # the client went away mid-request: no one to answer
+            log.info("client disconnected during %s %s (counted as 499 client_disconnect)",
+                     request.method, request.url.path)
+            response = error_response(CLIENT_CLOSED_REQUEST, "client_disconnect",
+                                      "the client closed the connection before the answer")
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             response = error_response(500, "internal", "internal error")

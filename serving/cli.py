@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import errno
 import json
 import logging
@@ -83,7 +84,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace, config: Config) -> int:
-    from pipelines.core import filesystem as fs
+    from pipelines.embed.fetch import FetchError, fetch_bytes
     from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
     config = with_allowed_models(args, config)
     # every argument is checked before the index is loaded (which takes seconds)
@@ -110,6 +111,7 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
     for uri in args.images:
         check_query_image(uri)
     check_index_root(args.index_root)
+    fetch_cfg = dataclasses.replace(config.fetch, max_bytes=config.serving.max_upload_bytes)
     try:
         searcher = CatalogSearcher.open(args.index_root, version=args.version,
                                         shard_ids=shard_ids, config=config)
@@ -125,7 +127,7 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
                 results = searcher.search_text(args.text, k=args.k, filters=filters,
                                                collapse=not args.by_image, **crowding)
             else:
-                data = fs.read_bytes(uri, max_bytes=config.serving.max_upload_bytes)
+                data = fetch_bytes(uri, fetch_cfg)
                 results = searcher.search_image(data, k=args.k, filters=filters,
                                                 collapse=not args.by_image, text=args.text,
                                                 text_weight=args.text_weight, **crowding)
@@ -136,8 +138,8 @@ def _run_query(args: argparse.Namespace, config: Config) -> int:
             print(f"{uri}: {e.reason}: {e}")
             failures += 1
             continue
-        except ValueError as e:  # larger than serving.max_upload_bytes
-            print(f"{uri}: too_large: {e}")
+        except FetchError as e:  # unreadable, not a regular file, larger than max_upload_bytes
+            print(f"{uri}: {e.reason}: {e}")
             failures += 1
             continue
         if args.json:
@@ -213,6 +215,7 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
         import uvicorn  # imported after the checks: fastapi and uvicorn take a second
 
         from serving.app import create_app
+        from serving.http_limits import uvicorn_config
         app = create_app(args.index_root, config, version=args.version,
                          shard_ids=shard_ids, watch=not args.no_watch, admin_token=token)
         log.info("serving %s on http://%s:%d", args.index_root, host, sock.getsockname()[1])
@@ -220,7 +223,8 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
         if args.json:  # uvicorn's access log goes to stdout by default: stdout is for the JSON
             log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         server = _listening_server(
-            uvicorn.Config(app, host=host, port=port, log_level="info", log_config=log_config),
+            uvicorn_config(app, config, host=host, port=port, log_level="info",
+                           log_config=log_config),
             (lambda bound: _print_started(app, args.index_root, bound)) if args.json else None)
         server.run(sockets=[sock])
     finally:

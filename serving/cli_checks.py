@@ -4,6 +4,7 @@ naming the problem and exit status 2 (catalog_search/cli.py)."""
 from __future__ import annotations
 
 import os
+import stat
 
 from pipelines.core import filesystem as fs
 from pipelines.core.command import UsageError
@@ -53,15 +54,30 @@ def check_index_root(root: str, what: str = "--index-root", must_exist: bool = T
 
 
 def check_query_image(uri: str) -> None:
-    """UsageError when a query image argument does not exist or is a directory."""
+    """UsageError when a query image argument does not exist, is a directory or another
+    non-regular file (a FIFO would block the read), or names a scheme no filesystem
+    serves. http(s) URLs pass: `query` fetches them (pipelines.embed.fetch, with
+    fetch.deadline_s)."""
+    if uri.lower().startswith(("http://", "https://")):
+        return
     if fs.is_local(uri):
         path = fs.normalize(uri)
         if os.path.isdir(path):
             raise UsageError(f"query image {uri} is a directory, not an image file")
-        if not os.path.exists(path):
-            raise UsageError(f"query image {uri} does not exist")
+        try:
+            mode = os.stat(path).st_mode  # stat never blocks on a FIFO
+        except (OSError, ValueError):
+            raise UsageError(f"query image {uri} does not exist") from None
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"query image {uri} is not a regular file")
         return
-    if not fs.exists(uri):
+    try:
+        found = fs.exists(fs.check_supported(uri, f"query image {uri}"))
+    except fs.UnsupportedUriError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # the filesystem's own error (credentials, network): one line
+        raise UsageError(f"query image {uri} cannot be read: {type(e).__name__}: {e}") from None
+    if not found:
         raise UsageError(f"query image {uri} does not exist")
 
 

@@ -10,6 +10,7 @@ Standard library only.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Mapping
 
 TOKEN_ENV = "CATALOG_SEARCH_ADMIN_TOKEN"
@@ -35,11 +36,19 @@ def _checked(token: str, source: str) -> str:
 
 def read_token_file(path: str) -> str:
     """The token held in `path` (surrounding whitespace stripped); AdminTokenError if bad."""
+    try:  # non-blocking open + fstat: a FIFO or device is refused, never waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise AdminTokenError(f"cannot read the admin token file {path}: {e}") from None
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(_MAX_TOKEN_LENGTH + 2)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AdminTokenError(f"the admin token file {path} is not a regular file")
+        os.set_blocking(fd, True)
+        text = os.read(fd, _MAX_TOKEN_LENGTH + 2).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise AdminTokenError(f"cannot read the admin token file {path}: {e}") from None
+    finally:
+        os.close(fd)
     return _checked(text, f"file {path}")
 
 

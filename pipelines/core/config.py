@@ -307,9 +307,18 @@ class ServingConfig:
     max_json_depth: int = 8
     # Model handles an index manifest may name besides model.handle and builtin:* models.
     allowed_model_handles: tuple[str, ...] = ()
+    # Catalog image reads of GET /v1/images/{id}: the deadline of one read.
+    image_read_timeout_s: float = 5.0
+    # HTTP request heads (serving.http_limits): bytes of the request line + headers, and
+    # seconds a connection may take to send them.
+    max_header_bytes: int = 16384
+    header_timeout_s: float = 10.0
 
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serving.port", "must be between 0 and 65535")
+        _require(self.image_read_timeout_s > 0, "serving.image_read_timeout_s", "must be > 0")
+        _require(self.max_header_bytes >= 1024, "serving.max_header_bytes", "must be >= 1024")
+        _require(self.header_timeout_s > 0, "serving.header_timeout_s", "must be > 0")
         _require(self.max_upload_bytes > 0, "serving.max_upload_bytes", "must be > 0")
         _require(self.reload_interval_s > 0, "serving.reload_interval_s", "must be > 0")
         _require(1 <= self.default_k <= self.max_k, "serving.default_k", "must be in [1, max_k]")

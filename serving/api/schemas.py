@@ -208,6 +208,7 @@ class ReadyResponse(BaseModel):
     created_at: Any = None
     loaded_at: float | None = None
     deltas: dict[str, Any] | None = None  # serving.delta_index.DeltaIndex.delta_info
+    saturated: str | None = None  # 503: why the service takes no more searches now
 
 
 class HealthResponse(BaseModel):

@@ -44,8 +44,9 @@ class ServingState:
             raise ApiError(403, "forbidden", "the admin token is wrong")
 
 
-def serving_state(request: Request) -> ServingState:
-    """FastAPI dependency: the ServingState of the app answering `request`."""
+async def serving_state(request: Request) -> ServingState:
+    """FastAPI dependency: the ServingState of the app answering `request` (async: a sync
+    dependency would take a worker thread, so /readyz could not answer a saturated pool)."""
     return request.app.state.serving
 
 

@@ -189,3 +189,318 @@ def test_defect_2_index_info_verify_does_not_count_incomplete_versions_as_ok(
     v0 = next(v for v in report["versions"] if v["version"] == "v0")
     assert v0["state"] == "incomplete" and v0["verified"] is False
     assert v0["building"] is False
+
+
+# --------------------------------------------------------------------------- serving set-up
+
+@pytest.fixture(scope="module")
+def fifo_world(tmp_path_factory):
+    """An index (copy of the serving world's) whose first catalog image was replaced by a
+    FIFO after indexing, as in the issue; yields (world, index_root, fifo image id, fifo)."""
+    import dataclasses as dc
+    import shutil
+
+    import pyarrow as pa
+
+    from serving_fixtures import build_index, serving_world
+    world = serving_world()
+    base = tmp_path_factory.mktemp("fifo-index")
+    snap = snapshot.load(world.snapshot)
+    table = snap.table
+    ids = table.column("image_id").to_pylist()
+    uris = table.column("image_uri").to_pylist()
+    fifo = str(base / "replaced.jpg")
+    shutil.copyfile(uris[0], fifo)
+    uris[0] = fifo
+    table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri",
+                             pa.array(uris, pa.string()))
+    snap_dir = str(base / "snapshot")
+    snapshot.write_table(snap_dir, table)
+    snapshot.write_summary(snap_dir, dc.replace(snap.summary, run_id="fifo", snapshot=snap_dir))
+    root = str(base / "index")
+    build_index(snap_dir, root, world.config, version="f0001")
+    os.unlink(fifo)
+    os.mkfifo(fifo)  # replaced after indexing: opening it for reading blocks without O_NONBLOCK
+    vector = snap.vectors()[1].tolist()
+    yield world, root, ids[0], fifo, vector
+    _unblock(fifo)
+
+
+def _unblock(fifo: str) -> None:
+    """Release readers a pre-fix build left blocked on the FIFO (so the test run can end)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _app(world, root, **serving):
+    from serving.app import create_app
+    config = world.config.replace(serving=serving) if serving else world.config
+    return create_app(root, config, watch=False)
+
+
+# --------------------------------------------------------------------------- defect 3
+
+def test_defect_3_fifo_catalog_image_is_404_at_once_and_searches_keep_answering(fifo_world):
+    """Before: each GET of the FIFO image blocked a worker thread forever; after 45 every
+    search timed out while /readyz said 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from serving_fixtures import LiveServer
+    world, root, fifo_id, fifo, vector = fifo_world
+    with LiveServer(_app(world, root)) as live:
+        def get_image(_: int) -> tuple[int, str, float]:
+            t0 = time.time()
+            with httpx.Client(base_url=live.url, timeout=15) as c:
+                r = c.get(f"/v1/images/{fifo_id}")
+            return r.status_code, r.headers.get("x-error-reason", ""), time.time() - t0
+
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(get_image, range(50)))
+        assert {(s, reason) for s, reason, _ in answers} == {(404, "image_unavailable")}
+        assert max(t for *_, t in answers) < 10
+        with httpx.Client(base_url=live.url, timeout=15) as c:
+            r = c.post("/v1/search", json={"vector": vector, "k": 3})
+            assert r.status_code == 200, r.text
+            assert c.get("/readyz").status_code == 200
+
+
+def test_defect_3_image_reads_have_a_deadline_and_their_own_threads(fifo_world, monkeypatch):
+    """A read that blocks inside the storage (a hung network filesystem): 404
+    image_unavailable after serving.image_read_timeout_s; past MAX_READERS stuck reads,
+    503 busy at once; searches keep answering throughout."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from pipelines.embed import fetch
+    from serving.api import deadline
+    from serving_fixtures import LiveServer
+    world, root, fifo_id, fifo, vector = fifo_world
+    release = threading.Event()
+    real = fetch.fetch_bytes
+
+    def hanging(uri, cfg):
+        if uri == fifo:
+            release.wait(60)
+        return real(uri, cfg)
+
+    monkeypatch.setattr(fetch, "fetch_bytes", hanging)
+    try:
+        with LiveServer(_app(world, root, image_read_timeout_s=1.0)) as live:
+            def get_image(_: int) -> tuple[int, str, float]:
+                t0 = time.time()
+                with httpx.Client(base_url=live.url, timeout=15) as c:
+                    r = c.get(f"/v1/images/{fifo_id}")
+                return r.status_code, r.headers.get("x-error-reason", ""), time.time() - t0
+
+            with ThreadPoolExecutor(deadline.MAX_READERS + 8) as pool:
+                answers = list(pool.map(get_image, range(deadline.MAX_READERS + 8)))
+            kinds = {(s, reason) for s, reason, _ in answers}
+            assert kinds <= {(404, "image_unavailable"), (503, "busy")}, answers
+            assert sum(s == 404 for s, *_ in answers) >= deadline.MAX_READERS // 2
+            assert max(t for *_, t in answers) < 8
+            with httpx.Client(base_url=live.url, timeout=15) as c:
+                assert c.post("/v1/search", json={"vector": vector, "k": 3}).status_code == 200
+    finally:
+        release.set()
+
+
+def test_defect_3_readiness_reflects_a_saturated_service(fifo_world, monkeypatch):
+    """Every worker thread busy and searches waiting: /readyz 503 saturated (healthz 200)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from serving_fixtures import LiveServer
+    world, root, fifo_id, fifo, vector = fifo_world
+    app = _app(world, root)
+    searcher = app.state.serving.searcher
+    release = threading.Event()
+    real = searcher.search_vector
+
+    def slow(*args, **kwargs):
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(searcher, "search_vector", slow)
+    with LiveServer(app) as live, ThreadPoolExecutor(48) as pool:
+        try:
+            def search(_: int) -> int:
+                with httpx.Client(base_url=live.url, timeout=90) as c:
+                    return c.post("/v1/search", json={"vector": vector, "k": 3}).status_code
+
+            futures = [pool.submit(search, i) for i in range(46)]
+            with httpx.Client(base_url=live.url, timeout=15) as c:
+                deadline = time.time() + 20
+                while time.time() < deadline:
+                    r = c.get("/readyz")
+                    if r.status_code == 503:
+                        break
+                    time.sleep(0.1)
+                assert r.status_code == 503, r.text
+                assert r.json()["ready"] is False and "worker threads" in r.json()["saturated"]
+                assert r.headers["x-error-reason"] == "saturated"
+                assert c.get("/healthz").status_code == 200
+                release.set()
+                assert all(f.result(timeout=60) == 200 for f in futures)
+                assert c.get("/readyz").status_code == 200
+        finally:
+            release.set()
+
+
+def _in_thread(fn, *args, limit_s: float = 10):
+    """fn(*args) in a daemon thread: (finished, result or exception)."""
+    import threading
+    out: list = []
+
+    def run():
+        try:
+            out.append(fn(*args))
+        except BaseException as e:  # handed back to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit_s)
+    return (not t.is_alive()), (out[0] if out else None)
+
+
+def test_defect_3_fifo_as_query_photo_is_refused_not_waited_on(fifo_world, capsys):
+    world, root, fifo_id, fifo, vector = fifo_world
+    done, rc = _in_thread(cli_main, ["query", "--index-root", root, "--allow-model",
+                                     world.config.model.handle, fifo])
+    _unblock(fifo)
+    assert done, "query blocked on a FIFO photo"
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "is not a regular file" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_defect_3_fifo_as_admin_token_file_is_refused_not_waited_on(tmp_path):
+    from serving.auth import AdminTokenError, read_token_file
+    fifo = str(tmp_path / "token")
+    os.mkfifo(fifo)
+    done, result = _in_thread(read_token_file, fifo)
+    _unblock(fifo)
+    assert done, "reading the admin token blocked on a FIFO"
+    assert isinstance(result, AdminTokenError) and "not a regular file" in str(result)
+
+
+# --------------------------------------------------------------------------- defect 5
+
+def test_defect_5_client_abort_is_counted_499_with_one_log_line(fifo_world, caplog):
+    """Before: each aborted upload counted a 500 and logged a 40-line ClientDisconnect
+    traceback."""
+    import logging
+    import socket
+
+    import httpx
+
+    from serving_fixtures import LiveServer
+    world, root, *_ = fifo_world
+    caplog.set_level(logging.INFO)
+    with LiveServer(_app(world, root)) as live:
+        host, port = live.url.rsplit("/", 1)[1].split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                          b"form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+                          b"Content-Disposition: form-data; name=\"image\"; filename=\"a.jpg\""
+                          b"\r\n\r\n" + b"\xff" * 1000)
+                time.sleep(0.3)
+        time.sleep(1.0)
+        with httpx.Client(base_url=live.url, timeout=15) as c:
+            metrics = c.get("/metrics").text
+    searches = [line for line in metrics.splitlines()
+                if line.startswith("catalog_search_requests_total") and "/v1/search" in line]
+    assert any('status="499"' in line and line.endswith(" 3.0") for line in searches), searches
+    assert not any('status="500"' in line for line in searches), searches
+    assert 'reason="client_disconnect"' in metrics
+    aborted = [r for r in caplog.records if "client disconnected" in r.getMessage()]
+    assert len(aborted) == 3 and all(r.exc_info is None for r in aborted)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors  # no traceback
+
+
+# --------------------------------------------------------------------------- defect 9
+
+def _raw(port: int, data: bytes, wait_s: float = 5.0) -> bytes:
+    """Send `data` on a fresh connection; everything the server answers until it closes
+    (or `wait_s` passes)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
+        try:
+            s.sendall(data)
+        except OSError:  # the server closed while we were still sending
+            pass
+        got = b""
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+            if b"\r\n\r\n" in got and b"Content-Length" not in got.split(b"\r\n\r\n")[0]:
+                break
+    return got
+
+
+@pytest.mark.heavy
+def test_defect_9_serve_limits_request_heads_and_their_read_time(fifo_world, tmp_path):
+    """Before: 4 x 64 MB header blocks were accepted (+183 MB) and half-sent requests held
+    40 s. Now `serve` answers 400 to a head over serving.max_header_bytes and closes a
+    connection that sends no complete head within serving.header_timeout_s; SIGTERM
+    still stops it while catalog reads of a FIFO are in flight."""
+    import signal
+    import threading
+
+    import yaml
+    world, root, fifo_id, fifo, vector = fifo_world
+    cfg = world.config.replace(serving={"header_timeout_s": 1.0, "max_header_bytes": 16384})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "catalog_search.cli", "--config",
+                             str(config_file), "serve", "--index-root", root, "--port", "0",
+                             "--no-watch", "--json", "--allow-model", world.config.model.handle],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = json.loads(line)["port"]
+        ok = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 8000
+                  + b"\r\nConnection: close\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200"), ok[:200]
+        big = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (1 << 20)
+                   + b"\r\n\r\n")
+        assert not big.startswith(b"HTTP/1.1 200"), big[:200]
+        assert big == b"" or big.startswith(b"HTTP/1.1 4"), big[:200]
+        t0 = time.time()
+        half = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", wait_s=8)
+        assert half == b"" and time.time() - t0 < 4, (half, time.time() - t0)
+        answers: list[bytes] = []
+        readers = [threading.Thread(target=lambda: answers.append(_raw(
+            port, f"GET /v1/images/{fifo_id} HTTP/1.1\r\nHost: x\r\nConnection: close"
+                  "\r\n\r\n".encode(), wait_s=10)), daemon=True) for _ in range(4)]
+        for t in readers:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        _unblock(fifo)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

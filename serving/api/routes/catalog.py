@@ -2,14 +2,15 @@
 catalog images themselves (served only as the image type their bytes show)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from serving.api.deadline import run_with_deadline
 from serving.api.errors import ApiError, api_error
 from serving.api.parsing import parse_filters, parse_group_by, parse_max_per_group, parse_weight
 from serving.api.schemas import ErrorResponse, SearchResponse, error_responses
@@ -43,6 +44,25 @@ def sniff_image_type(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+async def read_catalog_image(image_id: str, uri: str, state: ServingState) -> bytes:
+    """The bytes of a catalog image, read as the pipeline reads them (pipelines.embed.fetch:
+    local files only when regular -- a FIFO or device is refused without blocking -- at
+    most fetch.max_bytes), within serving.image_read_timeout_s; 404 image_unavailable
+    otherwise. The deadline also holds for reads that block inside the filesystem: the
+    answer does not wait for them."""
+    from pipelines.embed.fetch import fetch_bytes
+    timeout = state.config.serving.image_read_timeout_s
+    cfg = dataclasses.replace(state.config.fetch, deadline_s=timeout)
+    try:  # own daemon threads: a stuck read holds neither the search threads nor exit
+        return await run_with_deadline(fetch_bytes, uri, cfg, timeout_s=timeout)
+    except ApiError:  # every reader thread is stuck: 503 busy
+        raise
+    except Exception as e:  # FetchError, DeadlineExceeded, anything the storage raises
+        log.warning("image %s: cannot read %s: %s", image_id, uri, e)
+        raise ApiError(404, "image_unavailable",
+                       "this catalog image cannot be read from storage") from None
 
 
 def _filters(raw: str | None, state: ServingState) -> dict[str, Any] | None:
@@ -101,13 +121,7 @@ async def image(image_id: str, state: State) -> Response:
         raise ApiError(404, "remote_image",
                        "this catalog image is hosted at an http(s) URL, which the server "
                        "does not fetch; search results give that URL as image_url")
-    from pipelines.core import filesystem as fs
-    try:
-        data = await run_in_threadpool(fs.read_bytes, uri, state.config.fetch.max_bytes)
-    except Exception as e:
-        log.warning("image %s: cannot read %s: %s", image_id, uri, e)
-        raise ApiError(404, "image_unavailable",
-                       "this catalog image cannot be read from storage") from None
+    data = await read_catalog_image(image_id, uri, state)
     media = sniff_image_type(data[:16])
     if media is None:
         log.warning("image %s: %s is not a JPEG/PNG/GIF/WebP file: not served", image_id, uri)
