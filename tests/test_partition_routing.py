@@ -145,6 +145,19 @@ def test_tree_ah_partition_shards_pass_the_gate(tmp_path):
         shards=3, shard_assignment="partition", brute_force_below=0))
     assert manifest.evaluation["passed"] and manifest.evaluation["recall@10"] >= 0.95
     assert all(s.kind == "scann_tree_ah" for s in manifest.shards)
+    # the tuner works on the routed index as a whole: each shard tunes on the tuning
+    # queries routed to it, to target / coverage of the routed shards' share
+    budget = manifest.routing["budget"]
+    coverage = manifest.routing["budget_tuning"]["coverage_by_budget"][budget - 1]
+    target = 0.98  # configs/default.yaml index.tune_recall_target
+    routed_queries = [s.tuning["queries"] for s in manifest.shards]
+    assert sum(routed_queries) == pytest.approx(200 * budget, abs=1)
+    for s in manifest.shards:
+        assert s.tuning["routing_budget"] == budget
+        assert s.tuning["routing_coverage"] == round(coverage, 4)
+        if coverage >= target:
+            assert s.tuning["shard_target"] == pytest.approx(target / coverage, abs=1e-6)
+            assert s.tuning["shard_recall"] >= s.tuning["shard_target"]
 
 
 def test_partition_routing_with_an_adapter_trains_centroids_in_index_space(tmp_path):

@@ -37,6 +37,8 @@ Steps (run_build_index):
         reorder pool scaled down to ceil(reorder_multiplier / N) x k (the full
         reorder_multiplier when the scaled pool cannot reach the target);
         leaves_to_search_fraction x num_leaves when tune_recall_target is null;
+        with partition routing each shard tunes on the tuning queries routed to it,
+        to tune_recall_target / (the routed shards' share of the global top-k);
       - an empty shard has only an empty rows.parquet and is skipped by searches.
  4. Evaluation gate (Beam): each built shard is reopened through the reader (checksums
     verified) and answers the gate queries (side input) with the serving code path

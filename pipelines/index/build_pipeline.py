@@ -69,10 +69,13 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
                 or spec.partitioned):
             exact = shards | "TuneExact" >> beam.Map(
                 lambda item, t: (item[0], shard_exact_scores(item, spec, t)), tune_side)
-            if spec.partitioned:
-                _ = (exact
-                     | "AllShardExact" >> beam.combiners.ToList()
-                     | "RoutingBudget" >> beam.Map(budget_step, spec, tune_side, part_side))
+            if spec.partitioned:  # the budget, and which tuning queries reach each shard
+                routed = (exact
+                          | "AllShardExact" >> beam.combiners.ToList()
+                          | "RoutingBudget" >> beam.Map(budget_step, spec, tune_side,
+                                                        part_side))
+            else:
+                routed = p | "NoRouting" >> beam.Create([None])
             global_kth = (exact
                           | "ExactScores" >> beam.Map(lambda x: x[1])
                           | "GlobalTopK" >> beam.CombineGlobally(_merge_top_scores)
@@ -82,8 +85,10 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
         else:
             kth_side = pvalue.AsSingleton(
                 p | "NoGlobalKth" >> beam.Create([None]))
+            routed = p | "NoRouting" >> beam.Create([None])
         reports = shards | "BuildShard" >> beam.Map(
-            build_shard, spec, tune_side, kth_side, pvalue.AsSingleton(errors))
+            build_shard, spec, tune_side, kth_side, pvalue.AsSingleton(errors),
+            pvalue.AsSingleton(routed))
         _ = (reports
              | "BuiltOnly" >> beam.Filter(lambda r: "files" in r)
              | "SpreadGate" >> beam.Reshuffle()

@@ -13,7 +13,8 @@ from pipelines.index.artifact import sha256_bytes
 from pipelines.index.build_plan import BuildSpec
 from pipelines.index.recall_gate import _queries
 from pipelines.index.routing import (CENTROIDS_FILE, Partitions, centroids_bytes,
-                                     choose_budget, route_order, train_partitions)
+                                     choose_budget, route_mask, route_order,
+                                     train_partitions)
 
 
 def train_step(sample: list[tuple[float, bytes]], spec: BuildSpec) -> Partitions:
@@ -43,9 +44,12 @@ def gate_routes_step(sample: list[tuple], spec: BuildSpec, partitions: Partition
 
 
 def budget_step(per_shard: list[tuple[int, np.ndarray]], spec: BuildSpec, tune: list[tuple],
-                partitions: Partitions) -> None:
+                partitions: Partitions) -> dict[str, Any]:
     """RoutingBudget (worker): the fewest shards per query holding routing_min_coverage of
-    the tuning queries' exact global top-k ("routing_budget" stats)."""
+    the tuning queries' exact global top-k ("routing_budget" stats). Returns what the
+    shard tuner needs (side input of BuildShard): the budget, the share of the global
+    top-k the routed shards hold at that budget, and which tuning queries each shard
+    answers ([T, shards] bool)."""
     queries = _queries(tune, spec.dim)
     budget, coverage = choose_budget(dict(per_shard), queries, partitions, spec.num_shards,
                                      spec.params.routing_min_coverage)
@@ -53,6 +57,27 @@ def budget_step(per_shard: list[tuple[int, np.ndarray]], spec: BuildSpec, tune: 
         "budget": budget, "min_coverage": spec.params.routing_min_coverage,
         "tuning_queries": int(len(queries)),
         "coverage_by_budget": coverage})
+    mask = (route_mask(queries, partitions, range(spec.num_shards), budget) if len(queries)
+            else np.zeros((0, spec.num_shards), bool))
+    return {"budget": budget, "coverage": coverage[budget - 1], "mask": mask}
+
+
+def shard_tuning_target(target: float, routed: dict[str, Any] | None
+                        ) -> tuple[float, dict[str, Any]]:
+    """The recall a shard tunes to so that the routed index as a whole reaches `target`:
+    the routed shards hold `coverage` of the global top-k, so their own share must be
+    found at target / coverage (when coverage < target no shard budget can make up for
+    the routing: the shard tunes to `target` and the note says so)."""
+    if routed is None:
+        return target, {}
+    coverage = float(routed["coverage"])
+    note: dict[str, Any] = {"routing_budget": int(routed["budget"]),
+                            "routing_coverage": round(coverage, 4)}
+    if coverage >= target:
+        return min(1.0, target / coverage), note
+    note["routing_note"] = (f"routing coverage {coverage:.4f} is below the target "
+                            f"{target}: raise index.routing_min_coverage")
+    return target, note
 
 
 def route_mask_for_gate(routes: list[list[int]], budget: int, shards: list[int]

@@ -26,6 +26,7 @@ from pipelines.index.build_plan import BuildParams, BuildSpec
 from pipelines.index.manifest import DEFAULT_VECTORS_FILE
 from pipelines.index.build_rows import _read_shard, _summarise_errors
 from pipelines.index.recall_gate import _queries, _tie_aware_found
+from pipelines.index.build_routing import shard_tuning_target
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,13 @@ def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
 
 
 def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple],
-                global_kth: np.ndarray | None, errors: dict) -> dict[str, Any]:
-    """BuildShard (worker): read a shard's parts, build, serialize, checksum; its report."""
+                global_kth: np.ndarray | None, errors: dict,
+                routed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """BuildShard (worker): read a shard's parts, build, serialize, checksum; its report.
+
+    `routed` (partition routing, build_routing.budget_step): the shard is tuned on the
+    tuning queries routed to it, to the recall that makes the routed index reach
+    tune_recall_target as a whole."""
     from scann.scann_ops.py import scann_ops_pybind
 
     shard, parts = item
@@ -173,7 +179,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
                           vectors_file=_stored_vectors(local_dir, vectors))
         else:
             report.update(_build_tree_ah(scann_ops_pybind, vectors, spec, tune, global_kth,
-                                         local_dir))
+                                         local_dir, shard, routed))
         pq.write_table(rows, os.path.join(local_dir, art.ROWS_FILE), compression="zstd")
         files = art.local_dir_checksums(local_dir)
         if not local_final:
@@ -259,8 +265,8 @@ _REORDER_TYPES = {"float32": "FLOAT32", "int8": "INT8", "bfloat16": "BFLOAT16"}
 
 
 def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
-                   tune: list[tuple], global_kth: np.ndarray | None, local_dir: str
-                   ) -> dict[str, Any]:
+                   tune: list[tuple], global_kth: np.ndarray | None, local_dir: str,
+                   shard: int = 0, routed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and serialize a tree + AH + reorder searcher; tune its search budget."""
     p = spec.params
     n = len(vectors)
@@ -276,17 +282,26 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     multiplier = p.reorder_multiplier
     tuning: dict[str, Any] = {"target": p.tune_recall_target}
     queries = _queries(tune, spec.dim)
-    if p.tune_recall_target is not None and len(queries):
+    target, routing_note = (shard_tuning_target(p.tune_recall_target, routed)
+                            if p.tune_recall_target is not None else (None, {}))
+    if routed is not None and len(queries):  # only the queries routed here count
+        mine = np.asarray(routed["mask"], bool)[:, shard]
+        queries = queries[mine]
+        if global_kth is not None:
+            global_kth = global_kth[mine]
+    if target is not None and len(queries):
         kk = min(k, n)
         scaled = max(1, math.ceil(p.reorder_multiplier / spec.num_shards))
         for mult in dict.fromkeys([scaled, p.reorder_multiplier]):
             leaves, tuned, details = tune_leaves(searcher, vectors, queries, kk, kk * mult,
-                                                 num_leaves, p.tune_recall_target, global_kth,
+                                                 num_leaves, target, global_kth,
                                                  rescore=p.reorder_dtype != "float32")
             multiplier = mult
-            if tuned >= p.tune_recall_target:
+            if tuned >= target:
                 break
         tuning.update(queries=int(len(queries)), shard_recall=round(tuned, 6), **details)
+    if routing_note:
+        tuning.update(shard_target=round(float(target or 0), 6), **routing_note)
     searcher.serialize(local_dir, relative_path=True)
     return {"kind": "scann_tree_ah", "num_leaves": num_leaves,
             "search": {"leaves_to_search": int(leaves), "reorder_multiplier": int(multiplier)},
