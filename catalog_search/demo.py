@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
+from pipelines.orchestration.airflow_local import ignore_known_warnings, write_local_settings
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +45,12 @@ def use_airflow_home(home: str, dags_folder: str = DAGS_FOLDER) -> None:
     import time.
     """
     home = os.path.abspath(home)
+    ignore_known_warnings()  # Starlette's TestClient notice, raised in dag.test()
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != home:
         raise DemoError("airflow was imported before use_airflow_home(); its configuration "
                         f"already points at {os.environ.get('AIRFLOW_HOME') or '~/airflow'}")
     os.makedirs(home, exist_ok=True)
+    write_local_settings(home)  # the same filters in Airflow processes run on this home
     os.environ.update({
         "AIRFLOW_HOME": home,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

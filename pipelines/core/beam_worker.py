@@ -15,7 +15,8 @@ Beam's own worker main:
 
 It also logs in our format on stderr and drops known-noise lines a worker prints once per
 process: "apitools not found …" (Beam's optional GCP client is not installed; nothing here
-uses it), "Logging handler created.", and Beam's start-up chatter.
+uses it), "Resource module is not available …" (Beam's RunInference without torch; see
+_NOISE), "Logging handler created.", and Beam's start-up chatter.
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ LAUNCHER_PID_ENV = "CATALOG_SEARCH_LAUNCHER_PID"
 POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 _NOISE = ("apitools not found", "Logging handler created", "semi_persistent_directory",
-          "Load pipeline options", "Pipeline_options:", "Creating insecure")
+          "Load pipeline options", "Pipeline_options:", "Creating insecure",
+          # Beam's RunInference (apache_beam/ml/inference/base.py) imports `resource`
+          # together with its torch-based ModelManager and, without torch, reports
+          # `resource` missing on every memory reading (twice per small in-process run);
+          # nothing here reads those memory metrics.
+          "Resource module is not available")
 
 
 class DropKnownNoise(logging.Filter):

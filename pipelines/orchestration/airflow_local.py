@@ -12,7 +12,8 @@ HOME/stack.pid; it then waits (up to --wait seconds, 0: not at all) until the
 dag-processor has stored this project's DAGs, so that `airflow dags unpause …` right
 after it finds them (exit 1 with the log's tail if the stack dies or the wait runs out).
 It writes the sample catalog to DATA/catalog first if it is missing
-(catalog_refresh's default manifest). `down` stops the whole group (SIGTERM, then SIGKILL
+(catalog_refresh's default manifest), and HOME/config/airflow_local_settings.py
+(KNOWN_WARNINGS). `down` stops the whole group (SIGTERM, then SIGKILL
 after 20 s): the scheduler and its executor processes included, which a SIGTERM to
 `standalone` alone leaves running.
 """
@@ -23,6 +24,7 @@ import os
 import sqlite3
 import sys
 import time
+import warnings
 from contextlib import closing
 from typing import Sequence
 
@@ -31,6 +33,48 @@ from pipelines.core import procgroup
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The DAGs of dags/ that `up` waits for (docs/AIRFLOW.md unpauses and triggers these).
 DAG_IDS = ("catalog_refresh", "catalog_backfill", "index_handoff")
+
+#: Warnings of our dependencies that a user of the local Airflow cannot act on, ignored by
+#: exact message (a regex matched at its start) and category:
+#: - Airflow's CLI imports its DAG renderer for every `airflow dags …` call, which warns
+#:   (3 lines) without the optional graphviz package; nothing here renders DAG graphs.
+#: - Airflow's execution API imports svcs, whose FastAPI helpers import fastapi.testclient
+#:   for a type; Starlette then says to install httpx2 for its TestClient, which nothing
+#:   here uses outside the tests (StarletteDeprecationWarning is a UserWarning).
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"Could not import graphviz\. Rendering graph", UserWarning),
+    (r"Using `httpx` with `starlette\.testclient` is deprecated", UserWarning),
+)
+LOCAL_SETTINGS_MARK = "# written by pipelines/orchestration/airflow_local.py"
+
+
+def ignore_known_warnings() -> None:
+    """Ignore exactly the KNOWN_WARNINGS in this process."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def write_local_settings(home: str) -> bool:
+    """HOME/config/airflow_local_settings.py ignoring the KNOWN_WARNINGS.
+
+    Airflow imports that module in every process on this home (CLI calls, the stack's
+    components, task processes) before any of its own commands. A file of the user's own
+    (without our first line) is left as it is: False.
+    """
+    path = os.path.join(os.path.abspath(home), "config", "airflow_local_settings.py")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if not f.readline().startswith(LOCAL_SETTINGS_MARK):
+                return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    filters = "".join(f"_warnings.filterwarnings('ignore', message={m!r}, "
+                      f"category={c.__name__})\n" for m, c in KNOWN_WARNINGS)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(f"{LOCAL_SETTINGS_MARK} (rewritten by `make airflow-up`)\n"
+                '"""Warnings of our dependencies a user cannot act on (see KNOWN_WARNINGS there)."""\n'
+                "import warnings as _warnings\n\n__all__: list = []\n" + filters)
+    os.replace(path + ".tmp", path)
+    return True
 
 
 def stack_env(home: str, data: str) -> dict[str, str]:
@@ -66,6 +110,7 @@ def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
               f"stop it with: make airflow-down")
         return pgid
     os.makedirs(home, exist_ok=True)
+    write_local_settings(home)
     manifest = os.path.join(data, "catalog", "manifest.csv")
     if not os.path.exists(manifest):
         from pipelines.embed.sample_catalog import write_catalog
