@@ -28,7 +28,7 @@ test-slow: venv
 	$(PY) -m pytest -q -rs -m slow tests
 
 # The builtin model and a CLI pipeline run with oneDNN forced on (any x86 CPU) and off.
-ONEDNN_TESTS := tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
+ONEDNN_TESTS := tests/test_precision.py tests/test_builtin_model.py tests/test_builtin_pipeline_smoke.py
 test-onednn: venv
 	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS)
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(ONEDNN_TESTS)

@@ -76,6 +76,13 @@ class QueryEmbedder:
         # manifest, never from the serving config, so queries get exactly the same treatment.
         from pipelines.model.features import features_dict
         self.features = features_dict(model.get("features"))
+        # The precision the catalog was embedded in (index manifest; fp32 before the option).
+        from pipelines.model.precision import PrecisionError, apply_precision
+        self.precision = str(model.get("precision") or "fp32")
+        try:
+            apply_precision(self.precision)
+        except PrecisionError as e:
+            raise IndexLoadError(f"model precision of the index: {e}") from e
         self._embedder = Embedder(spec)
 
     @property

@@ -88,8 +88,11 @@ def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> s
     import os
     if "://" not in queries:
         queries = os.path.abspath(queries)  # one cache entry however the path is spelled
-    key = json.dumps({"queries": queries, "model": model.get("fingerprint"),
-                      "features": features_dict(model.get("features"))}, sort_keys=True)
+    parts = {"queries": queries, "model": model.get("fingerprint"),
+             "features": features_dict(model.get("features"))}
+    if (model.get("precision") or "fp32") != "fp32":  # fp32: the cache names of before
+        parts["precision"] = model["precision"]
+    key = json.dumps(parts, sort_keys=True)
     return fs.join(cache_dir, f"queries-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 
 

@@ -302,8 +302,9 @@ class CatalogSearcher:
             self._copied_versions.remove(version)
 
     def _embedder_for(self, model: Mapping[str, Any]) -> QueryEmbedder:
-        fingerprint = str(model.get("fingerprint", "")) + json.dumps(model.get("features"),
-                                                                      sort_keys=True)
+        # model, features and precision: a version embedded otherwise gets its own embedder
+        fingerprint = str(model.get("fingerprint", "")) + json.dumps(
+            [model.get("features"), model.get("precision") or "fp32"], sort_keys=True)
         embedder = self._embedders.get(fingerprint)
         if embedder is None:
             embedder = QueryEmbedder(model, self.config)

@@ -1,6 +1,6 @@
 """Run a builtin model on real photos in a child process and save what it computes.
 
-    python tests/builtin_model_probe.py CACHE_DIR MODEL_NAME OUT.npz
+    python tests/builtin_model_probe.py CACHE_DIR MODEL_NAME OUT.npz [PRECISION]
 
 Converts `builtin:MODEL_NAME` into CACHE_DIR if needed, then saves the embeddings (through
 the same Embedder as the pipeline) and the ImageNet logits of the skimage photos named in
@@ -39,10 +39,12 @@ def photo(name: str, size: int) -> np.ndarray:
     return center_crop(image, size)
 
 
-def main(cache_dir: str, name: str, out: str) -> None:
+def main(cache_dir: str, name: str, out: str, precision: str = "fp32") -> None:
     import tensorflow as tf
 
+    from pipelines.model.precision import apply_precision
     from pipelines.model.resolve import Embedder, resolve_model
+    apply_precision(precision)  # model.precision: process-global, before any graph
     spec = resolve_model(f"builtin:{name}", cache_dir)
     batch = np.stack([photo(p, spec.input_size) for p in PHOTOS])
     embeddings = Embedder(spec).embed(batch)
@@ -55,4 +57,4 @@ def main(cache_dir: str, name: str, out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -317,13 +317,15 @@ def test_cli_bench(race, model_dir, monkeypatch, capsys):
 
 # ------------------------------------------------------------- oneDNN on and off, all sizes
 
-def _probe(cache: str, name: str, out: str, onednn: str | None) -> dict[str, np.ndarray]:
+def _probe(cache: str, name: str, out: str, onednn: str | None,
+           precision: str = "fp32") -> dict[str, np.ndarray]:
     """Run tests/builtin_model_probe.py in a child process with TF_ENABLE_ONEDNN_OPTS set."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     if onednn is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn
-    proc = subprocess.run([sys.executable, PROBE, cache, name, out], env=env, text=True,
+    proc = subprocess.run([sys.executable, PROBE, cache, name, out, precision], env=env,
+                          text=True,
                           capture_output=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"builtin:{name} with TF_ENABLE_ONEDNN_OPTS={onednn} failed in a child "
@@ -357,6 +359,38 @@ def test_embeddings_agree_with_onednn_on_and_off(race, tmp_path):
     assert cosine.min() >= 0.9999, dict(zip(PHOTOS, cosine.round(6)))
     _assert_classes("efficientnet_lite0", off["logits"])   # oneDNN off
     _assert_classes("efficientnet_lite0", on["logits"])    # oneDNN on
+
+
+def _cpu_has_bf16() -> bool:
+    from pipelines.model.onednn import _cpu_flags
+    from pipelines.model.precision import BF16_FLAGS
+    return bool(_cpu_flags() & set(BF16_FLAGS))  # the real CPU, never a forced flag list
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU has no AVX512_BF16 / AMX: the bf16 "
+                                                 "rewrite cannot run here")
+def test_bf16_embeddings_stay_close_to_fp32(race, tmp_path):
+    """model.precision bf16 (oneDNN's bfloat16 rewrite): the same classes, and embeddings
+    at cosine >= 0.99 to fp32 (issue 20 measured >= 0.998 on Lite0)."""
+    cache, _, _ = race
+    fp32 = _probe(cache, "efficientnet_lite0", str(tmp_path / "fp32.npz"), "1", "fp32")
+    bf16 = _probe(cache, "efficientnet_lite0", str(tmp_path / "bf16.npz"), "1", "bf16")
+    cosine = np.sum(fp32["embeddings"] * bf16["embeddings"], axis=1)
+    assert cosine.min() >= 0.99, dict(zip(PHOTOS, cosine.round(6)))
+    assert cosine.min() < 0.99999, "bf16 gave fp32's vectors: the rewrite did not run"
+    _assert_classes("efficientnet_lite0", bf16["logits"])
+
+
+def test_bf16_is_refused_where_it_cannot_run(tmp_path):
+    """Without the CPU features (or with oneDNN off) bf16 fails loudly in the child: the
+    rewrite would be skipped silently and fp32 vectors would be labelled bf16."""
+    cache = str(tmp_path / "cache")  # refused before any model is converted
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CATALOG_SEARCH_CPU_FLAGS="fpu sse2 avx2")
+    proc = subprocess.run([sys.executable, PROBE, cache, "efficientnet_lite0",
+                           str(tmp_path / "x.npz"), "bf16"], env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode != 0 and "bf16 cannot run here" in proc.stderr
+    assert "no AVX512_BF16 / AMX" in proc.stderr
 
 
 @pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])

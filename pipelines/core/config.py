@@ -20,6 +20,8 @@ import yaml
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 AUGMENT_VIEWS = ("original", "hflip", "crop", "rotate", "jitter")
+#: model.precision values (pipelines/model/precision.py says what each does).
+MODEL_PRECISIONS = ("fp32", "bf16", "auto")
 # index.reorder_dtype: how ScaNN stores the vectors it reorders with.
 REORDER_DTYPES = ("float32", "int8", "bfloat16")
 
@@ -34,9 +36,12 @@ class ModelConfig:
     input_size: int | None = None
     cache_dir: str | None = None
     batch_size: int = 32
+    precision: str = "fp32"
 
     def validate(self) -> None:
         _require(bool(self.handle), "model.handle", "must not be empty")
+        _require(self.precision in MODEL_PRECISIONS, "model.precision",
+                 f"must be one of {', '.join(MODEL_PRECISIONS)}, got {self.precision!r}")
         _require(self.input_size is None or 32 <= self.input_size <= 1024,
                  "model.input_size", "must be null or between 32 and 1024")
         _require(1 <= self.batch_size <= 4096, "model.batch_size", "must be between 1 and 4096")

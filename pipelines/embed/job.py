@@ -36,6 +36,7 @@ from pipelines.embed import small_run, snapshot
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.core.config import Config
 from pipelines.model.features import features_dict, is_plain
+from pipelines.model.precision import PrecisionError, apply_precision, resolve_precision
 from pipelines.embed.transforms import (CARRIED, COUNTS_FILE, DEAD, DROPPED, EMBEDDED, REPLACED,
                                        REUSED, EmbedSettings, build_pipeline)
 from pipelines.embed.manifest import ManifestError, check_manifest, expand_manifests
@@ -62,11 +63,14 @@ class DeadLetterRateError(EmbedError):
         self.summary = summary
 
 
-def embedding_fingerprint(spec: ModelSpec, config: Config) -> str:
-    """Changes whenever the vectors for the same bytes would change."""
+def embedding_fingerprint(spec: ModelSpec, config: Config, precision: str = "fp32") -> str:
+    """Changes whenever the vectors for the same bytes would change (`precision`: the
+    resolved model.precision, fp32 or bf16)."""
     payload = {"model": spec.fingerprint, "input_size": spec.input_size,
                "resize": config.decode.resize, "views": list(config.augment.views),
                "mode": config.augment.mode, "seed": config.augment.seed}
+    if precision != "fp32":  # absent for fp32: snapshots from before the option stay reusable
+        payload["precision"] = precision
     if not is_plain(config.features):  # absent when plain: older snapshots stay reusable
         payload["features"] = features_dict(config.features)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -201,14 +205,21 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
                              config.model.input_size)
     except ModelError as e:
         raise EmbedError(f"model: {e}") from e
+    try:
+        precision = resolve_precision(config.model.precision)
+    except PrecisionError as e:
+        raise EmbedError(f"model: {e}") from e
+    log.info("embed: model precision %s", precision.describe())
     if not spec.dim:  # a TF Hub model without our metadata: ask it once
         from pipelines.model.resolve import Embedder
+        apply_precision(precision.value)  # process-global: as the in-process workers will
         dim = Embedder(spec).embed(np.zeros((1, spec.input_size, spec.input_size, 3),
                                             np.uint8)).shape[1]
         spec = dataclasses.replace(spec, dim=int(dim))
-    fingerprint = embedding_fingerprint(spec, config)
+    fingerprint = embedding_fingerprint(spec, config, precision.value)
     reuse = _check_previous(previous, fingerprint, merge_previous) if previous else False
-    settings = EmbedSettings(model=spec.to_dict(), fetch=config.fetch, decode=config.decode,
+    settings = EmbedSettings(model=dict(spec.to_dict(), precision=precision.value),
+                             fetch=config.fetch, decode=config.decode,
                              augment=config.augment, features=features_dict(config.features),
                              fingerprint=fingerprint, reuse=reuse,
                              merge_previous=merge_previous, verify_content=verify_content)
@@ -238,7 +249,9 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
         run_id=run_id, snapshot=snapshot_dir, manifests=uris,
         previous_snapshot=previous, merge_previous=merge_previous,
         # features ride in "model" so the index manifest carries them to serving unchanged
-        model=dict(spec.to_dict(), features=features_dict(config.features)),
+        # so does the resolved precision: serving runs the model as the catalog was embedded
+        model=dict(spec.to_dict(), features=features_dict(config.features),
+                   precision=precision.value),
         features=features_dict(config.features),
         model_id=spec.model_id, dim=spec.dim,
         embedding_fingerprint=fingerprint,

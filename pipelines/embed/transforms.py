@@ -376,7 +376,8 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
 
     spec = ModelSpec.from_dict(settings.model)
     handler = EmbeddingModelHandler(spec, config.model.resolved_cache_dir(),
-                                    config.runner.tf_threads, config.model.batch_size)
+                                    config.runner.tf_threads, config.model.batch_size,
+                                    precision=settings.model.get("precision", "fp32"))
     inferred, inference_dlq = (
         decoded.images
         | "Embed" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())

@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
 from pipelines.model.onednn import onednn_status
+from pipelines.model.precision import PRECISIONS, Precision, PrecisionError, resolve_precision
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--batches", type=int, default=5, help="timed calls (default 5)")
     bench.add_argument("--threads", type=int, default=None,
                        help="TF intra/inter-op threads (default: runner.tf_threads; 0 = TF's)")
+    bench.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="fp32, bf16 or auto (default: model.precision from the config)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    info.add_argument("--precision", choices=PRECISIONS, default=None,
+                      help="fp32, bf16 or auto (default: model.precision from the config)")
 
 
 def _resolve(args: argparse.Namespace, config: Config) -> Any:
@@ -112,6 +117,13 @@ def benchmark(spec: Any, batch_size: int, batches: int) -> dict[str, float]:
             "cpu_ms_per_image": 1000 * cpu / (batch_size * batches)}
 
 
+def _precision(args: argparse.Namespace, config: Config) -> Precision:
+    try:
+        return resolve_precision(getattr(args, "precision", None) or config.model.precision)
+    except PrecisionError as e:
+        raise UsageError(str(e)) from None
+
+
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.model_action == "bench":
         if args.batch_size < 1 or args.batches < 1:
@@ -123,25 +135,33 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         configure_tf_threads(threads)
     spec = _resolve(args, config)
     if args.model_action == "bench":
+        precision = _precision(args, config)
+        from pipelines.model.precision import apply_precision
+        apply_precision(precision.value)
         result = benchmark(spec, args.batch_size, args.batches)
         if args.json:
             status = onednn_status()
             print(json.dumps({"model_id": spec.model_id, "input_size": spec.input_size,
                               "batch_size": args.batch_size, "batches": args.batches,
-                              "tf_threads": threads, "onednn": status.enabled, **result},
+                              "tf_threads": threads, "onednn": status.enabled,
+                              "precision": precision.value, **result},
                              sort_keys=True))
             return 0
         print(f"{spec.model_id}: {result['images_per_s']:.1f} images/s "
               f"(batch {args.batch_size} x {args.batches}, {spec.input_size}px, "
               f"tf threads {threads or 'default'}; {result['cpu_ms_per_image']:.1f} CPU ms/image; "
               f"load + warm-up {result['load_and_warmup_s']:.1f}s; "
-              f"oneDNN {onednn_status().describe()})")
+              f"oneDNN {onednn_status().describe()}; precision {precision.describe()})")
         return 0
     if args.model_action == "info":
+        precision = _precision(args, config)
         if args.json:
             status = onednn_status()
             print(json.dumps({**spec.to_dict(), "onednn": {"enabled": status.enabled,
-                                                          "reason": status.reason}},
+                                                          "reason": status.reason},
+                              "precision": {"value": precision.value,
+                                            "setting": precision.setting,
+                                            "reason": precision.reason}},
                              indent=2, sort_keys=True))
         else:
             print(f"handle:      {spec.handle}")
@@ -152,6 +172,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             print(f"input size:  {spec.input_size}")
             print(f"normalise:   (x - {spec.mean:g}) / {spec.std:g} on 0..255 RGB")
             print(f"oneDNN:      {onednn_status().describe()}")
+            print(f"precision:   {precision.describe()}")
         return 0
     if spec.path.startswith(("http://", "https://")) or not os.path.isdir(spec.path):
         raise UsageError(f"{spec.handle} is not a local SavedModel directory; nothing to export")

@@ -15,6 +15,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from pipelines.model.features import embed_variants
+from pipelines.model.precision import apply_precision
 from pipelines.model.resolve import (Embedder, ModelSpec, check_same_model, configure_tf_threads,
                                      resolve_model)
 
@@ -41,9 +42,11 @@ class _LazyEmbedder:
 class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbedder]):
     """uint8 [S,S,3] images in, L2-normalised float32 [dim] embeddings out."""
 
-    def __init__(self, spec: ModelSpec, cache_dir: str, tf_threads: int, batch_size: int):
+    def __init__(self, spec: ModelSpec, cache_dir: str, tf_threads: int, batch_size: int,
+                 precision: str = "fp32"):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
         self._spec = spec.to_dict()
+        self._precision = precision  # resolved by the launcher: every worker runs the same
         self._cache_dir = cache_dir
         self._tf_threads = tf_threads
 
@@ -53,6 +56,8 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
     def _load_embedder(self) -> Embedder:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tf_threads(self._tf_threads)
+        # process-global, before the graph is built; refused on a CPU that cannot run it
+        apply_precision(self._precision)
         spec = ModelSpec.from_dict(self._spec)
         is_url = spec.path.startswith(("http://", "https://"))
         if not is_url and not os.path.isdir(spec.path):
@@ -65,7 +70,7 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
                                   spec.input_size if not spec.handle.startswith("builtin:")
                                   else None)
             spec = check_same_model(local, spec, "on this worker", "the job expects")
-        log.info("loading model %s from %s", spec.model_id, spec.path)
+        log.info("loading model %s from %s (%s)", spec.model_id, spec.path, self._precision)
         return Embedder(spec)
 
     def run_inference(self, batch: Sequence[np.ndarray], model: _LazyEmbedder,
