@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -423,8 +424,9 @@ RUN_D4, RUN_D5 = "20250304T060000Z-backfill", "20250305T000000Z-refresh"
 
 def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model):
     """A drop becomes delta 1 of the LATEST version (no rebuild, LATEST unchanged, found by
-    serving); the nightly full build then folds it in: its version serves exactly what the
-    version + delta served, and equals a from-scratch embed + build of the same catalog."""
+    serving), a takedown delta 2; the nightly full build then folds both in: its version
+    serves exactly what the version + deltas + takedown list served, starts an empty log,
+    and equals a from-scratch embed + build of the same catalog (same takedown list)."""
     from pipelines.core.config import load_config
     from pipelines.embed.job import run_embed
     from pipelines.index import deltas as dl
@@ -451,6 +453,8 @@ def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model)
     assert extra["mode"] == "delta" and extra["version"] == RUN_D2 and extra["delta"] == 1
     assert extra["drop_rows"] == 5 and extra["rows_added"] == 5 and extra["rows_removed"] == 1
     assert extra["searchable_rows"] == 22 + 5 - 1 == extra["num_vectors"]
+    assert extra["rows_upserted"] == 5 and extra["image_ids_deleted"] == 0
+    assert extra["deltas"] == 1 and extra["oldest_age_s"] >= 0
     assert "published as delta 1 of index version" in output
     assert art.read_latest(index_root) == RUN_D2  # no new version
     assert RUN_D4 not in [v.version for v in art.list_versions(index_root)]
@@ -464,7 +468,15 @@ def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model)
     for row in rows:
         with open(row["image_uri"], "rb") as f:
             assert searcher.search_image(f.read(), k=3).hits[0].product_id == row["product_id"]
-    served_before = dl.served_rows(index_root, RUN_D2)["live"]
+    # a takedown of one of the drop's products (delta 2 + the takedown list): the refresh
+    # must keep it out too
+    from pipelines.index.delete import delete_ids
+    from pipelines.index.takedowns import read_takedowns
+    assert delete_ids(index_root, product_ids=["E0001"])["delta"] == 2
+    listed = read_takedowns(index_root)
+    served_before = dl.served_rows(index_root, RUN_D2, None, listed.image_ids,
+                                   listed.product_ids)["live"]
+    assert len(served_before) == 22 + 5 - 1 - 2
 
     manifests = [world["manifest"], world["drop"], drop2]
     report, output = world["session"].run("catalog_refresh",
@@ -472,9 +484,14 @@ def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model)
     assert report["state"] == "success", output[-8000:]
     assert art.read_latest(index_root) == RUN_D5
     assert dl.committed_seqs(index_root, RUN_D5) == []  # a fresh log
-    folded = open_index(index_root, RUN_D5).load_shards()
+    [extra] = report["asset_events"]
+    folded = extra["folded"]
+    assert folded["version"] == RUN_D2 and folded["deltas"] == 2 and extra["deltas"] == 0
+    assert folded["rows_upserted"] == 5 and folded["product_ids_deleted"] == 1
+    assert folded["images_folded"] == 3 and folded["images_not_folded"] == 0  # net of E0001
+    assert folded["deleted_still_served"] == 0 and folded["new_log_deltas"] == 0
     got = {}
-    for shard in folded:
+    for shard in open_index(index_root, RUN_D5).load_shards():
         vecs = shard.vectors()
         for j, r in enumerate(shard.rows.to_pylist()):
             got[(r["image_id"], r["view"])] = (r["product_id"], r["image_uri"], r["metadata"],
@@ -484,6 +501,8 @@ def test_backfill_publishes_a_delta_then_the_refresh_folds_it(world, tiny_model)
     scratch = run_embed(manifests, os.path.join(world["root"], "scratch-emb"), config,
                         run_id="scratch")
     scratch_root = os.path.join(world["root"], "scratch-index")
+    os.makedirs(scratch_root)  # the same takedown list
+    shutil.copy(os.path.join(index_root, "takedowns.json"), scratch_root)
     run_build_index(scratch.snapshot, scratch_root, config, version="scratch")
     want = {}
     for shard in open_index(scratch_root, "scratch").load_shards():

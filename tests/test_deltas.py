@@ -255,6 +255,40 @@ def test_concurrent_writers_lose_nothing(world, root):
     assert ids == {f"w{w}-{i}" for w in range(3) for i in range(8)}
 
 
+def _take_down_many(root, worker, n):
+    for i in range(n):
+        delete_ids(root, product_ids=[f"T{worker}-{i}"], reason=f"worker {worker}")
+
+
+def _upsert_many(root, rows, vectors):
+    for i in range(rows.num_rows):
+        dl.write_delta(root, rows=rows.slice(i, 1), vectors=vectors[i:i + 1])
+
+
+def test_concurrent_takedowns_and_upserts_lose_nothing(world, root):
+    """Takedowns (the list is read, changed and replaced) from two processes while a third
+    writes upserts: every takedown is on the list and has its delete delta, every upsert
+    is served."""
+    rows, vectors = _new_rows(world, 6, prefix="CC")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_take_down_many, args=(root, w, 6)) for w in range(2)]
+    procs.append(ctx.Process(target=_upsert_many, args=(root, rows, vectors)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    want = {f"T{w}-{i}" for w in range(2) for i in range(6)}
+    assert set(td.read_takedowns(root).product_ids) == want
+    log = dl.read_log(root, "v0001")
+    assert [d.seq for d in log.deltas] == list(range(1, 19)) and log.error is None
+    assert {p for d in log.deltas for p in d.delete_product_ids} == want
+    s = CatalogSearcher.open(root, config=world.config)
+    assert s.current.delta_info()["rows_added"] == 6
+    for i in range(6):
+        assert s.search_vector(vectors[i], k=1).hits[0].product_id == f"CC-P{i}"
+
+
 def test_refused_writes(world, root):
     rows, vectors = _new_rows(world, 1)
     with pytest.raises(dl.DeltaError, match="fingerprint"):
@@ -338,6 +372,13 @@ def test_index_info_reports_the_deltas_and_the_counts_reconcile(world, root):
     assert d["searchable_rows"] == d["base_rows"] + d["rows_added"] - d["rows_removed"]
     s = CatalogSearcher.open(root, config=world.config)
     info = s.current.delta_info()  # serving counts the same
+    idx = s.current  # and an exact search over everything returns exactly that many rows
+    _, found = idx.search(vectors[:1], idx.num_vectors, exact=True)
+    live = {int(r) for r in found[0] if r >= 0}
+    assert len(live) == d["searchable_rows"] == len(
+        dl.served_rows(root, "v0001", None, ["NEW-img-0"], ["P0003"])["live"])
+    assert not any(idx.product_id(r) == "P0003" or idx.image_id(r) == "NEW-img-0"
+                   for r in live)
     assert (info["base_rows"], info["rows_added"], info["rows_removed"],
             info["searchable_rows"]) == (d["base_rows"], d["rows_added"], d["rows_removed"],
                                          d["searchable_rows"])

@@ -233,7 +233,9 @@ def duplicates_step(plan: RunPlan, version: str) -> dict[str, Any]:
 def publish(plan: RunPlan, embed_summary: SnapshotSummary,
             index_manifest: IndexManifest) -> dict[str, Any]:
     """Confirm the run's version is the published LATEST and its counts reconcile; returns
-    the extra of the index Asset event (version, counts, recall, where things are)."""
+    the extra of the index Asset event (version, counts, recall, where things are, and
+    `folded`: the previous version's delta log and how the new version holds it)."""
+    from pipelines.orchestration.delta_step import fold_report
     version = index_manifest.version
     published = read_index_latest(plan.index_root)
     if published != version:
@@ -258,6 +260,9 @@ def publish(plan: RunPlan, embed_summary: SnapshotSummary,
         "model_id": embed_summary.model_id,
         "recall_at_10": index_manifest.recall(10),
         "recall_at_1": index_manifest.recall(1),
+        # a full build: a fresh delta log, and what it did with the previous version's
+        "deltas": 0,
+        "folded": fold_report(plan.index_root, version),
     }
     log.info("published %s: %s", version, json.dumps(extra, sort_keys=True))
     return extra
