@@ -16,6 +16,7 @@ import sys
 from pipelines.core.beam_worker import DropKnownNoise
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import ConfigError, load_config
+from pipelines.core.storage_errors import DropStorageTracebacks, describe, storage_failure
 
 # subcommand -> module that implements it (see each module's COMMANDS).
 _COMMAND_MODULES = {
@@ -41,6 +42,7 @@ def _configure_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(DropKnownNoise())  # Beam's "apitools not found" and the like
+        handler.addFilter(DropStorageTracebacks())  # a full disk: main() says it in one line
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"catalog-search {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a full disk / read-only root anywhere: one line, exit 1
+        failure = storage_failure(e)
+        if failure is None:
+            raise
+        print(f"catalog-search {args.command}: {describe(failure)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -152,8 +152,10 @@ class CatalogSearcher:
                 return self._refuse(None, f"cannot read LATEST under {self.index_root}: {e}",
                                     started, remember=False)
             if target is None:
+                from pipelines.core.latest import absent_reason
                 return self._refuse(None, f"no published version under {self.index_root} "
-                                          f"(LATEST is missing)", started, remember=False)
+                                          f"({absent_reason(self.index_root)})", started,
+                                    remember=False)
             if target == serving:
                 applied = self._refresh_deltas(started)
                 if applied is not None:

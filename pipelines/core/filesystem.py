@@ -5,6 +5,8 @@ laptop and on a cluster runner with object-store paths.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import urllib.parse
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.core.storage_errors import with_path
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -21,6 +25,12 @@ if TYPE_CHECKING:
 #: Schemes Beam serves only with an optional extra installed: scheme -> pip requirement.
 SCHEME_EXTRAS = {"gs": "apache-beam[gcp]", "s3": "apache-beam[aws]",
                  "azfs": "apache-beam[azure]", "hdfs": "apache-beam[hadoop] (hdfs)"}
+#: Beam registers these filesystems even when their client library is missing (every
+#: operation then fails, e.g. AssertionError('Missing boto3 requirement')): scheme ->
+#: the module that must be importable.
+_CLIENT_MODULES = {"s3": "boto3", "azfs": "azure.storage.blob"}
+#: URIs longer than this are shortened in messages (a data: URI can be megabytes).
+_SHOWN_URI_CHARS = 120
 
 
 class TooLargeError(ValueError):
@@ -64,19 +74,48 @@ def scheme_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 
 
+def shown(uri: str) -> str:
+    """`uri` as messages show it (long ones shortened)."""
+    return uri if len(uri) <= _SHOWN_URI_CHARS else uri[:_SHOWN_URI_CHARS] + "..."
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _client_missing(scheme: str, filesystem: object) -> bool:
+    """Beam's own filesystem for `scheme` is registered but its client library is absent."""
+    module = _CLIENT_MODULES.get(scheme)
+    return (module is not None and type(filesystem).__module__.startswith("apache_beam.")
+            and not _importable(module))
+
+
 def check_supported(uri: str, what: str | None = None) -> str:
     """`uri` normalised when a Beam filesystem serves it, else UnsupportedUriError (naming
-    the pip extra to install for gs://, s3://, ...); `what` prefixes the message."""
+    the pip extra to install for gs://, s3://, ...); `what` prefixes the message.
+    `data:` URIs (inline bytes) are not storage: unsupported."""
     uri = normalize(uri)
     scheme = scheme_of(uri)
-    if scheme:
+    err: UnsupportedUriError | None = None
+    cause: BaseException | None = None
+    if uri[:5].lower() == "data:":
+        err = UnsupportedUriError(shown(uri), "data", None)
+    elif scheme:
         try:
-            FileSystems.get_filesystem(uri)
+            filesystem = FileSystems.get_filesystem(uri)
         except ValueError as e:
-            err = UnsupportedUriError(uri, scheme, SCHEME_EXTRAS.get(scheme))
-            if what:
-                err.args = (f"{what}: {err.args[0]}",)
-            raise err from e
+            err, cause = UnsupportedUriError(shown(uri), scheme, SCHEME_EXTRAS.get(scheme)), e
+        else:
+            if _client_missing(scheme, filesystem):
+                err = UnsupportedUriError(shown(uri), scheme, SCHEME_EXTRAS.get(scheme))
+    if err is not None:
+        if what:
+            err.args = (f"{what}: {err.args[0]}",)
+        raise err from cause
     return uri
 
 
@@ -126,8 +165,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     uri = check_supported(uri)
     if is_local(uri):
         os.makedirs(os.path.dirname(os.path.abspath(uri)) or ".", exist_ok=True)
-    with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
+    try:
+        with FileSystems.create(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
+    except OSError as e:  # a full disk names no file: name the one being written
+        raise with_path(e, uri) from e
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -150,6 +192,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk's flush names no file: name the one being written
+        raise with_path(e, path) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

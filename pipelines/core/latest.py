@@ -52,6 +52,16 @@ def read(root: str, what: str = "name", empty_ok: bool = False) -> str | None:
         raise LatestError(f"{pointer} is corrupted: {e}") from e
 
 
+def absent_reason(root: str) -> str:
+    """Why LATEST under `root` names nothing, for messages: it is missing, or empty."""
+    pointer = pointer_uri(root)
+    try:
+        present = fs.exists(pointer)
+    except Exception:  # the root itself cannot be read: say missing
+        present = False
+    return f"{pointer} is empty" if present else f"no {LATEST_FILE} under {root}"
+
+
 def write(root: str, name: str, what: str = "name") -> None:
     """Point LATEST under `root` at `name` (checked first: InvalidNameError), atomically,
     under the root's lock."""

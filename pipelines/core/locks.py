@@ -14,6 +14,8 @@ import os
 import threading
 from typing import Iterator
 
+from pipelines.core.storage_errors import with_path
+
 _held = threading.local()
 
 
@@ -114,8 +116,11 @@ def run_lock(root: str, name: str, what: str) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, (_holder_line() + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (_holder_line() + "\n").encode())
+        except OSError as e:  # a full disk: name the lock file
+            raise with_path(e, path) from e
         yield
     finally:
         try:

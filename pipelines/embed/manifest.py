@@ -11,6 +11,7 @@ Rows are plain dicts (cheap to pickle between Beam workers):
 """
 from __future__ import annotations
 
+import collections
 import csv
 import datetime as dt
 import decimal
@@ -101,6 +102,10 @@ def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
             fieldnames = reader.fieldnames
             if not fieldnames:
                 raise ManifestError(f"{uri}: empty CSV (no header row)")
+            duplicated = sorted(n for n, c in collections.Counter(fieldnames).items() if c > 1)
+            if duplicated:  # DictReader would keep the last column of a name silently
+                raise ManifestError(f"{uri}: CSV header names column(s) more than once: "
+                                    f"{[n[:40] for n in duplicated[:20]]}")
             missing = [c for c in REQUIRED if c not in fieldnames]
             if missing:
                 raise ManifestError(f"{uri}: CSV header lacks required column(s) {missing}; "
@@ -135,6 +140,11 @@ def _raw_records(uri: str, data: bytes) -> Iterator[tuple[int, Any]]:
             table = fs.parquet_from_bytes(data)
         except Exception as e:
             raise ManifestError(f"{uri}: not a readable Parquet file: {e}") from e
+        duplicated = sorted(n for n, c in collections.Counter(table.column_names).items()
+                            if c > 1)
+        if duplicated:
+            raise ManifestError(f"{uri}: Parquet schema names column(s) more than once: "
+                                f"{[n[:40] for n in duplicated[:20]]}")
         missing = [c for c in REQUIRED if c not in table.column_names]
         if missing:
             raise ManifestError(f"{uri}: Parquet schema lacks required column(s) {missing}")
@@ -154,13 +164,16 @@ def _text(value: Any) -> str:
 def _type_error(name: str, value: Any) -> str | None:
     """Why a manifest field's value has the wrong type, or None when it is acceptable.
 
-    product_id / image_id / image_uri: text (or an integer id); title / category /
+    product_id / image_id: text (or an integer id); image_uri: text; title / category /
     updated_at: a scalar (text, number, date); other columns: anything JSON can hold.
     Bytes are never accepted (they would be stringified as b'...').
     """
     if value is None:
         return None
     kind = type(value).__name__
+    if name == "image_uri":  # a number is no location: never turned into a path
+        return None if isinstance(value, str) else (
+            f"column image_uri holds a {kind}; expected text (a path or URI)")
     if name in ID_FIELDS:
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return None
@@ -197,11 +210,24 @@ def _missing(value: Any) -> bool:
 
 def resolve_uri(image_uri: str, manifest_uri: str) -> str:
     """An image URI as written in a manifest, relative ones against the manifest's folder."""
-    if "://" in image_uri or os.path.isabs(image_uri):
-        return image_uri
+    if "://" in image_uri or os.path.isabs(image_uri) or image_uri[:5].lower() == "data:":
+        return image_uri  # absolute; data: URIs are refused by the fetch (unsupported_scheme)
     return fs.join(os.path.dirname(manifest_uri) or ".", image_uri) if "://" in manifest_uri \
         else os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest_uri)),
                                            image_uri))
+
+
+def unreachable_id(value: str) -> str | None:
+    """Why an id cannot be one URL path segment of the service's routes
+    (`/v1/products/{id}/similar`, `/v1/images/{id}`), or None. A `/` (also sent as %2F:
+    servers decode it before routing) splits the segment; `.` and `..` are removed by
+    every client that normalises paths (RFC 3986 dot segments), encoded or not."""
+    if "/" in value:
+        return ("contains '/', which no URL path segment can carry (the service's "
+                "/v1/products/{id} and /v1/images/{id} routes); use ids without '/'")
+    if value in (".", ".."):
+        return ("is a dot segment, which clients remove from URL paths; use another id")
+    return None
 
 
 def validate_record(record: Any, uri: str, line: int, manifest_index: int) -> dict[str, Any]:
@@ -242,6 +268,10 @@ def validate_record(record: Any, uri: str, line: int, manifest_index: int) -> di
         name, length = too_long[0]
         row["error"] = ("id_too_long", f"{source}: {name} is {length} characters long; at "
                                        f"most {MAX_ID_LENGTH} are allowed")
+    elif unreachable_id(product_id) or unreachable_id(image_id):
+        name, value = (("product_id", product_id) if unreachable_id(product_id)
+                       else ("image_id", image_id))
+        row["error"] = ("unreachable_id", f"{source}: {name} {value[:64]!r} {unreachable_id(value)}")
     elif not product_id:
         row["error"] = ("missing_product_id", f"{source}: product_id is empty")
     elif not image_uri:

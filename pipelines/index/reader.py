@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
+from pipelines.core import latest as latest_pointer
 from pipelines.core.checksums import sha256_file
-from pipelines.index.artifact import (LATEST_FILE, ROWS_FILE, IndexArtifactError,
+from pipelines.index.artifact import (ROWS_FILE, IndexArtifactError,
                                       IndexIntegrityError, check_manifest_structure, read_latest,
                                       read_manifest, sha256_bytes, version_dir)
 from pipelines.index.manifest import DEFAULT_VECTORS_FILE, IndexManifest, ShardEntry, ShardFile
@@ -259,7 +260,8 @@ def open_index(index_root: str, version: str | None = None, verify: bool = True,
     if version is None:
         version = read_latest(index_root)
         if version is None:
-            raise IndexArtifactError(f"no published index under {index_root} (no {LATEST_FILE})")
+            raise IndexArtifactError(f"no published index under {index_root} "
+                                     f"({latest_pointer.absent_reason(index_root)})")
     manifest = read_manifest(index_root, version)
     if not manifest.passed and not allow_unpublished:
         raise IndexArtifactError(f"index version {version} has status "

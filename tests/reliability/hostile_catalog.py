@@ -179,8 +179,9 @@ def write_hostile_catalog(folder: str) -> tuple[list[str], list[RowKind]]:
          "manifest/missing_product_id", ""),
         ("empty_image_uri", "p-nouri", "nouri", "", "manifest/missing_image_uri", ""),
         ("whitespace_padded_id", "p-pad", "  padded  ", "img/good2.jpg", EMBEDDED, "padded"),
-        ("id_with_path_chars", "p-slash", "../../a/b\\c", "img/good2.jpg", EMBEDDED,
-         "../../a/b\\c"),
+        # no URL path segment carries a '/' (issue 24 defect 6): refused with a reason
+        ("id_with_path_chars", "p-slash", "../../a/b\\c", "img/good2.jpg",
+         "manifest/unreachable_id", ""),
     ]
     csv_path = os.path.join(folder, "catalog.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:

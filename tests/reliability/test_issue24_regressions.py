@@ -504,3 +504,228 @@ def test_defect_9_serve_limits_request_heads_and_their_read_time(fifo_world, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- defect 7
+
+def test_defect_7_row_reasons_name_what_happened(tmp_path, embed_config):
+    """Before: an s3:// image without boto3 was fetch/io_error "AssertionError('Missing
+    boto3 requirement')", a data: URI not_found, and an integer image_uri was turned into
+    a path (not_found). Now: filesystem_unavailable naming apache-beam[aws],
+    unsupported_scheme naming 'data', manifest/wrong_type."""
+    from image_factory import jpeg_bytes
+
+    from pipelines.core import filesystem as fs
+    try:
+        import boto3  # noqa: F401
+        pytest.skip("boto3 is installed here")
+    except ImportError:
+        pass
+    good = []
+    for i in range(4):
+        path = tmp_path / f"g{i}.jpg"
+        path.write_bytes(jpeg_bytes(color=(40 * i, 200 - 30 * i, 90)))
+        good.append({"product_id": f"g{i}", "image_uri": str(path)})
+    bad = [{"product_id": "s3", "image_uri": "s3://bucket/key.jpg"},
+           {"product_id": "data", "image_uri": "data:image/jpeg;base64," + "A" * 5000},
+           {"product_id": "int", "image_uri": 12345}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    summary = run_embed([str(manifest)], str(tmp_path / "emb"), embed_config, run_id="r1")
+    assert summary.embedded == 4 and summary.input_rows == 7
+    letters = {d["product_id"]: d for d in snapshot.read_dead_letters(summary.snapshot)}
+    assert set(letters) == {"s3", "data", "int"}, letters
+    s3 = letters["s3"]
+    assert (s3["stage"], s3["error"]) == ("fetch", "filesystem_unavailable"), s3
+    assert "apache-beam[aws]" in s3["message"] and "AssertionError" not in s3["message"]
+    data = letters["data"]
+    assert (data["stage"], data["error"]) == ("fetch", "unsupported_scheme"), data
+    assert "'data'" in data["message"] and len(data["message"]) < 400
+    integer = letters["int"]
+    assert (integer["stage"], integer["error"]) == ("manifest", "wrong_type"), integer
+    assert "image_uri" in integer["message"]
+    with pytest.raises(fs.UnsupportedUriError, match=r"apache-beam\[aws\]"):
+        fs.check_supported("s3://bucket/key.jpg")
+
+
+def test_defect_7_duplicate_csv_header_is_refused(tmp_path, capsys):
+    """Before: `product_id,image_uri,title,title` was read silently (the last title won)."""
+    from pipelines.embed.manifest import ManifestError, check_manifest
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"product_id,image_uri,title,title\np1,{image},one,two\n")
+    with pytest.raises(ManifestError, match=r"more than once: \['title'\]"):
+        check_manifest(str(manifest))
+    out = tmp_path / "emb"
+    assert cli_main(["embed", "--manifest", str(manifest), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "more than once" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "title" in line]) == 1, err
+    assert not out.exists()
+
+
+def test_defect_7_empty_latest_is_reported_empty_not_missing(tmp_path):
+    from serving.searcher import CatalogSearcher
+    from test_index_build import make_config as index_config
+    root = tmp_path / "index"
+    (root / "versions").mkdir(parents=True)
+    with pytest.raises(art.IndexArtifactError, match="(no LATEST under)"):
+        reader.open_index(str(root))
+    (root / "LATEST").write_bytes(b"")
+    with pytest.raises(art.IndexArtifactError, match=r"LATEST is empty"):
+        reader.open_index(str(root))
+    searcher = CatalogSearcher(str(root), config=index_config(), load_embedder=False)
+    outcome = searcher.reload()
+    assert outcome.status == "refused" and "LATEST is empty" in outcome.reason, outcome
+
+
+def _mount_tmpfs(path, options: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+
+
+@pytest.fixture()
+def small_disks(tmp_path):
+    """A read-only root and a 16 KB one (room for the run, not for its LATEST)."""
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    _mount_tmpfs(ro, "size=64k,ro")
+    try:
+        _mount_tmpfs(full, "size=16k")
+        yield ro, full
+    finally:
+        for path in (full, ro):
+            subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.heavy
+def test_defect_7_disk_full_and_read_only_roots_are_one_line(tmp_path, cli_config,
+                                                            small_disks):
+    """Before: exit 1 with 300-490 log lines and 10-17 tracebacks. Now: exit 1, no
+    traceback, one line naming the path and the errno."""
+    ro, full = small_disks
+    manifest = write_catalog(str(tmp_path / "cat"), num_products=4, images_per_product=2,
+                             size=64)
+    expected = {ro: ("[Errno 30 EROFS]", str(ro / "emb")), full: ("[Errno 28 ENOSPC]",
+                                                                   str(full / "emb"))}
+    for root, (code, path) in expected.items():
+        proc = subprocess.run([sys.executable, "-m", "catalog_search.cli", "--config",
+                               cli_config, "embed", "--manifest", manifest, "--out",
+                               str(root / "emb"), "--run-id", "r1"], env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 1, text
+        assert "Traceback" not in text, text
+        lines = [line for line in text.splitlines() if "Errno" in line]
+        assert len(lines) == 1 and code in lines[0] and path in lines[0], text
+        assert lines[0].startswith("catalog-search embed: cannot write "), lines[0]
+        assert len(text.splitlines()) < 20, text
+
+
+def test_defect_7_query_of_an_http_url_is_one_line(fifo_world, capsys):
+    """Before: a traceback (which said http(s) was supported). Now the URL is fetched
+    (pipelines.embed.fetch) and an unreachable one is one line with its reason."""
+    import socket
+    world, root, *_ = fifo_world
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/photo.jpg"
+    import yaml
+    cfg = os.path.join(root, "..", "query-config.yaml")
+    with open(cfg, "w") as fh:
+        yaml.safe_dump(world.config.replace(fetch={"deadline_s": 5.0, "retries": 0})
+                       .to_dict(), fh)
+    rc = cli_main(["--config", cfg, "query", "--index-root", root, "--allow-model",
+                   world.config.model.handle, url])
+    captured = capsys.readouterr()
+    assert rc == 1, captured
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if url in line]
+    assert len(lines) == 1 and "connection" in lines[0], captured.out
+
+
+# --------------------------------------------------------------------------- defect 6
+
+#: ids no URL path segment can carry: refused at embed
+UNREACHABLE_IDS = ["shelf/a", ".", ".."]
+#: awkward ids that pass: every route must reach them through real HTTP clients
+AWKWARD_IDS = ["space id", "q?x#y", "pct%2Fid", "üñí-ß", "...", "a.b", "semi;colon",
+               "plus+sign", "back\\slash"]
+
+
+@pytest.fixture(scope="module")
+def awkward_world(tmp_path_factory, tiny_model):
+    """Real embed (DirectRunner) + build-index of a catalog with awkward and unreachable
+    ids; (config, summary, index root)."""
+    from image_factory import jpeg_bytes
+
+    from pipelines.core.config import load_config
+    base = tmp_path_factory.mktemp("awkward")
+    config = load_config(overrides={
+        "model": {"handle": tiny_model, "cache_dir": str(base / "cache"), "batch_size": 8},
+        "runner": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
+        "index": {"shards": 1, "eval_queries": 10, "recall_threshold": 0.0}})
+    rows = []
+    for i, pid in enumerate(AWKWARD_IDS + UNREACHABLE_IDS):
+        for j in range(2):
+            path = base / f"img{i}-{j}.jpg"
+            path.write_bytes(jpeg_bytes(color=(25 * i % 256, 60 + 40 * j, 200 - 15 * i)))
+            rows.append({"product_id": pid, "image_id": f"{pid}#{j}" if j else pid,
+                         "image_uri": str(path), "title": f"t{i}"})
+    rows.append({"product_id": "fine", "image_id": "img/with/slash",
+                 "image_uri": str(base / "img0-0.jpg")})
+    manifest = base / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_embed([str(manifest)], str(base / "emb"), config, run_id="r1")
+    root = str(base / "index")
+    run_build_index(summary.snapshot, root, config, version="v1")
+    return config, summary, root
+
+
+def test_defect_6_unreachable_ids_are_refused_at_embed_with_a_reason(awkward_world):
+    """Before: `shelf/a` was embedded and indexed, and no route reached it (404 from the
+    router); `.` and `..` were unreachable from path-normalising clients."""
+    config, summary, root = awkward_world
+    letters = snapshot.read_dead_letters(summary.snapshot)
+    refused = {(d["product_id"], d["image_id"]) for d in letters}
+    assert all(d["stage"] == "manifest" and d["error"] == "unreachable_id" for d in letters)
+    assert {p for p, _ in refused} == set(UNREACHABLE_IDS) | {"fine"}
+    assert ("fine", "img/with/slash") in refused
+    assert summary.embedded == 2 * len(AWKWARD_IDS)
+    assert summary.input_rows == summary.embedded + summary.dead_lettered
+    ids = set(snapshot.load(summary.snapshot).table.column("product_id").to_pylist())
+    assert ids == set(AWKWARD_IDS)
+
+
+def test_defect_6_every_route_reaches_every_accepted_id_with_real_clients(awkward_world):
+    import http.client
+    import urllib.request
+    from urllib.parse import quote
+
+    import httpx
+
+    from serving.app import create_app
+    from serving_fixtures import LiveServer
+    config, summary, root = awkward_world
+    app = create_app(root, config, watch=False)
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        host, port = live.url.rsplit("/", 1)[1].split(":")
+        for pid in AWKWARD_IDS:
+            seg = quote(pid, safe="")
+            for path in (f"/v1/products/{seg}/similar?k=3", f"/v1/images/{seg}/similar?k=3",
+                         f"/v1/images/{seg}"):
+                r = client.get(path)  # httpx
+                assert r.status_code == 200, (pid, path, r.status_code, r.text[:200])
+                with urllib.request.urlopen(live.url + path, timeout=30) as answer:  # urllib
+                    assert answer.status == 200, (pid, path)
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)  # raw request
+                conn.request("GET", path)
+                assert conn.getresponse().status == 200, (pid, path)
+                conn.close()
+            hits = client.get(f"/v1/products/{seg}/similar?k=3").json()["results"]
+            for hit in hits:  # the URLs the API hands out lead back to the image
+                assert client.get(hit["image_url"]).status_code == 200, hit
