@@ -48,9 +48,10 @@ browser:
 demo: venv
 	$(PY) -m catalog_search.demo --workdir out/demo
 
-# The local Airflow stack of docs/AIRFLOW.md (standalone, SQLite under out/airflow).
+# The local Airflow stack of docs/AIRFLOW.md (SQLite under out/airflow), on 127.0.0.1 only;
+# `make airflow-up EXPOSE=1` binds the API server to every interface and starts the log servers.
 airflow-up: venv
-	$(PY) -m pipelines.orchestration.airflow_local up --home out/airflow --data out/data
+	$(PY) -m pipelines.orchestration.airflow_local up --home out/airflow --data out/data$(if $(EXPOSE), --expose)
 
 airflow-down:
 	$(PY) -m pipelines.orchestration.airflow_local down --home out/airflow

@@ -1,28 +1,37 @@
 """The local Airflow stack of docs/AIRFLOW.md: start it, stop all of it.
 
-    python -m pipelines.orchestration.airflow_local up   [--home out/airflow] [--data out/data] [--wait 300]
+    python -m pipelines.orchestration.airflow_local up   [--home out/airflow] [--data out/data] [--wait 300] [--expose]
     python -m pipelines.orchestration.airflow_local down [--home out/airflow]
     python -m pipelines.orchestration.airflow_local status [--home out/airflow]
 
-`up` runs `airflow standalone` (scheduler, dag-processor, triggerer, API server + UI on
-http://localhost:8080) in its own process group, detached, with this venv's bin/ first
-on PATH (standalone starts its components as `airflow …` subprocesses), a SQLite
-AIRFLOW_HOME, dags/ as DAGs folder and no examples; log in HOME/stack.log, group id in
-HOME/stack.pid; it then waits (up to --wait seconds, 0: not at all) until the
-dag-processor has stored this project's DAGs, so that `airflow dags unpause …` right
-after it finds them (exit 1 with the log's tail if the stack dies or the wait runs out).
-It writes the sample catalog to DATA/catalog first if it is missing
-(catalog_refresh's default manifest), and HOME/config/airflow_local_settings.py
-(KNOWN_WARNINGS). `down` stops the whole group (SIGTERM, then SIGKILL
-after 20 s): the scheduler and its executor processes included, which a SIGTERM to
-`standalone` alone leaves running.
+`up` starts, detached and in its own process group, a supervisor (`… airflow_local run`,
+what `airflow standalone` does, with the binding under our control) that creates the
+database (`airflow db migrate`) and runs the components as `airflow …` subprocesses:
+scheduler, dag-processor, triggerer and the API server + UI on http://localhost:8080 —
+with this venv's bin/ first on PATH, a SQLite AIRFLOW_HOME, dags/ as DAGs folder, no
+examples, LocalExecutor and the simple auth manager. Bound to the loopback interface
+only: the API server on 127.0.0.1 (`[api] host`), and the scheduler's and triggerer's log
+servers (8793/8794) not started, since Airflow's log server listens on every interface
+with no option to change it (task logs are files under HOME/logs, read from there).
+`--expose` binds the API server to 0.0.0.0 and starts the log servers (every interface).
+Log in HOME/stack.log (lines prefixed by component), group id in HOME/stack.pid; it then
+waits (up to --wait seconds, 0: not at all) until the dag-processor has stored this
+project's DAGs, so that `airflow dags unpause …` right after it finds them (exit 1 with
+the log's tail if the stack dies or the wait runs out). It writes the sample catalog to
+DATA/catalog first if it is missing (catalog_refresh's default manifest), and
+HOME/config/airflow_local_settings.py (KNOWN_WARNINGS). `down` stops the whole group
+(SIGTERM, then SIGKILL after 20 s): the scheduler and its executor processes included.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sqlite3
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from contextlib import closing
@@ -77,11 +86,18 @@ def write_local_settings(home: str) -> bool:
     return True
 
 
-def stack_env(home: str, data: str) -> dict[str, str]:
+LOOPBACK, ALL_INTERFACES = "127.0.0.1", "0.0.0.0"
+
+
+def stack_env(home: str, data: str, expose: bool = False) -> dict[str, str]:
     """Environment of the stack (also what to export in a shell that uses the `airflow` CLI)."""
     bin_dir = os.path.dirname(os.path.abspath(sys.executable))
     return dict(os.environ, **{
         "AIRFLOW_HOME": os.path.abspath(home),
+        "AIRFLOW__API__HOST": ALL_INTERFACES if expose else LOOPBACK,
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__AUTH_MANAGER":
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(REPO_ROOT, "dags"),
         "CATALOG_SEARCH_DATA": os.path.abspath(data),
@@ -103,7 +119,18 @@ def _running(home: str) -> int | None:
     return pgid if procgroup.group_alive(pgid) else None
 
 
-def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
+def components(expose: bool = False) -> dict[str, list[str]]:
+    """The stack's `airflow` subcommands by name (log servers only when exposed)."""
+    skip = [] if expose else ["--skip-serve-logs"]
+    return {"scheduler": ["scheduler", *skip], "dag-processor": ["dag-processor"],
+            "triggerer": ["triggerer", *skip], "api-server": ["api-server"]}
+
+
+def api_url() -> str:
+    return f"http://localhost:{os.environ.get('AIRFLOW__API__PORT', '8080')}"
+
+
+def up(home: str, data: str, expose: bool = False) -> int:
     """Start the stack (detached); its process group id."""
     if (pgid := _running(home)) is not None:
         print(f"airflow stack already running (process group {pgid}); "
@@ -116,17 +143,70 @@ def up(home: str, data: str, command: Sequence[str] = ("standalone",)) -> int:
         from pipelines.embed.sample_catalog import write_catalog
         write_catalog(os.path.join(data, "catalog"), queries_per_product=2, relative_uris=True)
         print(f"wrote the sample catalog: {manifest}")
-    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
     log_path = os.path.join(home, "stack.log")
+    cmd = [sys.executable, "-m", "pipelines.orchestration.airflow_local", "run",
+           "--home", os.path.abspath(home), "--data", os.path.abspath(data)]
     with open(log_path, "ab") as log:
-        proc = procgroup.start([os.path.join(bin_dir, "airflow"), *command],
-                               env=stack_env(home, data), stdout=log, stderr=log)
+        proc = procgroup.start(cmd + (["--expose"] if expose else []),
+                               env=stack_env(home, data, expose), stdout=log, stderr=log,
+                               cwd=REPO_ROOT)
     with open(_pid_file(home), "w", encoding="utf-8") as f:
         f.write(str(proc.pid))
-    print(f"airflow {' '.join(command)} started (process group {proc.pid}); log: {log_path}")
-    print(f"UI/API: http://localhost:8080 (admin password: "
+    print(f"airflow stack started (process group {proc.pid}); log: {log_path}")
+    where = ("on every interface (--expose), log servers on" if expose
+             else "on 127.0.0.1 only, log servers off")
+    print(f"UI/API: {api_url()} ({where}; admin password: "
           f"{os.path.join(os.path.abspath(home), 'simple_auth_manager_passwords.json.generated')})")
     return proc.pid
+
+
+def run(expose: bool = False) -> int:
+    """The supervisor (foreground, what `up` starts): db migrate, then the components.
+
+    Each component's output goes to stdout prefixed with its name. When one exits, the
+    others are stopped and this returns 1; SIGTERM (what `down` sends the whole group)
+    stops them all.
+    """
+    print(f"stack: airflow db migrate (AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')})",
+          flush=True)
+    if (rc := subprocess.call(["airflow", "db", "migrate"])) != 0:
+        print(f"stack: airflow db migrate failed (exit {rc})", flush=True)
+        return 1
+    lock = threading.Lock()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def relay(name: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            with lock:
+                print(f"{name:13} | {line}", flush=True)
+
+    for name, args in components(expose).items():
+        procs[name] = subprocess.Popen(["airflow", *args], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)
+        threading.Thread(target=relay, args=(name, procs[name]), daemon=True).start()
+    host = os.environ.get("AIRFLOW__API__HOST")
+    print(f"stack: started {', '.join(procs)} (API server on {host}, log servers "
+          f"{'on' if expose else 'off'})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            for name, proc in procs.items():
+                if (status := proc.poll()) is not None:
+                    print(f"stack: {name} exited (status {status}); stopping the others",
+                          flush=True)
+                    return 1
+            time.sleep(1.0)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def stored_dags(home: str) -> set[str]:
@@ -141,13 +221,24 @@ def stored_dags(home: str) -> set[str]:
         return set()
 
 
+def api_listening() -> bool:
+    """Does the API server accept connections on 127.0.0.1 (its port from the environment)?"""
+    try:
+        with socket.create_connection(
+                ("127.0.0.1", int(os.environ.get("AIRFLOW__API__PORT", "8080"))), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def wait_ready(home: str, pgid: int, timeout_s: float,
                dag_ids: Sequence[str] = DAG_IDS) -> bool:
-    """Wait until `dag_ids` are stored; False (with the log's tail) if the stack dies or time runs out."""
+    """Wait until `dag_ids` are stored and the API server listens; False (with the log's
+    tail) if the stack dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if set(dag_ids) <= stored_dags(home):
-            print(f"airflow stack ready: DAGs {', '.join(dag_ids)} loaded")
+        if set(dag_ids) <= stored_dags(home) and api_listening():
+            print(f"airflow stack ready: DAGs {', '.join(dag_ids)} loaded, API server up")
             return True
         if not procgroup.group_alive(pgid):
             break
@@ -179,16 +270,23 @@ def down(home: str, grace_s: float = 20.0) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.orchestration.airflow_local",
                                 description="Start / stop the local Airflow stack (SQLite).")
-    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("action", choices=("up", "down", "status", "run"),
+                   help="run: the supervisor `up` starts (foreground)")
     p.add_argument("--home", default="out/airflow", help="AIRFLOW_HOME (default out/airflow)")
     p.add_argument("--data", default="out/data",
                    help="CATALOG_SEARCH_DATA: catalog, embeddings, index (default out/data)")
     p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
                    help="up: wait this long for the DAGs to be loaded (default 300; 0: return "
                         "at once)")
+    p.add_argument("--expose", action="store_true",
+                   help="up: bind the API server to every interface (0.0.0.0) and start "
+                        "Airflow's log servers (8793/8794, every interface); default: the "
+                        "API server on 127.0.0.1 only, no log servers")
     args = p.parse_args(argv)
+    if args.action == "run":
+        return run(args.expose)
     if args.action == "up":
-        pgid = up(args.home, args.data)
+        pgid = up(args.home, args.data, args.expose)
         return 0 if args.wait <= 0 or wait_ready(args.home, pgid, args.wait) else 1
     if args.action == "down":
         return 0 if down(args.home) else 1
