@@ -3,7 +3,9 @@
     app = create_app(index_root, config)          # uvicorn.run(app, host=..., port=...)
 
 Endpoints (OpenAPI at /openapi.json, built by FastAPI from the pydantic models of
-serving.api.schemas; docs at /docs), one APIRouter per area (serving.api.routes):
+serving.api.schemas; no /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc from a
+CDN, which an offline deployment cannot reach and this CSP does not allow), one APIRouter
+per area (serving.api.routes):
     search   POST /v1/search                  multipart (image file + k, filters, collapse,
                                               text, text_weight) or JSON {"vector": [...],
                                               "text": ..., "k": 10, "filters": {...}}
@@ -88,7 +90,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
 
     app = FastAPI(title="Catalog visual search",
                   description="Which catalog products look like this photo?",
-                  version="1", lifespan=lifespan)
+                  version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = state
     app.state.searcher = searcher  # kept for callers of the earlier app (serving.cli)
     app.state.admin_token_set = state.admin_token is not None
@@ -107,7 +109,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             response = error_response(500, "internal", "internal error")
-        add_security_headers(request.url.path, response)
+        add_security_headers(response)
         route = getattr(request.scope.get("route"), "path", None) or "(unmatched)"
         state.metrics.observe(route, request.method, response.status_code,
                               time.perf_counter() - started,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pipelines.core import filesystem as fs
-from serving.app import create_app
+from serving.app import PAGE_CSP, create_app
 from serving.searcher import CatalogSearcher
 from serving_fixtures import (LiveServer, build_index, copy_index,
                               serving_world, snapshot_subset)
@@ -49,6 +49,11 @@ def test_health_ready_and_openapi(client):
     assert ready.status_code == 200
     assert ready.json()["ready"] is True and ready.json()["version"] == "v0001"
     spec = client.get("/openapi.json").json()
+    for page in ("/docs", "/redoc"):  # no CDN-loaded Swagger UI / ReDoc (issue 23 item 7)
+        answer = client.get(page)
+        assert answer.status_code == 404 and _reason(answer) == "no_docs_page"
+        assert answer.headers["content-security-policy"] == PAGE_CSP
+        assert page not in spec["paths"]
     for path in ("/v1/search", "/v1/products/{product_id}/similar", "/v1/images/{image_id}",
                  "/v1/reload", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]

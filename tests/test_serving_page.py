@@ -255,3 +255,39 @@ def test_page_crowding_caps_results_per_field():
     cats = [category[p] for p in seen["crowded"]]
     assert len(cats) == 5 and len(set(cats)) == 5  # five categories, one product each
     assert seen["error"].startswith("error 422") and "max_per_group" in seen["error"]
+
+
+async def _drive_docs(ws_url: str, base: str) -> dict:
+    """What a browser shows at /docs, /redoc and /openapi.json."""
+    import websockets
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        cdp = Cdp(ws)
+        await cdp.send("Page.enable")
+        await cdp.send("Runtime.enable")
+        seen = {}
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            await cdp.send("Page.navigate", url=base + path)
+            await cdp.wait_for(f"location.pathname === {json.dumps(path)} && "
+                               "document.readyState === 'complete' && "
+                               "document.body.innerText.length > 0")
+            seen[path] = await cdp.evaluate("document.body.innerText")
+        return seen
+
+
+def test_docs_pages_name_the_openapi_schema_instead_of_a_blank_page():
+    """Issue 23 item 7: FastAPI's /docs loaded Swagger UI from a CDN (blank offline, and
+    outside the CSP); the service now says where its schema is, and the schema opens."""
+    chromium = _find_chromium()
+    world = serving_world()
+    app = create_app(world.index_root, world.config, watch=False)
+    browser = Browser(chromium)
+    try:
+        with LiveServer(app) as live:
+            seen = asyncio.run(_drive_docs(browser.page_ws_url(), live.url))
+    finally:
+        browser.close()
+    for path in ("/docs", "/redoc"):
+        error = json.loads(seen[path])["error"]
+        assert error["reason"] == "no_docs_page" and "/openapi.json" in error["message"]
+    spec = json.loads(seen["/openapi.json"])
+    assert "/v1/search" in spec["paths"] and "/docs" not in spec["paths"]

@@ -1,5 +1,5 @@
-"""Security headers of every answer: nosniff, a Content-Security-Policy (the page's, the
-API docs' or a catalog image's), no referrer, no framing."""
+"""Security headers of every answer: nosniff, a Content-Security-Policy (the page's or a
+catalog image's), no referrer, no framing."""
 from __future__ import annotations
 
 from starlette.responses import Response
@@ -12,19 +12,13 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "form-action 'self'; frame-ancestors 'none'")
 # Catalog image bytes: nothing may run, even if a browser is talked into rendering them.
 IMAGE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox"
-# FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from its CDN with inline code.
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
-            "worker-src blob:; frame-ancestors 'none'")
-DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
 
 
-def add_security_headers(path: str, response: Response) -> None:
+def add_security_headers(response: Response) -> None:
     """The headers every answer carries (a route's own CSP, e.g. IMAGE_CSP, is kept)."""
     headers = response.headers
     headers["x-content-type-options"] = "nosniff"
     if "content-security-policy" not in headers:
-        headers["content-security-policy"] = DOCS_CSP if path in DOCS_PATHS else PAGE_CSP
+        headers["content-security-policy"] = PAGE_CSP
     headers.setdefault("referrer-policy", "no-referrer")
     headers.setdefault("x-frame-options", "DENY")
