@@ -21,7 +21,7 @@ from serving.filter_index import EXACT_MAX_ROWS, exact_ranking, matching_rows
 from serving.filters import hit_matches, validate_filters
 from serving.fusion import fused_hits, product_title, text_hits
 from serving.loaded_index import LoadedIndex
-from serving.results import SearchResults
+from serving.results import SearchResults, capped_hits
 
 
 def check_k(k: Any, config: Config) -> int:
@@ -179,6 +179,7 @@ def search_text(idx: LoadedIndex, config: Config, text: str, k: int | None = Non
     _check_text_index(idx)
     t0 = time.perf_counter()
     hits = text_hits(idx, query, k, parsed, collapse, crowding)
+    hits = capped_hits(hits, config.serving.max_metadata_chars)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
                          timings_ms={"text_ms": (time.perf_counter() - t0) * 1e3},
                          crowding=crowding.to_dict() if crowding else None)
@@ -215,6 +216,7 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
                             crowding=crowding)
     else:
         results = run_visual(idx, vector, k, parsed, collapse, exclude_rows=(),
+                             max_metadata_chars=config.serving.max_metadata_chars,
                              crowding=crowding)
     results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
     return results
@@ -238,7 +240,8 @@ def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np
     if query_text is not None:
         return run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, (),
                          crowding=crowding)
-    return run_visual(idx, vector_, k, parsed, collapse, (), crowding=crowding)
+    return run_visual(idx, vector_, k, parsed, collapse, (), crowding=crowding,
+                      max_metadata_chars=config.serving.max_metadata_chars)
 
 
 def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
@@ -276,9 +279,11 @@ def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,
     if weight > 0:
         title = product_title(idx, product_id if product_id is not None
                               else idx.product_id(rows[0]))
+        title = title[:config.fusion.max_text_chars]  # a 10 MB title is no query text
         return run_fused(config, idx, vector, title, weight, k, parsed, collapse, rows,
                                exclude_product, crowding=crowding)
     return run_visual(idx, vector, k, parsed, collapse, exclude_rows=rows,
+                      max_metadata_chars=config.serving.max_metadata_chars,
                      exclude_product=exclude_product, crowding=crowding)
 
 
@@ -296,6 +301,7 @@ def run_fused(config: Config, idx: LoadedIndex, vector: np.ndarray, text: str, w
     t0 = time.perf_counter()
     hits = fused_hits(idx, vector, text, k, weight, config.fusion.candidates,
                       filters, collapse, exclude_rows, exclude_product, crowding=crowding)
+    hits = capped_hits(hits, config.serving.max_metadata_chars)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
                          timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3},
                          crowding=crowding.to_dict() if crowding else None)
@@ -304,10 +310,12 @@ def run_fused(config: Config, idx: LoadedIndex, vector: np.ndarray, text: str, w
 def run_visual(idx: LoadedIndex, vector: np.ndarray, k: int,
          filters: Mapping[str, frozenset[str]], collapse: bool,
          exclude_rows: Iterable[int], exclude_product: str | None = None,
-         exact: bool = False, crowding: Crowding | None = None) -> SearchResults:
+         exact: bool = False, crowding: Crowding | None = None,
+         max_metadata_chars: int = 4096) -> SearchResults:
     t0 = time.perf_counter()
     hits = collect_hits(idx, vector, k, filters, collapse, exclude_rows, exclude_product,
                         exact, crowding=crowding)
+    hits = capped_hits(hits, max_metadata_chars)
     return SearchResults(version=idx.version, k=k, collapsed=collapse, hits=hits,
                          timings_ms={"search_ms": (time.perf_counter() - t0) * 1e3},
                          crowding=crowding.to_dict() if crowding else None)

@@ -2,10 +2,39 @@
 (pipelines.index.sharded_search.Hit)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.index.sharded_search import Hit
+
+
+def cap_metadata(value: Any, max_chars: int) -> tuple[Any, bool]:
+    """`value` with every text longer than `max_chars` cut to it (ending in "…"), and
+    whether anything was cut; nested dicts and lists too."""
+    if isinstance(value, str):
+        return (value, False) if len(value) <= max_chars else (value[:max_chars] + "…", True)
+    if isinstance(value, dict):
+        out, cut = {}, False
+        for key, item in value.items():
+            out[key], c = cap_metadata(item, max_chars)
+            cut = cut or c
+        return (out, True) if cut else (value, False)
+    if isinstance(value, list):
+        pairs = [cap_metadata(item, max_chars) for item in value]
+        return ([v for v, _ in pairs], True) if any(c for _, c in pairs) else (value, False)
+    return value, False
+
+
+def capped_hits(hits: list[Hit], max_chars: int) -> list[Hit]:
+    """Hits whose metadata texts are at most `max_chars` long (serving.max_metadata_chars):
+    an index built before embed.max_cell_bytes, or with a large cap, cannot make every
+    answer megabytes."""
+    out = []
+    for hit in hits:
+        metadata, cut = cap_metadata(hit.metadata, max_chars)
+        out.append(dataclasses.replace(hit, metadata=metadata) if cut else hit)
+    return out
 
 
 def hit_to_dict(hit: Hit) -> dict[str, Any]:

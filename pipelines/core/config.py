@@ -102,10 +102,18 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class EmbedConfig:
     max_dead_letter_fraction: float = 0.5
+    # What one manifest row may decode to (pipelines.embed.manifest.ManifestLimits): a
+    # larger field / row is dead-lettered manifest/too_large (this also caps the metadata
+    # an index carries per row).
+    max_cell_bytes: int = 65_536
+    max_row_bytes: int = 262_144
 
     def validate(self) -> None:
         _require(0 <= self.max_dead_letter_fraction <= 1, "embed.max_dead_letter_fraction",
                  f"must be in [0, 1], got {self.max_dead_letter_fraction!r}")
+        _require(self.max_cell_bytes >= 1024, "embed.max_cell_bytes", "must be >= 1024")
+        _require(self.max_row_bytes >= self.max_cell_bytes, "embed.max_row_bytes",
+                 "must be >= embed.max_cell_bytes")
 
 
 @dataclass(frozen=True)
@@ -314,6 +322,8 @@ class ServingConfig:
     allowed_model_handles: tuple[str, ...] = ()
     # Catalog image reads of GET /v1/images/{id}: the deadline of one read.
     image_read_timeout_s: float = 5.0
+    # Answers: a metadata text longer than this is cut (ends in "…").
+    max_metadata_chars: int = 4096
     # HTTP request heads (serving.http_limits): bytes of the request line + headers, and
     # seconds a connection may take to send them.
     max_header_bytes: int = 16384
@@ -322,6 +332,7 @@ class ServingConfig:
     def validate(self) -> None:
         _require(0 <= self.port <= 65535, "serving.port", "must be between 0 and 65535")
         _require(self.image_read_timeout_s > 0, "serving.image_read_timeout_s", "must be > 0")
+        _require(self.max_metadata_chars >= 16, "serving.max_metadata_chars", "must be >= 16")
         _require(self.max_header_bytes >= 1024, "serving.max_header_bytes", "must be >= 1024")
         _require(self.header_timeout_s > 0, "serving.header_timeout_s", "must be > 0")
         _require(self.max_upload_bytes > 0, "serving.max_upload_bytes", "must be > 0")

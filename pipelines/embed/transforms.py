@@ -36,7 +36,7 @@ from pipelines.embed.change_signal import (SIGNAL_COLUMN, reuse_without_fetch, r
                                            same_views)
 from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.embed.inflight import InFlight
-from pipelines.embed.manifest import read_rows
+from pipelines.embed.manifest import ManifestLimits, read_rows
 from pipelines.model.features import preprocess_feature_views
 from pipelines.model.image_decode import DecodeError, decode_image
 from pipelines.model.inference import EmbeddingModelHandler
@@ -351,7 +351,7 @@ def build_pipeline(p: beam.Pipeline, manifests: Sequence[str], snapshot_dir: str
     """Add the embed job's transforms to `p` (pure graph construction; nothing runs)."""
     rows = (p
             | "ListManifests" >> beam.Create(list(enumerate(manifests)))
-            | "ReadRows" >> beam.FlatMapTuple(read_rows)
+            | "ReadRows" >> beam.FlatMapTuple(read_rows, limits=ManifestLimits.of(config))
             | "Spread" >> beam.Reshuffle())
     valid = rows | "Validate" >> beam.ParDo(SplitValid()).with_outputs("dead", main="valid")
 

@@ -729,3 +729,104 @@ def test_defect_6_every_route_reaches_every_accepted_id_with_real_clients(awkwar
             hits = client.get(f"/v1/products/{seg}/similar?k=3").json()["results"]
             for hit in hits:  # the URLs the API hands out lead back to the image
                 assert client.get(hit["image_url"]).status_code == 200, hit
+
+
+# --------------------------------------------------------------------------- defect 4
+
+_PARQUET_PROBE = r"""
+import json, resource, sys
+import pyarrow as pa, pyarrow.parquet as pq
+from pipelines.embed.manifest import read_rows
+path = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reasons = {}
+for row in read_rows(0, path):
+    key = row["error"][0] if row["error"] else "ok"
+    reasons[key] = reasons.get(key, 0) + 1
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"reasons": reasons, "growth_mb": (after - before) / 1024}))
+"""
+
+
+def test_defect_4_dictionary_encoded_parquet_title_is_bounded(tmp_path):
+    """Before: a 51 KB Parquet manifest (one row group, a dictionary-encoded 1 MB title on
+    every row) decoded to gigabytes (6.8 GB for 600 rows). Now it is read in batches with
+    text columns as dictionaries: oversize rows are manifest/too_large without being
+    decoded, and peak memory stays small."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = 400
+    title = "x" * (1 << 20)
+    table = pa.table({
+        "product_id": [f"p{i}" for i in range(n + 3)],
+        "image_uri": [f"img{i}.jpg" for i in range(n + 3)],
+        "title": pa.array([title] * n + ["ok"] * 3).dictionary_encode()})
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, row_group_size=n + 3, use_dictionary=True)
+    assert path.stat().st_size < 200_000
+    proc = subprocess.run([sys.executable, "-c", _PARQUET_PROBE, str(path)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["reasons"] == {"too_large": n, "ok": 3}, report
+    assert report["growth_mb"] < 150, report  # before: > 400 MB of titles, x2 in Arrow
+
+
+def test_defect_4_csv_cell_over_the_csv_limit_dead_letters_its_row(tmp_path, embed_config):
+    """Before: one 140 KB CSV cell failed the whole run (Python's csv field limit)."""
+    from image_factory import jpeg_bytes
+    lines = ["product_id,image_uri,title"]
+    for i in range(4):
+        path = tmp_path / f"g{i}.jpg"
+        path.write_bytes(jpeg_bytes(color=(50 * i, 100, 200 - 40 * i)))
+        lines.append(f"g{i},{path},title {i}")
+    lines.append(f"big,{tmp_path / 'g0.jpg'},{'y' * 140_000}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    summary = run_embed([str(manifest)], str(tmp_path / "emb"), embed_config, run_id="r1")
+    assert (summary.input_rows, summary.embedded, summary.dead_lettered) == (5, 4, 1)
+    (letter,) = snapshot.read_dead_letters(summary.snapshot)
+    assert (letter["stage"], letter["error"], letter["product_id"]) == (
+        "manifest", "too_large", "big"), letter
+    assert "embed.max_cell_bytes" in letter["message"]
+
+
+def test_defect_4_jsonl_row_caps_and_metadata_caps_in_answers(tmp_path, embed_config):
+    """A 10 MB title: manifest/too_large by default (embed.max_cell_bytes); with the cap
+    raised it is indexed, and answers cut it to serving.max_metadata_chars and use at
+    most fusion.max_text_chars of it as similar-products query text (real HTTP)."""
+    import httpx
+    from image_factory import jpeg_bytes
+
+    from serving.app import create_app
+    from serving_fixtures import LiveServer
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"g{i}.jpg"
+        path.write_bytes(jpeg_bytes(color=(40 * i, 90 + 20 * i, 200 - 30 * i)))
+        rows.append({"product_id": f"g{i}", "image_uri": str(path), "title": f"shirt {i}"})
+    rows[0]["title"] = "shirt " + "z" * (10 << 20)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_embed([str(manifest)], str(tmp_path / "emb"), embed_config, run_id="r1")
+    assert (summary.embedded, summary.dead_lettered) == (5, 1)
+    (letter,) = snapshot.read_dead_letters(summary.snapshot)
+    assert letter["error"] == "too_large" and letter["stage"] == "manifest", letter
+    roomy = embed_config.replace(embed={"max_cell_bytes": 11 << 20, "max_row_bytes": 12 << 20},
+                                 index={"shards": 1, "eval_queries": 5,
+                                        "recall_threshold": 0.0},
+                                 serving={"max_metadata_chars": 200})
+    summary = run_embed([str(manifest)], str(tmp_path / "emb2"), roomy, run_id="r1")
+    assert summary.embedded == 6
+    root = str(tmp_path / "index")
+    run_build_index(summary.snapshot, root, roomy, version="v1")
+    with LiveServer(create_app(root, roomy, watch=False)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as c:
+        for path in ("/v1/products/g1/similar?k=5",
+                     "/v1/products/g0/similar?k=5&text_weight=0.5"):
+            r = c.get(path)
+            assert r.status_code == 200, r.text[:300]
+            assert len(r.content) < 20_000, (path, len(r.content))
+            titles = {h["product_id"]: h["metadata"]["title"] for h in r.json()["results"]}
+            if "g0" in titles:
+                assert len(titles["g0"]) == 201 and titles["g0"].endswith("…")
