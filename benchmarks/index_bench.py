@@ -146,10 +146,12 @@ def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         return {"skipped": msg}
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     t = time.time()
+    rss0 = _rss_bytes()
     index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 80
     index.add(vectors)
     build_s = time.time() - t
+    ram = _rss_bytes() - rss0
     faiss.omp_set_num_threads(1)
     points = []
     for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
@@ -167,6 +169,9 @@ def bench_faiss(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray,
 
     return {"library": f"faiss-cpu {faiss.__version__} IndexHNSWFlat(M=32, efConstruction=80)",
             "build_seconds": round(build_s, 2), "build_threads": os.cpu_count(),
+            "ram_bytes_per_vector": round(ram / len(vectors), 1),
+            "ram_note": "RSS growth of this process while the index is built (a copy of "
+                        "the float32 vectors + the graph)",
             "curve": points, "at_recall": at_targets(points, targets, single_rate)}
 
 
@@ -254,6 +259,9 @@ def make_data(dim: int, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarra
 
 
 def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
+    # loaded before any RSS is measured, so the first index's RAM figure is not ScaNN's
+    # shared library (the builds run in worker processes)
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: F401
     t = time.time()
     vectors, queries, data = make_data(dim, args)
     dim = vectors.shape[1]
@@ -273,7 +281,8 @@ def run_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
                                    "exact_ground_truth_seconds": round(exact_s, 2)}
     result["scann"] = {}
     runs = [(v, a, n) for v in args.variants for n in args.shards
-            for a in (args.assignments if n > 1 else ["hash"])]
+            for a in (args.assignments if n > 1 else ["hash"])
+            if n == 1 or not args.multi_shard_variants or v in args.multi_shard_variants]
     for variant, assignment, shards in runs:
         name = f"{variant}/{assignment}/{shards}"
         root = os.path.join(args.workdir, f"index-{dim}-{variant}-{assignment}-{shards}")
@@ -381,11 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="0.90,0.95,0.99", help="recall@10 targets")
     p.add_argument("--variants", default="default",
                    help=f"comma-separated ScaNN builder variants: {', '.join(VARIANTS)}")
+    p.add_argument("--multi-shard-variants", default="",
+                   help="comma-separated variants also built with N > 1 shards (default: all "
+                        "of --variants); the others are built with 1 shard only")
     p.add_argument("--assignments", default="hash",
                    help="comma-separated shard assignments for N > 1 shards: hash, partition")
     args = p.parse_args(argv)
     args.variants = args.variants.split(",")
     args.assignments = args.assignments.split(",")
+    args.multi_shard_variants = [v for v in args.multi_shard_variants.split(",") if v]
     if any(v not in VARIANTS for v in args.variants):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if any(a not in ("hash", "partition") for a in args.assignments):

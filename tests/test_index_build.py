@@ -148,7 +148,8 @@ def test_tree_ah_shards_are_tuned_and_pass_the_gate(tmp_path):
     assert ev["passed"] and ev["recall@10"] >= 0.95 and ev["threshold"] == 0.95
     for s in manifest.shards:
         assert s.kind == "scann_tree_ah"
-        assert s.num_leaves == round(s.num_vectors / 3000 ** 0.5)  # leaves of sqrt(N)
+        # leaves of sqrt(N) / leaves_per_sqrt_n vectors (configs/default.yaml: 4)
+        assert s.num_leaves == round(s.num_vectors / (3000 ** 0.5 / 4))
         assert 1 <= s.search["leaves_to_search"] <= s.num_leaves
         assert s.tuning["shard_recall"] >= 0.98
         assert {"ah_codebook.pb", "hashed_dataset.npy"} <= {f.name for f in s.files}

@@ -28,9 +28,10 @@ Steps (run_build_index):
     paths, plus rows.parquet, into versions/<version>/shards/shard-XXXXX-of-NNNNN/
     (object stores: via a local temp folder), with the sha256 of every file.
       - shards with fewer than max(brute_force_below, 256) vectors: exact brute force;
-      - otherwise tree (leaves of about sqrt(total vectors) each: round(sqrt(n)) for one
-        shard, see leaves_for) + asymmetric hashing + float32
-        reordering. The search budget is global: the tuning queries' global k-th exact
+      - otherwise tree (leaves of about sqrt(total vectors) / leaves_per_sqrt_n each:
+        round(leaves_per_sqrt_n x sqrt(n)) for one shard, see leaves_for; PCA projection
+        and SOAR per index.projection_dim / soar_lambda) + asymmetric hashing + float32
+        (or int8 / bfloat16) reordering. The search budget is global: the tuning queries' global k-th exact
         score (merged over all shards in the pipeline) tells each shard which of its
         rows belong to a global top-k; each shard picks the fewest leaves_to_search that
         find tune_recall_target of *those* (so the union reaches it globally), with its
