@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeVar
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -100,6 +101,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(e.status, e.reason, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (an unmatched route, a wrong method) in the one shape."""
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code,
+                                                                  f"http_{e.status_code}")
+        message = {404: f"no such endpoint: {request.method} {request.url.path[:200]!r}",
+                   405: f"{request.method} is not allowed on this endpoint"}.get(
+            e.status_code, str(e.detail))
+        return error_response(e.status_code, reason, message, dict(e.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def on_request_validation(request: Request, e: RequestValidationError

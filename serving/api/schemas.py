@@ -7,10 +7,10 @@ handler answers as `{"error": {"reason": ..., "message": ...}}` (serving.api.err
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from serving.api.errors import ApiError
@@ -97,7 +97,9 @@ class SearchOptions(BaseModel):
 class VectorSearchRequest(SearchOptions):
     """application/json: search by embedding, by text, or both."""
 
-    vector: list[float] | None = Field(
+    # absent or a list: an explicit null is refused (bad_vector), so the schema says array
+    vector: Annotated[list[float] | None, WithJsonSchema(
+        {"type": "array", "items": {"type": "number"}, "title": "Vector"})] = Field(
         None, description="a query embedding in model space (the model's dimension; the "
                           "server normalises it and projects it through the index version's "
                           "adapter, if it has one); required unless 'text' is given")
@@ -105,8 +107,6 @@ class VectorSearchRequest(SearchOptions):
     @field_validator("vector", mode="before")
     @classmethod
     def _vector(cls, raw: Any) -> Any:
-        if raw is None:
-            return None
         if not isinstance(raw, list) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
             raise PydanticCustomError("bad_vector", "vector must be a list of numbers")

@@ -830,3 +830,62 @@ def test_defect_4_jsonl_row_caps_and_metadata_caps_in_answers(tmp_path, embed_co
             titles = {h["product_id"]: h["metadata"]["title"] for h in r.json()["results"]}
             if "g0" in titles:
                 assert len(titles["g0"]) == 201 and titles["g0"].endswith("…")
+
+
+# --------------------------------------------------------------------------- defect 8
+
+def _k_schemas(node, found):
+    """Every integer schema of a `k` (parameter, property) in an OpenAPI document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "k" and isinstance(value, dict):
+                found.append(value)
+            _k_schemas(value, found)
+        if node.get("name") == "k" and isinstance(node.get("schema"), dict):
+            found.append(node["schema"])
+    elif isinstance(node, list):
+        for item in node:
+            _k_schemas(item, found)
+    return found
+
+
+def test_defect_8_openapi_states_what_is_enforced(fifo_world):
+    """Before: k's 1-100 bounds were missing from the schema, `"vector": null` passed the
+    schema and was refused, and unmatched routes / ids with %0A answered {"detail": ...}.
+    (schemathesis is not a dependency: the schema's k bounds are probed at and beyond
+    both edges on every operation that takes k, over real HTTP.)"""
+    import httpx
+
+    from serving_fixtures import LiveServer
+    world, root, fifo_id, fifo, vector = fifo_world
+    max_k = world.config.serving.max_k
+    with LiveServer(_app(world, root)) as live, httpx.Client(base_url=live.url,
+                                                             timeout=30) as c:
+        doc = c.get("/openapi.json").json()
+        ks = _k_schemas(doc, [])
+        integers = [s for k in ks for s in (k.get("anyOf") or [k]) if s.get("type") == "integer"]
+        assert integers and all((s.get("minimum"), s.get("maximum")) == (1, max_k)
+                                for s in integers), ks
+        body = doc["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+        vec = body["application/json"]["schema"]["properties"]["vector"]
+        assert vec["type"] == "array" and "anyOf" not in vec, vec
+        r = c.post("/v1/search", json={"vector": None, "k": 3})
+        assert r.status_code == 422 and r.json()["error"]["reason"] == "bad_vector", r.text
+        product = world.catalog_rows()[0]["product_id"]
+        for k, ok in ((0, False), (1, True), (max_k, True), (max_k + 1, False)):
+            answers = [c.post("/v1/search", json={"vector": vector, "k": k}),
+                       c.get(f"/v1/products/{product}/similar", params={"k": k}),
+                       c.get(f"/v1/images/{fifo_id}/similar", params={"k": k})]
+            for a in answers:
+                assert (a.status_code == 200) == ok, (k, a.request.url, a.status_code, a.text)
+                if not ok:
+                    assert a.status_code == 422 and "error" in a.json(), a.text
+        for method, path, status in (("GET", "/no/such/route", 404),
+                                     ("GET", "/v1/products/a%0Ab/similar", 404),
+                                     ("GET", "/v1/images/%0A", 404),
+                                     ("DELETE", "/v1/search", 405)):
+            r = c.request(method, path)
+            assert r.status_code == status, (path, r.status_code, r.text)
+            body = r.json()
+            assert set(body) == {"error"} and {"reason", "message"} <= set(body["error"]), body
+            assert r.headers["x-error-reason"] == body["error"]["reason"]
