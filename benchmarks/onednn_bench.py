@@ -1,6 +1,10 @@
 """Model-only throughput of the builtin models with TensorFlow's oneDNN kernels on and off.
 
     .venv/bin/python benchmarks/onednn_bench.py [--models efficientnet_lite0,...] [--rounds 3]
+    .venv/bin/python benchmarks/onednn_bench.py --compare precision [--models ...]
+
+`--compare precision` instead alternates `model bench --precision fp32` and `--precision
+bf16` (oneDNN on in both; model.precision, issue 20) and reports bf16 over fp32.
 
 Each measurement is `catalog-search model bench --json` in a fresh process (oneDNN is fixed
 when TensorFlow starts) with TF_ENABLE_ONEDNN_OPTS=1 or =0, alternated round by round so that
@@ -18,12 +22,14 @@ import subprocess
 import sys
 
 
-def bench_once(model: str, onednn: str, batch_size: int, batches: int, threads: int) -> dict:
+def bench_once(model: str, onednn: str, batch_size: int, batches: int, threads: int,
+               precision: str = "fp32") -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS=onednn)
     out = subprocess.run(
         [sys.executable, "-m", "catalog_search.cli", "model", "bench", "--handle", f"builtin:{model}",
          "--batch-size", str(batch_size), "--batches", str(batches), "--threads", str(threads),
-         "--json"], env=env, capture_output=True, text=True, check=True, timeout=900).stdout
+         "--precision", precision, "--json"],
+        env=env, capture_output=True, text=True, check=True, timeout=900).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -34,13 +40,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="TF threads (0 = all cores)")
-    ap.add_argument("--out", default="benchmarks/results/onednn_bench.json")
+    ap.add_argument("--compare", choices=("onednn", "precision"), default="onednn",
+                    help="oneDNN on vs off (default), or model.precision bf16 vs fp32")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/onednn_bench.json "
+                    "(--compare precision: precision_bench.json)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = ("benchmarks/results/onednn_bench.json" if args.compare == "onednn"
+                    else "benchmarks/results/precision_bench.json")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     report: dict = {"cpu": cpu, "cores": os.cpu_count(), "batch_size": args.batch_size,
-                    "batches": args.batches, "tf_threads": args.threads, "models": {}}
+                    "batches": args.batches, "tf_threads": args.threads, "models": {},
+                    "compare": args.compare}
     for model in args.models.split(","):
+        if args.compare == "precision":
+            report["models"][model] = _precision_row(model, args)
+            continue
         runs: dict[str, list[dict]] = {"1": [], "0": []}
         for _ in range(args.rounds):
             for setting in ("1", "0"):
@@ -62,6 +78,29 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     print(f"wrote {args.out}")
+
+
+def _precision_row(model: str, args: argparse.Namespace) -> dict:
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for precision in ("fp32", "bf16"):
+            runs[precision].append(bench_once(model, "1", args.batch_size, args.batches,
+                                              args.threads, precision))
+    row: dict = {}
+    for precision in runs:
+        row[f"{precision}_images_per_s"] = statistics.median(
+            r["images_per_s"] for r in runs[precision])
+        row[f"{precision}_cpu_ms_per_image"] = statistics.median(
+            r["cpu_ms_per_image"] for r in runs[precision])
+    row["bf16_over_fp32_images_per_s"] = row["bf16_images_per_s"] / row["fp32_images_per_s"]
+    row["fp32_over_bf16_cpu_ms_per_image"] = (row["fp32_cpu_ms_per_image"]
+                                              / row["bf16_cpu_ms_per_image"])
+    row["runs"] = runs
+    print(f"{model}: fp32 {row['fp32_images_per_s']:.1f} img/s "
+          f"({row['fp32_cpu_ms_per_image']:.2f} CPU ms/img), bf16 {row['bf16_images_per_s']:.1f} "
+          f"img/s ({row['bf16_cpu_ms_per_image']:.2f} CPU ms/img): CPU ms fp32/bf16 = "
+          f"{row['fp32_over_bf16_cpu_ms_per_image']:.2f}x", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ COVERAGE: list[Coverage] = [
              r"\.venv/bin/catalog-search model bench --handle builtin:efficientnet_\$m .*", SKIP,
              "three builtin models benchmarked (minutes); model bench itself runs in "
              "test_readme_command_line_chain"),
+    # docs/EVALUATION.md: grocery recall@1 per model.precision (issue 20)
+    Coverage(r"ROW=out/prec/(fp32|bf16)|mkdir -p \$ROW|"
+             r"printf 'model:\\n precision: (fp32|bf16)\\n' > \$ROW/config\.yaml", SKIP,
+             "the grocery runs per model.precision (minutes each); model.precision in a config "
+             "file: tests/test_precision.py"),
     # docs/AIRFLOW.md
     Coverage(r"airflow dags trigger catalog_(refresh|backfill) --conf '\{ \"config_file\": "
              r"\"/opt/catalog-search/configs/(dataflow|flink)\.yaml\".*", SKIP,
@@ -133,7 +138,7 @@ COVERAGE: list[Coverage] = [
     Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
-             r"fusion_latency|delta_bench)\.py .*",
+             r"fusion_latency|delta_bench|remote_fetch_bench)\.py .*",
              SKIP, LONG),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),
