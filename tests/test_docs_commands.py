@@ -97,6 +97,9 @@ COVERAGE: list[Coverage] = [
     Coverage(r"(catalog-search|\$CS) train-adapter .*", TEST,
              "tests/test_adapter.py (train-adapter on generated confusable products: written, "
              "gate refusal keeps the old adapter, bad input / arguments)"),
+    Coverage(r"\.venv/bin/catalog-search (embed|build-index|duplicates) .*out/dupbench.*", SKIP,
+             "the grocery catalog + 300 planted copies (3,021 images: minutes); the same "
+             "subcommands run in test_readme_command_line_chain and tests/test_duplicates.py"),
     # docs/EVALUATION.md: the quality grid's per-row steps and its model-cost loop
     Coverage(r"CS=\"\.venv/bin/catalog-search --config \$ROW/config\.yaml\"|"
              r"\$CS (embed|build-index|evaluate) .*\$ROW/.*", SKIP,
@@ -138,7 +141,7 @@ COVERAGE: list[Coverage] = [
     Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
-             r"fusion_latency|delta_bench|remote_fetch_bench)\.py .*",
+             r"fusion_latency|delta_bench|remote_fetch_bench|duplicates_bench)\.py .*",
              SKIP, LONG),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),

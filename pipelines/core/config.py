@@ -364,7 +364,7 @@ class DuplicatesConfig:
     """
     threshold: float = 0.97
     candidate_threshold: float = 0.80
-    pixel_threshold: float | None = 0.95
+    pixel_threshold: float | None = 0.93
     neighbours: int = 20
     block_rows: int = 2048
     report_groups: int = 200
