@@ -216,9 +216,9 @@ class IndexConfig:
     # An adapter folder (catalog-search train-adapter): the index holds adapter(raw) vectors.
     adapter: str | None = None
     # ScaNN builder options (issue 18); recorded per shard in the index manifest.
-    leaves_per_sqrt_n: float = 1.0       # num_leaves = this x sqrt(total vectors), over shards
-    projection_dim: int | None = None    # PCA to this many dims for partitioning + hashing
-    soar_lambda: float | None = None     # SOAR spilled assignments (dot product)
+    leaves_per_sqrt_n: float = 4.0       # num_leaves = this x sqrt(total vectors), over shards
+    projection_dim: int | None = 256     # PCA to this many dims for partitioning + hashing
+    soar_lambda: float | None = 1.5      # SOAR spilled assignments (dot product)
     reorder_dtype: str = "float32"       # float32 | int8 | bfloat16 (exact-score reordering)
     # catalog_backfill: a drop is published as a delta (pipelines/index/deltas.py) while
     # the version's delta rows stay at most this many with it; above, a full build runs.
