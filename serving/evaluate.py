@@ -131,6 +131,46 @@ def query_text(row: dict[str, Any], field: str) -> str:
     return str(value).replace("-", " ").strip() if value is not None else ""
 
 
+WITHOUT_ADAPTER = "without_adapter"
+
+
+def _without_adapter(idx: Any, usable: list[dict[str, Any]], raw: np.ndarray,
+                     per_query: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each query's metrics by exact search over the raw (model-space) vectors of the
+    snapshot the version was built from, i.e. the same catalog without the adapter; stored
+    in per_query[i]["without_adapter"]. None (logged) when the snapshot cannot be read."""
+    from pipelines.embed import snapshot as snap
+    path = idx.manifest.source_snapshot.get("path")
+    try:
+        s = snap.load(str(path))
+    except (snap.SnapshotError, OSError, ValueError) as e:
+        log.warning("evaluate: no figures without the adapter: source snapshot %s: %s", path, e)
+        return None
+    gallery = s.vectors()
+    if gallery.shape[1] != raw.shape[1]:
+        log.warning("evaluate: source snapshot %s has %d-d vectors, queries %d-d: no figures "
+                    "without the adapter", path, gallery.shape[1], raw.shape[1])
+        return None
+    products = np.asarray(s.table.column("product_id").to_pylist(), object)
+    images = s.table.column("image_id").to_pylist()
+    relevant: dict[str, set[str]] = defaultdict(set)
+    for p, i in zip(products.tolist(), images):
+        relevant[p].add(i)
+    depth = min(len(gallery), SEARCH_DEPTH)
+    for start in range(0, len(raw), 256):
+        scores = raw[start:start + 256] @ gallery.T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+        for j, rows in enumerate(top):
+            qi = start + j
+            pid = usable[qi]["product_id"]
+            ranked = products[rows].tolist()
+            collapsed = list(dict.fromkeys(ranked))[:max(KS)]
+            per_query[qi][WITHOUT_ADAPTER] = _query_metrics(
+                pid, collapsed, ranked[:MAP_DEPTH], len(relevant.get(pid, ())))
+    return {"snapshot": str(path), "num_vectors": int(len(gallery)), "dim": int(gallery.shape[1]),
+            "search": "exact dot product over the snapshot's raw vectors"}
+
+
 def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
              version: str | None = None, max_examples: int = 40,
              vector_cache: str | None = None, text_from: str | None = None,
@@ -222,6 +262,8 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     if text_from is not None and idx.text_index is None:
         raise EvaluateError("text fusion needs the index's text index (serving.text_search)")
 
+    raw_vectors = vectors  # model space (what the cache keeps)
+    vectors = idx.to_index_space(raw_vectors)  # the version's adapter, if it has one
     # Batched neighbour lists, deep enough for top-10 products in most cases
     # (collect_hits asks for more, one query at a time, when they are not).
     depth = min(idx.num_vectors, SEARCH_DEPTH)
@@ -268,12 +310,20 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
                                      "score": round(h.score, 4), "hit": h.product_id == pid}
                                     for h in by_product[:EXAMPLE_RESULTS]]
         per_query.append(entry)
+    modes = list(MODES)
+    without = None
+    if idx.adapter is not None:  # the same queries on the raw vectors of the source snapshot
+        t0 = time.perf_counter()
+        without = _without_adapter(idx, usable, raw_vectors, per_query)
+        search_s[WITHOUT_ADAPTER] = time.perf_counter() - t0
+        if without is not None:
+            modes.append(WITHOUT_ADAPTER)
 
     def grouped(key: str) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for q in per_query:
             groups[q[key] or "(none)"].append(q)
-        return {name: {"queries": len(qs), **{m: _mean(q[m] for q in qs) for m in MODES}}
+        return {name: {"queries": len(qs), **{m: _mean(q[m] for q in qs) for m in modes}}
                 for name, qs in sorted(groups.items())}
 
     report: dict[str, Any] = {
@@ -285,7 +335,10 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "queries_file": queries,
         "queries": len(per_query),
         "skipped": skipped,
-        "overall": {m: _mean(q[m] for q in per_query) for m in MODES},
+        "overall": {m: _mean(q[m] for q in per_query) for m in modes},
+        "adapter": ({"id": idx.adapter.id, "dim": idx.dim, "model_dim": idx.query_dim,
+                     WITHOUT_ADAPTER: without}
+                    if idx.adapter is not None else None),
         "by_category": grouped("category"),
         "by_product": grouped("product_id"),
         "index_evaluation": idx.manifest.evaluation,
@@ -368,9 +421,9 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         return 0
     print(f"index version {report['version']}: {report['queries']} queries "
           f"({len(report['skipped'])} skipped), {report['num_vectors']} vectors")
-    print(f"{'':<14}" + "".join(f"{m:>13}" for m in METRIC_NAMES))
-    for mode in MODES:
-        print(f"{mode:<14}" + "".join(f"{report['overall'][mode][m]:>13.3f}"
+    print(f"{'':<16}" + "".join(f"{m:>13}" for m in METRIC_NAMES))
+    for mode in report["overall"]:
+        print(f"{mode:<16}" + "".join(f"{report['overall'][mode][m]:>13.3f}"
                                        for m in METRIC_NAMES))
     print(f"report: {fs.join(args.out, 'report.html')}")
     return 0

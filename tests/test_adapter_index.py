@@ -199,3 +199,26 @@ def test_build_refuses_mismatched_or_damaged_adapters_naming_the_file(adapted, w
         err = capsys.readouterr().err
         assert rc == 1 and message in err and path in err, err
     assert load_adapter(good.path).id == good.id
+
+
+def test_evaluate_reports_with_and_without_the_adapter(adapted, world, tmp_path, capsys):
+    from serving.evaluate import evaluate
+    cfg = world.config.replace(index={"adapter": None})
+    plain = evaluate(world.index_root, world.queries, str(tmp_path / "plain"), cfg)
+    report = evaluate(adapted["index_root"], world.queries, str(tmp_path / "adapted"), cfg)
+    assert set(report["overall"]) == {"index", "exact", "without_adapter"}
+    assert report["adapter"]["id"] == adapted["adapter"].id
+    assert report["adapter"]["dim"] == OUT_DIM
+    # "without the adapter" is exact search over the same snapshot's raw vectors: what the
+    # index built without an adapter gives by exact search
+    for m, value in plain["overall"]["exact"].items():
+        assert report["overall"]["without_adapter"][m] == pytest.approx(value, abs=1e-9), m
+    assert "without_adapter" not in plain["overall"] and plain["adapter"] is None
+    # with the adapter: the published index = exact search in index space (small shards)
+    assert report["overall"]["index"] == report["overall"]["exact"]
+    cat = next(iter(report["by_category"].values()))
+    assert {"index", "exact", "without_adapter"} <= set(cat)
+    rc = cli_main(["evaluate", "--index-root", adapted["index_root"], "--queries",
+                   world.queries, "--out", str(tmp_path / "cli")] + _config_args(world, tmp_path))
+    out = capsys.readouterr().out
+    assert rc == 0 and "without_adapter" in out
