@@ -1,11 +1,13 @@
 """catalog_refresh: keep the visual search index fresh, every night.
 
 validate_params -> embed (Beam, incremental against the previous snapshot)
+    -> train_adapter (optional, adapter.enabled / Param train_adapter: a gated embedding
+       adapter; a gate failure keeps the previous adapter and the log says why)
     -> build_index (Beam: shards, ScaNN, evaluation gate, publish LATEST)
     -> duplicates (optional, off by default: config duplicates.in_refresh; Beam: near-duplicate
        listings of the new version -> <index_root>/duplicates/<version>/)
     -> publish (check LATEST and counts; emit the index Asset event with version and counts,
-       and the duplicates figures when the report ran)
+       the adapter's figures, and the duplicates figures when the report ran)
 
 The task logic lives in pipelines/orchestration/ (plan, launcher, steps); Beam jobs run in a subprocess with the
 pipeline's interpreter (see docs/AIRFLOW.md for why, and for the runner options).
@@ -46,10 +48,19 @@ def catalog_refresh():
         return launcher.launch_step(launcher.EMBED_STEP, {"plan": plan})
 
     @task
-    def build_index(plan: dict, embed_summary: dict) -> dict:
+    def train_adapter(plan: dict, embed_summary: dict) -> dict:
+        """Train a gated adapter on the snapshot (when enabled); which adapter to index with."""
+        if not steps.adapter_enabled(plan):
+            return dict(steps.ADAPTER_DISABLED)
+        return launcher.launch_step(launcher.TRAIN_ADAPTER_STEP,
+                                    {"plan": plan, "embed_summary": embed_summary})
+
+    @task
+    def build_index(plan: dict, embed_summary: dict, adapter_result: dict) -> dict:
         """Beam build_index job: snapshot -> gated index version, published as LATEST."""
         return launcher.launch_step(launcher.BUILD_INDEX_STEP,
-                                {"plan": plan, "embed_summary": embed_summary})
+                                    {"plan": plan, "embed_summary": embed_summary,
+                                     "adapter_result": adapter_result})
 
     @task
     def duplicates(plan: dict, index_manifest: dict) -> dict:
@@ -60,11 +71,11 @@ def catalog_refresh():
                                     {"plan": plan, "index_manifest": index_manifest})
 
     @task(outlets=[INDEX_ASSET])
-    def publish(plan: dict, embed_summary: dict, index_manifest: dict, duplicates: dict,
-                outlet_events=None) -> dict:
-        """Check LATEST and the counts; the index Asset event carries version and counts
-        (and the duplicates figures when the report ran)."""
-        extra = steps.publish_results(plan, embed_summary, index_manifest)
+    def publish(plan: dict, embed_summary: dict, index_manifest: dict, adapter_result: dict,
+                duplicates: dict, outlet_events=None) -> dict:
+        """Check LATEST and the counts; the index Asset event carries version, counts, the
+        adapter's figures (and the duplicates figures when the report ran)."""
+        extra = steps.publish_results(plan, embed_summary, index_manifest, adapter_result)
         if duplicates.get("enabled"):
             extra["duplicates"] = duplicates
         outlet_events[INDEX_ASSET].extra = extra
@@ -72,8 +83,9 @@ def catalog_refresh():
 
     plan = validate_params()
     summary = embed(plan)
-    manifest = build_index(plan, summary)
-    publish(plan, summary, manifest, duplicates(plan, manifest))
+    adapter = train_adapter(plan, summary)
+    manifest = build_index(plan, summary, adapter)
+    publish(plan, summary, manifest, adapter, duplicates(plan, manifest))
 
 
 catalog_refresh()

@@ -184,10 +184,13 @@ def test_run_dags_structure_retries_and_asset(structure):
                                  ("catalog_backfill", "embed_drop", [])):
         d = structure["dags"][dag_id]
         tasks = d["tasks"]
-        assert set(tasks) == {"validate_params", embed, "build_index", "publish", *extra}
+        train = ["train_adapter"] if dag_id == "catalog_refresh" else []
+        assert set(tasks) == {"validate_params", embed, "build_index", "publish", *extra, *train}
         assert tasks["validate_params"]["downstream"] == sorted(
-            [embed, "build_index", "publish", *extra])
-        assert tasks[embed]["downstream"] == ["build_index", "publish"]
+            [embed, "build_index", "publish", *extra, *train])
+        assert tasks[embed]["downstream"] == sorted(["build_index", "publish", *train])
+        if train:  # the optional adapter is trained between embed and build_index
+            assert tasks["train_adapter"]["downstream"] == ["build_index", "publish"]
         assert tasks["build_index"]["downstream"] == sorted(["publish", *extra])
         for name in extra:  # the optional duplicates report runs before publish
             assert tasks[name]["downstream"] == ["publish"]
@@ -209,7 +212,7 @@ def test_params_are_typed(structure):
     backfill = structure["dags"]["catalog_backfill"]["params"]
     expected = {"manifests", "embeddings_root", "index_root", "config_file", "runner",
                 "runner_options", "shards", "recall_threshold", "retention", "model_handle",
-                "config_overrides"}
+                "config_overrides", "train_adapter"}
     assert set(refresh) == set(backfill) == expected
     assert refresh["manifests"]["schema"]["type"] == "array"
     assert refresh["manifests"]["schema"]["minItems"] == 1
@@ -219,6 +222,8 @@ def test_params_are_typed(structure):
     assert refresh["recall_threshold"]["schema"]["maximum"] == 1
     assert refresh["runner_options"]["schema"]["type"] == "object"
     assert refresh["config_file"]["value"] is None and refresh["runner_options"]["value"] == {}
+    assert refresh["train_adapter"]["schema"] == {"type": ["null", "boolean"]}
+    assert refresh["train_adapter"]["value"] is None
 
 
 # ------------------------------------------------------------------ full dag.test() runs

@@ -287,9 +287,20 @@ class AdapterConfig:
     val_pairs: float = 0.1
     min_gain: float = 0.0
     seed: int = 0
+    # The catalog_refresh DAG's train_adapter task: the adapter folder (null: `adapter`
+    # beside the index root), labelled-photo snapshots used as pairs, the feedback log.
+    dir: str | None = None
+    pairs: tuple[str, ...] = ()
+    feedback: str | None = None
 
     def validate(self) -> None:
         _require(isinstance(self.enabled, bool), "adapter.enabled", "must be true or false")
+        for key in ("dir", "feedback"):
+            value = getattr(self, key)
+            _require(value is None or bool(value.strip()), f"adapter.{key}",
+                     "must be null or a non-empty path")
+        _require(all(p and p.strip() for p in self.pairs), "adapter.pairs",
+                 "must list non-empty snapshot paths")
         _require(1 <= self.dim <= 8192, "adapter.dim", "must be between 1 and 8192")
         _require(1 <= self.epochs <= 10_000, "adapter.epochs", "must be between 1 and 10000")
         _require(0 < self.learning_rate <= 1, "adapter.learning_rate", "must be in (0, 1]")

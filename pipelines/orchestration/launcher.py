@@ -27,10 +27,11 @@ from pipelines.orchestration.plan import RunPlan, pipeline_python
 
 log = logging.getLogger(__name__)
 
-EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP = "embed", "build_index", "duplicates"
+EMBED_STEP, BUILD_INDEX_STEP = "embed", "build_index"
+TRAIN_ADAPTER_STEP, DUPLICATES_STEP = "train_adapter", "duplicates"
 # catalog_backfill: the drop as a delta of LATEST, or a full build (delta_step.py)
 BACKFILL_INDEX_STEP = "backfill_index"
-STEPS = (EMBED_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP, BACKFILL_INDEX_STEP)
+STEPS = (EMBED_STEP, TRAIN_ADAPTER_STEP, BUILD_INDEX_STEP, DUPLICATES_STEP, BACKFILL_INDEX_STEP)
 #: Exit code of a step subprocess that failed for a reason a retry cannot fix.
 PERMANENT_EXIT_CODE = 3
 #: The module a step subprocess runs (`python -m STEP_MODULE STEP --input .. --output ..`).
@@ -76,7 +77,8 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     from pipelines.core.runner import check_runner_dependencies
     check_runner_dependencies(plan.config(), [*plan.manifests, plan.embeddings_root,
                                               plan.index_root])
-    from pipelines.orchestration.steps import build_index_step, duplicates_step, embed_step
+    from pipelines.orchestration.steps import (build_index_step, duplicates_step, embed_step,
+                                               train_adapter_step)
     if step == EMBED_STEP:
         return embed_step(plan).to_dict()
     if step == DUPLICATES_STEP:
@@ -84,7 +86,7 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(version, str):
             raise OrchestrationError(f"{step} payload: index_manifest.version is missing")
         return duplicates_step(plan, version)
-    if step in (BUILD_INDEX_STEP, BACKFILL_INDEX_STEP):
+    if step in (BUILD_INDEX_STEP, BACKFILL_INDEX_STEP, TRAIN_ADAPTER_STEP):
         from pipelines.embed.summary import SnapshotSummary, SummaryError
         try:
             summary = SnapshotSummary.from_dict(payload.get("embed_summary"),
@@ -94,7 +96,12 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         if step == BACKFILL_INDEX_STEP:
             from pipelines.orchestration.delta_step import backfill_index_step
             return backfill_index_step(plan, summary)
-        return build_index_step(plan, summary).to_dict()
+        if step == TRAIN_ADAPTER_STEP:
+            return train_adapter_step(plan, summary)
+        adapter_result = payload.get("adapter_result")
+        if adapter_result is not None and not isinstance(adapter_result, dict):
+            raise OrchestrationError(f"{step} payload adapter_result must be an object")
+        return build_index_step(plan, summary, adapter_result).to_dict()
     raise OrchestrationError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
 
 

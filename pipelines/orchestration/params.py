@@ -44,7 +44,8 @@ def dag_params(kind: str) -> dict[str, Any]:
     from airflow.sdk import Param
     defaults = default_params(kind)
     nullable = {"config_file": "string", "runner": "string", "shards": "integer",
-                "recall_threshold": "number", "retention": "integer", "model_handle": "string"}
+                "recall_threshold": "number", "retention": "integer", "model_handle": "string",
+                "train_adapter": "boolean"}
     params: dict[str, Any] = {}
     for key, help_text in PARAM_HELP.items():
         if key == "manifests":

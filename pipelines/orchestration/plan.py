@@ -49,6 +49,8 @@ PARAM_HELP = {
     "retention": "published index versions kept (LATEST is never pruned); null = config's",
     "model_handle": "embedding model handle; null = config's model.handle",
     "config_overrides": "any config keys, by section, e.g. {\"index\": {\"eval_queries\": 200}}",
+    "train_adapter": "run the train_adapter task (a gated embedding adapter for the index); "
+                     "null = config's adapter.enabled",
 }
 
 
@@ -79,6 +81,7 @@ def default_params(kind: str) -> dict[str, Any]:
         "retention": None,
         "model_handle": None,
         "config_overrides": {},
+        "train_adapter": None,
     }
 
 
@@ -182,7 +185,7 @@ def _optional(params: Mapping[str, Any], key: str, kinds: tuple[type, ...],
     value = params.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise OrchestrationError(f"param {key} must be {what} or null, got {value!r}")
     return value
 
@@ -217,7 +220,8 @@ def config_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
             ("shards", "index", "shards", (int,), "an integer >= 1"),
             ("recall_threshold", "index", "recall_threshold", (int, float), "a number in [0, 1]"),
             ("retention", "index", "retention", (int,), "an integer >= 1"),
-            ("model_handle", "model", "handle", (str,), "a model handle")):
+            ("model_handle", "model", "handle", (str,), "a model handle"),
+            ("train_adapter", "adapter", "enabled", (bool,), "true or false")):
         value = _optional(params, key, kinds, what)
         if value is not None:
             put(section, name, value)

@@ -1,6 +1,6 @@
-"""The steps of a DAG run: embed, build_index, the optional duplicates report (run in the
-pipeline interpreter by pipelines.orchestration.launcher) and publish (checks LATEST and
-the counts; the extra of the index Asset event)."""
+"""The steps of a DAG run: embed, the optional train_adapter, build_index, the optional
+duplicates report (run in the pipeline interpreter by pipelines.orchestration.launcher)
+and publish (checks LATEST and the counts; the extra of the index Asset event)."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,78 @@ def embed_step(plan: RunPlan) -> SnapshotSummary:
     return summary
 
 
+def adapter_dir(plan: RunPlan) -> str:
+    """The run's adapter folder: config adapter.dir, else `adapter` beside the index root."""
+    from pipelines.core import filesystem as fs
+    configured = plan.config().adapter.dir
+    if configured:
+        return configured
+    root = plan.index_root.rstrip("/")
+    parent = root.rsplit("/", 1)[0] if "/" in root else "."
+    return fs.join(parent, "adapter")
+
+
+def _usable_adapter(folder: str, summary: SnapshotSummary) -> tuple[str | None, str]:
+    """(folder, its id) when it holds an adapter that fits the snapshot, else (None, why)."""
+    from pipelines.adapter import AdapterError, load_adapter
+    from pipelines.adapter.artifact import is_adapter
+    if not is_adapter(folder):
+        return None, f"{folder} holds no adapter"
+    try:
+        adapter = load_adapter(folder)
+        adapter.check_base(summary.model, summary.dim, f"snapshot {summary.snapshot}")
+    except AdapterError as e:
+        return None, str(e)
+    return folder, adapter.id
+
+
+#: train_adapter's result when adapter.enabled is false (no subprocess is started).
+ADAPTER_DISABLED: dict[str, Any] = {"enabled": False, "trained": False, "adapter": None,
+                                    "adapter_id": None, "reason": "adapter.enabled is false",
+                                    "validation": None}
+
+
+def adapter_enabled(plan: Mapping[str, Any]) -> bool:
+    """Whether the run trains an adapter (config adapter.enabled / Param train_adapter)."""
+    return bool(RunPlan.from_dict(plan).config().adapter.enabled)
+
+
+def train_adapter_step(plan: RunPlan, embed_summary: SnapshotSummary) -> dict[str, Any]:
+    """Train an adapter on the run's snapshot (+ adapter.pairs, adapter.feedback) when
+    adapter.enabled; the result names the adapter build_index uses.
+
+    The gate refusing the new adapter is not a failure of the run: the folder keeps its
+    previous adapter (used when it fits this snapshot, else none) and the log says why.
+    Returns {"enabled", "trained", "adapter" (folder or None), "adapter_id", "reason",
+    "validation"}.
+    """
+    config = plan.config()
+    folder = adapter_dir(plan)
+    if not config.adapter.enabled:
+        log.info("train_adapter: adapter.enabled is false: nothing trained")
+        return dict(ADAPTER_DISABLED)
+    from pipelines.adapter import AdapterError
+    from pipelines.adapter.commands import AdapterGateError, run_train_adapter
+    snapshot_dir = _snapshot_dir(embed_summary)
+    try:
+        result = run_train_adapter(snapshot_dir, folder, config, list(config.adapter.pairs),
+                                   config.adapter.feedback)
+    except AdapterGateError as e:
+        kept, why = _usable_adapter(folder, embed_summary)
+        log.warning("train_adapter: %s; build_index uses %s", e,
+                    f"the previous adapter {why} in {kept}" if kept else f"no adapter ({why})")
+        return {"enabled": True, "trained": False, "adapter": kept,
+                "adapter_id": why if kept else None, "reason": str(e),
+                "validation": e.result.figures.get("validation")}
+    except AdapterError as e:
+        raise PermanentStepError(f"train_adapter: {e}") from e
+    log.info("train_adapter: %s: %s", result.adapter.id if result.adapter else None,
+             result.reason)
+    return {"enabled": True, "trained": True, "adapter": folder,
+            "adapter_id": result.adapter.id if result.adapter else None,
+            "reason": result.reason, "validation": result.figures.get("validation")}
+
+
 def _revision_name(run_id: str, revision: int) -> str:
     return run_id if revision == 1 else f"{run_id}{REVISION_SEPARATOR}{revision:02d}"
 
@@ -67,13 +139,19 @@ def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_di
     from pipelines.embed import snapshot
 
     snap = snapshot.load(snapshot_dir)
+    from pipelines.adapter import AdapterError, apply_adapter, load_for_version
+    try:  # a version with an adapter holds adapter(raw): compare in its space
+        adapter = load_for_version(art.version_dir(index_root, manifest.version),
+                                   manifest.adapter)
+    except AdapterError as e:
+        return False, f"its adapter does not read: {e}"
     if manifest.model_id != snap.summary.model_id:
         return False, f"model {manifest.model_id} != snapshot model {snap.summary.model_id}"
     if manifest.num_vectors != snap.table.num_rows:
         return False, (f"{manifest.num_vectors} vectors != {snap.table.num_rows} "
                        "snapshot rows")
     table = snap.table.select(["image_id", "view", "product_id", "image_uri", "metadata"])
-    vectors = snap.vectors()
+    vectors = apply_adapter(adapter, snap.vectors())
     expected = {(r["image_id"], r["view"]): (r, i) for i, r in enumerate(table.to_pylist())}
     base = art.version_dir(index_root, manifest.version)
     for entry in manifest.shards:
@@ -104,7 +182,8 @@ def _next_revision(run_id: str, last: str) -> str:
     return _revision_name(run_id, revision)
 
 
-def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexManifest:
+def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary,
+                     adapter_result: Mapping[str, Any] | None = None) -> IndexManifest:
     """Build the run's index version from its snapshot, gate it on recall and publish LATEST.
 
     Index versions are immutable, so a re-run of the same date (or a retried task):
@@ -121,6 +200,14 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexMani
 
     config = plan.config()
     snapshot_dir = _snapshot_dir(embed_summary)
+    adapter = config.index.adapter  # adapter.enabled false: config's index.adapter, if any
+    if adapter_result is not None and adapter_result.get("enabled"):
+        adapter = adapter_result.get("adapter")  # train_adapter's new or kept one (or none)
+    elif adapter_result is None and config.adapter.enabled:  # a run without train_adapter
+        adapter, why = _usable_adapter(adapter_dir(plan), embed_summary)
+        if adapter is None:
+            log.warning("adapter.enabled but no usable adapter (%s): built without one", why)
+    config = config.replace(index={"adapter": adapter})
     existing = run_versions(plan.index_root, plan.run_id)
     version = plan.run_id
     if existing:
@@ -133,6 +220,8 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexMani
             art.STATUS_PASSED if existing_manifest.passed else art.STATUS_REJECTED)
         if existing_manifest is not None and existing_manifest.passed:
             same, why = index_matches_snapshot(plan.index_root, existing_manifest, snapshot_dir)
+            if same and _adapter_source_id(adapter) != (existing_manifest.adapter or {}).get("id"):
+                same, why = False, "it was built with another adapter"  # retrained adapter
             if same:
                 log.info("index version %s already holds exactly snapshot %s: kept, not rebuilt",
                          last, snapshot_dir)
@@ -153,6 +242,16 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary) -> IndexMani
     log.info("index %s: %s vectors, evaluation %s", manifest.version, manifest.num_vectors,
              manifest.evaluation)
     return manifest
+
+
+def _adapter_source_id(folder: str | None) -> str | None:
+    if folder is None:
+        return None
+    from pipelines.adapter import AdapterError, load_adapter
+    try:
+        return load_adapter(folder).id
+    except AdapterError:
+        return None
 
 
 def snapshot_rows(snapshot_dir: str) -> int:
@@ -230,8 +329,27 @@ def duplicates_step(plan: RunPlan, version: str) -> dict[str, Any]:
     return {"enabled": True, **figures, "report": f"{out}/report.html"}
 
 
+def adapter_event(index_manifest: IndexManifest,
+                  adapter_result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The adapter part of the index Asset event: the version's adapter and its figures,
+    and what this run's train_adapter did (trained, or kept the previous one and why)."""
+    record = index_manifest.adapter
+    if record is None and not adapter_result:
+        return None
+    validation = (record or {}).get("validation") or {}
+    out: dict[str, Any] = {
+        "id": (record or {}).get("id"), "dim": index_manifest.dim if record else None,
+        "val_recall_at_1": (validation.get("with_adapter") or {}).get("recall@1"),
+        "val_recall_at_1_identity": (validation.get("identity") or {}).get("recall@1")}
+    if adapter_result:
+        out.update(trained=bool(adapter_result.get("trained")),
+                   reason=adapter_result.get("reason"))
+    return out
+
+
 def publish(plan: RunPlan, embed_summary: SnapshotSummary,
-            index_manifest: IndexManifest) -> dict[str, Any]:
+            index_manifest: IndexManifest,
+            adapter_result: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Confirm the run's version is the published LATEST and its counts reconcile; returns
     the extra of the index Asset event (version, counts, recall, where things are, and
     `folded`: the previous version's delta log and how the new version holds it)."""
@@ -263,13 +381,15 @@ def publish(plan: RunPlan, embed_summary: SnapshotSummary,
         # a full build: a fresh delta log, and what it did with the previous version's
         "deltas": 0,
         "folded": fold_report(plan.index_root, version),
+        "adapter": adapter_event(index_manifest, adapter_result),
     }
     log.info("published %s: %s", version, json.dumps(extra, sort_keys=True))
     return extra
 
 
 def publish_results(plan: Mapping[str, Any], embed_summary: Mapping[str, Any],
-                    index_manifest: Mapping[str, Any]) -> dict[str, Any]:
+                    index_manifest: Mapping[str, Any],
+                    adapter_result: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`publish` on the JSON results of the earlier tasks (XCom): each parsed once into its
     contract (a malformed one is an OrchestrationError naming the field)."""
     from pipelines.core.contract import ContractError
@@ -278,6 +398,7 @@ def publish_results(plan: Mapping[str, Any], embed_summary: Mapping[str, Any],
     try:
         return publish(RunPlan.from_dict(plan),
                        SnapshotSummary.from_dict(embed_summary, "the embed task's result"),
-                       IndexManifest.from_dict(index_manifest, "the build_index task's result"))
+                       IndexManifest.from_dict(index_manifest, "the build_index task's result"),
+                       adapter_result)
     except ContractError as e:
         raise OrchestrationError(str(e)) from e
