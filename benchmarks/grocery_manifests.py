@@ -4,7 +4,8 @@
 
 DATASET_DIR is the dataset's `dataset/` folder (classes.csv, train.txt, test.txt, ...).
 Writes DIR/catalog.csv (one iconic packshot per product + the train photos, unless
---no-train) and DIR/queries.csv (the test photos): product_id = fine class name,
+--no-train), DIR/queries.csv (the test photos) and DIR/train.csv (the train photos alone:
+labelled shopper photos, embedded as `train-adapter --pairs`): product_id = fine class name,
 category = coarse class name, so a hit is a result of the same fine class; the iconic
 rows also carry the product's `description` (the dataset's *_Description.txt), which the
 serving text index uses for image + text search.
@@ -71,21 +72,24 @@ def _split_rows(dataset: str, split: str, classes: dict[int, dict[str, str]]
 
 def write_manifests(dataset: str, out_dir: str, include_train: bool = True
                     ) -> tuple[str, str]:
-    """Write catalog.csv and queries.csv; returns their paths."""
+    """Write catalog.csv, queries.csv and train.csv; returns the first two paths."""
     classes = _read_classes(dataset)
     catalog = [{"product_id": c["name"], "image_id": f"iconic-{c['name']}",
                 "image_uri": os.path.abspath(os.path.join(dataset, c["iconic"])),
                 "title": c["name"].replace("-", " "), "category": c["coarse"],
                 "description": c["description"], "source": "iconic"} for _, c in sorted(classes.items())]
+    train = _split_rows(dataset, "train", classes)
     if include_train:
-        catalog += _split_rows(dataset, "train", classes)
+        catalog += train
     queries = _split_rows(dataset, "test", classes)
-    missing = [r["image_uri"] for r in catalog + queries if not os.path.exists(r["image_uri"])]
+    missing = [r["image_uri"] for r in catalog + queries + train
+               if not os.path.exists(r["image_uri"])]
     if missing:
         raise SystemExit(f"error: {len(missing)} listed images do not exist, e.g. {missing[0]}")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, rows in (("catalog.csv", catalog), ("queries.csv", queries)):
+    for name, rows in (("catalog.csv", catalog), ("queries.csv", queries),
+                       ("train.csv", train)):
         path = os.path.join(out_dir, name)
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
