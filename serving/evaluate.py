@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -35,13 +35,11 @@ from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
+from serving.evaluate_metrics import KS, MAP_DEPTH, METRIC_NAMES, mean_metrics, query_metrics
+from serving.evaluate_report import EXAMPLE_RESULTS, render_html
 
 log = logging.getLogger(__name__)
 
-KS = (1, 5, 10)
-MAP_DEPTH = 10
-EXAMPLE_RESULTS = 5
-METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "precision@1", "mAP@10")
 MODES = ("index", "exact")
 # Neighbours fetched per query in the batched first pass.
 SEARCH_DEPTH = 1000
@@ -49,35 +47,6 @@ SEARCH_DEPTH = 1000
 
 class EvaluateError(ValueError):
     """An evaluation cannot run on this index and these queries (no usable query, ...)."""
-
-
-def _average_precision(relevant_flags: list[bool], num_relevant: int, depth: int) -> float:
-    denominator = min(depth, num_relevant)
-    if denominator == 0:
-        return 0.0
-    hits, total = 0, 0.0
-    for rank, rel in enumerate(relevant_flags[:depth], 1):
-        if rel:
-            hits += 1
-            total += hits / rank
-    return total / denominator
-
-
-def _query_metrics(product_id: str, products: list[str], images: list[str],
-                   num_relevant: int) -> dict[str, float]:
-    """Metrics of one query from its collapsed product list and uncollapsed image list."""
-    out = {f"recall@{k}": float(product_id in products[:k]) for k in KS}
-    out["precision@1"] = float(bool(images) and images[0] == product_id)
-    out["mAP@10"] = _average_precision([p == product_id for p in images], num_relevant,
-                                       MAP_DEPTH)
-    return out
-
-
-def _mean(rows: Iterable[dict[str, float]]) -> dict[str, float]:
-    rows = list(rows)
-    if not rows:
-        return {name: 0.0 for name in METRIC_NAMES}
-    return {name: float(np.mean([r[name] for r in rows])) for name in METRIC_NAMES}
 
 
 def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> str:
@@ -165,7 +134,7 @@ def _without_adapter(idx: Any, usable: list[dict[str, Any]], raw: np.ndarray,
             pid = usable[qi]["product_id"]
             ranked = products[rows].tolist()
             collapsed = list(dict.fromkeys(ranked))[:max(KS)]
-            per_query[qi][WITHOUT_ADAPTER] = _query_metrics(
+            per_query[qi][WITHOUT_ADAPTER] = query_metrics(
                 pid, collapsed, ranked[:MAP_DEPTH], len(relevant.get(pid, ())))
     return {"snapshot": str(path), "num_vectors": int(len(gallery)), "dim": int(gallery.shape[1]),
             "search": "exact dot product over the snapshot's raw vectors"}
@@ -303,7 +272,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
                 by_image = collect_hits(idx, vector, MAP_DEPTH, collapse=False,
                                         exact=mode == "exact", neighbours=first)
             search_s[mode] += time.perf_counter() - t0
-            entry[mode] = _query_metrics(pid, [h.product_id for h in by_product],
+            entry[mode] = query_metrics(pid, [h.product_id for h in by_product],
                                          [h.product_id for h in by_image], num_relevant)
             if mode == "index":
                 entry["results"] = [{"product_id": h.product_id, "image_id": h.image_id,
@@ -323,7 +292,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for q in per_query:
             groups[q[key] or "(none)"].append(q)
-        return {name: {"queries": len(qs), **{m: _mean(q[m] for q in qs) for m in modes}}
+        return {name: {"queries": len(qs), **{m: mean_metrics(q[m] for q in qs) for m in modes}}
                 for name, qs in sorted(groups.items())}
 
     report: dict[str, Any] = {
@@ -335,7 +304,7 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "queries_file": queries,
         "queries": len(per_query),
         "skipped": skipped,
-        "overall": {m: _mean(q[m] for q in per_query) for m in modes},
+        "overall": {m: mean_metrics(q[m] for q in per_query) for m in modes},
         "adapter": ({"id": idx.adapter.id, "dim": idx.dim, "model_dim": idx.query_dim,
                      WITHOUT_ADAPTER: without}
                     if idx.adapter is not None else None),
@@ -354,7 +323,6 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
         "per_query": per_query,
     }
     fs.write_json(fs.join(out_dir, "report.json"), report)
-    from serving.evaluate_report import render_html
     fs.write_bytes(fs.join(out_dir, "report.html"),
                    render_html(report, idx, max_examples).encode("utf-8"))
     log.info("evaluate: %d queries, recall@1 %.3f (exact %.3f), report in %s", len(per_query),

@@ -8,7 +8,9 @@ import io
 from typing import Any
 
 from pipelines.core import filesystem as fs
-from serving.evaluate import EXAMPLE_RESULTS, METRIC_NAMES
+from serving.evaluate_metrics import METRIC_NAMES
+
+EXAMPLE_RESULTS = 5  # top products kept per query for the page's examples
 
 
 def _thumbnail(data: bytes, side: int = 112) -> str:

@@ -13,6 +13,10 @@ A package imports only packages of a lower rank; serving and orchestration (both
 import each other. So the CLI and the demo (catalog_search) are the only code that imports
 both the batch stages and serving, and nothing in pipelines imports serving. Checked
 statically over every import statement, including those inside functions.
+
+No import circles between modules of pipelines/ and serving/ either: the module graph (every
+import statement, module-level, inside functions or under TYPE_CHECKING, since a
+function-level import only hides a circle) has no cycle.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ def _package(module: str) -> str | None:
     return None
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(REPO).with_suffix("")
+def _module_name(path: Path, root: Path = REPO) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -106,3 +110,71 @@ def test_no_stage_module_names_another_by_string():
     users = [str(p.relative_to(REPO)) for p in _sources()
              if "importlib.import_module(" in p.read_text(encoding="utf-8")]
     assert set(users) <= allowed, users
+
+
+def _module_graph(root: Path, tops: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the modules (of `tops` under `root`) it imports; `from a.b import c` names
+    a.b.c when that is a module, else a.b."""
+    paths = {_module_name(p, root): p for top in tops for p in (root / top).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets = set()
+        for _, name in _imports(path):
+            while name and name not in paths:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles_in_pipelines_and_serving():
+    circles = _circles(_module_graph(REPO, ("pipelines", "serving")))
+    assert not circles, "modules that import each other (directly or around a loop):\n" + \
+        "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_circle_hidden_in_a_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.b import B\n")
+    (pkg / "b.py").write_text("B = 1\n\ndef f():\n    from pkg import c\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from pkg import a, b\n")
+    assert _circles(_module_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]

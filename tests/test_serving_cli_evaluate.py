@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from catalog_search.cli import main
-from serving.evaluate import METRIC_NAMES, evaluate
+from serving.evaluate import evaluate
+from serving.evaluate_metrics import METRIC_NAMES
 from serving_fixtures import NUM_PRODUCTS, jpeg_bytes, serving_world
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +23,7 @@ import pyarrow as pa
 from pipelines.core import filesystem as fs
 from pipelines.core import latest as latest_pointer
 from pipelines.core.names import InvalidNameError, check_segment
-
-if TYPE_CHECKING:
-    from pipelines.embed.summary import SnapshotSummary
+from pipelines.embed.summary import SnapshotError, SnapshotSummary
 
 SUMMARY_FILE = "summary.json"
 LATEST_FILE = latest_pointer.LATEST_FILE
@@ -33,10 +31,6 @@ EMBEDDINGS_PREFIX = "embeddings"
 DEAD_LETTER_PREFIX = "dead_letter"
 
 DEAD_LETTER_FIELDS = ("image_id", "product_id", "image_uri", "stage", "error", "message")
-
-
-class SnapshotError(ValueError):
-    """A snapshot is missing, incomplete or does not follow the contract."""
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -56,7 +50,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
 class Snapshot:
     """A complete snapshot loaded into memory (what build_index and merges read)."""
     path: str
-    summary: "SnapshotSummary"
+    summary: SnapshotSummary
     table: pa.Table  # embeddings rows, schema = embeddings_schema(dim)
 
     @property
@@ -97,10 +91,9 @@ def is_complete(path: str) -> bool:
     return fs.exists(fs.join(path, SUMMARY_FILE))
 
 
-def read_summary(path: str) -> "SnapshotSummary":
+def read_summary(path: str) -> SnapshotSummary:
     """The snapshot's summary.json, parsed once into its contract (pipelines.embed.summary);
     SnapshotError when missing, not JSON or not following the contract (SummaryError)."""
-    from pipelines.embed.summary import SnapshotSummary
     summary_uri = fs.join(path, SUMMARY_FILE)
     if not fs.exists(summary_uri):
         raise SnapshotError(f"{path} is not a complete embeddings snapshot (no {SUMMARY_FILE})")
@@ -111,7 +104,7 @@ def read_summary(path: str) -> "SnapshotSummary":
     return SnapshotSummary.from_dict(data, summary_uri, legacy=True)
 
 
-def write_summary(path: str, summary: "SnapshotSummary", name: str = SUMMARY_FILE) -> str:
+def write_summary(path: str, summary: SnapshotSummary, name: str = SUMMARY_FILE) -> str:
     """Write a summary into a snapshot folder (summary.json: the snapshot is complete)."""
     uri = fs.join(path, name)
     fs.write_json(uri, summary.to_dict())
@@ -126,7 +119,7 @@ def dead_letter_files(path: str) -> list[str]:
     return fs.match(fs.join(path, f"{DEAD_LETTER_PREFIX}-*.jsonl"))
 
 
-def read_table(path: str, summary: "SnapshotSummary | None" = None) -> pa.Table:
+def read_table(path: str, summary: SnapshotSummary | None = None) -> pa.Table:
     """All embedding rows of a snapshot, as one Arrow table (may be empty); `summary`: its
     summary when the caller has read it already."""
     summary = summary or read_summary(path)

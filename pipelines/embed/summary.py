@@ -15,9 +15,13 @@ from typing import Any
 
 from pipelines.core.contract import FORMAT_KEY, ContractError, check_format
 from pipelines.core.contract import field as read_field
-from pipelines.embed.snapshot import SnapshotError
 
 SUMMARY_FORMAT = "catalog-search-embeddings-summary/1"
+
+
+class SnapshotError(ValueError):
+    """A snapshot is missing, incomplete or does not follow the contract (raised by
+    pipelines.embed.snapshot, which imports it from here: the summary is the lower module)."""
 
 
 class SummaryError(ContractError, SnapshotError):

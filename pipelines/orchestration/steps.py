@@ -353,7 +353,7 @@ def publish(plan: RunPlan, embed_summary: SnapshotSummary,
     """Confirm the run's version is the published LATEST and its counts reconcile; returns
     the extra of the index Asset event (version, counts, recall, where things are, and
     `folded`: the previous version's delta log and how the new version holds it)."""
-    from pipelines.orchestration.delta_step import fold_report
+    from pipelines.orchestration.fold import fold_report
     version = index_manifest.version
     published = read_index_latest(plan.index_root)
     if published != version:
