@@ -8,7 +8,8 @@ CHUNK_BYTES = 1 << 22
 
 
 def update_from_file(h: Any, path: str) -> int:
-    """Feed a local file's bytes into hash object `h`; returns the number of bytes."""
+    """Feed a local file's bytes into hash object `h` (one hash over several files, which
+    `hashlib.file_digest` cannot continue); returns the number of bytes."""
     size = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
@@ -18,7 +19,7 @@ def update_from_file(h: Any, path: str) -> int:
 
 
 def sha256_file(path: str) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of a local file."""
-    h = hashlib.sha256()
-    size = update_from_file(h, path)
-    return h.hexdigest(), size
+    """(sha256 hex, size in bytes: the bytes hashed) of a local file."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return digest.hexdigest(), f.tell()
