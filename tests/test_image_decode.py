@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 import image_factory as f
-from pipelines.model.image_decode import (DecodeError, augment_view, decode_image, preprocess,
-                                    preprocess_views)
+from pipelines.model.image_decode import DecodeError, augment_view, decode_image, preprocess
 
 LIMIT = 40_000_000
 
@@ -93,12 +92,18 @@ def test_preprocess_shape_and_dtype(mode):
         assert tuple(arr[0, 0]) == (10, 20, 30)
 
 
+def _preprocess_views(img, views, *, size, resize, image_id, seed):
+    """[(view name, uint8 [size,size,3])] for each view (augment_view, then preprocess)."""
+    return [(v, preprocess(augment_view(img, v, image_id=image_id, seed=seed), size, resize))
+            for v in views]
+
+
 def test_augment_views_are_deterministic_per_image_id():
     img = decode_image(f.jpeg_bytes(size=(200, 160)), max_pixels=LIMIT)
     views = ["original", "hflip", "crop", "rotate", "jitter"]
-    a = preprocess_views(img, views, size=64, resize="center_crop", image_id="x", seed=0)
-    b = preprocess_views(img, views, size=64, resize="center_crop", image_id="x", seed=0)
-    c = preprocess_views(img, views, size=64, resize="center_crop", image_id="y", seed=0)
+    a = _preprocess_views(img, views, size=64, resize="center_crop", image_id="x", seed=0)
+    b = _preprocess_views(img, views, size=64, resize="center_crop", image_id="x", seed=0)
+    c = _preprocess_views(img, views, size=64, resize="center_crop", image_id="y", seed=0)
     assert [v for v, _ in a] == views
     assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
     assert not np.array_equal(a[2][1], c[2][1])  # the crop depends on the image_id

@@ -56,11 +56,6 @@ def is_plain(features: "FeaturesConfig | Mapping[str, Any] | None") -> bool:
     return features_dict(features) == PLAIN_FEATURES
 
 
-def num_variants(features: "FeaturesConfig | Mapping[str, Any] | None") -> int:
-    f = features_dict(features)
-    return len(f["scales"]) * (2 if f["flip"] else 1)
-
-
 def _zoom(img: Image.Image, scale: float) -> Image.Image:
     """The middle 1/scale of the image (so preprocess shows it `scale` times larger)."""
     if scale == 1.0:

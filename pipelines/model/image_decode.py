@@ -197,13 +197,6 @@ def preprocess(img: Image.Image, size: int, resize: str = "center_crop") -> np.n
     return arr
 
 
-def preprocess_views(img: Image.Image, views: Sequence[str], *, size: int, resize: str,
-                     image_id: str, seed: int) -> list[tuple[str, np.ndarray]]:
-    """[(view name, uint8 [size,size,3])] for each configured view."""
-    return [(v, preprocess(augment_view(img, v, image_id=image_id, seed=seed), size, resize))
-            for v in views]
-
-
 def load_and_preprocess(data: bytes, size: int, config: "Config", *,
                         max_decoded_pixels: int | None = None,
                         formats: Sequence[str] | None = None) -> np.ndarray:
