@@ -12,6 +12,9 @@ per area (serving.api.routes):
     catalog  GET  /v1/products/{id}/similar   "more like this" for a catalog product
              GET  /v1/images/{id}/similar     "more like this" for a catalog image
              GET  /v1/images/{image_id}       a catalog image of the loaded index (thumbnails)
+    feedback POST /v1/feedback                {"query_id", "product_id"}: the product a shopper
+                                              chose for a search answer, appended to the
+                                              feedback log (serving.feedback_root; off: 404)
     admin    POST /v1/reload[?force=true]     check LATEST now (Airflow hand-off); 409 when
                                               refused; needs the admin bearer token when set
     health   GET  /healthz  /readyz  /metrics (Prometheus, prometheus_client)
@@ -41,11 +44,12 @@ from pipelines.core.config import Config
 from serving.api.errors import error_response, install_error_handlers
 from serving.api.gate import QueryGate
 from serving.api.metrics import ServingMetrics
-from serving.api.routes import admin, catalog, health, page, search
+from serving.api.routes import admin, catalog, feedback, health, page, search
 from serving.api.schemas import public_image_url
 from serving.api.security import PAGE_CSP, add_security_headers
 from serving.api.state import ServingState
 from serving.auth import admin_token_from_env
+from serving.feedback import Feedback
 from serving.searcher import CatalogSearcher, IndexWatcher
 
 __all__ = ["create_app", "PAGE_CSP", "public_image_url"]
@@ -73,7 +77,8 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
     state = ServingState(searcher=searcher, config=config, gate=gate,
                          metrics=ServingMetrics(searcher, gate), watcher=IndexWatcher(searcher),
                          admin_token=admin_token if admin_token is not None
-                         else admin_token_from_env())
+                         else admin_token_from_env(),
+                         feedback=Feedback.from_config(sc))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,7 +122,8 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
         return response
 
     install_error_handlers(app)
-    for router in (search.router, catalog.router, admin.router, health.router, page.router):
+    for router in (search.router, catalog.router, feedback.router, admin.router, health.router,
+                   page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     _document_limits(app, config)

@@ -7,6 +7,7 @@ visual and BM25 scores are fused (serving.fusion).
 """
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 import time
 from typing import Any, Iterable, Mapping, Sequence
@@ -209,7 +210,8 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
     t0 = time.perf_counter()
     pixels = idx.embedder.preprocess(data)
     t1 = time.perf_counter()
-    vector = idx.to_index_space(idx.embedder.embed_arrays(pixels[None])[0])
+    raw = idx.embedder.embed_arrays(pixels[None])[0]
+    vector = idx.to_index_space(raw)
     t2 = time.perf_counter()
     if query_text is not None:
         results = run_fused(config, idx, vector, query_text, weight, k, parsed, collapse, (),
@@ -219,7 +221,7 @@ def search_image(idx: LoadedIndex, config: Config, data: bytes, k: int | None = 
                              max_metadata_chars=config.serving.max_metadata_chars,
                              crowding=crowding)
     results.timings_ms.update(decode_ms=(t1 - t0) * 1e3, embed_ms=(t2 - t1) * 1e3)
-    return results
+    return with_model_vector(results, idx, raw)
 
 
 def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np.ndarray,
@@ -236,12 +238,24 @@ def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np
     collapse, crowding = plan_crowding(idx, config, group_by, max_per_group, collapse)
     query_text = check_text(text, config)
     weight = check_weight(text_weight, config.fusion.text_weight)
-    vector_ = idx.to_index_space(check_vector(vector, idx.query_dim))  # model -> index space
+    raw = check_vector(vector, idx.query_dim)
+    vector_ = idx.to_index_space(raw)  # model -> index space
     if query_text is not None:
-        return run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, (),
-                         crowding=crowding)
-    return run_visual(idx, vector_, k, parsed, collapse, (), crowding=crowding,
-                      max_metadata_chars=config.serving.max_metadata_chars)
+        results = run_fused(config, idx, vector_, query_text, weight, k, parsed, collapse, (),
+                            crowding=crowding)
+    else:
+        results = run_visual(idx, vector_, k, parsed, collapse, (), crowding=crowding,
+                             max_metadata_chars=config.serving.max_metadata_chars)
+    return with_model_vector(results, idx, raw)
+
+
+def with_model_vector(results: SearchResults, idx: LoadedIndex,
+                      raw: np.ndarray) -> SearchResults:
+    """`results` carrying the query's model-space vector (for POST /v1/feedback)."""
+    return dataclasses.replace(
+        results, model_vector=normalise(np.asarray(raw, dtype=np.float32).reshape(-1)),
+        model_id=idx.manifest.model_id,
+        adapter_id=idx.adapter.id if idx.adapter is not None else None)
 
 
 def similar_to(idx: LoadedIndex, config: Config, product_id: str | None = None,

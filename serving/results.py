@@ -59,6 +59,11 @@ class SearchResults:
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     crowding: dict[str, Any] | None = None  # {"group_by", "max_per_group"} when asked for
+    # Photo / vector queries: the query vector in model space (L2-normed, before the
+    # version's adapter) and what made it, kept for POST /v1/feedback; never answered.
+    model_vector: Any = field(default=None, repr=False, compare=False)
+    model_id: str | None = field(default=None, repr=False, compare=False)
+    adapter_id: str | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"version": self.version, "k": self.k, "collapsed": self.collapsed,

@@ -222,3 +222,35 @@ def test_evaluate_reports_with_and_without_the_adapter(adapted, world, tmp_path,
                    world.queries, "--out", str(tmp_path / "cli")] + _config_args(world, tmp_path))
     out = capsys.readouterr().out
     assert rc == 0 and "without_adapter" in out
+
+
+def test_feedback_logs_model_space_vectors_naming_the_adapter(adapted, world, tmp_path):
+    """With an adapter the index holds adapted vectors, but the feedback log keeps the
+    query in model space (the adapter's input) so a retrained adapter can use it."""
+    import dataclasses
+
+    from pipelines.adapter.feedback import read_feedback_pairs, read_records
+    adapter, s = adapted["adapter"], adapted["snapshot"]
+    root = tmp_path / "feedback"
+    config = dataclasses.replace(world.config, serving=dataclasses.replace(
+        world.config.serving, feedback_root=str(root)))
+    row = world.catalog_rows()[2]
+    data = fs.read_bytes(row["image_uri"])
+    raw = s.vectors()[7]
+    app = create_app(adapted["index_root"], config, watch=False)
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        photo = c.post("/v1/search", files={"image": ("q.jpg", data)}).json()
+        vector = c.post("/v1/search", json={"vector": raw.tolist(), "k": 3}).json()
+        for answer in (photo, vector):
+            r = c.post("/v1/feedback", json={"query_id": answer["query_id"],
+                                             "product_id": row["product_id"]})
+            assert r.status_code == 202, r.text
+        embedded = app.state.searcher.current.embedder.embed_bytes(data)
+    records = read_records(str(root))
+    assert [r["adapter_id"] for r in records] == [adapter.id, adapter.id]
+    assert all(r["version"] == "v-adapted" and len(r["vector"]) == s.dim for r in records)
+    np.testing.assert_allclose(records[0]["vector"], embedded / np.linalg.norm(embedded),
+                               atol=1e-5)
+    np.testing.assert_allclose(records[1]["vector"], raw / np.linalg.norm(raw), atol=1e-5)
+    pairs = read_feedback_pairs(str(root))
+    assert pairs.vectors.shape == (2, s.dim) and adapter.in_dim == s.dim != OUT_DIM

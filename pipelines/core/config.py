@@ -339,8 +339,21 @@ class ServingConfig:
     # seconds a connection may take to send them.
     max_header_bytes: int = 16384
     header_timeout_s: float = 10.0
+    # POST /v1/feedback (serving.feedback): the local folder of the feedback log (null: off,
+    # search answers carry no query_id), its file size cap and rotated files kept, and how
+    # many recent queries' model-space vectors are kept in memory for it (LRU).
+    feedback_root: str | None = None
+    feedback_max_bytes: int = 16_777_216
+    feedback_max_files: int = 8
+    feedback_recent_queries: int = 4096
 
     def validate(self) -> None:
+        _require(self.feedback_root is None or bool(self.feedback_root.strip()),
+                 "serving.feedback_root", "must be null or a folder")
+        _require(self.feedback_max_bytes >= 1024, "serving.feedback_max_bytes", "must be >= 1024")
+        _require(self.feedback_max_files >= 1, "serving.feedback_max_files", "must be >= 1")
+        _require(self.feedback_recent_queries >= 1, "serving.feedback_recent_queries",
+                 "must be >= 1")
         _require(0 <= self.port <= 65535, "serving.port", "must be between 0 and 65535")
         _require(self.image_read_timeout_s > 0, "serving.image_read_timeout_s", "must be > 0")
         _require(self.max_metadata_chars >= 16, "serving.max_metadata_chars", "must be >= 16")

@@ -154,11 +154,17 @@ class SearchResponse(BaseModel):
     max_per_group: int | None = Field(None, description="crowding cap, when asked for")
     results: list[HitOut]
     timings_ms: dict[str, float]
+    query_id: str | None = Field(
+        None, description="photo / vector searches when feedback is on (serving."
+                          "feedback_root): send it to POST /v1/feedback with the product "
+                          "the shopper chose")
 
     @classmethod
-    def from_results(cls, results: SearchResults) -> "SearchResponse":
+    def from_results(cls, results: SearchResults,
+                     query_id: str | None = None) -> "SearchResponse":
         crowding = results.crowding or {}
         return cls(version=results.version, k=results.k, collapsed=results.collapsed,
+                   query_id=query_id,
                    group_by=crowding.get("group_by"),
                    max_per_group=crowding.get("max_per_group"),
                    timings_ms=results.timings_ms,
@@ -167,6 +173,24 @@ class SearchResponse(BaseModel):
                                    image_url=public_image_url(h.image_id, h.image_uri),
                                    visual_score=h.visual_score, text_score=h.text_score)
                             for h in results.hits])
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: the product a shopper chose for a search answer."""
+    model_config = ConfigDict(extra="forbid")
+
+    query_id: str = Field(description="the search answer's query_id", min_length=1,
+                          max_length=64)
+    product_id: str = Field(description="the chosen product (of the serving index version)",
+                            min_length=1, max_length=1000)
+
+
+class FeedbackResponse(BaseModel):
+    """What POST /v1/feedback recorded (the vector is logged, not answered)."""
+    status: Literal["recorded"]
+    query_id: str
+    product_id: str
+    version: str = Field(description="the index version that answered the search")
 
 
 class ReloadResponse(BaseModel):

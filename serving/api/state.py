@@ -14,6 +14,8 @@ from serving.api.gate import QueryGate
 from serving.api.metrics import ServingMetrics
 from serving.auth import check_bearer
 from serving.errors import NotReadyError, QueryError
+from serving.feedback import Feedback
+from serving.results import SearchResults
 from serving.searcher import CatalogSearcher, IndexWatcher
 
 
@@ -25,6 +27,14 @@ class ServingState:
     metrics: ServingMetrics
     watcher: IndexWatcher
     admin_token: str | None
+    feedback: Feedback | None = None  # POST /v1/feedback (serving.feedback_root), else off
+
+    def answer(self, results: SearchResults, remember: bool = True) -> Any:
+        """The SearchResponse of `results`; with feedback on, a photo / vector query's
+        answer carries a new query_id (its model-space vector kept for POST /v1/feedback)."""
+        from serving.api.schemas import SearchResponse
+        query_id = self.feedback.remember(results) if remember and self.feedback else None
+        return SearchResponse.from_results(results, query_id)
 
     def json_context(self) -> dict[str, int]:
         """Limits the request models' validators apply (serving.api.schemas)."""

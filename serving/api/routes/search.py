@@ -52,7 +52,7 @@ async def _search_form(request: Request, state: ServingState) -> SearchResponse:
     options = validated(ImageSearchForm, given, state.json_context())
     upload = form.get("image")
     if upload is None and options.text is not None:  # text-only query
-        return SearchResponse.from_results(await run_search(
+        return state.answer(await run_search(
             searcher.search_text, options.text, options.k, options.filters, options.collapse,
             options.group_by, options.max_per_group))
     if not isinstance(upload, UploadFile):
@@ -66,7 +66,7 @@ async def _search_form(request: Request, state: ServingState) -> SearchResponse:
         results = await run_search(searcher.search_image, data, options.k, options.filters,
                                    options.collapse, options.text, options.text_weight,
                                    options.group_by, options.max_per_group)
-    return SearchResponse.from_results(results)
+    return state.answer(results)
 
 
 def _vector_request(body: bytes, state: ServingState) -> tuple[VectorSearchRequest, bool]:
@@ -85,11 +85,11 @@ async def _search_json(request: Request, state: ServingState) -> SearchResponse:
     if not has_vector:  # text-only query
         if query.text is None:
             raise ApiError(422, "bad_text", '"text" must be a non-empty string')
-        return SearchResponse.from_results(await run_search(
+        return state.answer(await run_search(
             searcher.search_text, query.text, query.k, query.filters, query.collapse,
             query.group_by, query.max_per_group))
     if query.vector is None:
         raise ApiError(422, "bad_vector", "vector must be a list of numbers")
-    return SearchResponse.from_results(await run_search(
+    return state.answer(await run_search(
         searcher.search_vector, query.vector, query.k, query.filters, query.collapse,
         query.text, query.text_weight, query.group_by, query.max_per_group))
