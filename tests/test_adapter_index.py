@@ -254,3 +254,14 @@ def test_feedback_logs_model_space_vectors_naming_the_adapter(adapted, world, tm
     np.testing.assert_allclose(records[1]["vector"], raw / np.linalg.norm(raw), atol=1e-5)
     pairs = read_feedback_pairs(str(root))
     assert pairs.vectors.shape == (2, s.dim) and adapter.in_dim == s.dim != OUT_DIM
+    # what train-adapter --feedback uses: the records of the snapshot's model only (a
+    # record of another model of the same dimension is another vector space)
+    from pipelines.adapter.commands import feedback_pairs
+    from pipelines.adapter.feedback import FeedbackLog
+    assert records[0]["model_id"] == s.summary.model_id
+    FeedbackLog(str(root)).append({**records[0], "model_id": "othermodel@ffffffffffff",
+                                   "product_id": world.catalog_rows()[5]["product_id"]})
+    assert len(read_feedback_pairs(str(root))) == 3
+    used = feedback_pairs(world.snapshot, str(root))
+    assert used.vectors.shape == (2, s.dim)
+    assert list(used.products) == [row["product_id"]] * 2

@@ -52,6 +52,25 @@ class TrainResult:
                 "kept_adapter_id": self.kept, **self.figures}
 
 
+def feedback_pairs(embeddings: str, feedback: str) -> adata.LabelledVectors:
+    """The feedback log under `feedback` as pairs, keeping only the records whose model_id
+    is the catalog snapshot's: a log that outlived a model change holds vectors of another
+    space, even when the dimension is the same (skipped, counted in the log)."""
+    from pipelines.adapter.feedback import read_feedback_pairs, read_records
+    from pipelines.embed import snapshot
+    records = read_records(feedback)
+    try:
+        model_id = snapshot.read_summary(adata._resolve(embeddings, "--embeddings")).model_id
+    except (AdapterError, snapshot.SnapshotError):
+        return read_feedback_pairs(feedback, records=records)  # load_training_data says why
+    same = [r for r in records if r.get("model_id") == model_id]
+    if len(same) < len(records):
+        log.warning("feedback %s: %d of %d records are of another model than the "
+                    "snapshot's %s: skipped", feedback, len(records) - len(same), len(records),
+                    model_id)
+    return read_feedback_pairs(feedback, records=same)
+
+
 def run_train_adapter(embeddings: str, out_dir: str, config: Config,
                       pairs: Sequence[str] = (), feedback: str | None = None) -> TrainResult:
     """Train, validate, gate, write. Raises AdapterError for bad input and AdapterGateError
@@ -61,8 +80,7 @@ def run_train_adapter(embeddings: str, out_dir: str, config: Config,
     started = time.time()
     extra, extra_source = None, None
     if feedback is not None:
-        from pipelines.adapter.feedback import read_feedback_pairs
-        extra = read_feedback_pairs(feedback)
+        extra = feedback_pairs(embeddings, feedback)
         extra_source = f"feedback {feedback}"
     data = adata.load_training_data(embeddings, pairs, extra, extra_source)
     sp = adata.split(data, cfg.val_products, cfg.val_pairs, cfg.seed)
