@@ -104,3 +104,24 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_the_settling_pass_warning_is_dropped_but_a_retry_wait_is_not():
+    """dag.test()'s "No tasks to run" is hidden only for tasks that merely await being
+    marked upstream_failed (state None); a task waiting for its retry still shows."""
+    import logging
+
+    from catalog_search.demo import DropSettlingPass
+
+    class TI:  # hashable, like Airflow's TaskInstance
+        def __init__(self, state):
+            self.state = state
+
+    def record(*states):
+        tis = {TI(s) for s in states}
+        return logging.LogRecord("airflow.sdk.definitions.dag", logging.WARNING, __file__, 1,
+                                 "No tasks to run. unrunnable tasks: %s", (tis,), None)
+    f = DropSettlingPass()
+    assert not f.filter(record(None, None))
+    assert f.filter(record(None, "up_for_retry"))
+    assert f.filter(logging.LogRecord("x", logging.WARNING, __file__, 1, "other", None, None))
