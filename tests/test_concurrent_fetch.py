@@ -159,7 +159,9 @@ def test_mixed_catalog_outcomes_equal_the_sequential_path(server, embed_config, 
     for concurrency in (1, 8):
         server.reset()  # /flaky/ answers 500 again on its first request
         cfg = embed_config.replace(
-            fetch={"timeout_s": 1.0, "retries": 2, "backoff_s": 0.01, "max_bytes": 20_000,
+            # timeout_s = deadline_s: the trickling /slow/ body ends on the deadline on both
+            # paths (a per-read stall of a busy machine cannot end it as "no answer" instead)
+            fetch={"timeout_s": 2.0, "retries": 2, "backoff_s": 0.01, "max_bytes": 20_000,
                    "deadline_s": 2.0, "concurrency": concurrency},
             embed={"max_dead_letter_fraction": 0.9})
         s = run_embed([manifest], str(tmp_path / f"emb{concurrency}"), cfg, run_id="r")
