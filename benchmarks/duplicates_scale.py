@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.index_build_memory import descendants, vm_hwm_kib  # noqa: E402
+from benchmarks.index_build_memory import vm_hwm_kib, watch_workers  # noqa: E402
 
 
 def write_snapshot(path: str, vectors: np.ndarray, per_product: int, sellers: int = 500,
@@ -80,13 +80,7 @@ def launch(argv: list[str], report: str) -> dict:
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
                              "--report", report, "--", *argv],
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    workers: dict[int, int] = {}
-    while proc.poll() is None:
-        for pid in descendants(proc.pid):
-            hwm = vm_hwm_kib(pid)
-            if hwm:
-                workers[pid] = max(workers.get(pid, 0), hwm)
-        time.sleep(0.5)
+    workers = watch_workers(proc)
     with open(report) as f:
         r = json.load(f)
     if r["rc"] != 0:

@@ -58,6 +58,19 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def watch_workers(proc: subprocess.Popen) -> dict[int, int]:
+    """Until `proc` exits: the peak resident set (KiB) of each of its descendants, polled
+    every 0.5 s (Beam's worker processes)."""
+    workers: dict[int, int] = {}
+    while proc.poll() is None:
+        for pid in descendants(proc.pid):
+            hwm = vm_hwm_kib(pid)
+            if hwm:
+                workers[pid] = max(workers.get(pid, 0), hwm)
+        time.sleep(0.5)
+    return workers
+
+
 def write_snapshot(path: str, n: int, dim: int, rows_per_file: int, row_group: int,
                    seed: int = 0) -> None:
     """A complete synthetic snapshot: clustered unit vectors, several files and row groups."""
@@ -121,13 +134,7 @@ def measure(n: int, args: argparse.Namespace) -> dict:
                              "--config", config, "--embeddings", snap_dir,
                              "--index-root", index_root, "--report", report],
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    workers: dict[int, int] = {}
-    while proc.poll() is None:
-        for pid in descendants(proc.pid):
-            hwm = vm_hwm_kib(pid)
-            if hwm:
-                workers[pid] = max(workers.get(pid, 0), hwm)
-        time.sleep(0.5)
+    workers = watch_workers(proc)
     with open(report) as f:
         result = json.load(f)
     from pipelines.index import artifact as art

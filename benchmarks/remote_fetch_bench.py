@@ -32,20 +32,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from benchmarks.embed_throughput import find_images  # noqa: E402
 from pipelines.core.config import load_config  # noqa: E402
 from pipelines.embed import snapshot  # noqa: E402
 from pipelines.embed.job import run_embed  # noqa: E402
-
-
-def find_images(root: str, limit: int) -> list[str]:
-    found = []
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(files)
-                  if f.lower().endswith((".jpg", ".jpeg"))]
-    if len(found) < limit:
-        raise SystemExit(f"only {len(found)} JPEGs under {root}, --limit {limit} asked")
-    return found[:limit]
 
 
 def _chosen(name: str, fraction: float, salt: str) -> bool:
