@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.index_build_memory import vm_hwm_kib, watch_workers  # noqa: E402
+from benchmarks.index_build_memory import vm_hwm_kib, watch_workers, write_results  # noqa: E402
 
 
 def write_snapshot(path: str, vectors: np.ndarray, per_product: int, sellers: int = 500,
@@ -145,11 +145,7 @@ def main() -> int:
         out["launcher_ratio_largest_to_smallest"] = round(
             runs[-1]["duplicates"]["launcher_peak_rss_mib"]
             / runs[0]["duplicates"]["launcher_peak_rss_mib"], 3)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+    write_results(out, args.out)
     return 0
 
 

@@ -58,6 +58,15 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def write_results(out: dict, path: str | None) -> None:
+    """The results as JSON at `path` (when given); the summary without the runs on stdout."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+
+
 def watch_workers(proc: subprocess.Popen) -> dict[int, int]:
     """Until `proc` exits: the peak resident set (KiB) of each of its descendants, polled
     every 0.5 s (Beam's worker processes)."""
@@ -178,11 +187,7 @@ def main() -> int:
     if len(runs) >= 2:
         out["launcher_ratio_largest_to_smallest"] = round(
             runs[-1]["launcher_peak_rss_mib"] / runs[0]["launcher_peak_rss_mib"], 3)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+    write_results(out, args.out)
     return 0
 
 
