@@ -11,8 +11,12 @@ rows in log order. A *masked* row is one that a delete, a later upsert of the sa
 image_id or a takedown removed. Every query path reaches rows only through the
 `LoadedIndex` methods this class overrides, so a masked row is never returned:
 - `search`: the base ScaNN search over-fetches by the number of masked base rows and
-  drops them; the live delta rows are searched exactly (numpy dot products, which is
-  exact and measured in benchmarks/delta_bench.py) and the two lists are merged;
+  drops them; the live delta rows are searched exactly (numpy dot products) while they
+  are fewer than `serving.delta_scann_min_rows`, and from there by a ScaNN searcher built
+  over them in memory (serving.delta_segment: exact float32 scores, no docids, nothing
+  written; rows masked after its build are over-fetched and dropped like the base's;
+  rows added after it are searched exactly until they reach the threshold themselves);
+  the lists are merged by score. `exact=True` searches every live delta row exactly;
 - `product_rows` / `image_rows` / `has_image` leave masked rows out (similar products,
   text hits and fusion candidates come from them);
 - the text index is the version's BM25 index plus a small BM25 index over the products
@@ -29,6 +33,7 @@ import numpy as np
 
 from pipelines.index.deltas import Delta
 from pipelines.index.sharded_search import Hit, parse_metadata, search_exact
+from serving.delta_segment import DeltaSegment, SegmentParams
 from serving.filter_index import OverlayFilterIndex
 from serving.loaded_index import LoadedIndex
 
@@ -78,7 +83,9 @@ class DeltaIndex(LoadedIndex):
     def __init__(self, base: LoadedIndex, deltas: Sequence[Delta],
                  takedown_image_ids: Iterable[str] = (),
                  takedown_product_ids: Iterable[str] = (),
-                 text_fields: Sequence[str] = (), delta_error: str | None = None):
+                 text_fields: Sequence[str] = (), delta_error: str | None = None,
+                 segment_params: SegmentParams | None = None,
+                 previous: "DeltaIndex | None" = None):
         # Not LoadedIndex.__init__: the base's tables are shared, not rebuilt.
         self.base = base
         self.version = base.version
@@ -180,6 +187,7 @@ class DeltaIndex(LoadedIndex):
         live = np.flatnonzero(~self._masked[n_base:])
         self._live_delta_rows = (live + n_base).astype(np.int64)
         self._live_delta_vectors = np.ascontiguousarray(self.delta_vectors[live])
+        self._set_segment(segment_params, previous)
         self._image_rows_over = images
         self._product_rows_over = products
         base_products = base.num_products
@@ -194,6 +202,57 @@ class DeltaIndex(LoadedIndex):
         self.filter_index = OverlayFilterIndex(base.filter_index, self._masked, n_base,
                                                metadata)
         self.text_index = self._text_index(text_fields)
+
+    # -- the ScaNN segment over the delta rows (serving.delta_segment) -------------------
+
+    def _set_segment(self, params: SegmentParams | None, previous: "DeltaIndex | None") -> None:
+        """Reuse `previous`'s segment when it still fits, else build one when the live delta
+        rows reach params.min_rows; the live rows it does not hold are the exact tail."""
+        self.segment: DeltaSegment | None = None
+        self._tail_rows, self._tail_vectors = self._live_delta_rows, self._live_delta_vectors
+        self._segment_masked = 0
+        live = self._live_delta_rows
+        if params is None or not params.wants_segment(len(live)) and (
+                previous is None or previous.segment is None):
+            return
+        seg = previous.segment if previous is not None and previous.base is self.base \
+            else None
+        if seg is not None and seg.params == params and seg.covers_prefix_of(self.deltas):
+            covered = self.base_rows + sum(c[2] for c in seg.covers)
+            masked_in = int(self._masked[seg.rows].sum())
+            if params.wants_segment(int((live >= covered).sum())) or \
+                    masked_in * 2 > seg.num_rows:
+                seg = None  # the tail outgrew the threshold, or half the segment is gone
+        else:
+            seg = None
+        if seg is None and params.wants_segment(len(live)):
+            covers = tuple((d.seq, d.path, d.rows.num_rows) for d in self.deltas)
+            seg = DeltaSegment(self._live_delta_vectors, live, covers, params)
+        if seg is None:
+            return
+        covered = self.base_rows + sum(c[2] for c in seg.covers)
+        tail = live >= covered
+        self.segment = seg
+        self._tail_rows = live[tail]
+        self._tail_vectors = np.ascontiguousarray(self._live_delta_vectors[tail])
+        self._segment_masked = int(self._masked[seg.rows].sum())
+
+    def _search_segment(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The segment's top-n per query, rows masked since its build dropped."""
+        seg = self.segment
+        assert seg is not None
+        fetch = n + min(self._segment_masked, MAX_BASE_OVERFETCH)
+        width = min(fetch, seg.num_rows)
+        scores = np.full((len(queries), width), -np.inf, np.float32)
+        rows = np.full((len(queries), width), -1, np.int64)
+        for i, q in enumerate(queries):
+            s, r = seg.search(q, fetch)
+            scores[i, :len(s)], rows[i, :len(r)] = s, r
+        if self._segment_masked:
+            dead = (rows >= 0) & self._masked[np.clip(rows, 0, None)]
+            scores = np.where(dead, -np.inf, scores).astype(np.float32)
+            rows = np.where(dead, -1, rows)
+        return scores, rows
 
     # -- the text index -------------------------------------------------------------------
 
@@ -298,7 +357,8 @@ class DeltaIndex(LoadedIndex):
 
     def search(self, queries: np.ndarray, n: int, exact: bool = False
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Base top-n (masked rows dropped) merged with the live delta rows' exact top-n."""
+        """Base top-n (masked rows dropped) merged with the live delta rows' top-n (the
+        segment's, if any, and the exact tail's)."""
         n = max(1, min(int(n), self.num_vectors))
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         parts_s: list[np.ndarray] = []
@@ -312,11 +372,17 @@ class DeltaIndex(LoadedIndex):
                 r = np.where(dead, -1, r)
             parts_s.append(s)
             parts_r.append(r)
-        if len(self._live_delta_rows):
-            ds, di = search_exact(self._live_delta_vectors, queries,
-                                  min(n, len(self._live_delta_rows)))
+        if self.segment is not None and not exact:
+            ds, dr = self._search_segment(queries, n)
             parts_s.append(ds)
-            parts_r.append(self._live_delta_rows[di])
+            parts_r.append(dr)
+            exact_rows, exact_vectors = self._tail_rows, self._tail_vectors
+        else:
+            exact_rows, exact_vectors = self._live_delta_rows, self._live_delta_vectors
+        if len(exact_rows):
+            ds, di = search_exact(exact_vectors, queries, min(n, len(exact_rows)))
+            parts_s.append(ds)
+            parts_r.append(exact_rows[di])
         scores = np.concatenate(parts_s, axis=1)
         rows = np.concatenate(parts_r, axis=1)
         key = np.where(rows < 0, np.iinfo(np.int64).max, rows)
@@ -351,6 +417,8 @@ class DeltaIndex(LoadedIndex):
                 "takedown_image_ids": len(self.takedowns["image_ids"]),
                 "takedown_product_ids": len(self.takedowns["product_ids"]),
                 "oldest_delta_age_s": round(max(ages), 3) if ages else None,
+                "scann_segment": self.segment.describe() if self.segment else None,
+                "exact_delta_rows": int(len(self._tail_rows)),
                 "error": self.delta_error}
 
     def describe(self) -> dict[str, Any]:

@@ -198,6 +198,7 @@ class CatalogSearcher:
         from pipelines.core import filesystem as fs
         from pipelines.index import deltas, takedowns
         from serving.delta_index import DeltaIndex
+        from serving.delta_segment import SegmentParams
         stamp = self._log_stamp(base.version)
         try:
             self._takedowns = takedowns.read_takedowns(self.index_root)
@@ -213,8 +214,11 @@ class CatalogSearcher:
         self.delta_error = log_.error
         if not log_.deltas and not listed and log_.error is None:
             return base, stamp
+        previous = self._current if isinstance(self._current, DeltaIndex) else None
         return DeltaIndex(base, log_.deltas, listed.image_ids, listed.product_ids,
-                          self.config.fusion.text_fields, log_.error), stamp
+                          self.config.fusion.text_fields, log_.error,
+                          segment_params=SegmentParams.from_config(self.config),
+                          previous=previous), stamp
 
     def _refresh_deltas(self, started: float) -> ReloadOutcome | None:
         """Apply the serving version's new deltas / takedowns (None when none changed)."""
