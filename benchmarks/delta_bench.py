@@ -22,7 +22,10 @@ two searchers on the same root: one applies the deltas, one stays on the version
    queries; absent again from a freshly opened searcher (a restart).
 3. latency: vector-query p50/p99 (one thread, k, collapse on) on the version alone vs with
    --delta-rows delta rows (the drop counts towards them), in alternating rounds on the
-   same queries; the ratio of the p99s.
+   same queries; the ratio of the p99s. With serving.delta_scann_min_rows or more delta
+   rows, applying the bulk delta builds the in-memory ScaNN segment (serving.delta_segment;
+   its apply seconds are reported) and the merged recall@k is measured again with every
+   delta row (truth: exact over version + delta rows, less the takedown).
 4. under load: one client thread queries while --swaps deltas (10 upserts + 1 delete each)
    are written and applied; every exception or deleted id returned is a failed request.
 """
@@ -257,16 +260,29 @@ def main() -> None:
 
     # 3. latency with --delta-rows delta rows (the drop counts towards them)
     more = args.delta_rows - args.drop
+    bulk_apply_s = None
     if more > 0:
         bulk = gen.draw(more, seed=4)
         dl.write_delta(root, version, rows=delta_rows("bulk", bulk), vectors=bulk,
                        source={"bench": "bulk"})
-        s.reload()
+        t0 = time.perf_counter()
+        s.reload()  # from serving.delta_scann_min_rows live rows: builds the ScaNN segment
+        bulk_apply_s = round(time.perf_counter() - t0, 3)
     info = s.current.delta_info()
     lat_none, lat_with = latency_ab(alone, s, queries, k)
+    # recall@k with every delta row: truth over version + delta rows, less the takedown
+    gone = {alone.current.image_id(r) for r in alone.current.product_rows(victim)}
+    ids_now = all_ids + ([f"bulk-{i:07d}" for i in range(more)] if more > 0 else [])
+    vecs_now = np.concatenate([all_vecs] + ([bulk] if more > 0 else []))
+    live = np.asarray([i not in gone for i in ids_now])
+    with_recall = round(recall(s, np.concatenate([queries, near_drop]),
+                               [i for i in ids_now if i not in gone], vecs_now[live], k), 4)
+    del vecs_now
     out["latency"] = {"version_alone": lat_none, f"with_{info['rows_added']}_delta_rows": lat_with,
                       "p99_ratio": round(lat_with["p99_ms"] / lat_none["p99_ms"], 3),
                       "p50_ratio": round(lat_with["p50_ms"] / lat_none["p50_ms"], 3),
+                      "apply_s_of_the_bulk_delta": bulk_apply_s,
+                      f"merged_recall@{k}": with_recall,
                       "delta_info": info}
     log.info("latency: %s", out["latency"])
     del alone
