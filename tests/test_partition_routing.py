@@ -210,3 +210,25 @@ def test_indexes_without_routing_load_and_search_every_shard(tmp_path):
     assert s.current.shards.routing is None
     got = s.current.shards.search(queries, 10)
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_single_query_path_returns_the_routed_batched_hits(built):
+    # ShardedSearcher.search_one (Q = 1: shards in the calling thread, routed by
+    # _route_one) returns what the routed batched path returns for that query, for
+    # every budget and for a host's shard subset
+    vectors, _, root, _ = built
+    opened = reader.open_index(root)
+    shards = opened.load_shards()
+    partitions = opened.routing().partitions
+    noisy = vectors[::150] + 0.2 * np.random.default_rng(35).standard_normal((20, DIM))
+    queries = (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+    for subset in (shards, [shards[1], shards[3]]):
+        for budget in range(1, len(subset) + 1):
+            searcher = ShardedSearcher(subset, routing=Routing(partitions, budget))
+            want_s, want_r = searcher._routed_top_k(queries, 10)
+            for q, ws, wr in zip(queries, want_s, want_r):
+                got_s, got_r = searcher.search(q[None], 10)
+                np.testing.assert_array_equal(got_r[0], wr)
+                np.testing.assert_allclose(got_s[0], ws, rtol=1e-6)  # batched rounding
+                one_s, one_r = searcher.search_one(q, 10)
+                np.testing.assert_array_equal(one_r, wr)

@@ -133,3 +133,52 @@ def test_concurrent_search_returns_the_same_hits_as_sequential(tmp_path):
         es, er = concurrent.search_exact(queries, 10)
         np.testing.assert_array_equal(er, sequential.search_exact(queries, 10)[1])
     assert any(t.name.startswith("shard-search") for t in threading.enumerate())
+
+
+def test_single_query_path_returns_the_batched_hits(tmp_path):
+    # search_one (the lean Q = 1 path) merges shards like the batched path: same rows and
+    # scores per query, tree-AH and brute-force shards mixed, k above a shard's size
+    vectors = clustered_vectors(3000, 24, seed=36, clusters=0)
+    snap = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    run_build_index(snap, root, make_config(shards=3, brute_force_below=0,
+                                            tune_recall_target=0.9, recall_threshold=0.0))
+    shards = reader.open_index(root).load_shards()
+    queries = clustered_vectors(30, 24, seed=37, clusters=0)
+    for subset in (shards, [shards[2]]):
+        searcher = ShardedSearcher(subset)
+        for k in (1, 10, 50):
+            want_s, want_r = ShardedSearcher._merged_top_k(searcher, queries, k,
+                                                           searcher._search_shard)
+            for q, ws, wr in zip(queries, want_s, want_r):
+                got_s, got_r = searcher.search(q[None], k)
+                np.testing.assert_array_equal(got_r[0], wr)
+                np.testing.assert_allclose(got_s[0], ws, rtol=1e-6)
+                one_s, one_r = searcher.search_one(q, k)
+                assert one_s.dtype == np.float32 and one_r.dtype == np.int64
+                np.testing.assert_array_equal(one_r, wr)
+    with pytest.raises(ValueError, match="dimensions"):
+        ShardedSearcher(shards).search(queries[:1, :10], 10)
+
+
+def test_over_fetch_reorders_the_tuned_pool_plus_one_per_extra_neighbour(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.index.sharded_search import reorder_pool
+    shard = SimpleNamespace(reorder_multiplier=10, tuned_k=10)
+    assert [reorder_pool(shard, n) for n in (1, 10, 11, 32)] == [10, 100, 101, 122]
+    old = SimpleNamespace(reorder_multiplier=10, tuned_k=0)  # an index without the record
+    assert reorder_pool(old, 32) == 320
+    vectors = clustered_vectors(2000, 16, seed=38, clusters=0)
+    snap = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    run_build_index(snap, root, make_config(brute_force_below=0, recall_threshold=0.0))
+    shards = reader.open_index(root).load_shards()
+    assert shards[0].tuned_k == 10  # the gate's k, read from the manifest
+    searcher = ShardedSearcher(shards)
+    queries = vectors[:20]
+    _, rows = searcher.search(queries, 40)  # over-fetch: rows still exact-scored, own first
+    assert (rows[:, 0] == np.arange(20)).all()
+    scores = searcher.search(queries, 40)[0]
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[rows]),
+                               rtol=1e-5, atol=1e-6)

@@ -39,6 +39,7 @@ class LoadedShard:
     leaves_to_search: int = -1      # -1: the searcher's default / brute force
     reorder_multiplier: int = 1
     info: ShardEntry | None = None  # the manifest's shard entry
+    tuned_k: int = 0                # the k its budget was tuned for (0: unknown, old index)
     _vectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -171,7 +172,8 @@ class IndexVersion:
                            num_vectors=entry.num_vectors, dim=self.manifest.dim,
                            kind=entry.kind, searcher=searcher, rows=rows, local_dir=local,
                            leaves_to_search=entry.leaves_to_search,
-                           reorder_multiplier=entry.reorder_multiplier, info=entry)
+                           reorder_multiplier=entry.reorder_multiplier, info=entry,
+                           tuned_k=_tuned_k(self.manifest))
 
     def _local_copy(self, base: str, entry: ShardEntry) -> str:
         """A local folder with the shard's files, checksums verified when `self.verify`."""
@@ -200,6 +202,12 @@ class IndexVersion:
             with open(dest, "wb") as out:
                 out.write(data)
         return local
+
+
+def _tuned_k(manifest: IndexManifest) -> int:
+    """The k a version's search budget was tuned and gated for (its evaluation's k)."""
+    k = (manifest.evaluation or {}).get("k")
+    return int(k) if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 0
 
 
 #: Stored vectors must be L2-normalised: |norm - 1| <= this (float32 rounding is ~1e-6);

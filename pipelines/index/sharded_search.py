@@ -148,6 +148,7 @@ class ShardedSearcher:
             raise ValueError(f"shards have different dimensions: {sorted(dims)}")
         self.shards = list(shards)
         self.concurrent = concurrent
+        self._route_cache: tuple[Any, np.ndarray, list[np.ndarray]] | None = None
         self.dim = dims.pop()
         sizes = [int(s.num_vectors) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -172,10 +173,84 @@ class ShardedSearcher:
 
         With partition routing, each query searches only its `routing.budget` best shards
         of those loaded here (ranked by their centroids); a budget of every loaded shard
-        is the full fan-out."""
+        is the full fan-out. One query (Q = 1) takes `search_one`'s lean path."""
+        if (isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.shape[0] == 1
+                and isinstance(k, (int, np.integer)) and k >= 1):
+            q = _as_queries(queries, self.dim)[0]
+            scores, rows = self.search_one(q, int(k))
+            return scores[None, :], rows[None, :]
         if self.routing is None or self.routing.budget >= len(self.shards):
             return self._merged_top_k(queries, k, self._search_shard)
         return self._routed_top_k(queries, k)
+
+    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query: (scores float32 [k'], rows int64 [k']), the same hits as `search` on
+        it (padding -inf / -1), on a lean path: `query` is taken as given (float32
+        [dim], finite: `search` checks it), the shards are searched one after another in
+        the calling thread (a single query's shard calls are too short for the thread
+        pool: its hand-offs cost more than they overlap), each with ScaNN's single-query
+        call, and the merge is one sort of at most (shards searched) x k candidates."""
+        k = min(int(k), self.num_vectors)
+        positions = (self._route_one(query) if self.routing is not None
+                     and self.routing.budget < len(self.shards) else range(len(self.shards)))
+        part_s: list[np.ndarray] = []
+        part_r: list[np.ndarray] = []
+        for j in positions:
+            shard = self.shards[j]
+            if shard.num_vectors == 0:
+                continue
+            s, r = self._search_shard_one(shard, query, min(k, shard.num_vectors))
+            part_s.append(s)
+            offset = int(self.offsets[j])
+            part_r.append(np.where(r >= 0, r + offset, -1) if offset else r)
+        if len(part_s) == 1 and part_s[0].shape[0] == k:
+            return part_s[0], part_r[0]
+        scores = np.concatenate(part_s) if part_s else np.zeros(0, np.float32)
+        rows = np.concatenate(part_r) if part_r else np.zeros(0, np.int64)
+        order = np.lexsort((rows, -scores))[:k]  # best first; ties to the lower row
+        scores, rows = scores[order], rows[order]
+        if len(order) < k:
+            scores = np.concatenate([scores, np.full(k - len(order), -np.inf, np.float32)])
+            rows = np.concatenate([rows, np.full(k - len(order), -1, np.int64)])
+        return scores.astype(np.float32, copy=False), rows
+
+    def _route_one(self, query: np.ndarray) -> list[int]:
+        """Positions (in self.shards) of the `routing.budget` shards one query searches:
+        `route_mask`'s choice for that query (best centroid first, ties to the earlier)."""
+        cache = self._route_cache
+        partitions = self.routing.partitions
+        if cache is None or cache[0] is not partitions:
+            held = [int(s.shard) for s in self.shards]
+            owners = partitions.centroid_shard
+            mine = [np.flatnonzero(owners == s) for s in held]
+            cache = (partitions, partitions.centroids, mine)
+            self._route_cache = cache
+        scores = cache[1] @ query
+        best = np.array([scores[m].max() if m.size else -np.inf for m in cache[2]],
+                        np.float32)
+        return sorted(np.argsort(-best, kind="stable")[:max(1, self.routing.budget)].tolist())
+
+    @staticmethod
+    def _search_shard_one(shard: Any, query: np.ndarray, k: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's top-k of one query (-inf / -1 where ScaNN found fewer than k)."""
+        if getattr(shard, "quantized_reorder", False):  # rescored: the batched path
+            s, r = ShardedSearcher._search_shard(shard, query[None], k)
+            return s[0], r[0]
+        if shard.kind == "scann_brute_force":
+            idx, dist = shard.searcher.search(query, k, -1, -1)
+        else:
+            idx, dist = shard.searcher.search(query, k, max(k, reorder_pool(shard, k)),
+                                              shard.leaves_to_search)
+        idx = np.asarray(idx, np.int64)
+        dist = np.asarray(dist, np.float32)
+        if idx.shape[0] < k or np.isnan(dist).any():
+            found = ~np.isnan(dist)
+            idx, dist = idx[found], dist[found]
+            pad = k - idx.shape[0]
+            idx = np.concatenate([idx, np.full(pad, -1, np.int64)])
+            dist = np.concatenate([dist, np.full(pad, -np.inf, np.float32)])
+        return dist, idx
 
     def _routed_top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from pipelines.index.routing import route_mask
@@ -252,8 +327,7 @@ class ShardedSearcher:
             wanted = k
             k = min(int(shard.num_vectors), RESCORE_FACTOR * k)
         brute = shard.kind == "scann_brute_force"
-        pre = -1 if brute else max(k, wanted * shard.reorder_multiplier if rescore
-                                   else k * shard.reorder_multiplier)
+        pre = -1 if brute else max(k, reorder_pool(shard, wanted if rescore else k))
         leaves = -1 if brute else shard.leaves_to_search
         if queries.shape[0] == 1:
             idx, dist = shard.searcher.search(queries[0], k, pre, leaves)
@@ -312,6 +386,22 @@ class ShardedSearcher:
         """`search` output -> per query, its hits best first (padding left out)."""
         return [[self.hit(r, s) for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]
+
+
+def reorder_pool(shard: Any, n: int) -> int:
+    """Candidates a shard reorders (exactly rescores) to return its top `n`.
+
+    The budget is tuned for the index's k (`shard.tuned_k`, the gate's num_neighbors):
+    k x reorder_multiplier. Up to k, n x multiplier; above it (serving over-fetches
+    images to collapse them to products or to filter), the tuned pool plus one
+    candidate per extra neighbour asked for, not n x multiplier: the ranks past k
+    only decide which products fill a page, and a pool growing with n made an
+    over-fetching query reorder 3-4x the tuned pool (docs/BENCHMARKS.md, issue 18)."""
+    mult = int(shard.reorder_multiplier)
+    k = int(getattr(shard, "tuned_k", 0) or 0)
+    if k <= 0 or n <= k:
+        return n * mult
+    return k * mult + (n - k)
 
 
 def _rescore(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray, idx: np.ndarray,
