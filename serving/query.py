@@ -73,6 +73,10 @@ def check_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
     if v.ndim != 1 or v.shape[0] != dim:
         raise QueryError("bad_vector", f"vector must have {dim} numbers, got shape "
                                        f"{list(v.shape)}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = float(v @ v)
+    if 0.0 < squared < np.inf:  # finite and not all zeros: one dot product checks both
+        return v / np.float32(np.sqrt(squared))
     if not np.all(np.isfinite(v)):
         raise QueryError("bad_vector", "vector has NaN or infinite values")
     if not np.any(v):
@@ -136,16 +140,17 @@ def collect_hits(idx: LoadedIndex, vector: np.ndarray, k: int,
         hits: list[Hit] = []
         seen: set[str] = set()
         crowd = crowding.counter() if crowding is not None else None
+        product_id_of, image_id_of, make_hit = idx.product_id, idx.image_id, idx.hit
         for scanned, (score, row) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
             if row < 0 or row in excluded:
                 continue
-            product_id = idx.product_id(row)
+            product_id = product_id_of(row)
             if exclude_product is not None and product_id == exclude_product:
                 continue
-            key = product_id if collapse else idx.image_id(row)  # views of one image: once
+            key = product_id if collapse else image_id_of(row)  # views of one image: once
             if key in seen:
                 continue
-            hit = idx.hit(row, score)
+            hit = make_hit(row, score)
             if filters and not hit_matches(hit, filters):
                 continue
             if crowd is not None and not crowd.admit(hit):
@@ -252,8 +257,11 @@ def search_vector(idx: LoadedIndex, config: Config, vector: Sequence[float] | np
 def with_model_vector(results: SearchResults, idx: LoadedIndex,
                       raw: np.ndarray) -> SearchResults:
     """`results` carrying the query's model-space vector (for POST /v1/feedback)."""
+    v = np.asarray(raw, dtype=np.float32).reshape(-1)
+    if abs(float(v @ v) - 1.0) > 1e-5:  # check_vector / the embedder normalised it already
+        v = normalise(v)
     return dataclasses.replace(
-        results, model_vector=normalise(np.asarray(raw, dtype=np.float32).reshape(-1)),
+        results, model_vector=v,
         model_id=idx.manifest.model_id,
         adapter_id=idx.adapter.id if idx.adapter is not None else None)
 

@@ -25,6 +25,7 @@ same either way, so concurrent and sequential searches return the same hits
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -159,6 +160,9 @@ class ShardedSearcher:
         self.image_uris: list[str] = []
         self.metadata: list[str] = []
         self._shard_of_row = np.repeat(np.arange(len(sizes)), sizes)
+        # first row of each non-empty shard (hit(): bisect, cheaper than numpy indexing)
+        self._starts = [int(o) for o, n in zip(self.offsets[:-1], sizes) if n]
+        self._start_shard = [j for j, n in enumerate(sizes) if n]
         for s in self.shards:
             self.image_ids += s.rows.column("image_id").to_pylist()
             self.product_ids += s.rows.column("product_id").to_pylist()
@@ -376,7 +380,7 @@ class ShardedSearcher:
     def hit(self, row: int, score: float) -> Hit:
         """The catalog entry of one global row."""
         row = int(row)
-        shard = int(self._shard_of_row[row])
+        shard = self._start_shard[bisect.bisect_right(self._starts, row) - 1]
         return Hit(row=row, shard=int(self.shards[shard].shard), score=float(score),
                    image_id=self.image_ids[row], product_id=self.product_ids[row],
                    view=self.views[row], image_uri=self.image_uris[row],
