@@ -182,3 +182,21 @@ def test_over_fetch_reorders_the_tuned_pool_plus_one_per_extra_neighbour(tmp_pat
     scores = searcher.search(queries, 40)[0]
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[rows]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_hits_equal_hits_built_the_usual_way_and_stay_frozen(brute_force_index):
+    import dataclasses
+
+    from pipelines.index.sharded_search import Hit, parse_metadata
+    _, searcher = brute_force_index
+    for row in (0, searcher.num_vectors // 2, searcher.num_vectors - 1):
+        hit = searcher.hit(row, 0.5)
+        shard = int(np.searchsorted(searcher.offsets, row, side="right") - 1)
+        want = Hit(row=row, shard=int(searcher.shards[shard].shard), score=0.5,
+                   image_id=searcher.image_ids[row], product_id=searcher.product_ids[row],
+                   view=searcher.views[row], image_uri=searcher.image_uris[row],
+                   metadata=parse_metadata(searcher.metadata[row]))
+        assert hit == want and repr(hit) == repr(want)
+        assert dataclasses.replace(hit, score=0.25).score == 0.25
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            hit.score = 1.0  # type: ignore[misc]

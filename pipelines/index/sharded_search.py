@@ -74,6 +74,9 @@ class Hit:
     text_score: float | None = None
 
 
+_new_hit = object.__new__
+
+
 def parse_metadata(text: str | None) -> dict[str, Any]:
     """A row's metadata column (JSON object text) as a dict; {} when empty or not an object.
 
@@ -163,6 +166,7 @@ class ShardedSearcher:
         # first row of each non-empty shard (hit(): bisect, cheaper than numpy indexing)
         self._starts = [int(o) for o, n in zip(self.offsets[:-1], sizes) if n]
         self._start_shard = [j for j, n in enumerate(sizes) if n]
+        self._shard_numbers = [int(s.shard) for s in self.shards]
         for s in self.shards:
             self.image_ids += s.rows.column("image_id").to_pylist()
             self.product_ids += s.rows.column("product_id").to_pylist()
@@ -381,10 +385,16 @@ class ShardedSearcher:
         """The catalog entry of one global row."""
         row = int(row)
         shard = self._start_shard[bisect.bisect_right(self._starts, row) - 1]
-        return Hit(row=row, shard=int(self.shards[shard].shard), score=float(score),
-                   image_id=self.image_ids[row], product_id=self.product_ids[row],
-                   view=self.views[row], image_uri=self.image_uris[row],
-                   metadata=parse_metadata(self.metadata[row]))
+        # Hit(...) without the frozen dataclass's per-field object.__setattr__ (a query
+        # builds k to hundreds of hits: that __init__ was most of a vector query's Python
+        # time); the same fields, still frozen, equal to Hit(...) built the usual way.
+        hit = _new_hit(Hit)
+        hit.__dict__.update(row=row, shard=self._shard_numbers[shard], score=float(score),
+                            image_id=self.image_ids[row], product_id=self.product_ids[row],
+                            view=self.views[row], image_uri=self.image_uris[row],
+                            metadata=parse_metadata(self.metadata[row]),
+                            visual_score=None, text_score=None)
+        return hit
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         """`search` output -> per query, its hits best first (padding left out)."""
