@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipelines.index.deltas import Delta
-from pipelines.index.sharded_search import Hit, parse_metadata, search_exact
+from pipelines.index.sharded_search import Hit, parse_metadata, search_exact, shard_pool
 from serving.delta_segment import DeltaSegment, SegmentParams
 from serving.filter_index import OverlayFilterIndex
 from serving.loaded_index import LoadedIndex
@@ -363,6 +363,11 @@ class DeltaIndex(LoadedIndex):
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         parts_s: list[np.ndarray] = []
         parts_r: list[np.ndarray] = []
+        use_segment = self.segment is not None and not exact
+        # the segment runs on the shard pool beside the base's shards (ScaNN releases the
+        # GIL); callers of search are never pool threads, so waiting on it cannot deadlock
+        pending = shard_pool().submit(self._search_segment, queries, n) if use_segment \
+            else None
         if self.base_rows:
             extra = min(self.masked_base_rows, MAX_BASE_OVERFETCH)
             s, r = self.base.search(queries, min(self.base_rows, n + extra), exact=exact)
@@ -372,8 +377,8 @@ class DeltaIndex(LoadedIndex):
                 r = np.where(dead, -1, r)
             parts_s.append(s)
             parts_r.append(r)
-        if self.segment is not None and not exact:
-            ds, dr = self._search_segment(queries, n)
+        if pending is not None:
+            ds, dr = pending.result()
             parts_s.append(ds)
             parts_r.append(dr)
             exact_rows, exact_vectors = self._tail_rows, self._tail_vectors

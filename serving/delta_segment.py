@@ -34,7 +34,8 @@ MIN_TREE_ROWS = 256
 
 @dataclass(frozen=True)
 class SegmentParams:
-    """How segments are built and searched (config.serving.delta_scann_* + config.index)."""
+    """How segments are built and searched (config.serving.delta_scann_*, the builder
+    options from config.index)."""
     min_rows: int                    # 0: never (delta rows always searched exactly)
     leaves_fraction: float           # tree leaves searched per query
     reorder_multiplier: int          # float32 reordering of n x this AH candidates
@@ -49,7 +50,7 @@ class SegmentParams:
         sv, ix = config.serving, config.index
         return cls(min_rows=int(sv.delta_scann_min_rows),
                    leaves_fraction=float(sv.delta_scann_leaves_fraction),
-                   reorder_multiplier=int(ix.reorder_multiplier),
+                   reorder_multiplier=int(sv.delta_scann_reorder_multiplier),
                    leaves_per_sqrt_n=float(ix.leaves_per_sqrt_n),
                    projection_dim=ix.projection_dim, soar_lambda=ix.soar_lambda,
                    dimensions_per_block=int(ix.dimensions_per_block),

@@ -31,11 +31,12 @@ def root(world, tmp_path):
     return copy_index(world, str(tmp_path / "index"))
 
 
-def _config(world, min_rows, leaves_fraction=1.0):
+def _config(world, min_rows, leaves_fraction=1.0, reorder_multiplier=4):
     cfg = world.config
     return dataclasses.replace(cfg, serving=dataclasses.replace(
         cfg.serving, delta_scann_min_rows=min_rows,
-        delta_scann_leaves_fraction=leaves_fraction))
+        delta_scann_leaves_fraction=leaves_fraction,
+        delta_scann_reorder_multiplier=reorder_multiplier))
 
 
 def _unit(v):
@@ -180,7 +181,9 @@ def test_segment_top_k_equals_the_exact_path_on_a_small_set(world, root):
     rows, vecs, _ = _delta(world, 600, "E", seed=6)
     dl.write_delta(root, rows=rows, vectors=vecs)
     dl.write_delta(root, delete_image_ids=[f"E-img-{i}" for i in range(0, 600, 7)])
-    seg_s = CatalogSearcher.open(root, config=_config(world, min_rows=300, leaves_fraction=1.0))
+    # every leaf, and reordering enough AH candidates that the true top-k are among them
+    seg_s = CatalogSearcher.open(root, config=_config(world, min_rows=300, leaves_fraction=1.0,
+                                                      reorder_multiplier=20))
     exact_s = CatalogSearcher.open(root, config=_config(world, min_rows=0))
     a, b = seg_s.current, exact_s.current
     assert a.segment is not None and a.segment.kind == "scann_tree_ah" and b.segment is None

@@ -348,14 +348,18 @@ class ServingConfig:
     feedback_recent_queries: int = 4096
     # Delta rows (serving.delta_index): searched exactly while fewer than this many are live;
     # from there by a ScaNN searcher built over them in memory (serving.delta_segment),
-    # searching this fraction of its tree leaves. 0 = always exact.
+    # searching this fraction of its tree leaves and reordering n x the multiplier AH
+    # candidates with exact float32 scores. 0 = always exact.
     delta_scann_min_rows: int = 2000
-    delta_scann_leaves_fraction: float = 0.2
+    delta_scann_leaves_fraction: float = 0.1
+    delta_scann_reorder_multiplier: int = 4
 
     def validate(self) -> None:
         _require(self.delta_scann_min_rows >= 0, "serving.delta_scann_min_rows", "must be >= 0")
         _require(0 < self.delta_scann_leaves_fraction <= 1,
                  "serving.delta_scann_leaves_fraction", "must be in (0, 1]")
+        _require(self.delta_scann_reorder_multiplier >= 1,
+                 "serving.delta_scann_reorder_multiplier", "must be >= 1")
         _require(self.feedback_root is None or bool(self.feedback_root.strip()),
                  "serving.feedback_root", "must be null or a folder")
         _require(self.feedback_max_bytes >= 1024, "serving.feedback_max_bytes", "must be >= 1024")
