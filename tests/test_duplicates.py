@@ -18,8 +18,10 @@ from catalog_search.cli import main
 from duplicates_world import PLANTED, write_planted_catalog
 from pipelines.core.config import load_config
 from pipelines.duplicates.groups import UnionFind, build_groups
-from pipelines.duplicates.job import DuplicatesError, plan_units, run_duplicates
-from pipelines.duplicates.pairs import exact_pairs, pixel_signature, pixel_similarity
+from pipelines.duplicates.job import (OUTPUT_FILES, DuplicatesError, make_spec, plan_units,
+                                      run_duplicates, unit_rows)
+from pipelines.duplicates.pairs import (FindPairs, bucket_of, exact_pairs, pixel_signature,
+                                        pixel_similarity)
 from serving_fixtures import build_index, write_snapshot
 from tiny_model import make_tiny_model
 
@@ -192,3 +194,113 @@ def test_report_renders_in_a_real_browser(result):
     assert {frozenset(g["images"]) for g in seen["groups"]} == {
         frozenset((f"{pid}-0", src)) for pid, (_, src) in PLANTED.items()}
     assert [g["kind"] for g in seen["groups"]].count("exact") == 1
+
+
+def _reference(world: dict, out: str) -> dict:
+    """The job's result computed the plain way, in process: every image searched exactly
+    against every vector (brute force; the world's shards are brute force too), each pair
+    of different products at or above the candidate threshold kept once at its best score,
+    decided by VerifyPairs, exact pairs from the snapshot's hashes, union-find."""
+    import numpy as np
+
+    from pipelines.duplicates.pairs import VerifyPairs, pair_key, read_hashes
+    from pipelines.embed import snapshot as snap
+    from pipelines.index.reader import open_index
+    from pipelines.index.sharded_search import ShardedSearcher
+    spec, _, _ = make_spec(world["index_root"], out, world["config"])
+    index = ShardedSearcher(open_index(world["index_root"], spec.version).load_shards())
+    vectors = index.vectors(np.arange(index.num_vectors))
+    _, found = index.search_exact(vectors, min(index.num_vectors, spec.neighbours + 1))
+    best: dict[tuple[str, str], dict] = {}
+    for q, row in enumerate(found):
+        for nb in row.tolist():
+            a, b = index.image_ids[q], index.image_ids[nb]
+            if nb < 0 or a == b or index.product_ids[q] == index.product_ids[nb]:
+                continue
+            score = float(vectors[q] @ vectors[nb])
+            key = pair_key(a, b)
+            if score >= spec.candidate_threshold and score > best.get(key, {"score": -2})["score"]:
+                best[key] = {"score": min(1.0, score),
+                             "uri": {a: index.image_uris[q], b: index.image_uris[nb]},
+                             "product": {a: index.product_ids[q], b: index.product_ids[nb]}}
+    verify = VerifyPairs(spec)
+    near = [v for key in sorted(best) for tag, v in verify.process((key, best[key]))
+            if tag == "accepted"]
+    hashes: dict[str, list] = {}
+    for f in snap.embedding_files(spec.snapshot):
+        for sha, member in read_hashes(f):
+            hashes.setdefault(sha, []).append(member)
+    exact = [p for sha in sorted(hashes) for p in exact_pairs(sha, hashes[sha])]
+    uris = {p[side]: p[f"uri_{side}"] for p in [*exact, *near] for side in ("a", "b")}
+    table, _ = build_groups([*exact, *near], uris)
+    return {"candidates": len(best), "near": len(near), "exact": len(exact),
+            "table": table.to_pylist()}
+
+
+def _groups_of(table: list[dict]) -> set[frozenset]:
+    by_group: dict[int, set[str]] = {}
+    for r in table:
+        by_group.setdefault(r["group_id"], set()).add(r["image_id"])
+    return {frozenset(g) for g in by_group.values()}
+
+
+def test_groups_are_unchanged_by_the_partitioning_and_match_a_plain_computation(
+        world, result, tmp_path):
+    """The batched, bucketed job (part files between steps) finds what the plain all-pairs
+    computation finds on the planted set, whatever its buckets and units: the same groups,
+    similarities, match kinds and counts; its intermediate files are gone afterwards."""
+    ref = _reference(world, str(tmp_path / "ref"))
+    assert _groups_of(ref["table"]) == _groups_of(result["table"])
+    assert len(_groups_of(ref["table"])) == len(PLANTED)
+    s = result["summary"]
+    assert (s["candidate_pairs"], s["near_pairs"], s["exact_pairs"]) == (
+        ref["candidates"], ref["near"], ref["exact"])
+    assert s["candidate_pairs"] == s["near_pairs"] + s["rejected_pairs"]
+    by_image = {r["image_id"]: r for r in result["table"]}
+    for r in ref["table"]:
+        got = by_image[r["image_id"]]
+        assert got["match"] == r["match"] and got["product_id"] == r["product_id"]
+        assert got["similarity"] == pytest.approx(r["similarity"], abs=1e-5)
+    assert not [n for n in os.listdir(result["out"]) if n.startswith("_work")]
+    one = run_duplicates(world["index_root"], str(tmp_path / "one"), world["config"],
+                         buckets=1, max_units=1)
+    many = run_duplicates(world["index_root"], str(tmp_path / "many"), world["config"],
+                          buckets=13, max_units=1000)
+    for other, out in ((one, "one"), (many, "many")):
+        table = pq.read_table(str(tmp_path / out / "duplicates.parquet")).to_pylist()
+        assert _groups_of(table) == _groups_of(result["table"])
+        assert sorted((r["image_id"], r["similarity"], r["match"]) for r in table) == sorted(
+            (r["image_id"], r["similarity"], r["match"]) for r in result["table"])
+        for key in ("candidate_pairs", "rejected_pairs", "near_pairs", "exact_pairs",
+                    "images_scanned", "groups"):
+            assert other[key] == s[key], key
+        assert other["reconciled"] is True
+        assert sorted(os.listdir(tmp_path / out)) == sorted(OUTPUT_FILES)
+
+
+def test_find_pairs_passes_only_paths_and_counts(world, tmp_path):
+    """What a FindPairs unit hands to the runner (which, with the DirectRunner, is the
+    launcher process): its count of query images and (bucket, part file) pairs, no pair
+    records; the part files of every unit hold each candidate found from each side."""
+    spec, units, _ = make_spec(world["index_root"], str(tmp_path / "o"), world["config"],
+                               buckets=3)
+    step = FindPairs(spec)
+    scanned, parts = 0, []
+    for unit in units:
+        for tag, value in step.process(unit):
+            assert tag in ("scanned", "part")
+            if tag == "scanned":
+                assert isinstance(value, int)
+                scanned += value
+            else:
+                bucket, path = value
+                assert isinstance(bucket, int) and 0 <= bucket < 3 and isinstance(path, str)
+                parts.append(value)
+    assert scanned == len(world["rows"])
+    rows = [r for _, path in parts for r in pq.read_table(path).to_pylist()]
+    assert rows and all(r["a"] < r["b"] and r["product_a"] != r["product_b"] for r in rows)
+    assert all(r["score"] >= spec.candidate_threshold for r in rows)
+    assert all(bucket_of(f"{r['a']}\0{r['b']}", 3) == b
+               for b, path in parts for r in pq.read_table(path).to_pylist())
+    # the unit plan covers every row once, in whole search blocks
+    assert unit_rows(200_000, 2048, 64) == 2 * 2048 and unit_rows(10, 7, 64) == 7

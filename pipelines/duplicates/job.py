@@ -3,17 +3,26 @@
     summary = run_duplicates(index_root, out_dir, config, threshold=0.97)
 
 The launcher reads the version's manifest only (no vectors, no rows) and plans work
-units: (shard, first row, end row) blocks of `duplicates.block_rows`. The Beam job:
+units: (shard, first row, end row) spans of whole `duplicates.block_rows` blocks, at most
+about MAX_UNITS of them. The Beam job:
 
-1. FindPairs (workers): each block's vectors searched against the whole version (the
-   worker loads it once through the index reader), neighbours re-scored exactly; pairs of
-   images of different products at or above `duplicates.candidate_threshold`;
-2. MergePairs: one record per image pair (each side may find the other); VerifyPairs:
-   accepted when >= threshold, or confirmed by the pixel check (pipelines.duplicates.pairs);
-3. ExactPairs: the source snapshot's content_sha256 grouped: images of different products
-   with the same bytes are exact duplicates;
+1. FindPairs (workers): each unit's vectors searched, block_rows at a time, against the
+   whole version (the worker loads it once through the index reader) with the index's own
+   per-shard ScaNN settings; pairs of images of different products at or above
+   `duplicates.candidate_threshold` (re-scored exactly from the stored vectors) written to
+   part files, one per (pair bucket, unit);
+2. VerifyBucket (workers): per pair bucket, one record per image pair (each side may find
+   the other), accepted when >= threshold, or confirmed by the pixel check
+   (pipelines.duplicates.pairs); the accepted pairs written to the bucket's part file;
+3. ExactPairs: the source snapshot's content_sha256 split into hash buckets (part files),
+   then per bucket: images of different products with the same bytes are exact duplicates;
 4. WriteGroups (one worker): union-find over the accepted pairs -> duplicates.parquet,
    duplicates.csv, report.html and summary.json in `out_dir` (each written atomically).
+
+Between the steps travel only part-file paths and counts (the files are under a
+`_work-<run>` folder of `out_dir`, deleted at the end): with the DirectRunner every
+element between steps passes through the launcher process, so pairs, hashes and groups
+never do, and its memory does not grow with the catalog.
 
 Counts reconcile (checked before anything is written): every image of the version was
 searched once, every candidate pair was accepted or rejected, and the table has one row
@@ -23,19 +32,26 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
+import uuid
 from typing import Any
 
 import apache_beam as beam
 
 from pipelines.core import filesystem as fs
 from pipelines.core.config import Config
-from pipelines.duplicates.pairs import (DuplicatesSpec, FindPairs, VerifyPairs, exact_pairs,
-                                        merge_pair, read_hashes)
+from pipelines.duplicates.pairs import (DuplicatesSpec, FindPairs, VerifyBucket, exact_bucket,
+                                        read_parts, split_hashes)
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("duplicates.parquet", "duplicates.csv", "report.html", "summary.json")
+# Work units (FindPairs) are planned up to about this many (the part files are units x
+# buckets); pair / hash buckets: one per BUCKET_VECTORS vectors, within BUCKETS_RANGE.
+MAX_UNITS = 64
+BUCKET_VECTORS = 16384
+BUCKETS_RANGE = (4, 64)
 
 
 class DuplicatesError(RuntimeError):
@@ -48,9 +64,22 @@ def plan_units(shard_sizes: list[int], block_rows: int) -> list[tuple[int, int, 
             for s, n in enumerate(shard_sizes) for start in range(0, n, block_rows)]
 
 
+def unit_rows(num_vectors: int, block_rows: int, max_units: int = MAX_UNITS) -> int:
+    """Rows per work unit: whole search blocks, so that about max_units units cover the
+    version (fewer part files; each unit still searches block_rows queries a call)."""
+    blocks = max(1, math.ceil(num_vectors / (block_rows * max_units)))
+    return block_rows * blocks
+
+
+def plan_buckets(num_vectors: int) -> int:
+    lo, hi = BUCKETS_RANGE
+    return max(lo, min(hi, math.ceil(num_vectors / BUCKET_VECTORS)))
+
+
 def make_spec(index_root: str, out_dir: str, config: Config, threshold: float | None = None,
-              version: str | None = None) -> tuple[DuplicatesSpec, list[tuple[int, int, int]],
-                                                    dict[str, Any]]:
+              version: str | None = None, buckets: int | None = None,
+              max_units: int = MAX_UNITS) -> tuple[DuplicatesSpec, list[tuple[int, int, int]],
+                                                   dict[str, Any]]:
     """The job's spec, work units and a few manifest figures, from the manifest alone."""
     from pipelines.index.artifact import IndexArtifactError, read_latest, read_manifest
     dc = config.duplicates
@@ -82,54 +111,59 @@ def make_spec(index_root: str, out_dir: str, config: Config, threshold: float | 
         pixel_threshold=dc.pixel_threshold, neighbours=dc.neighbours, query_view=query_view,
         max_image_bytes=config.fetch.max_bytes, max_pixels=config.decode.max_pixels,
         report_groups=dc.report_groups, report_images_per_group=dc.report_images_per_group,
-        snapshot=snapshot or None)
-    units = plan_units([s.num_vectors for s in manifest.shards], dc.block_rows)
+        snapshot=snapshot or None,
+        work_dir=fs.join(out_dir, f"_work-{uuid.uuid4().hex[:12]}"),
+        buckets=buckets or plan_buckets(manifest.num_vectors), block_rows=dc.block_rows)
+    units = plan_units([s.num_vectors for s in manifest.shards],
+                       unit_rows(manifest.num_vectors, dc.block_rows, max_units))
     facts = {"num_vectors": manifest.num_vectors, "num_images": manifest.num_images,
              "shards": manifest.num_shards}
     return spec, units, facts
 
 
 def run_duplicates(index_root: str, out_dir: str, config: Config,
-                   threshold: float | None = None, version: str | None = None
-                   ) -> dict[str, Any]:
-    """Run the job; returns summary.json's content (also written to `out_dir`)."""
+                   threshold: float | None = None, version: str | None = None,
+                   buckets: int | None = None, max_units: int = MAX_UNITS) -> dict[str, Any]:
+    """Run the job; returns summary.json's content (also written to `out_dir`).
+    `buckets` / `max_units`: the job's partitioning (default: from the version's size)."""
     from pipelines.core.runner import make_pipeline
     started = time.time()
-    spec, units, facts = make_spec(index_root, out_dir, config, threshold, version)
-    log.info("duplicates: version %s, %d vectors in %d blocks, threshold %.3f", spec.version,
-             facts["num_vectors"], len(units), spec.threshold)
+    spec, units, facts = make_spec(index_root, out_dir, config, threshold, version, buckets,
+                                   max_units)
+    log.info("duplicates: version %s, %d vectors in %d units, %d buckets, threshold %.3f",
+             spec.version, facts["num_vectors"], len(units), spec.buckets, spec.threshold)
     from pipelines.embed import snapshot as snap
     hash_files = snap.embedding_files(spec.snapshot) if spec.snapshot else []
-    with make_pipeline(config, "duplicates") as p:
-        found = (p
-                 | "Blocks" >> beam.Create(units)
-                 | "SpreadBlocks" >> beam.Reshuffle()
-                 | "FindPairs" >> beam.ParDo(_StepDoFn(FindPairs, spec)).with_outputs(
-                     "pair", "scanned"))
-        scanned = found.scanned | "SumScanned" >> beam.CombineGlobally(sum)
-        candidates = (found.pair
-                      | "MergePairs" >> beam.CombinePerKey(merge_pair)
-                      | "SpreadPairs" >> beam.Reshuffle())
-        checked = candidates | "VerifyPairs" >> beam.ParDo(
-            _StepDoFn(VerifyPairs, spec)).with_outputs("accepted", "rejected", "no_pixels")
-        exact = (p
-                 | "HashFiles" >> beam.Create(hash_files)
-                 | "ReadHashes" >> beam.FlatMap(read_hashes)
-                 | "GroupHashes" >> beam.GroupByKey()
-                 | "ExactPairs" >> beam.FlatMapTuple(exact_pairs))
-        counts = {
-            "candidates": candidates | "CountCandidates" >> beam.combiners.Count.Globally(),
-            "rejected": checked.rejected | "CountRejected" >> beam.CombineGlobally(sum),
-            "no_pixels": checked.no_pixels | "CountNoPixels" >> beam.CombineGlobally(sum),
-            "scanned": scanned}
-        near = checked.accepted | "ListNear" >> beam.combiners.ToList()
-        exact_list = exact | "ListExact" >> beam.combiners.ToList()
-        _ = (p
-             | "One" >> beam.Create([None])
-             | "WriteGroups" >> beam.Map(
-                 _write_groups_element, spec, facts, started,
-                 beam.pvalue.AsSingleton(near), beam.pvalue.AsSingleton(exact_list),
-                 *[beam.pvalue.AsSingleton(c) for c in counts.values()]))
+    try:
+        with make_pipeline(config, "duplicates") as p:
+            found = (p
+                     | "Units" >> beam.Create(units)
+                     | "SpreadUnits" >> beam.Reshuffle()
+                     | "FindPairs" >> beam.ParDo(_StepDoFn(FindPairs, spec)).with_outputs(
+                         "part", "scanned"))
+            scanned = found.scanned | "SumScanned" >> beam.CombineGlobally(sum)
+            checked = (found.part
+                       | "GroupParts" >> beam.GroupByKey()
+                       | "VerifyBuckets" >> beam.ParDo(_StepDoFn(VerifyBucket, spec)).with_outputs(
+                           "accepted_part", "candidates", "rejected", "no_pixels"))
+            exact = (p
+                     | "HashFiles" >> beam.Create(list(enumerate(hash_files)))
+                     | "SplitHashes" >> beam.FlatMap(split_hashes, spec)
+                     | "GroupHashes" >> beam.GroupByKey()
+                     | "ExactPairs" >> beam.FlatMap(exact_bucket, spec))
+            counts = {
+                "candidates": checked.candidates | "SumCandidates" >> beam.CombineGlobally(sum),
+                "rejected": checked.rejected | "SumRejected" >> beam.CombineGlobally(sum),
+                "no_pixels": checked.no_pixels | "SumNoPixels" >> beam.CombineGlobally(sum),
+                "scanned": scanned}
+            _ = (p
+                 | "One" >> beam.Create([None])
+                 | "WriteGroups" >> beam.Map(
+                     _write_groups_element, spec, facts, started,
+                     beam.pvalue.AsList(checked.accepted_part), beam.pvalue.AsList(exact),
+                     *[beam.pvalue.AsSingleton(c) for c in counts.values()]))
+    finally:
+        fs.delete_tree(spec.work_dir)
     summary = fs.read_json(fs.join(out_dir, "summary.json"))
     if summary.get("started_at") != started:
         raise DuplicatesError(f"the job finished but {out_dir}/summary.json is not this run's")
@@ -154,8 +188,9 @@ class _StepDoFn(beam.DoFn):
 
 
 def _write_groups_element(_: Any, spec: DuplicatesSpec, facts: dict[str, Any], started: float,
-                          near: list[dict[str, Any]], exact: list[dict[str, Any]],
+                          near_parts: list[str], exact_parts: list[str],
                           candidates: int, rejected: int, no_pixels: int, scanned: int) -> None:
+    near, exact = read_parts(near_parts), read_parts(exact_parts)
     write_groups(spec, facts, started, near, exact, {
         "candidate_pairs": int(candidates), "rejected_pairs": int(rejected),
         "pairs_without_pixels": int(no_pixels), "images_scanned": int(scanned)})
