@@ -2,9 +2,10 @@
 processes running RunInference) -> sharded ScaNN index -> image query.
 
 Each command is a child process, so a native abort inside TensorFlow fails this test with the
-command's stderr instead of killing the test run. `.ci/run` runs this file (with
-tests/test_builtin_model.py) once with TF_ENABLE_ONEDNN_OPTS=1 and once with =0, so both
-kernel paths are proven on any x86 CPU.
+command's stderr instead of killing the test run. CI runs this file (with
+tests/test_builtin_model.py) in `make test` on the CPU's default kernel path and again in
+`make test-onednn-other` with TF_ENABLE_ONEDNN_OPTS set to the other one, so both kernel paths
+are proven on any x86 CPU (`make test-onednn` forces =1, then =0).
 """
 from __future__ import annotations
 
