@@ -101,17 +101,32 @@ def test_cli_help_lists_every_command():
 
 
 @pytest.mark.heavy
-def test_cli_embed_argument_errors(tmp_path):
-    r = _cli("embed", "--out", str(tmp_path))
-    assert r.returncode == 2 and "--manifest" in r.stderr
-    r = _cli("embed", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 1 and "does not exist" in r.stderr
-    r = _cli("embed", "--manifest", "x.csv", "--out", "o", "--workers", "0")
-    assert r.returncode == 2 and "--workers" in r.stderr
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """catalog_search.cli.main in this process (argument errors exit through argparse)."""
+    from catalog_search.cli import main
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    return rc, capsys.readouterr().err
+
+
+def test_cli_embed_argument_errors(tmp_path, monkeypatch, capsys):
+    # in-process: the errors are the CLI's, not the process's (test_cli_help_lists_every_command
+    # and tests/test_first_run.py run the real `python -m catalog_search.cli`)
+    monkeypatch.chdir(tmp_path)
+    rc, err = _main(capsys, "embed", "--out", str(tmp_path))
+    assert rc == 2 and "--manifest" in err
+    rc, err = _main(capsys, "embed", "--manifest", str(tmp_path / "none.csv"),
+                    "--out", str(tmp_path / "o"))
+    assert rc == 1 and "does not exist" in err
+    rc, err = _main(capsys, "embed", "--manifest", "x.csv", "--out", "o", "--workers", "0")
+    assert rc == 2 and "--workers" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("fetch: {timeout_s: -1}\n")
-    r = _cli("--config", str(bad), "embed", "--manifest", "x.csv", "--out", "o")
-    assert r.returncode == 2 and "fetch.timeout_s" in r.stderr
+    rc, err = _main(capsys, "--config", str(bad), "embed", "--manifest", "x.csv", "--out", "o")
+    assert rc == 2 and "fetch.timeout_s" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
 
 
 @pytest.mark.heavy
