@@ -75,7 +75,7 @@ def run_train_adapter(embeddings: str, out_dir: str, config: Config,
                       pairs: Sequence[str] = (), feedback: str | None = None) -> TrainResult:
     """Train, validate, gate, write. Raises AdapterError for bad input and AdapterGateError
     when the gate refuses (out_dir untouched)."""
-    from pipelines.adapter.train import TrainParams, train_linear
+    from pipelines.adapter.train import TrainParams, train_adapter
     cfg = config.adapter
     started = time.time()
     extra, extra_source = None, None
@@ -83,7 +83,7 @@ def run_train_adapter(embeddings: str, out_dir: str, config: Config,
         extra = feedback_pairs(embeddings, feedback)
         extra_source = f"feedback {feedback}"
     data = adata.load_training_data(embeddings, pairs, extra, extra_source)
-    sp = adata.split(data, cfg.val_products, cfg.val_pairs, cfg.seed)
+    sp = adata.split(data, cfg.val_products, cfg.val_pairs, cfg.seed, cfg.val_max_queries)
     x = np.concatenate([data.catalog.vectors[sp.catalog_train],
                         data.pairs.vectors[sp.pairs_train]])
     labels, _ = adata.product_labels(np.concatenate([data.catalog.products[sp.catalog_train],
@@ -93,14 +93,19 @@ def run_train_adapter(embeddings: str, out_dir: str, config: Config,
     log.info("train-adapter: %d training rows (%d products), %d validation queries; "
              "identity recall@1 %.4f", len(x), len(set(labels.tolist())), identity["queries"],
              identity["recall@1"])
-    weights, info = train_linear(x, labels, params)
+    arrays, info = train_adapter(x, labels, params)
+    del x
+    weights = arrays.pop("weights")
+    mlp_arrays = arrays or None  # kind "mlp": the hidden layer's arrays
     base = data.base_model
-    probe = make_adapter(weights, base)
+    probe = make_adapter(weights, base, extra=mlp_arrays)
     adapted = adata.validation_figures(data, sp, probe.apply)
     gain = round(adapted["recall@1"] - identity["recall@1"], 4)
     passed = gain > cfg.min_gain
     validation = {"split_seed": cfg.seed, "val_products": cfg.val_products,
                   "val_pairs": cfg.val_pairs, "queries": identity["queries"],
+                  "candidate_queries": sp.candidate_queries,
+                  "max_queries": cfg.val_max_queries,
                   "with_adapter": adapted, "identity": identity,
                   "gain_recall@1": gain, "min_gain": cfg.min_gain, "passed": passed}
     training = {**info, **sp.sizes(data), "sources": data.sources, "seed": cfg.seed,
@@ -121,7 +126,8 @@ def run_train_adapter(embeddings: str, out_dir: str, config: Config,
                   f"exceed {cfg.min_gain}); {out_dir} keeps "
                   + (f"adapter {previous}" if previous else "what it held (no adapter)"))
         raise AdapterGateError(TrainResult(False, reason, None, previous, figures))
-    adapter = save_adapter(make_adapter(weights, base, training, validation), out_dir)
+    adapter = save_adapter(make_adapter(weights, base, training, validation, extra=mlp_arrays),
+                           out_dir)
     reason = (f"validation recall@1 {adapted['recall@1']:.4f} with the adapter vs "
               f"{identity['recall@1']:.4f} without (gain {gain:+.4f})")
     log.info("train-adapter: wrote %s to %s: %s", adapter.id, out_dir, reason)
@@ -140,16 +146,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feedback log root (POST /v1/feedback): chosen products as pairs")
     p.add_argument("--dim", type=int, help="output dimension (default: config adapter.dim)")
     p.add_argument("--epochs", type=int, help="default: config adapter.epochs")
+    p.add_argument("--hidden", type=int, metavar="DIM",
+                   help="add a ReLU hidden layer of DIM units beside the linear map (kind "
+                        "mlp; 0 = linear; default: config adapter.hidden)")
     p.add_argument("--seed", type=int, help="split/batch/initialisation seed (adapter.seed)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     overrides: dict[str, Any] = {}
-    for name in ("dim", "epochs", "seed"):
+    for name in ("dim", "epochs", "seed", "hidden"):
         value = getattr(args, name)
         if value is not None:
-            if name != "seed" and value < 1:
+            if name == "hidden" and value < 0:
+                raise UsageError(f"--hidden must be >= 0, got {value}")
+            if name in ("dim", "epochs") and value < 1:
                 raise UsageError(f"--{name} must be >= 1, got {value}")
             overrides[name] = value
     if overrides:

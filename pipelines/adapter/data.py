@@ -139,12 +139,19 @@ def load_training_data(embeddings: str, pairs: Sequence[str] = (),
 
 @dataclass(frozen=True)
 class Split:
-    """Which catalog rows and pairs train, and which validate (boolean masks)."""
+    """Which catalog rows and pairs train, and which validate (boolean masks).
+
+    pairs_val / catalog_val_queries are the validation queries: the held-out pairs and
+    held-out products' catalog images, or a seeded sample of at most `max_queries` of them
+    (`candidate_queries` counts them before the cap). Held-out rows that are not sampled
+    still never train."""
     val_products: frozenset[str]
     catalog_train: np.ndarray
     pairs_train: np.ndarray
     pairs_val: np.ndarray
     catalog_val_queries: np.ndarray   # held-out products' catalog rows (leave-one-out)
+    candidate_queries: int = 0
+    max_queries: int | None = None
 
     def sizes(self, data: TrainingData) -> dict[str, Any]:
         train_products = set(data.catalog.products[self.catalog_train].tolist())
@@ -152,13 +159,36 @@ class Split:
                           "pairs": int(self.pairs_train.sum()),
                           "products": len(train_products)},
                 "validation": {"products_held_out": len(self.val_products),
+                               "pairs_held_out": int((~self.pairs_train).sum()),
                                "pair_queries": int(self.pairs_val.sum()),
                                "catalog_queries": int(self.catalog_val_queries.sum()),
+                               "candidate_queries": self.candidate_queries,
+                               "max_queries": self.max_queries,
                                "gallery_rows": len(data.catalog)}}
 
 
-def split(data: TrainingData, val_products: float, val_pairs: float, seed: int) -> Split:
-    """The seeded held-out split (see the module docstring); AdapterError when it leaves no
+def _cap(masks: Sequence[np.ndarray], limit: int | None, rng: np.random.Generator
+         ) -> list[np.ndarray]:
+    """The masks with at most `limit` True entries in all (a uniform seeded sample)."""
+    counts = [int(m.sum()) for m in masks]
+    total = sum(counts)
+    if limit is None or total <= limit:
+        return list(masks)
+    chosen = np.zeros(total, bool)
+    chosen[rng.choice(total, size=limit, replace=False)] = True
+    out, at = [], 0
+    for m, c in zip(masks, counts):
+        keep = np.zeros(len(m), bool)
+        keep[np.flatnonzero(m)[chosen[at:at + c]]] = True
+        out.append(keep)
+        at += c
+    return out
+
+
+def split(data: TrainingData, val_products: float, val_pairs: float, seed: int,
+          max_queries: int | None = None) -> Split:
+    """The seeded held-out split (see the module docstring), with at most `max_queries`
+    validation queries (a seeded sample; None: all); AdapterError when it leaves no
     training products or no validation queries."""
     rng = np.random.default_rng(seed)
     products = np.array(sorted(set(data.catalog.products.tolist())), object)
@@ -176,8 +206,12 @@ def split(data: TrainingData, val_products: float, val_pairs: float, seed: int) 
         counts[p] = counts.get(p, 0) + 1
     cat_queries = cat_held & np.array([counts.get(p, 0) >= 2
                                        for p in data.catalog.products.tolist()], bool)
+    candidates = int(pair_val.sum() + cat_queries.sum())
+    pair_q, cat_q = _cap([pair_val, cat_queries], max_queries,
+                         np.random.default_rng([seed, 1]))
     out = Split(val_products=held, catalog_train=~cat_held, pairs_train=~pair_val,
-                pairs_val=pair_val, catalog_val_queries=cat_queries)
+                pairs_val=pair_q, catalog_val_queries=cat_q, candidate_queries=candidates,
+                max_queries=max_queries)
     if not (out.pairs_val.any() or out.catalog_val_queries.any()):
         raise AdapterError("the held-out split has no validation queries (no pairs held out "
                            "and no held-out product with 2 or more catalog images); add "
@@ -187,10 +221,14 @@ def split(data: TrainingData, val_products: float, val_pairs: float, seed: int) 
 
 def recall_at(queries: np.ndarray, query_products: np.ndarray, gallery: np.ndarray,
               gallery_products: np.ndarray, ks: Sequence[int] = (1, 5, 10),
-              exclude: np.ndarray | None = None, chunk: int = 1024) -> dict[str, float]:
+              exclude: np.ndarray | None = None, max_scores: int = 1 << 24
+              ) -> dict[str, float]:
     """Product recall@k by exact dot-product search: the query's product is among the
     top-k distinct products (each product scored by its best image). `exclude[i]`: the
-    gallery row query i must not match (leave-one-out), -1 for none."""
+    gallery row query i must not match (leave-one-out), -1 for none.
+
+    Memory: no copy of the gallery; queries go in chunks of max_scores / N rows, so the
+    score matrix stays at most `max_scores` floats (64 MiB) whatever N."""
     if not len(queries):
         return {f"recall@{k}": 0.0 for k in ks}
     names, inverse = np.unique(gallery_products.astype(str), return_inverse=True)
@@ -200,16 +238,16 @@ def recall_at(queries: np.ndarray, query_products: np.ndarray, gallery: np.ndarr
     target_ok = (target < len(names)) & (names[np.minimum(target, len(names) - 1)]
                                          == query_products.astype(str))
     hits = {k: 0 for k in ks}
-    g = np.ascontiguousarray(gallery[order], np.float32)
-    pos = np.empty(len(order), np.int64)
-    pos[order] = np.arange(len(order))
+    g = np.asarray(gallery, np.float32)
+    chunk = max(1, min(4096, max_scores // max(1, len(g))))
     for s in range(0, len(queries), chunk):
         q = np.ascontiguousarray(queries[s:s + chunk], np.float32)
         scores = q @ g.T
         if exclude is not None:
             ex = exclude[s:s + chunk]
             rows = np.flatnonzero(ex >= 0)
-            scores[rows, pos[ex[rows]]] = -np.inf
+            scores[rows, ex[rows]] = -np.inf
+        scores = scores[:, order]  # product-grouped columns (a copy of this chunk only)
         per_product = np.maximum.reduceat(scores, starts, axis=1)  # [q, products]
         t = target[s:s + chunk]
         ok = target_ok[s:s + chunk]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,31 +37,52 @@ class TrainParams:
     products_per_batch: int = 32
     samples_per_product: int = 8
     seed: int = 0
+    hidden: int = 0            # 0: linear; > 0: linear + a ReLU hidden layer of this width
+    init_sample: int = 100_000  # rows (seeded sample) the initialisation is computed on
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TrainParams":
         return cls(out_dim=cfg.dim, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                    temperature=cfg.temperature, products_per_batch=cfg.products_per_batch,
-                   samples_per_product=cfg.samples_per_product, seed=cfg.seed)
+                   samples_per_product=cfg.samples_per_product, seed=cfg.seed,
+                   hidden=cfg.hidden, init_sample=cfg.init_sample)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def initial_weights(x: np.ndarray, out_dim: int) -> np.ndarray:
+def initial_weights(x: np.ndarray, out_dim: int, sample: int | None = None, seed: int = 0,
+                    chunk: int = 8192) -> np.ndarray:
     """[in_dim, out_dim]: the top right singular vectors of `x` (padded with the next
-    coordinate axes when x has fewer rows or dimensions than out_dim)."""
-    in_dim = x.shape[1]
-    _, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+    coordinate axes when x has fewer rows or dimensions than out_dim).
+
+    Computed as the top eigenvectors of the Gram matrix x^T x ([in_dim, in_dim], float64,
+    accumulated over float32 chunks of `chunk` rows), on a seeded sample of at most
+    `sample` rows (None: all): memory is O(in_dim^2 + chunk * in_dim) whatever N, with no
+    float64 or full-size copy of x. Column signs are fixed (largest entry positive), so
+    the result does not depend on the eigen-solver's sign convention."""
+    n, in_dim = x.shape
+    rows: np.ndarray | None = None
+    if sample is not None and n > sample:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+    gram = np.zeros((in_dim, in_dim), np.float64)
+    total = n if rows is None else len(rows)
+    for s in range(0, total, chunk):
+        block = x[s:s + chunk] if rows is None else x[rows[s:s + chunk]]
+        b = np.asarray(block, np.float32)
+        gram += (b.T @ b).astype(np.float64)
+    evals, evecs = np.linalg.eigh(gram)
+    keep = min(out_dim, in_dim, total)
+    top = evecs[:, ::-1][:, :keep]
+    top = top * np.where(top[np.abs(top).argmax(axis=0), np.arange(keep)] < 0, -1.0, 1.0)
     w = np.zeros((in_dim, out_dim), np.float64)
-    k = min(out_dim, vt.shape[0])
-    w[:, :k] = vt[:k].T
-    for j in range(k, out_dim):  # more outputs than the data spans: spare orthogonal axes
+    w[:, :keep] = top
+    for j in range(keep, out_dim):  # more outputs than the data spans: spare orthogonal axes
         e = np.zeros(in_dim)
         e[j % in_dim] = 1.0
         e -= w[:, :j] @ (w[:, :j].T @ e)
-        n = np.linalg.norm(e)
-        w[:, j] = e / n if n > 1e-9 else 0.0
+        nrm = np.linalg.norm(e)
+        w[:, j] = e / nrm if nrm > 1e-9 else 0.0
     return w.astype(np.float32)
 
 
@@ -89,9 +110,16 @@ def _batches(labels: np.ndarray, params: TrainParams, rng: np.random.Generator
     return out
 
 
-def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
-                 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Train W on rows `x` [n, in_dim] with product labels [n]; returns (W, history)."""
+def train_adapter(x: np.ndarray, labels: np.ndarray, params: TrainParams
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train on rows `x` [n, in_dim] with product labels [n]; returns (arrays, history).
+
+    Linear (params.hidden 0): {"weights": W [in_dim, out_dim]}, output = x W.
+    MLP (hidden H > 0): W plus {"hidden_weights" [in_dim, H], "hidden_bias" [H],
+    "output_weights" [H, out_dim]}, output = x W + relu(x W1 + b1) W2: the linear map with
+    a non-linear residual that starts at zero (W2 = 0), so training starts from exactly the
+    linear adapter's initialisation. Batches are gathered from `x` as they are needed (no
+    copy of x is handed to TensorFlow)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     try:
@@ -103,21 +131,34 @@ def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
     started = time.time()
     rng = np.random.default_rng(params.seed)
     tf.random.set_seed(params.seed)
-    w0 = initial_weights(x, params.out_dim)
-    layer = keras.layers.Dense(params.out_dim, use_bias=False,
-                               kernel_initializer=keras.initializers.Constant(w0))
-    layer.build((None, x.shape[1]))
+    w0 = initial_weights(x, params.out_dim, params.init_sample, params.seed)
+    in_dim = x.shape[1]
+    linear = keras.layers.Dense(params.out_dim, use_bias=False,
+                                kernel_initializer=keras.initializers.Constant(w0))
+    linear.build((None, in_dim))
+    layers = [linear]
+    if params.hidden:
+        hidden = keras.layers.Dense(params.hidden, activation="relu",
+                                    kernel_initializer=keras.initializers.GlorotUniform(
+                                        seed=params.seed))
+        hidden.build((None, in_dim))
+        out = keras.layers.Dense(params.out_dim, use_bias=False, kernel_initializer="zeros")
+        out.build((None, params.hidden))
+        layers += [hidden, out]
+    variables = [v for layer in layers for v in layer.trainable_variables]
     optimizer = keras.optimizers.Adam(learning_rate=params.learning_rate)
-    xs = tf.constant(np.asarray(x, np.float32))
-    ys = tf.constant(np.asarray(labels, np.int64))
     inv_t = 1.0 / params.temperature
 
+    def project(xb: tf.Tensor) -> tf.Tensor:
+        y = linear(xb)
+        if params.hidden:
+            y = y + layers[2](layers[1](xb))
+        return y
+
     @tf.function(reduce_retracing=True)
-    def step(idx: tf.Tensor) -> tf.Tensor:
-        xb = tf.gather(xs, idx)
-        yb = tf.gather(ys, idx)
+    def step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            z = tf.math.l2_normalize(layer(xb), axis=1)
+            z = tf.math.l2_normalize(project(xb), axis=1)
             logits = tf.matmul(z, z, transpose_b=True) * inv_t
             n = tf.shape(z)[0]
             self_mask = tf.eye(n, dtype=tf.bool)
@@ -130,10 +171,11 @@ def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
             per_anchor = -tf.reduce_sum(pos * log_prob, axis=1) / tf.maximum(num_pos, 1.0)
             has = tf.cast(num_pos > 0, tf.float32)
             loss = tf.reduce_sum(per_anchor * has) / tf.maximum(tf.reduce_sum(has), 1.0)
-        grads = tape.gradient(loss, layer.trainable_variables)
-        optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
         return loss
 
+    labels = np.asarray(labels, np.int64)
     history: list[float] = []
     steps = 0
     for epoch in range(params.epochs):
@@ -141,15 +183,28 @@ def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
         for idx in _batches(labels, params, rng):
             if len(idx) < 2:
                 continue
-            losses.append(float(step(tf.constant(idx))))
+            xb = tf.constant(np.asarray(x[idx], np.float32))
+            losses.append(float(step(xb, tf.constant(labels[idx]))))
             steps += 1
         history.append(round(float(np.mean(losses)) if losses else 0.0, 5))
         if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == params.epochs:
             log.info("train-adapter: epoch %d/%d loss %.4f", epoch + 1, params.epochs,
                      history[-1])
-    w = np.asarray(layer.kernel.numpy(), np.float32)
-    info = {"loss": LOSS_NAME, "params": params.to_dict(), "init": "top singular vectors",
+    arrays = {"weights": np.asarray(linear.kernel.numpy(), np.float32)}
+    if params.hidden:
+        arrays["hidden_weights"] = np.asarray(layers[1].kernel.numpy(), np.float32)
+        arrays["hidden_bias"] = np.asarray(layers[1].bias.numpy(), np.float32)
+        arrays["output_weights"] = np.asarray(layers[2].kernel.numpy(), np.float32)
+    info = {"loss": LOSS_NAME, "params": params.to_dict(),
+            "init": f"top singular vectors (Gram matrix of up to {params.init_sample} rows)",
             "steps": steps, "loss_first_epoch": history[0] if history else None,
             "loss_last_epoch": history[-1] if history else None, "loss_by_epoch": history,
             "seconds": round(time.time() - started, 2)}
-    return w, info
+    return arrays, info
+
+
+def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The linear adapter: (W [in_dim, out_dim], history) (`train_adapter`, hidden 0)."""
+    arrays, info = train_adapter(x, labels, replace(params, hidden=0))
+    return arrays["weights"], info

@@ -269,12 +269,14 @@ class IndexConfig:
 class AdapterConfig:
     """Trained embedding adapter (pipelines/adapter, `catalog-search train-adapter`).
 
-    A linear projection of the frozen model vectors to `dim` dimensions (L2-normalised),
+    A linear projection of the frozen model vectors to `dim` dimensions (L2-normalised;
+    `hidden` > 0 adds a ReLU hidden layer beside it),
     trained with a supervised-contrastive loss (temperature) on batches of
     products_per_batch products x samples_per_product images/pairs; a seeded held-out
     split (val_products of the products, val_pairs of the remaining pairs) gates it: the
     adapter is written only when its validation recall@1 exceeds the identity's by more
-    than min_gain. enabled: the catalog_refresh DAG runs its train_adapter task.
+    than min_gain, measured on at most val_max_queries of the held-out queries (a seeded
+    sample). enabled: the catalog_refresh DAG runs its train_adapter task.
     """
     enabled: bool = False
     dim: int = 256
@@ -287,6 +289,12 @@ class AdapterConfig:
     val_pairs: float = 0.1
     min_gain: float = 0.0
     seed: int = 0
+    # 0: linear; > 0: a ReLU hidden layer of this width beside the linear map (an option).
+    hidden: int = 0
+    # Validation queries: at most this many (a seeded sample), so the gate's exact search
+    # costs O(val_max_queries x N), not O(N^2). The initialisation: on at most init_sample rows.
+    val_max_queries: int = 5000
+    init_sample: int = 100_000
     # The catalog_refresh DAG's train_adapter task: the adapter folder (null: `adapter`
     # beside the index root), labelled-photo snapshots used as pairs, the feedback log.
     dir: str | None = None
@@ -310,6 +318,9 @@ class AdapterConfig:
         _require(0 < self.val_products < 1, "adapter.val_products", "must be in (0, 1)")
         _require(0 <= self.val_pairs < 1, "adapter.val_pairs", "must be in [0, 1)")
         _require(0 <= self.min_gain < 1, "adapter.min_gain", "must be in [0, 1)")
+        _require(0 <= self.hidden <= 8192, "adapter.hidden", "must be between 0 and 8192")
+        _require(self.val_max_queries >= 1, "adapter.val_max_queries", "must be >= 1")
+        _require(self.init_sample >= 1, "adapter.init_sample", "must be >= 1")
 
 
 @dataclass(frozen=True)
