@@ -32,6 +32,7 @@ AIRFLOW = [
 DEV = [
     "pytest>=8",
     "httpx>=0.27",
+    "schemathesis>=4.0,<5",  # schema conformance (tests/reliability/test_schema_conformance.py)
     "scikit-image>=0.24",  # real photos (skimage.data) for the model-conversion test
     "ruff>=0.6",  # `make lint`; rules in pyproject.toml
     "mypy>=1.11",

@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from pipelines.core.config import Config
 from serving.api.errors import error_response, install_error_handlers
 from serving.api.gate import QueryGate
+from serving.api import openapi_limits
 from serving.api.metrics import ServingMetrics
 from serving.api.routes import admin, catalog, feedback, health, page, search
 from serving.api.schemas import public_image_url
@@ -126,40 +127,5 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
                    page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
-    _document_limits(app, config)
+    openapi_limits.install(app, config)
     return app
-
-
-def _document_limits(app: FastAPI, config: Config) -> None:
-    """The OpenAPI schema states the limits this app enforces from its config (issue 24
-    defect 8): `k` (query parameter, form field, JSON property) is 1..serving.max_k."""
-    build = app.openapi
-    max_k = config.serving.max_k
-
-    def bound(node: object) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "k" and isinstance(value, dict):
-                    _bound_k(value, max_k)
-                bound(value)
-            if node.get("name") == "k" and isinstance(node.get("schema"), dict):
-                _bound_k(node["schema"], max_k)  # a query parameter
-        elif isinstance(node, list):
-            for item in node:
-                bound(item)
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            bound(schema)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _bound_k(schema: dict, max_k: int) -> None:
-    targets = [s for s in schema.get("anyOf", []) if s.get("type") == "integer"] or (
-        [schema] if schema.get("type") == "integer" else [])
-    for target in targets:
-        target["minimum"], target["maximum"] = 1, max_k

@@ -8,8 +8,8 @@ from typing import Any, Iterable, Mapping
 from pipelines.index.sharded_search import Hit
 from serving.errors import QueryError
 
-_MAX_FILTER_KEYS = 16
-_MAX_FILTER_VALUES = 100
+MAX_FILTER_KEYS = 16
+MAX_FILTER_VALUES = 100
 
 
 def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
@@ -20,8 +20,8 @@ def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
     if not isinstance(filters, Mapping):
         raise QueryError("bad_filter", f"filters must be an object of key -> value(s), "
                                        f"got {type(filters).__name__}")
-    if len(filters) > _MAX_FILTER_KEYS:
-        raise QueryError("bad_filter", f"at most {_MAX_FILTER_KEYS} filter keys")
+    if len(filters) > MAX_FILTER_KEYS:
+        raise QueryError("bad_filter", f"at most {MAX_FILTER_KEYS} filter keys")
     known = set(known_keys) if known_keys is not None else None
     out: dict[str, frozenset[str]] = {}
     for key, value in filters.items():
@@ -33,9 +33,9 @@ def validate_filters(filters: Any, known_keys: Iterable[str] | None = None
                                            f"field of this index; known: "
                                            f"{', '.join(sorted(known))}")
         values = value if isinstance(value, list) else [value]
-        if not values or len(values) > _MAX_FILTER_VALUES:
+        if not values or len(values) > MAX_FILTER_VALUES:
             raise QueryError("bad_filter", f"filter {reprlib.repr(key)} needs 1 to "
-                                           f"{_MAX_FILTER_VALUES} values")
+                                           f"{MAX_FILTER_VALUES} values")
         for v in values:
             if isinstance(v, (dict, list)) or v is None:
                 raise QueryError("bad_filter", f"filter {reprlib.repr(key)}: values must be "

@@ -21,7 +21,10 @@ MAX_IDS = 10_000
 
 
 def check_ids(image_ids: Sequence[Any], product_ids: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """The ids, checked: strings of 1..MAX_ID_CHARS characters, at most MAX_IDS, one at least."""
+    """The ids, checked: strings of 1..MAX_ID_CHARS characters, at most MAX_IDS given (counted
+    before repeats are dropped, as the API schema states), one at least."""
+    if len(image_ids) + len(product_ids) > MAX_IDS:
+        raise dl.DeltaError(f"at most {MAX_IDS} ids per call")
     out = []
     for what, ids in (("image_id", image_ids), ("product_id", product_ids)):
         clean: list[str] = []
@@ -35,8 +38,6 @@ def check_ids(image_ids: Sequence[Any], product_ids: Sequence[Any]) -> tuple[lis
         out.append(clean)
     if not out[0] and not out[1]:
         raise dl.DeltaError("give at least one image_id or product_id")
-    if len(out[0]) + len(out[1]) > MAX_IDS:
-        raise dl.DeltaError(f"at most {MAX_IDS} ids per call")
     return out[0], out[1]
 
 

@@ -46,6 +46,8 @@ def parse_k(raw: Any) -> int | None:
         raise ApiError(422, "bad_k", f"k must be an integer, got {raw!r}")
     if isinstance(raw, int):
         return raw
+    if isinstance(raw, float) and raw.is_integer():  # JSON 3.0 is an integer (JSON Schema)
+        return int(raw)
     try:
         return int(str(raw).strip())
     except ValueError:
@@ -88,20 +90,23 @@ def parse_text(raw: Any) -> str | None:
 
 
 def parse_weight(raw: Any) -> float | None:
-    """text_weight from a form field, query string or JSON; range is checked later."""
+    """text_weight from a form field, query string or JSON: a number in [0, 1], refused
+    even where it is not used (a text-only search), as the OpenAPI schema states."""
     if raw is None or raw == "":
         return None
     if isinstance(raw, bool):
         raise ApiError(422, "bad_text_weight", f"text_weight must be a number, got {raw!r}")
     if isinstance(raw, (int, float)):
-        return float(raw)
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise ApiError(422, "bad_text_weight",
-                       f"text_weight must be a number, got {raw!r}") from None
-    if value != value:  # NaN
-        raise ApiError(422, "bad_text_weight", "text_weight must be a number in [0, 1]")
+        value = float(raw)
+    else:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise ApiError(422, "bad_text_weight",
+                           f"text_weight must be a number, got {str(raw)[:40]!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise ApiError(422, "bad_text_weight", f"text_weight must be a number in [0, 1], "
+                                               f"got {value!r}")
     return value
 
 
@@ -118,6 +123,8 @@ def parse_max_per_group(raw: Any) -> int | None:
     """max_per_group from a form field, query string or JSON; range is checked later."""
     if raw is None or raw == "":
         return None
+    if isinstance(raw, float) and raw.is_integer():  # JSON 3.0 is an integer (JSON Schema)
+        return int(raw)
     if isinstance(raw, bool) or isinstance(raw, float):
         raise ApiError(422, "bad_max_per_group", f"max_per_group must be an integer, "
                                                  f"got {raw!r}")
