@@ -13,6 +13,13 @@ numbers move with machine load):
   3. incremental re-run with 1% of the images changed, against the full run's wall time;
   4. the naive approach of many tutorials: per image, PIL full decode + resize, then
      Keras `predict` on a batch of one, in a Python loop (on a subset).
+
+`--precision fp32|bf16` runs 1. and 2. at that model.precision (one per process: the bf16
+rewrite is process-global); `--rounds N` alternates 1. and 2. N times and reports the
+pipeline / model-only ratio of each round; `--no-extras` skips 3. and 4.:
+
+    python benchmarks/embed_throughput.py --images ../shared/datasets/grocery-store/dataset \
+        --limit 600 --precision bf16 --rounds 2 --no-extras --out out/bench/embed-bf16.json
 """
 from __future__ import annotations
 
@@ -95,6 +102,14 @@ def naive_loop(spec, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+def _write(figures: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(figures, f, indent=2)
+    print(json.dumps(figures, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,11 +119,19 @@ def main() -> int:
     ap.add_argument("--model", default="builtin:efficientnet_lite0")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--changed", type=float, default=0.01, help="fraction changed for re-run")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="model.precision of both the model-only and the pipeline runs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternating model-only / pipeline rounds (default 1)")
+    ap.add_argument("--no-extras", action="store_true",
+                    help="skip the incremental re-run and the naive loop")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
-    config = load_config(overrides={"model": {"handle": args.model},
+    config = load_config(overrides={"model": {"handle": args.model, "precision": args.precision},
                                     "runner": {"direct_num_workers": args.workers}})
+    from pipelines.model.precision import apply_precision
+    apply_precision(args.precision)  # this process's model-only runs (workers apply their own)
     spec = resolve_model(config.model.handle, config.model.resolved_cache_dir(),
                          config.model.input_size)
     work = tempfile.mkdtemp(prefix="embed-bench-")
@@ -126,16 +149,31 @@ def main() -> int:
         print(f"{len(paths)} JPEGs, model {spec.model_id}, batch {config.model.batch_size}, "
               f"{args.workers} workers", flush=True)
 
-        model_ips = model_only(spec, config.model.batch_size, max(512, args.limit // 4))
-        print(f"model-only         {model_ips:8.1f} images/s", flush=True)
-
-        t = time.perf_counter()
-        full = run_embed([manifest], os.path.join(work, "emb"), config, run_id="full")
-        full_wall = time.perf_counter() - t
-        assert full.embedded == len(paths), full
-        pipe_ips = len(paths) / full_wall
-        print(f"pipeline (e2e)     {pipe_ips:8.1f} images/s  ({full_wall:.1f}s wall, "
-              f"ratio {pipe_ips / model_ips:.2f} of model-only)", flush=True)
+        rounds = []
+        for r in range(args.rounds):
+            model_ips = model_only(spec, config.model.batch_size, max(512, args.limit // 4))
+            print(f"[{r}] model-only         {model_ips:8.1f} images/s", flush=True)
+            t = time.perf_counter()
+            full = run_embed([manifest], os.path.join(work, f"emb-{r}"), config,
+                             run_id=f"full-{r}")
+            full_wall = time.perf_counter() - t
+            assert full.embedded == len(paths), full
+            pipe_ips = len(paths) / full_wall
+            print(f"[{r}] pipeline (e2e)     {pipe_ips:8.1f} images/s  ({full_wall:.1f}s wall, "
+                  f"ratio {pipe_ips / model_ips:.2f} of model-only)", flush=True)
+            rounds.append({"model_only_ips": round(model_ips, 1),
+                           "pipeline_e2e_ips": round(pipe_ips, 1),
+                           "pipeline_wall_s": round(full_wall, 2),
+                           "pipeline_over_model_only": round(pipe_ips / model_ips, 3),
+                           "summary_timings": full.timings})
+        head = {"images": len(paths), "model_id": spec.model_id,
+                "precision": args.precision, "batch_size": config.model.batch_size,
+                "workers": args.workers, "rounds": rounds,
+                "mean_pipeline_over_model_only": round(
+                    sum(r["pipeline_over_model_only"] for r in rounds) / len(rounds), 3)}
+        if args.no_extras:
+            _write(head, args.out)
+            return 0
 
         # Change 1% of the images (re-encode at another quality: new bytes, same picture).
         from PIL import Image
@@ -155,8 +193,7 @@ def main() -> int:
               f"{pipe_ips / naive_ips:.1f}x faster)", flush=True)
 
         figures = {
-            "images": len(paths), "model_id": spec.model_id, "batch_size": config.model.batch_size,
-            "workers": args.workers, "model_only_ips": round(model_ips, 1),
+            **head, "model_only_ips": round(model_ips, 1),
             "pipeline_e2e_ips": round(pipe_ips, 1), "pipeline_wall_s": round(full_wall, 2),
             "pipeline_over_model_only": round(pipe_ips / model_ips, 3),
             "incremental_changed": len(changed), "incremental_wall_s": round(inc_wall, 2),
@@ -165,11 +202,7 @@ def main() -> int:
             "pipeline_over_naive": round(pipe_ips / naive_ips, 2),
             "summary_timings": full.timings,
         }
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(figures, f, indent=2)
-        print(json.dumps(figures, indent=2))
+        _write(figures, args.out)
         snapshot.read_summary(inc.snapshot)  # the snapshot is complete
     finally:
         shutil.rmtree(work, ignore_errors=True)
