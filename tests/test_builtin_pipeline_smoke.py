@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,8 +30,13 @@ def _cli(*args: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
-def test_builtin_model_embeds_indexes_and_answers_a_query(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CATALOG_SEARCH_CACHE=str(tmp_path / "cache"))
+def test_builtin_model_embeds_indexes_and_answers_a_query(model_dir, tmp_path):
+    # A copy of the session's converted Lite0 (tests/conftest.py: converted and run in child
+    # processes, checked by tests/test_builtin_model.py): converting on first use is tested
+    # there, this is the pipeline on it.
+    cache = tmp_path / "cache"
+    shutil.copytree(model_dir, cache / os.path.basename(model_dir))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CATALOG_SEARCH_CACHE=str(cache))
     catalog = tmp_path / "catalog"
     _cli("sample-catalog", "--out", str(catalog), "--products", "4", "--images-per-product", "2",
          "--queries-per-product", "1", "--size", "160", env=env)
@@ -38,6 +44,7 @@ def test_builtin_model_embeds_indexes_and_answers_a_query(tmp_path):
          "--run-id", "smoke", "--workers", "2", env=env)
     summary = json.loads((tmp_path / "emb" / "smoke" / "summary.json").read_text())
     assert summary["embedded"] == summary["input_rows"] == 8, summary
+    assert sorted(os.listdir(cache)) == [os.path.basename(model_dir)], "converted again"
     _cli("build-index", "--embeddings", str(tmp_path / "emb" / "smoke"),
          "--index-root", str(tmp_path / "index"), "--shards", "2", env=env)
     query = sorted((catalog / "queries").iterdir())[0]
