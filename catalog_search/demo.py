@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from pipelines.orchestration.airflow_local import ignore_known_warnings, write_local_settings
+from pipelines.core.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAGS_FOLDER = os.path.join(REPO_ROOT, "dags")
 
 
-class DemoError(RuntimeError):
+class DemoError(UnavailableError):
     """The local Airflow cannot run a DAG (import errors, unknown DAG, Airflow imported early)."""
 
 

@@ -2,8 +2,10 @@
 them to statuses (serving/api/errors.py)."""
 from __future__ import annotations
 
+from pipelines.core.errors import BadInputError, UnavailableError
 
-class QueryError(ValueError):
+
+class QueryError(BadInputError):
     """A query cannot be answered as asked; `reason` is a short machine-readable cause.
 
     Reasons: bad_k, bad_filter, bad_vector, bad_text, bad_text_weight, bad_query,
@@ -17,9 +19,9 @@ class QueryError(ValueError):
         self.reason = reason
 
 
-class IndexLoadError(RuntimeError):
+class IndexLoadError(UnavailableError):
     """An index version cannot be loaded or fails verification."""
 
 
-class NotReadyError(RuntimeError):
+class NotReadyError(UnavailableError):
     """No index version is loaded yet."""

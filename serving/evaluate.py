@@ -37,6 +37,7 @@ from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
 from serving.evaluate_metrics import KS, MAP_DEPTH, METRIC_NAMES, mean_metrics, query_metrics
 from serving.evaluate_report import EXAMPLE_RESULTS, render_html
+from pipelines.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ MODES = ("index", "exact")
 SEARCH_DEPTH = 1000
 
 
-class EvaluateError(ValueError):
+class EvaluateError(BadInputError):
     """An evaluation cannot run on this index and these queries (no usable query, ...)."""
 
 

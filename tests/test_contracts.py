@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 import pytest
 
 from pipelines.core import filesystem as fs
-from pipelines.core.contract import ContractError
 from pipelines.embed import snapshot
 from pipelines.embed.job import run_embed
 from pipelines.embed.sample_catalog import write_catalog
@@ -235,7 +234,8 @@ def test_malformed_run_plan_is_an_orchestration_error_naming_the_field(change, f
     change(payload)
     with pytest.raises(PlanFormatError, match=f"the XCom plan: field '{field}'") as e:
         RunPlan.from_dict(payload, "the XCom plan")
-    assert isinstance(e.value, OrchestrationError) and isinstance(e.value, ContractError)
+    assert isinstance(e.value, OrchestrationError) and e.value.permanent
+    assert e.value.source == "the XCom plan" and e.value.field == field
 
 
 def test_a_run_plan_with_an_unsafe_run_id_is_refused_first():

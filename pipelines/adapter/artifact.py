@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipelines.core import filesystem as fs
+from pipelines.core.errors import BadArtifactError
 
 FORMAT = "catalog-search-adapter/1"
 MANIFEST_FILE = "adapter.json"
@@ -53,7 +54,7 @@ VERSION_ADAPTER_DIR = "adapter"
 _MAX_BYTES = 1 << 30
 
 
-class AdapterError(ValueError):
+class AdapterError(BadArtifactError):
     """An adapter is missing, damaged, of another format or does not fit the vectors."""
 
 

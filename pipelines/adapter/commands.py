@@ -26,11 +26,12 @@ from pipelines.adapter.artifact import (Adapter, AdapterError, is_adapter, load_
                                         make_adapter, save_adapter)
 from pipelines.core.command import Command, UsageError, check_uri_arg
 from pipelines.core.config import Config
+from pipelines.core.errors import RefusedError
 
 log = logging.getLogger(__name__)
 
 
-class AdapterGateError(Exception):
+class AdapterGateError(RefusedError):
     """The trained adapter did not beat the identity on validation: nothing was written."""
 
     def __init__(self, result: "TrainResult"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from typing import Mapping
+from pipelines.core.errors import BadInputError
 
 TOKEN_ENV = "CATALOG_SEARCH_ADMIN_TOKEN"
 TOKEN_FILE_ENV = "CATALOG_SEARCH_ADMIN_TOKEN_FILE"
@@ -19,7 +20,7 @@ MIN_TOKEN_LENGTH = 16
 _MAX_TOKEN_LENGTH = 4096
 
 
-class AdminTokenError(ValueError):
+class AdminTokenError(BadInputError):
     """The configured admin token is unusable (empty, too short, unreadable file)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
+from pipelines.core.errors import BadInputError
 
 if TYPE_CHECKING:
     from pipelines.core.config import Config
@@ -16,7 +17,7 @@ class Command:
     run: Callable[[argparse.Namespace, "Config"], int]
 
 
-class UsageError(ValueError):
+class UsageError(BadInputError):
     """Bad command-line arguments: printed with the command name, exit code 2."""
 
 

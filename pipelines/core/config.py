@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pipelines.core.errors import BadInputError
 
 # configs/default.yaml, shipped inside the package (pipelines/configs/default.yaml is a
 # symlink to it that setuptools packages as a file) so a wheel install has the same defaults.
@@ -26,7 +27,7 @@ MODEL_PRECISIONS = ("fp32", "bf16", "auto")
 REORDER_DTYPES = ("float32", "int8", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 

@@ -10,25 +10,21 @@ wrongly typed required field.
 from __future__ import annotations
 
 from typing import Any, Mapping
+from pipelines.core.errors import BadArtifactError, CatalogSearchError
 
 FORMAT_KEY = "format"
 
 _MISSING = object()
 
 
-class ContractError(ValueError):
-    """A contract file or payload does not follow its format: names the field and the source."""
-
-    def __init__(self, message: str, source: str, field: str | None = None):
-        where = f"{source}: " if source else ""
-        what = f"field {field!r}: " if field else ""
-        super().__init__(f"{where}{what}{message}")
-        self.source = source
-        self.field = field
+class ContractError(BadArtifactError):
+    """A contract file or payload does not follow its format: names the field and the source.
+    Each contract raises its own subclass of its stage's error (`error=`), e.g.
+    SummaryError, ManifestFormatError, PlanFormatError."""
 
 
 def check_format(d: Any, expected: str, source: str, legacy: bool = False,
-                 error: type[ContractError] = ContractError) -> None:
+                 error: type[CatalogSearchError] = ContractError) -> None:
     """`d` must be an object whose "format" is `expected`; with `legacy`, an object without
     the key is accepted as the first version (files written before the key existed)."""
     if not isinstance(d, Mapping):
@@ -45,7 +41,7 @@ def check_format(d: Any, expected: str, source: str, legacy: bool = False,
 
 
 def field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], source: str,
-          default: Any = _MISSING, error: type[ContractError] = ContractError,
+          default: Any = _MISSING, error: type[CatalogSearchError] = ContractError,
           nullable: bool = False) -> Any:
     """d[name], checked to be of `kind` (bool is never an int here); `default` when absent
     (no default: a missing field is an error)."""

@@ -17,6 +17,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.core.storage_errors import with_path
+from pipelines.core.errors import BadInputError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,11 +34,11 @@ _CLIENT_MODULES = {"s3": "boto3", "azfs": "azure.storage.blob"}
 _SHOWN_URI_CHARS = 120
 
 
-class TooLargeError(ValueError):
+class TooLargeError(BadInputError):
     """A file is larger than the byte limit it was read with."""
 
 
-class UnsupportedUriError(ValueError):
+class UnsupportedUriError(BadInputError):
     """No Beam filesystem serves a URI's scheme (unknown, or its extra is not installed)."""
 
     def __init__(self, uri: str, scheme: str, extra: str | None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pipelines.core import filesystem as fs
 from pipelines.core.locks import root_lock
 from pipelines.core.names import InvalidNameError, check_segment
+from pipelines.core.errors import BadArtifactError
 
 LATEST_FILE = "LATEST"
 #: The lock file under a local root, shared with what else must not run beside a
@@ -23,7 +24,7 @@ LOCK_FILE = ".publish.lock"
 MAX_BYTES = 4096
 
 
-class LatestError(ValueError):
+class LatestError(BadArtifactError):
     """LATEST exists but does not hold a safe name (corrupted)."""
 
 

@@ -15,6 +15,7 @@ import threading
 from typing import Iterator
 
 from pipelines.core.storage_errors import with_path
+from pipelines.core.errors import UnavailableError
 
 _held = threading.local()
 
@@ -53,7 +54,7 @@ def root_lock(root: str, name: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- run locks
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UnavailableError):
     """Another live process holds the run lock (`holder` describes it, as it wrote itself)."""
 
     def __init__(self, message: str, lock_path: str, holder: str):

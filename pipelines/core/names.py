@@ -9,6 +9,7 @@ nested path (`a/b`) or an absolute path.
 from __future__ import annotations
 
 import re
+from pipelines.core.errors import BadInputError
 
 MAX_SEGMENT_LENGTH = 128
 #: A letter or digit first, then letters, digits, '.', '_' and '-'; at most 128 characters.
@@ -16,7 +17,7 @@ SEGMENT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _SEGMENT_RE = re.compile(SEGMENT_PATTERN)
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(BadInputError):
     """A user-supplied name cannot be used as a single, safe path segment."""
 
 

@@ -43,6 +43,7 @@ from pipelines.core import filesystem as fs
 from pipelines.core.config import Config
 from pipelines.duplicates.pairs import (DuplicatesSpec, FindPairs, VerifyBucket, exact_bucket,
                                         read_parts, split_hashes)
+from pipelines.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ BUCKET_VECTORS = 16384
 BUCKETS_RANGE = (4, 64)
 
 
-class DuplicatesError(RuntimeError):
+class DuplicatesError(BadInputError):
     """The job cannot run (no published version, bad threshold) or its counts disagree."""
 
 

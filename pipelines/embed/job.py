@@ -42,12 +42,13 @@ from pipelines.embed.transforms import (CARRIED, COUNTS_FILE, DEAD, DROPPED, EMB
 from pipelines.embed.manifest import ManifestError, check_manifest, expand_manifests
 from pipelines.model.resolve import ModelError, ModelSpec, resolve_model
 from pipelines.core.runner import make_pipeline
+from pipelines.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 FAILED_SUMMARY_FILE = "failed_summary.json"
 
 
-class EmbedError(ValueError):
+class EmbedError(BadInputError):
     """The job cannot start (bad manifest, model, previous snapshot) or its counts do not add up."""
 
 

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
+from pipelines.core.errors import BadInputError
 
 REQUIRED = ("product_id", "image_uri")
 ID_FIELDS = ("product_id", "image_uri", "image_id")
@@ -40,7 +41,7 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl
            ".parquet": "parquet"}
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInputError):
     """A manifest file cannot be read at all (missing, unreadable, wrong format, no header)."""
 
 

@@ -13,18 +13,22 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.core.contract import FORMAT_KEY, ContractError, check_format
+from pipelines.core.contract import FORMAT_KEY, check_format
 from pipelines.core.contract import field as read_field
+from pipelines.core.errors import BadArtifactError
 
 SUMMARY_FORMAT = "catalog-search-embeddings-summary/1"
 
 
-class SnapshotError(ValueError):
+class SnapshotError(BadArtifactError):
     """A snapshot is missing, incomplete or does not follow the contract (raised by
-    pipelines.embed.snapshot, which imports it from here: the summary is the lower module)."""
+    pipelines.embed.snapshot, which imports it from here: the summary is the lower module).
+    Permanent: a retried step would read the same snapshot."""
+
+    permanent = True
 
 
-class SummaryError(ContractError, SnapshotError):
+class SummaryError(SnapshotError):
     """summary.json does not follow the snapshot summary contract."""
 
 

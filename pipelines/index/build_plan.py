@@ -22,6 +22,7 @@ from pipelines.core.config import Config
 from pipelines.embed import snapshot as snap
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.index import artifact as art
+from pipelines.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ BUILD_DIR = "_build"
 SAMPLE_OVERDRAW = 4
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(BadInputError):
     """The snapshot or the build request is unusable; nothing was published."""
 
 

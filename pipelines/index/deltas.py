@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
-from pipelines.core.contract import FORMAT_KEY, ContractError
+from pipelines.core.contract import FORMAT_KEY
 from pipelines.core.contract import field as read_field
 from pipelines.core.locks import exclusive_lock
 from pipelines.index.artifact import ROW_COLUMNS, read_manifest, sha256_bytes
@@ -77,7 +77,10 @@ KIND_MIXED = "mixed"
 
 
 class DeltaError(IndexArtifactError):
-    """A delta cannot be written: wrong version, model, dimension, adapter or rows."""
+    """A delta cannot be written: wrong version, model, dimension, adapter or rows.
+    Permanent (a retry gets the same answer), unlike the IndexArtifactError it is caught as."""
+
+    permanent = True
 
 
 class DeltaIntegrityError(DeltaError):
@@ -156,12 +159,10 @@ class DeltaManifest:
                                       f"(found {found!r})")
 
         def get(name: str, kind: Any, *default: Any) -> Any:
-            try:
-                if default:
-                    return read_field(d, name, kind, source, default[0], nullable=True)
-                return read_field(d, name, kind, source)
-            except ContractError as e:
-                raise DeltaIntegrityError(str(e)) from e
+            if default:
+                return read_field(d, name, kind, source, default[0], nullable=True,
+                                  error=DeltaIntegrityError)
+            return read_field(d, name, kind, source, error=DeltaIntegrityError)
 
         files = []
         for i, f in enumerate(get("files", list)):

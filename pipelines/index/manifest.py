@@ -25,8 +25,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pipelines.core.contract import FORMAT_KEY, ContractError
+from pipelines.core.contract import FORMAT_KEY
 from pipelines.core.contract import field as read_field
+from pipelines.core.errors import BadArtifactError
 
 FORMAT_V1 = "catalog-search-index/1"
 FORMAT = "catalog-search-index/2"
@@ -38,7 +39,7 @@ STATUS_PASSED = "passed"
 STATUS_REJECTED = "rejected"
 
 
-class IndexArtifactError(ValueError):
+class IndexArtifactError(BadArtifactError):
     """An index root, version or manifest is missing or does not follow the contract."""
 
 
@@ -46,7 +47,7 @@ class IndexIntegrityError(IndexArtifactError):
     """A shard file is missing or its sha256 / size differs from the manifest."""
 
 
-class ManifestFormatError(ContractError, IndexIntegrityError):
+class ManifestFormatError(IndexIntegrityError):
     """manifest.json does not follow the index manifest contract."""
 
 

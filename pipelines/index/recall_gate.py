@@ -17,12 +17,13 @@ from pipelines.index.sharded_search import ShardedSearcher, search_exact
 
 from pipelines.index.build_plan import BuildSpec
 from pipelines.index.reader import IndexVersion
+from pipelines.core.errors import RefusedError
 
 # Score slack when deciding whether a returned neighbour ties with the k-th exact one.
 TIE_EPSILON = 1e-5
 
 
-class RecallGateError(RuntimeError):
+class RecallGateError(RefusedError):
     """The built version's recall is below the threshold; it is kept but marked rejected."""
 
     def __init__(self, version: str, metric: str, measured: float, threshold: float,

@@ -34,7 +34,10 @@ TAKEDOWNS_FILE = "takedowns.json"
 
 
 class TakedownError(IndexArtifactError):
-    """The takedown list is damaged or an id given is not valid."""
+    """The takedown list is damaged or an id given is not valid. Permanent: a retry reads the
+    same list (a person repairs it; `catalog-search delete` names the file)."""
+
+    permanent = True
 
 
 def takedowns_uri(index_root: str) -> str:

@@ -47,6 +47,7 @@ import numpy as np
 from pipelines.core.checksums import sha256_file
 from pipelines.core.locks import exclusive_lock
 from pipelines.model.torch_checkpoint import load_state_dict
+from pipelines.core.errors import BadArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def variant(name: str) -> LiteVariant:
     return VARIANTS[name]
 
 
-class ConversionError(RuntimeError):
+class ConversionError(BadArtifactError):
     """The checkpoint does not have the expected EfficientNet-Lite layout, or conversion failed."""
 # ---------------------------------------------------------------- weights -> folded layers
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
+from pipelines.core.errors import BadInputError
 
 if TYPE_CHECKING:
     from pipelines.core.config import Config
@@ -30,7 +31,7 @@ CENTER_CROP_FRACTION = 0.875
 _WHITE = (255, 255, 255)
 
 
-class DecodeError(ValueError):
+class DecodeError(BadInputError):
     """An image cannot be decoded; `reason` is a short machine-readable cause."""
 
     def __init__(self, reason: str, message: str):

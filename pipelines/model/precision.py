@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass
 
 from pipelines.model.onednn import _cpu_flags, onednn_status
+from pipelines.core.errors import BadInputError
 
 PRECISIONS = ("fp32", "bf16", "auto")
 #: /proc/cpuinfo flags with native bfloat16 matmul / convolution support.
@@ -38,7 +39,7 @@ _applied: str | None = None
 _lock = threading.Lock()
 
 
-class PrecisionError(ValueError):
+class PrecisionError(BadInputError):
     """A precision cannot be used here (CPU, oneDNN, or another one already applied)."""
 
 

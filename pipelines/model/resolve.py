@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.core.checksums import update_from_file
+from pipelines.core.errors import BadInputError
 
 BUILTIN_PREFIX = "builtin:"
 # Written into every SavedModel we produce (and read back for local directories).
@@ -34,7 +35,7 @@ METADATA_FILE = "catalog_search_model.json"
 HUB_MEAN, HUB_STD = 0.0, 255.0
 
 
-class ModelError(ValueError):
+class ModelError(BadInputError):
     """A model handle cannot be resolved or loaded."""
 
 

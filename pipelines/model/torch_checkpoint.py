@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
+from pipelines.core.errors import BadArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadArtifactError):
     """A checkpoint file is malformed, truncated, or asks for something a state dict never needs."""
 
 

@@ -206,11 +206,11 @@ def publish_backfill(plan: RunPlan, embed_summary: "SnapshotSummary",
 def publish_backfill_results(plan: Mapping[str, Any], embed_summary: Mapping[str, Any],
                              result: Mapping[str, Any]) -> dict[str, Any]:
     """`publish_backfill` on the JSON results of the earlier tasks (XCom)."""
-    from pipelines.core.contract import ContractError
-    from pipelines.embed.summary import SnapshotSummary
+    from pipelines.embed.summary import SnapshotSummary, SummaryError
+    from pipelines.index.manifest import ManifestFormatError
     try:
         return publish_backfill(RunPlan.from_dict(plan),
                                 SnapshotSummary.from_dict(embed_summary, "the embed task's result"),
                                 result)
-    except ContractError as e:
+    except (SummaryError, ManifestFormatError) as e:  # here a malformed record is bad input
         raise OrchestrationError(str(e)) from e

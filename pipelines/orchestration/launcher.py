@@ -5,7 +5,8 @@
 output into the task log and returns its JSON result. `main` is that subprocess: it reads
 the payload ({"plan": RunPlan, "embed_summary": ...}), runs the step
 (pipelines.orchestration.steps) and writes {"ok": true, "result": ...}. A step that fails
-for a reason a retry cannot fix (bad input, failed evaluation gate) exits with
+for a reason a retry cannot fix (a `CatalogSearchError` whose `permanent` is true:
+bad input, a failed evaluation gate; pipelines/core/errors.py) exits with
 `PERMANENT_EXIT_CODE` and becomes a `PermanentStepError` (the DAGs' retry policy fails
 the task at once); any other failure is a `StepError` (retried with backoff).
 """
@@ -21,7 +22,7 @@ import tempfile
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence
 
-from pipelines.core.config import ConfigError
+from pipelines.core.errors import CatalogSearchError
 from pipelines.orchestration.errors import OrchestrationError, PermanentStepError, StepError
 from pipelines.orchestration.plan import RunPlan, pipeline_python
 
@@ -40,38 +41,6 @@ STEP_MODULE = "pipelines.orchestration.launcher"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _permanent_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions of the steps that a retry cannot fix."""
-    from pipelines.embed import snapshot
-    from pipelines.embed.manifest import ManifestError
-    from pipelines.model.resolve import ModelError
-    # PermanentStepError: a step that decided itself a retry cannot help (delta_step.py)
-    errors: list[type[BaseException]] = [OrchestrationError, PermanentStepError, ConfigError,
-                                         ManifestError, ModelError, snapshot.SnapshotError]
-    try:
-        from pipelines.embed.job import EmbedError
-        errors.append(EmbedError)
-    except ImportError:
-        pass
-    try:
-        from pipelines.index.build import IndexBuildError, RecallGateError
-        errors.extend([IndexBuildError, RecallGateError])
-    except ImportError:
-        pass
-    try:
-        from pipelines.duplicates.job import DuplicatesError
-        errors.append(DuplicatesError)
-    except ImportError:
-        pass
-    try:
-        from pipelines.index.deltas import DeltaError
-        from pipelines.index.takedowns import TakedownError
-        errors.extend([DeltaError, TakedownError])
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     plan = RunPlan.from_dict(payload["plan"])
     from pipelines.core.runner import check_runner_dependencies
@@ -87,12 +56,9 @@ def _run_step(step: str, payload: Mapping[str, Any]) -> dict[str, Any]:
             raise OrchestrationError(f"{step} payload: index_manifest.version is missing")
         return duplicates_step(plan, version)
     if step in (BUILD_INDEX_STEP, BACKFILL_INDEX_STEP, TRAIN_ADAPTER_STEP):
-        from pipelines.embed.summary import SnapshotSummary, SummaryError
-        try:
-            summary = SnapshotSummary.from_dict(payload.get("embed_summary"),
-                                                f"{step} payload embed_summary")
-        except SummaryError as e:
-            raise OrchestrationError(str(e)) from e
+        from pipelines.embed.summary import SnapshotSummary
+        summary = SnapshotSummary.from_dict(payload.get("embed_summary"),
+                                            f"{step} payload embed_summary")
         if step == BACKFILL_INDEX_STEP:
             from pipelines.orchestration.delta_step import backfill_index_step
             return backfill_index_step(plan, summary)
@@ -123,10 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addFilter(DropKnownNoise())
     with open(args.input, encoding="utf-8") as f:
         payload = json.load(f)
-    permanent = _permanent_errors()
     try:
         result = _run_step(args.step, payload)
-    except permanent as e:
+    except CatalogSearchError as e:
+        if not e.permanent:
+            raise
         log.error("%s failed (%s): %s", args.step, type(e).__name__, e)
         _write_result(args.output, {"ok": False, "error": str(e),
                                     "error_type": type(e).__name__})

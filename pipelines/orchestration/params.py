@@ -5,6 +5,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
+from pipelines.core.errors import BadInputError, RefusedError
 from pipelines.orchestration.errors import OrchestrationError, PermanentStepError
 from pipelines.orchestration.plan import PARAM_HELP, default_params
 
@@ -31,8 +32,10 @@ def task_defaults(retries: int = 2, retry_delay: timedelta = timedelta(minutes=2
                                      f"got {override!r}") from None
         if retries < 0:
             raise OrchestrationError(f"${TASK_RETRIES_ENV} must be >= 0, got {retries}")
+    # The permanent kinds (pipelines/core/errors.py): a step subprocess's permanent error
+    # arrives as PermanentStepError; bad params and XCom results raised here are bad input.
     policy = ExceptionRetryPolicy(rules=[RetryRule(
-        exception=[PermanentStepError, OrchestrationError], action=RetryAction.FAIL,
+        exception=[PermanentStepError, BadInputError, RefusedError], action=RetryAction.FAIL,
         reason="bad params, bad input or a failed evaluation gate: a retry cannot fix it")])
     return {"owner": "catalog-search", "retries": retries, "retry_delay": retry_delay,
             "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30),

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from pipelines.core.config import Config, ConfigError, load_config
-from pipelines.core.contract import FORMAT_KEY, ContractError, check_format
+from pipelines.core.contract import FORMAT_KEY, check_format
 from pipelines.core.contract import field as read_field
 from pipelines.orchestration.errors import OrchestrationError
 
@@ -119,7 +119,7 @@ PLAN_FORMAT = "catalog-search-run-plan/1"
 _REQUIRED = object()
 
 
-class PlanFormatError(ContractError, OrchestrationError):
+class PlanFormatError(OrchestrationError):
     """A run plan payload does not follow the RunPlan contract (names the field)."""
 
 

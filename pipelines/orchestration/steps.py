@@ -392,13 +392,12 @@ def publish_results(plan: Mapping[str, Any], embed_summary: Mapping[str, Any],
                     adapter_result: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`publish` on the JSON results of the earlier tasks (XCom): each parsed once into its
     contract (a malformed one is an OrchestrationError naming the field)."""
-    from pipelines.core.contract import ContractError
-    from pipelines.embed.summary import SnapshotSummary
-    from pipelines.index.manifest import IndexManifest
+    from pipelines.embed.summary import SnapshotSummary, SummaryError
+    from pipelines.index.manifest import IndexManifest, ManifestFormatError
     try:
         return publish(RunPlan.from_dict(plan),
                        SnapshotSummary.from_dict(embed_summary, "the embed task's result"),
                        IndexManifest.from_dict(index_manifest, "the build_index task's result"),
                        adapter_result)
-    except ContractError as e:
+    except (SummaryError, ManifestFormatError) as e:  # here a malformed record is bad input
         raise OrchestrationError(str(e)) from e
