@@ -4,8 +4,9 @@
 
 DATASET_DIR is the dataset's `dataset/` folder (classes.csv, train.txt, test.txt, ...).
 Writes DIR/catalog.csv (one iconic packshot per product + the train photos, unless
---no-train), DIR/queries.csv (the test photos) and DIR/train.csv (the train photos alone:
-labelled shopper photos, embedded as `train-adapter --pairs`): product_id = fine class name,
+--no-train), DIR/queries.csv (the test photos), DIR/train.csv (the train photos alone:
+labelled shopper photos, embedded as `train-adapter --pairs`) and DIR/val.csv (the
+dataset's 296 val photos: more labelled photos, never test ones): product_id = fine class name,
 category = coarse class name, so a hit is a result of the same fine class; the iconic
 rows also carry the product's `description` (the dataset's *_Description.txt), which the
 serving text index uses for image + text search.
@@ -72,7 +73,7 @@ def _split_rows(dataset: str, split: str, classes: dict[int, dict[str, str]]
 
 def write_manifests(dataset: str, out_dir: str, include_train: bool = True
                     ) -> tuple[str, str]:
-    """Write catalog.csv, queries.csv and train.csv; returns the first two paths."""
+    """Write catalog.csv, queries.csv, train.csv and val.csv; returns the first two paths."""
     classes = _read_classes(dataset)
     catalog = [{"product_id": c["name"], "image_id": f"iconic-{c['name']}",
                 "image_uri": os.path.abspath(os.path.join(dataset, c["iconic"])),
@@ -82,14 +83,15 @@ def write_manifests(dataset: str, out_dir: str, include_train: bool = True
     if include_train:
         catalog += train
     queries = _split_rows(dataset, "test", classes)
-    missing = [r["image_uri"] for r in catalog + queries + train
+    val = _split_rows(dataset, "val", classes)
+    missing = [r["image_uri"] for r in catalog + queries + train + val
                if not os.path.exists(r["image_uri"])]
     if missing:
         raise SystemExit(f"error: {len(missing)} listed images do not exist, e.g. {missing[0]}")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, rows in (("catalog.csv", catalog), ("queries.csv", queries),
-                       ("train.csv", train)):
+                       ("train.csv", train), ("val.csv", val)):
         path = os.path.join(out_dir, name)
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
