@@ -67,6 +67,17 @@ def write_snapshot(path: str, vectors: np.ndarray, product_ids: Sequence[str],
     return path
 
 
+def confused_snapshots(root, products: Sequence[int]) -> dict:
+    """Under ROOT: a catalog snapshot (4 confused images per product) and labelled query
+    photos as a pairs snapshot (5 per product), with the catalog's vectors and products."""
+    v, p = confusing_vectors(products, 4, seed=0)
+    catalog = write_snapshot(str(root / "catalog"), v, p)
+    q, qp = confusing_vectors(products, 5, seed=1)
+    pairs = write_snapshot(str(root / "pairs"), q, qp, prefix="q")
+    return {"root": root, "catalog": catalog, "pairs": pairs, "vectors": v,
+            "products": np.asarray(p, object)}
+
+
 def adapter_config(**adapter):
     from pipelines.core.config import load_config
     return load_config(overrides={

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from adapter_fixtures import FINGERPRINT, adapter_config, confusing_vectors, write_snapshot
+from adapter_fixtures import (FINGERPRINT, adapter_config, confused_snapshots, confusing_vectors,
+                              write_snapshot)
 from catalog_search.cli import main as cli_main
 from pipelines.adapter import AdapterError, apply_adapter, load_adapter
 from pipelines.adapter.artifact import MANIFEST_FILE, WEIGHTS_FILE, make_adapter, save_adapter
@@ -24,15 +25,10 @@ PRODUCTS = range(20)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A catalog (4 images per product), labelled query photos as pairs, a trained adapter."""
-    root = tmp_path_factory.mktemp("adapter")
-    v, p = confusing_vectors(PRODUCTS, 4, seed=0)
-    catalog = write_snapshot(str(root / "catalog"), v, p)
-    q, qp = confusing_vectors(PRODUCTS, 5, seed=1)
-    pairs = write_snapshot(str(root / "pairs"), q, qp, prefix="q")
-    out = str(root / "adapter")
-    result = run_train_adapter(catalog, out, adapter_config(), [pairs])
-    return {"root": root, "catalog": catalog, "pairs": pairs, "out": out, "result": result,
-            "vectors": v, "products": np.asarray(p, object)}
+    world = confused_snapshots(tmp_path_factory.mktemp("adapter"), PRODUCTS)
+    out = str(world["root"] / "adapter")
+    result = run_train_adapter(world["catalog"], out, adapter_config(), [world["pairs"]])
+    return {**world, "out": out, "result": result}
 
 
 def test_adapter_fixes_products_the_raw_features_confuse(trained):

@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
-from adapter_fixtures import adapter_config, confusing_vectors, write_snapshot
+from adapter_fixtures import adapter_config, confused_snapshots, confusing_vectors
 from catalog_search.cli import main as cli_main
 from pipelines.adapter import AdapterError, load_adapter
 from pipelines.adapter.artifact import (MANIFEST_FILE, MLP_FILES, base_model_record,
@@ -42,15 +42,10 @@ def by_hand(arrays: dict[str, np.ndarray], raw: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlp")
-    v, p = confusing_vectors(PRODUCTS, 4, seed=0)
-    catalog = write_snapshot(str(root / "catalog"), v, p)
-    q, qp = confusing_vectors(PRODUCTS, 5, seed=1)
-    pairs = write_snapshot(str(root / "pairs"), q, qp, prefix="q")
-    out = str(root / "adapter")
-    result = run_train_adapter(catalog, out, adapter_config(hidden=24), [pairs])
-    return {"root": root, "catalog": catalog, "pairs": pairs, "out": out, "result": result,
-            "vectors": v, "products": np.asarray(p, object)}
+    world = confused_snapshots(tmp_path_factory.mktemp("mlp"), PRODUCTS)
+    out = str(world["root"] / "adapter")
+    result = run_train_adapter(world["catalog"], out, adapter_config(hidden=24), [world["pairs"]])
+    return {**world, "out": out, "result": result}
 
 
 def _arrays(d: str) -> dict[str, np.ndarray]:

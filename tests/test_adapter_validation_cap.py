@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapter_fixtures import adapter_config, confusing_vectors, write_snapshot
+from adapter_fixtures import adapter_config, confused_snapshots
 from pipelines.adapter import data as adata
 from pipelines.adapter.commands import run_train_adapter
 from pipelines.adapter.train import initial_weights
@@ -22,12 +22,7 @@ PRODUCTS = range(20)
 
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cap")
-    v, p = confusing_vectors(PRODUCTS, 4, seed=0)
-    catalog = write_snapshot(str(root / "catalog"), v, p)
-    q, qp = confusing_vectors(PRODUCTS, 5, seed=1)
-    pairs = write_snapshot(str(root / "pairs"), q, qp, prefix="q")
-    return {"root": root, "catalog": catalog, "pairs": pairs}
+    return confused_snapshots(tmp_path_factory.mktemp("cap"), PRODUCTS)
 
 
 def test_split_caps_validation_queries_with_a_seeded_sample(snapshots):
