@@ -78,6 +78,18 @@ def confused_snapshots(root, products: Sequence[int]) -> dict:
             "products": np.asarray(p, object)}
 
 
+def edit_manifest(change):
+    """A damage step for the refusal tests: apply CHANGE to an adapter dir's manifest dict."""
+    from pipelines.adapter.artifact import MANIFEST_FILE
+
+    def edit(d):
+        path = os.path.join(d, MANIFEST_FILE)
+        meta = json.loads(open(path).read())
+        change(meta)
+        open(path, "w").write(json.dumps(meta))
+    return edit
+
+
 def adapter_config(**adapter):
     from pipelines.core.config import load_config
     return load_config(overrides={

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from adapter_fixtures import (FINGERPRINT, adapter_config, confused_snapshots, confusing_vectors,
-                              write_snapshot)
+                              edit_manifest, write_snapshot)
 from catalog_search.cli import main as cli_main
 from pipelines.adapter import AdapterError, apply_adapter, load_adapter
 from pipelines.adapter.artifact import MANIFEST_FILE, WEIGHTS_FILE, make_adapter, save_adapter
@@ -148,13 +148,7 @@ def test_damaged_adapters_are_refused_naming_the_file(trained, tmp_path):
         data[-3] ^= 0x40
         open(path, "wb").write(bytes(data))
 
-    def edit_meta(change):
-        def edit(d):
-            path = os.path.join(d, MANIFEST_FILE)
-            meta = json.loads(open(path).read())
-            change(meta)
-            open(path, "w").write(json.dumps(meta))
-        return edit
+    edit_meta = edit_manifest
 
     def pickled(d):  # an object array: readable only with pickle, which is never allowed
         import hashlib

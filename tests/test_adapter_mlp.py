@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
-from adapter_fixtures import adapter_config, confused_snapshots, confusing_vectors
+from adapter_fixtures import adapter_config, confused_snapshots, confusing_vectors, edit_manifest
 from catalog_search.cli import main as cli_main
 from pipelines.adapter import AdapterError, load_adapter
 from pipelines.adapter.artifact import (MANIFEST_FILE, MLP_FILES, base_model_record,
@@ -118,13 +118,7 @@ def test_damaged_mlp_adapters_are_refused_naming_the_file(trained, tmp_path):
             open(path, "wb").write(bytes(data))
         return edit
 
-    def edit_meta(change):
-        def edit(d):
-            path = os.path.join(d, MANIFEST_FILE)
-            meta = json.loads(open(path).read())
-            change(meta)
-            open(path, "w").write(json.dumps(meta))
-        return edit
+    edit_meta = edit_manifest
 
     def pickled(d):  # an object array in the bias file, checksums updated to match
         buf = io.BytesIO()
