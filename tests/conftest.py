@@ -1,5 +1,6 @@
-"""Session-wide test set-up: quiet TensorFlow, a tiny real SavedModel, test configs, and the
-builtin Lite0 model converted once per session by two racing child processes."""
+"""Session-wide test set-up: quiet TensorFlow, a tiny real SavedModel, test configs, the
+builtin Lite0 model converted once per session by two racing child processes, and private
+copies of the shared serving index."""
 from __future__ import annotations
 
 import os
@@ -101,3 +102,11 @@ def model_dir(race) -> str:
             pytest.fail(f"converting or running builtin:efficientnet_lite0 in a child process "
                         f"failed (exit {rc}); its stderr:\n{err[-4000:]}")
     return os.path.join(cache, name)
+
+
+@pytest.fixture()
+def private_index(tmp_path) -> str:
+    """A private copy of the shared serving index root (tests/serving_fixtures.py), for tests
+    that write deltas, publish or break versions."""
+    from serving_fixtures import copy_index, serving_world
+    return copy_index(serving_world(), str(tmp_path / "index"))

@@ -18,7 +18,7 @@ from pipelines.index import deltas as dl
 from pipelines.index.delete import delete_ids
 from serving.delta_index import DeltaIndex
 from serving.searcher import CatalogSearcher, QueryError
-from serving_fixtures import copy_index, serving_world
+from serving_fixtures import serving_world
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def world():
 
 
 @pytest.fixture()
-def root(world, tmp_path):
-    return copy_index(world, str(tmp_path / "index"))
+def root(private_index):
+    return private_index
 
 
 def _config(world, min_rows, leaves_fraction=1.0, reorder_multiplier=4):

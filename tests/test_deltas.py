@@ -23,7 +23,7 @@ from pipelines.index import deltas as dl
 from pipelines.index import takedowns as td
 from pipelines.index.delete import delete_ids
 from serving.searcher import CatalogSearcher, QueryError
-from serving_fixtures import NUM_PRODUCTS, copy_index, serving_world
+from serving_fixtures import NUM_PRODUCTS, serving_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +34,8 @@ def world():
 
 
 @pytest.fixture()
-def root(world, tmp_path):
-    return copy_index(world, str(tmp_path / "index"))
+def root(private_index):
+    return private_index
 
 
 def _snapshot(world):
