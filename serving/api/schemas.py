@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from serving.api.errors import ApiError
+from serving.api.errors import REASON_BY_FIELD, ApiError
 from serving.api.parsing import (parse_bool, parse_filters, parse_group_by, parse_k,
                                  parse_max_per_group, parse_text, parse_weight)
 from serving.results import SearchResults
@@ -112,6 +112,18 @@ class VectorSearchRequest(SearchOptions):
             raise PydanticCustomError("bad_vector", "vector must be a list of numbers")
         if any(isinstance(x, int) and not -_MAX_VECTOR_INT < x < _MAX_VECTOR_INT for x in raw):
             raise PydanticCustomError("bad_vector", "vector has a number too large for float32")
+        return raw
+
+    @field_validator("k", "filters", "collapse", "group_by", "max_per_group", "text",
+                     "text_weight", mode="before")
+    @classmethod
+    def _not_empty(cls, raw: Any, info: ValidationInfo) -> Any:
+        # A form's empty field means "not given"; JSON has no such convention, and the schema
+        # says an empty string is not a value of these (schemathesis: {"group_by": ""}).
+        if raw == "":
+            name = str(info.field_name)
+            raise PydanticCustomError(REASON_BY_FIELD.get(name, "bad_request"),
+                                      "{name} must not be an empty string", {"name": name})
         return raw
 
 
