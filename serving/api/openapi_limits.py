@@ -48,8 +48,9 @@ def filters_schema() -> dict[str, Any]:
 def delete_body_schema() -> dict[str, Any]:
     ids = {"type": "array", "maxItems": _MAX_IDS, "items": {
         "type": "string", "minLength": 1, "maxLength": _MAX_ID_CHARS,
-        # printable (no control character) and not only whitespace
-        "pattern": r"^[^\u0000-\u001f]*[^\s\u0000-\u001f][^\u0000-\u001f]*$"}}
+        # printable (no control character) and not only whitespace -- Python's whitespace,
+        # which the service strips: it also counts U+0085, which ECMA's \s does not
+        "pattern": r"^[^\u0000-\u001f]*[^\s\u0000-\u001f\u0085][^\u0000-\u001f]*$"}}
     return {"type": "object", "additionalProperties": False,
             "properties": {"product_ids": ids, "image_ids": ids,
                            "reason": {"type": "string", "minLength": 1, "maxLength": 500,
