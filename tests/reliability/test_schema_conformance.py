@@ -286,3 +286,19 @@ def test_json_empty_strings_are_refused_as_the_schema_says(live_api):
         r = c.post("/v1/search", files={"image": ("q.jpg", jpeg_bytes(), "image/jpeg"),
                                         "group_by": (None, ""), "k": (None, "")})
         assert r.status_code == 200, r.text
+
+
+def test_a_repeated_form_field_is_refused(live_api):
+    """Before: a multipart search with `k` sent twice (schemathesis: k became an array) was
+    answered with one of the values; the schema gives each field one value."""
+    import httpx
+    live, _, _ = live_api
+    photo = ("q.jpg", jpeg_bytes(), "image/jpeg")
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/v1/search", files=[("image", photo), ("k", (None, "3")), ("k", (None, "4"))])
+        assert r.status_code == 422 and r.json()["error"]["reason"] == "bad_k", r.text
+        assert "'k' is sent 2 times" in r.json()["error"]["message"]
+        r = c.post("/v1/search", files=[("image", photo), ("image", photo)])
+        assert r.status_code == 422, r.text
+        r = c.post("/v1/search", files=[("image", photo), ("k", (None, "3"))])
+        assert r.status_code == 200, r.text

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from serving.api.errors import ApiError, validated
+from serving.api.errors import REASON_BY_FIELD, ApiError, validated
 from serving.api.parsing import parse_json_body, read_body_limited
 from serving.api.schemas import (ImageSearchForm, SearchResponse, VectorSearchRequest,
                                  error_responses)
@@ -48,6 +48,11 @@ async def _search_form(request: Request, state: ServingState) -> SearchResponse:
         form = await request.form(max_files=1, max_fields=16, max_part_size=max_upload + 1)
     except Exception as e:  # MultiPartException and malformed bodies
         raise ApiError(422, "bad_multipart", f"cannot parse the form: {e}") from None
+    for name in (*_FORM_OPTIONS, "image"):  # the schema gives each one value
+        if len(form.getlist(name)) > 1:
+            raise ApiError(422, REASON_BY_FIELD.get(name, "bad_multipart"),
+                           f"form field {name!r} is sent {len(form.getlist(name))} times; "
+                           f"send it once")
     given = {name: form.get(name) for name in _FORM_OPTIONS if form.get(name) is not None}
     options = validated(ImageSearchForm, given, state.json_context())
     upload = form.get("image")
