@@ -72,30 +72,13 @@ def draw_products(f: Any, n: int, per_product: int, seed: int = 0, chunk: int = 
 
 
 def write_snapshot(path: str, vectors: np.ndarray, products: np.ndarray) -> str:
-    """A complete embeddings snapshot (Parquet + summary.json), as tests/adapter_fixtures.py
-    writes one."""
-    import pyarrow as pa
-
+    """A complete embeddings snapshot (Parquet + summary.json) of these vectors."""
     from pipelines.embed import snapshot
-    from pipelines.embed.summary import SnapshotSummary
     n, dim = vectors.shape
-    ids = [f"img{i:07d}" for i in range(n)]
-    pids = [f"P{p:07d}" for p in products.tolist()]
-    table = pa.table({
-        "image_id": ids, "product_id": pids,
-        "image_uri": [f"file:///catalog/{i}.jpg" for i in ids],
-        "content_sha256": ["0" * 64] * n, "model_id": [MODEL_ID] * n,
-        "view": ["original"] * n,
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-        "metadata": ["{}"] * n,
-    }, schema=snapshot.embeddings_schema(dim))
-    snapshot.write_table(path, table)
     model = {"handle": "bench", "model_id": MODEL_ID, "dim": dim, "input_size": 224,
              "fingerprint": FINGERPRINT}
-    snapshot.write_summary(path, SnapshotSummary(
-        run_id=os.path.basename(path), input_rows=n, embedded=n, reused=0, dead_lettered=0,
-        model_id=MODEL_ID, dim=dim, model=model))
-    return path
+    return snapshot.write_vectors(path, [f"img{i:07d}" for i in range(n)],
+                                  [f"P{p:07d}" for p in products.tolist()], vectors, model)
 
 
 def run_command(snap: str, out_dir: str, epochs: int, timeout: float) -> dict[str, Any]:

@@ -13,10 +13,8 @@ import os
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.embed import snapshot
-from pipelines.embed.summary import SnapshotSummary
 
 MODEL_ID = "testmodel@0123456789ab"
 FINGERPRINT = "0123456789ab" * 4
@@ -49,22 +47,11 @@ def write_snapshot(path: str, vectors: np.ndarray, product_ids: Sequence[str],
                    model_id: str = MODEL_ID) -> str:
     """A complete embeddings snapshot (Parquet + summary.json) holding these vectors."""
     n, dim = vectors.shape
-    ids = [f"{prefix}{i:05d}" for i in range(n)]
-    table = pa.table({
-        "image_id": ids, "product_id": list(product_ids),
-        "image_uri": [f"file:///catalog/{i}.jpg" for i in ids],
-        "content_sha256": ["0" * 64] * n, "model_id": [model_id] * n,
-        "view": ["original"] * n,
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-        "metadata": [json.dumps({"title": f"item {p}"}) for p in product_ids],
-    }, schema=snapshot.embeddings_schema(dim))
-    snapshot.write_table(path, table)
     model = {"handle": "test", "model_id": model_id, "dim": dim, "input_size": 64,
              "fingerprint": fingerprint}
-    snapshot.write_summary(path, SnapshotSummary(
-        run_id=os.path.basename(path), input_rows=n, embedded=n, reused=0, dead_lettered=0,
-        model_id=model_id, dim=dim, model=model))
-    return path
+    return snapshot.write_vectors(
+        path, [f"{prefix}{i:05d}" for i in range(n)], list(product_ids), vectors, model,
+        metadata=[json.dumps({"title": f"item {p}"}) for p in product_ids])
 
 
 def confused_snapshots(root, products: Sequence[int]) -> dict:

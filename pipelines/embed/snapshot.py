@@ -191,3 +191,25 @@ def write_table(path: str, table: pa.Table, name: str = "embeddings-00000-of-000
     uri = fs.join(path, name)
     fs.write_parquet(uri, table)
     return uri
+
+
+def write_vectors(path: str, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
+                  model: dict[str, Any], metadata: list[str] | None = None) -> str:
+    """A complete snapshot (one Parquet file + summary.json) holding VECTORS as the embed job
+    would have written them, for benchmarks and tests that fit or generate vectors instead of
+    embedding images. MODEL is the summary's model record (model_id, dim, fingerprint, ...)."""
+    n, dim = vectors.shape
+    table = pa.table({
+        "image_id": image_ids, "product_id": product_ids,
+        "image_uri": [f"file:///catalog/{i}.jpg" for i in image_ids],
+        "content_sha256": ["0" * 64] * n, "model_id": [model["model_id"]] * n,
+        "view": ["original"] * n,
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(vectors, np.float32).reshape(-1)), dim),
+        "metadata": metadata if metadata is not None else ["{}"] * n,
+    }, schema=embeddings_schema(dim))
+    write_table(path, table)
+    write_summary(path, SnapshotSummary(
+        run_id=path.rstrip("/").rsplit("/", 1)[-1], input_rows=n, embedded=n, reused=0,
+        dead_lettered=0, model_id=model["model_id"], dim=dim, model=model))
+    return path
