@@ -26,13 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pipelines.core.config import load_config
     from pipelines.embed.manifest import read_rows
-    from serving.evaluate import _load_vector_cache, _vector_cache_file, query_text
+    from serving.evaluate import query_text
+    from serving.evaluate_queries import load_vector_cache, vector_cache_file
     from serving.searcher import CatalogSearcher
     config = load_config()
     searcher = CatalogSearcher.open(args.index_root, config=config, load_embedder=False)
     idx = searcher.current
-    cache = _load_vector_cache(_vector_cache_file(args.vector_cache, args.queries,
-                                                  idx.manifest.model))
+    cache = load_vector_cache(vector_cache_file(args.vector_cache, args.queries,
+                                                idx.manifest.model))
     rows = [r for r in read_rows(0, args.queries) if not r.get("error")
             and r["image_uri"] in cache][:: max(1, 2485 // args.n)][:args.n]
     if not rows:

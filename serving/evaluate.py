@@ -16,83 +16,45 @@ Metrics (k = 1, 5, 10):
   of the query's product, normalised by min(10, images of that product in the index).
 Reported overall, by category and by product. `evaluate()` writes report.json and a
 self-contained report.html (thumbnails inlined as data: URIs; serving/evaluate_report.py)
-into the output folder.
+into the output folder. The query rows and their vectors (embedded, or from the vector
+cache): serving/evaluate_queries.py; the metrics: serving/evaluate_metrics.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import io
 import logging
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipelines.core import filesystem as fs
-from pipelines.core import progress
 from pipelines.core.command import Command, UsageError
 from pipelines.core.config import Config
-from serving.evaluate_metrics import KS, MAP_DEPTH, METRIC_NAMES, mean_metrics, query_metrics
-from serving.evaluate_report import EXAMPLE_RESULTS, render_html
 from pipelines.core.errors import BadInputError
+from serving.evaluate_metrics import KS, MAP_DEPTH, METRIC_NAMES, mean_metrics, query_metrics
+from serving.evaluate_queries import QueryVectors, query_vectors
+from serving.evaluate_report import EXAMPLE_RESULTS, render_html
 
 log = logging.getLogger(__name__)
 
 MODES = ("index", "exact")
+WITHOUT_ADAPTER = "without_adapter"
 # Neighbours fetched per query in the batched first pass.
 SEARCH_DEPTH = 1000
+# Queries per batched search call.
+SEARCH_BATCH = 256
 
 
 class EvaluateError(BadInputError):
     """An evaluation cannot run on this index and these queries (no usable query, ...)."""
 
 
-def _vector_cache_file(cache_dir: str, queries: str, model: dict[str, Any]) -> str:
-    """Query vectors depend on the query file, the model and the feature variants only."""
-    import hashlib
-    import json
-    from pipelines.model.features import features_dict
-    import os
-    if "://" not in queries:
-        queries = os.path.abspath(queries)  # one cache entry however the path is spelled
-    parts = {"queries": queries, "model": model.get("fingerprint"),
-             "features": features_dict(model.get("features"))}
-    if (model.get("precision") or "fp32") != "fp32":  # fp32: the cache names of before
-        parts["precision"] = model["precision"]
-    key = json.dumps(parts, sort_keys=True)
-    return fs.join(cache_dir, f"queries-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
-
-
-def _load_vector_cache(path: str) -> dict[str, np.ndarray]:
-    if not fs.exists(path):
-        return {}
-    with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as z:
-        if "image_uris" not in z.files:  # an older cache layout: embed again
-            return {}
-        return {str(uri): vec for uri, vec in zip(z["image_uris"].tolist(), z["vectors"])}
-
-
-def _save_vector_cache(path: str, image_uris: list[str], vectors: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, image_uris=np.asarray(image_uris, dtype=str), vectors=vectors)
-    fs.write_bytes(path, buf.getvalue())
-
-
-def _skip_reason(row: dict[str, Any], idx: Any) -> dict[str, str] | None:
-    """Why a labelled query row cannot be evaluated (dead-lettered by the manifest reader,
-    or its product is not in the index), or None."""
-    if row.get("error"):
-        reason, message = row["error"]
-        return {"source": row.get("source", ""), "reason": reason, "message": message}
-    if not idx.product_rows(row["product_id"]):
-        return {"source": row.get("source", ""), "reason": "product_not_indexed",
-                "message": f"product {row['product_id']!r} has no image in index "
-                           f"version {idx.version}"}
-    return None
-
+# --------------------------------------------------------------------------- search, metrics
 
 def query_text(row: dict[str, Any], field: str) -> str:
     """The text a labelled query row contributes in a photo + text evaluation."""
@@ -101,7 +63,82 @@ def query_text(row: dict[str, Any], field: str) -> str:
     return str(value).replace("-", " ").strip() if value is not None else ""
 
 
-WITHOUT_ADAPTER = "without_adapter"
+@dataclass(frozen=True)
+class Fusion:
+    """Photo + text queries: the query-manifest field used as text, and the fusion's
+    weight and candidates (serving.fusion); text_from None: photo only."""
+    text_from: str | None
+    weight: float
+    candidates: int
+
+    def report(self) -> dict[str, Any]:
+        on = self.text_from is not None
+        return {"text_from": self.text_from, "text_weight": self.weight if on else None,
+                "candidates": self.candidates if on else None}
+
+
+Neighbours = tuple[np.ndarray, np.ndarray]  # (rows, scores) per query
+
+
+def _first_pass(idx: Any, vectors: np.ndarray, search_s: dict[str, float]
+                ) -> dict[str, Neighbours]:
+    """Batched neighbour lists per mode (index-space vectors), deep enough for the top-10
+    products in most cases (collect_hits asks for more, one query at a time, when not)."""
+    depth = min(idx.num_vectors, SEARCH_DEPTH)
+    neighbours: dict[str, Neighbours] = {}
+    for mode in MODES:
+        t0 = time.perf_counter()
+        parts = [idx.search(vectors[i:i + SEARCH_BATCH], depth, exact=mode == "exact")
+                 for i in range(0, len(vectors), SEARCH_BATCH)]
+        neighbours[mode] = (np.concatenate([p[0] for p in parts]),
+                            np.concatenate([p[1] for p in parts]))
+        search_s[mode] += time.perf_counter() - t0
+    return neighbours
+
+
+def _hits(idx: Any, vector: np.ndarray, text: str, exact: bool, first: Neighbours,
+          fusion: Fusion) -> tuple[list[Any], list[Any]]:
+    """A query's top products (collapsed, max(KS)) and top images (MAP_DEPTH)."""
+    from serving.query import collect_hits
+    out = []
+    for k, collapse in ((max(KS), True), (MAP_DEPTH, False)):
+        if text:
+            from serving.fusion import fused_hits
+            out.append(fused_hits(idx, vector, text, k, fusion.weight, fusion.candidates,
+                                  collapse=collapse, exact=exact, neighbours=first))
+        else:
+            out.append(collect_hits(idx, vector, k, collapse=collapse, exact=exact,
+                                    neighbours=first))
+    return out[0], out[1]
+
+
+def _score_queries(idx: Any, rows: list[dict[str, Any]], vectors: np.ndarray,
+                   fusion: Fusion, search_s: dict[str, float]) -> list[dict[str, Any]]:
+    """Each query's metrics per mode (index-space `vectors`), and its top results by the
+    published index (the HTML page's examples)."""
+    neighbours = _first_pass(idx, vectors, search_s)
+    per_query: list[dict[str, Any]] = []
+    for qi, (row, vector) in enumerate(zip(rows, vectors)):
+        pid = row["product_id"]
+        entry: dict[str, Any] = {"product_id": pid, "image_uri": row["image_uri"],
+                                 "category": str(row["metadata"].get("category", "")),
+                                 "source": row.get("source", "")}
+        # images, not rows: with augment.mode=separate an image has several rows (views)
+        num_relevant = len({idx.image_id(r) for r in idx.product_rows(pid)})
+        text = query_text(row, fusion.text_from) if fusion.text_from else ""
+        for mode in MODES:
+            t0 = time.perf_counter()
+            first = (neighbours[mode][0][qi], neighbours[mode][1][qi])
+            by_product, by_image = _hits(idx, vector, text, mode == "exact", first, fusion)
+            search_s[mode] += time.perf_counter() - t0
+            entry[mode] = query_metrics(pid, [h.product_id for h in by_product],
+                                        [h.product_id for h in by_image], num_relevant)
+            if mode == "index":
+                entry["results"] = [{"product_id": h.product_id, "image_id": h.image_id,
+                                     "score": round(h.score, 4), "hit": h.product_id == pid}
+                                    for h in by_product[:EXAMPLE_RESULTS]]
+        per_query.append(entry)
+    return per_query
 
 
 def _without_adapter(idx: Any, usable: list[dict[str, Any]], raw: np.ndarray,
@@ -127,8 +164,8 @@ def _without_adapter(idx: Any, usable: list[dict[str, Any]], raw: np.ndarray,
     for p, i in zip(products.tolist(), images):
         relevant[p].add(i)
     depth = min(len(gallery), SEARCH_DEPTH)
-    for start in range(0, len(raw), 256):
-        scores = raw[start:start + 256] @ gallery.T
+    for start in range(0, len(raw), SEARCH_BATCH):
+        scores = raw[start:start + SEARCH_BATCH] @ gallery.T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
         for j, rows in enumerate(top):
             qi = start + j
@@ -139,6 +176,60 @@ def _without_adapter(idx: Any, usable: list[dict[str, Any]], raw: np.ndarray,
                 pid, collapsed, ranked[:MAP_DEPTH], len(relevant.get(pid, ())))
     return {"snapshot": str(path), "num_vectors": int(len(gallery)), "dim": int(gallery.shape[1]),
             "search": "exact dot product over the snapshot's raw vectors"}
+
+
+# --------------------------------------------------------------------------- the report
+
+def _grouped(per_query: list[dict[str, Any]], key: str,
+             modes: list[str]) -> dict[str, dict[str, Any]]:
+    """Mean metrics per value of `key` (category, product_id), sorted by that value."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for q in per_query:
+        groups[q[key] or "(none)"].append(q)
+    return {name: {"queries": len(qs), **{m: mean_metrics(q[m] for q in qs) for m in modes}}
+            for name, qs in sorted(groups.items())}
+
+
+def _report(index_root: str, queries: str, idx: Any, q: QueryVectors,
+            per_query: list[dict[str, Any]], without: dict[str, Any] | None, fusion: Fusion,
+            started: float, search_s: dict[str, float]) -> dict[str, Any]:
+    """The report dict (report.json) of one evaluation."""
+    modes = list(MODES) + ([WITHOUT_ADAPTER] if without is not None else [])
+    return {
+        "index_root": index_root,
+        "version": idx.version,
+        "model_id": idx.manifest.model_id,
+        "num_vectors": idx.num_vectors,
+        "num_products": idx.num_products,
+        "queries_file": queries,
+        "queries": len(per_query),
+        "skipped": q.skipped,
+        "overall": {m: mean_metrics(p[m] for p in per_query) for m in modes},
+        "adapter": ({"id": idx.adapter.id, "dim": idx.dim, "model_dim": idx.query_dim,
+                     WITHOUT_ADAPTER: without}
+                    if idx.adapter is not None else None),
+        "by_category": _grouped(per_query, "category", modes),
+        "by_product": _grouped(per_query, "product_id", modes),
+        "index_evaluation": idx.manifest.evaluation,
+        "features": idx.manifest.model.get("features"),
+        "fusion": fusion.report(),
+        "queries_from_cache": q.from_cache,
+        "timings_s": {"total": round(time.perf_counter() - started, 2),
+                      "embed": round(q.embed_s, 2),
+                      **{f"search_{m}": round(s, 3) for m, s in search_s.items()}},
+        "search_ms_per_query": {m: round(s * 1e3 / len(per_query), 3)
+                                for m, s in search_s.items()},
+        "per_query": per_query,
+    }
+
+
+def _write_report(report: dict[str, Any], idx: Any, out_dir: str, max_examples: int) -> None:
+    fs.write_json(fs.join(out_dir, "report.json"), report)
+    fs.write_bytes(fs.join(out_dir, "report.html"),
+                   render_html(report, idx, max_examples).encode("utf-8"))
+    log.info("evaluate: %d queries, recall@1 %.3f (exact %.3f), report in %s",
+             report["queries"], report["overall"]["index"]["recall@1"],
+             report["overall"]["exact"]["recall@1"], out_dir)
 
 
 def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
@@ -154,181 +245,28 @@ def evaluate(index_root: str, queries: str, out_dir: str, config: Config,
     text_from: a query-manifest field (e.g. category, title) used as query text, fused with
     the photo (serving.fusion) with `text_weight` (default fusion.text_weight).
     """
-    from pipelines.embed.manifest import read_rows
-    from serving.query import collect_hits
-    from serving.searcher import CatalogSearcher, QueryError
-
+    from serving.searcher import CatalogSearcher
     started = time.perf_counter()
-    searcher = CatalogSearcher.open(index_root, version=version, config=config)
-    idx = searcher.current
-    embedder = idx.embedder
-    assert embedder is not None
-
-    rows = list(read_rows(0, queries))
-    skipped: list[dict[str, str]] = []
-    usable: list[dict[str, Any]] = []
-    cache_file = _vector_cache_file(vector_cache, queries, idx.manifest.model) \
-        if vector_cache else None
-    cached = _load_vector_cache(cache_file) if cache_file else {}
-    vector_of: dict[int, np.ndarray] = {}  # usable index -> vector
-    from_cache = 0
-    pending: list[tuple[int, np.ndarray]] = []  # (usable index, pixels) not embedded yet
-    batch = config.model.batch_size
-    embed_s = 0.0
-
-    def embed_pending() -> None:
-        nonlocal embed_s
-        if not pending:
-            return
-        t0 = time.perf_counter()
-        out = embedder.embed_arrays(np.stack([p for _, p in pending]))
-        embed_s += time.perf_counter() - t0
-        for (i, _), vec in zip(pending, out):
-            vector_of[i] = vec
-        progress.tick(len(pending))
-        pending.clear()
-
-    # progress lines like embed's: each query counts once it is embedded, cached or skipped
-    with progress.report_progress("evaluate", len(rows), "queries"):
-        for row in rows:
-            reason = _skip_reason(row, idx)
-            if reason is not None:
-                skipped.append(reason)
-                progress.tick()
-                continue
-            if row["image_uri"] in cached:
-                vector_of[len(usable)] = cached[row["image_uri"]]
-                from_cache += 1
-                usable.append(row)
-                progress.tick()
-                continue
-            try:
-                data = fs.read_bytes(row["image_uri"], max_bytes=config.fetch.max_bytes)
-                pending.append((len(usable), embedder.preprocess(data)))
-            except QueryError as e:
-                skipped.append({"source": row.get("source", ""), "reason": e.reason,
-                                "message": str(e)})
-                progress.tick()
-                continue
-            except Exception as e:  # unreadable file, too large
-                skipped.append({"source": row.get("source", ""), "reason": "unreadable",
-                                "message": f"{row['image_uri']}: {e}"})
-                progress.tick()
-                continue
-            usable.append(row)
-            if len(pending) >= batch:
-                embed_pending()
-        embed_pending()
-    if not usable:
-        raise EvaluateError(f"{queries}: no usable query (of {len(rows)} rows; "
-                            f"{len(skipped)} skipped, first: {skipped[:1]})")
-    embedded = len(usable) - from_cache
-    log.info("evaluate: %d queries (%d skipped), %d vectors from the cache, %d embedded in "
-             "%.1fs", len(usable), len(skipped), from_cache, embedded, embed_s)
-    vectors = np.stack([vector_of[i] for i in range(len(usable))]).astype(np.float32)
-    if cache_file and embedded:
-        _save_vector_cache(cache_file, [r["image_uri"] for r in usable], vectors)
-    weight = text_weight if text_weight is not None else config.fusion.text_weight
+    idx = CatalogSearcher.open(index_root, version=version, config=config).current
+    q = query_vectors(queries, idx, config, vector_cache)
+    if not q.rows:
+        raise EvaluateError(f"{queries}: no usable query (of {q.total} rows; "
+                            f"{len(q.skipped)} skipped, first: {q.skipped[:1]})")
+    fusion = Fusion(text_from, text_weight if text_weight is not None
+                    else config.fusion.text_weight, config.fusion.candidates)
     if text_from is not None and idx.text_index is None:
         raise EvaluateError("text fusion needs the index's text index (serving.text_search)")
-
-    raw_vectors = vectors  # model space (what the cache keeps)
-    vectors = idx.to_index_space(raw_vectors)  # the version's adapter, if it has one
-    # Batched neighbour lists, deep enough for top-10 products in most cases
-    # (collect_hits asks for more, one query at a time, when they are not).
-    depth = min(idx.num_vectors, SEARCH_DEPTH)
-    neighbours: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     search_s = {m: 0.0 for m in MODES}
-    for mode in MODES:
-        t0 = time.perf_counter()
-        parts = [idx.search(vectors[i:i + 256], depth, exact=mode == "exact")
-                 for i in range(0, len(vectors), 256)]
-        neighbours[mode] = (np.concatenate([p[0] for p in parts]),
-                            np.concatenate([p[1] for p in parts]))
-        search_s[mode] += time.perf_counter() - t0
-
-    per_query: list[dict[str, Any]] = []
-    for qi, (row, vector) in enumerate(zip(usable, vectors)):
-        pid = row["product_id"]
-        entry: dict[str, Any] = {"product_id": pid, "image_uri": row["image_uri"],
-                                 "category": str(row["metadata"].get("category", "")),
-                                 "source": row.get("source", "")}
-        # images, not rows: with augment.mode=separate an image has several rows (views)
-        num_relevant = len({idx.image_id(r) for r in idx.product_rows(pid)})
-        for mode in MODES:
-            t0 = time.perf_counter()
-            first = (neighbours[mode][0][qi], neighbours[mode][1][qi])
-            text = query_text(row, text_from) if text_from else ""
-            if text:
-                from serving.fusion import fused_hits
-                by_product = fused_hits(idx, vector, text, max(KS), weight,
-                                        config.fusion.candidates, collapse=True,
-                                        exact=mode == "exact", neighbours=first)
-                by_image = fused_hits(idx, vector, text, MAP_DEPTH, weight,
-                                      config.fusion.candidates, collapse=False,
-                                      exact=mode == "exact", neighbours=first)
-            else:
-                by_product = collect_hits(idx, vector, max(KS), collapse=True,
-                                          exact=mode == "exact", neighbours=first)
-                by_image = collect_hits(idx, vector, MAP_DEPTH, collapse=False,
-                                        exact=mode == "exact", neighbours=first)
-            search_s[mode] += time.perf_counter() - t0
-            entry[mode] = query_metrics(pid, [h.product_id for h in by_product],
-                                         [h.product_id for h in by_image], num_relevant)
-            if mode == "index":
-                entry["results"] = [{"product_id": h.product_id, "image_id": h.image_id,
-                                     "score": round(h.score, 4), "hit": h.product_id == pid}
-                                    for h in by_product[:EXAMPLE_RESULTS]]
-        per_query.append(entry)
-    modes = list(MODES)
+    # the version's adapter, if it has one, maps the model-space vectors to index space
+    per_query = _score_queries(idx, q.rows, idx.to_index_space(q.vectors), fusion, search_s)
     without = None
     if idx.adapter is not None:  # the same queries on the raw vectors of the source snapshot
         t0 = time.perf_counter()
-        without = _without_adapter(idx, usable, raw_vectors, per_query)
+        without = _without_adapter(idx, q.rows, q.vectors, per_query)
         search_s[WITHOUT_ADAPTER] = time.perf_counter() - t0
-        if without is not None:
-            modes.append(WITHOUT_ADAPTER)
-
-    def grouped(key: str) -> dict[str, dict[str, Any]]:
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for q in per_query:
-            groups[q[key] or "(none)"].append(q)
-        return {name: {"queries": len(qs), **{m: mean_metrics(q[m] for q in qs) for m in modes}}
-                for name, qs in sorted(groups.items())}
-
-    report: dict[str, Any] = {
-        "index_root": index_root,
-        "version": idx.version,
-        "model_id": idx.manifest.model_id,
-        "num_vectors": idx.num_vectors,
-        "num_products": idx.num_products,
-        "queries_file": queries,
-        "queries": len(per_query),
-        "skipped": skipped,
-        "overall": {m: mean_metrics(q[m] for q in per_query) for m in modes},
-        "adapter": ({"id": idx.adapter.id, "dim": idx.dim, "model_dim": idx.query_dim,
-                     WITHOUT_ADAPTER: without}
-                    if idx.adapter is not None else None),
-        "by_category": grouped("category"),
-        "by_product": grouped("product_id"),
-        "index_evaluation": idx.manifest.evaluation,
-        "features": idx.manifest.model.get("features"),
-        "fusion": {"text_from": text_from, "text_weight": weight if text_from else None,
-                   "candidates": config.fusion.candidates if text_from else None},
-        "queries_from_cache": from_cache,
-        "timings_s": {"total": round(time.perf_counter() - started, 2),
-                      "embed": round(embed_s, 2),
-                      **{f"search_{m}": round(s, 3) for m, s in search_s.items()}},
-        "search_ms_per_query": {m: round(s * 1e3 / len(per_query), 3)
-                                for m, s in search_s.items()},
-        "per_query": per_query,
-    }
-    fs.write_json(fs.join(out_dir, "report.json"), report)
-    fs.write_bytes(fs.join(out_dir, "report.html"),
-                   render_html(report, idx, max_examples).encode("utf-8"))
-    log.info("evaluate: %d queries, recall@1 %.3f (exact %.3f), report in %s", len(per_query),
-             report["overall"]["index"]["recall@1"], report["overall"]["exact"]["recall@1"],
-             out_dir)
+    report = _report(index_root, queries, idx, q, per_query, without, fusion, started,
+                     search_s)
+    _write_report(report, idx, out_dir, max_examples)
     return report
 
 
