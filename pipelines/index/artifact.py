@@ -232,13 +232,19 @@ def read_latest(index_root: str) -> str | None:
         raise IndexArtifactError(str(e)) from e
 
 
-def version_state(index_root: str, version: str) -> str:
-    """"passed", "rejected" or "incomplete" (see the module docstring)."""
+def read_version_state(index_root: str, version: str) -> tuple[str, IndexManifest | None]:
+    """(state, manifest): "passed" or "rejected" with its manifest, or "incomplete" and
+    None when the manifest is missing or does not read (see the module docstring)."""
     try:
         manifest = read_manifest(index_root, version)
     except IndexArtifactError:
-        return STATUS_INCOMPLETE
-    return STATUS_PASSED if manifest.passed else STATUS_REJECTED
+        return STATUS_INCOMPLETE, None
+    return (STATUS_PASSED if manifest.passed else STATUS_REJECTED), manifest
+
+
+def version_state(index_root: str, version: str) -> str:
+    """"passed", "rejected" or "incomplete" (see the module docstring)."""
+    return read_version_state(index_root, version)[0]
 
 
 @dataclass(frozen=True)
@@ -270,14 +276,7 @@ def list_versions(index_root: str) -> list[VersionInfo]:
     for name in fs.list_children(versions_dir(index_root)):
         if not is_safe_segment(name):
             continue
-        try:
-            manifest: IndexManifest | None = read_manifest(index_root, name)
-        except IndexArtifactError:
-            manifest = None
-        if manifest is None:
-            state = STATUS_INCOMPLETE
-        else:
-            state = STATUS_PASSED if manifest.passed else STATUS_REJECTED
+        state, manifest = read_version_state(index_root, name)
         out.append(VersionInfo(name, state, name == latest, manifest))
     return out
 

@@ -53,9 +53,11 @@ Steps (run_build_index):
  5. Publish: manifest.json (status "passed") is written atomically, then LATEST via
     pipelines.index.artifact.publish_version, then retention.
 
-Where each step lives: 1 pipelines/index/build_plan.py, 2 build_rows.py, 3 build_shard.py,
-4 recall_gate.py, the Beam job that wires 2-4 build_pipeline.py; this module is the
-launcher (run_build_index: plan, run, merge, manifest, publish) and `catalog-search
+Where each step lives, by its public name (the only names one build module takes from
+another): 1 build_plan.plan_build, 2 build_rows.read_split (and routing_sample,
+duplicate_ids for partition routing), 3 build_shard.build_shard, 4 recall_gate.gate_shard
+and merge_gate; build_pipeline.run_build_pipeline wires 2-4 as one Beam job; this module
+is the launcher (run_build_index: plan, run, merge, manifest, publish) and `catalog-search
 build-index` is in pipelines/index/commands.py.
 """
 from __future__ import annotations
@@ -66,18 +68,19 @@ import os
 import contextlib
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any, ContextManager
 
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
 from pipelines.core.config import Config
-from pipelines.index.build_pipeline import _run_build_pipeline
+from pipelines.index.build_pipeline import run_build_pipeline
 from pipelines.core.locks import RunLockedError, run_lock
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.index.build_plan import (BuildSpec, IndexBuildError, Split, check_version,
                                         claim_version_dir, plan_build)
-from pipelines.index.build_rows import _merge_error_summaries, describe_errors
+from pipelines.index.build_rows import merge_error_summaries, describe_errors
 from pipelines.index.build_routing import routing_entry
 from pipelines.index.build_shard import MIN_TREE_AH_ROWS
 from pipelines.index.recall_gate import TIE_EPSILON, RecallGateError, merge_gate
@@ -204,22 +207,58 @@ def _remove_if_empty(created: list[str]) -> None:
 def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary: SnapshotSummary,
                   created: list[str], started: float, adapter: Any = None
                   ) -> art.IndexManifest:
-    ix = config.index
+    """Under the build's lock: run the Beam job, gate, write the manifest, publish."""
     try:
         spec, takedowns = _apply_takedowns(spec, sorted({s.uri for s in splits}))
     except IndexBuildError as e:
         raise _fail_and_clean(spec, created, str(e)) from e
-    index_root, version = spec.index_root, spec.version
-    vdir = art.version_dir(index_root, version)
     log.info("build-index: %d vectors (dim %d) in %d splits from %s -> %s, %d shards",
-             spec.num_rows, spec.dim, len(splits), spec.snapshot_path, vdir, spec.num_shards)
-    plan_s = time.time() - started
+             spec.num_rows, spec.dim, len(splits), spec.snapshot_path,
+             art.version_dir(spec.index_root, spec.version), spec.num_shards)
+    timing = {"plan_seconds": round(time.time() - started, 3)}
+    results = _run_pipeline(config, spec, splits, created)
+    timing["beam_seconds"] = round(results.beam_s, 3)
+    evaluation = _evaluate(config, spec, results)
+    removed = takedowns["rows_removed"] if takedowns else 0
+    built = sum(r["num_vectors"] for r in results.reports)
+    if built != spec.num_rows - removed:
+        raise IndexBuildError(f"version {spec.version}: shards hold {built} vectors but the "
+                              f"snapshot has {spec.num_rows} ({removed} taken down); the "
+                              f"build lost rows")
+    build = {"runner": config.runner.name, "workers": config.runner.direct_num_workers
+             if config.runner.is_direct else None,
+             "worker_pids": sorted({r.get("pid") for r in results.reports}),
+             "splits": len(splits), "parts": sum(r.get("parts", 0) for r in results.reports),
+             **timing, "total_seconds": round(time.time() - started, 3)}
+    if takedowns:
+        build["takedowns"] = {k: v for k, v in takedowns.items() if k != "absent"}
+    manifest = _manifest(config, spec, summary, results, evaluation, build, removed, adapter)
+    _publish(config, spec, manifest, evaluation, takedowns, started)
+    return manifest
+
+
+@dataclass
+class _PipelineResults:
+    """What the Beam job left in the build's staging folder, read back by the launcher."""
+    reports: list[Any]                 # one build report (dict) per shard
+    gate_results: list[Any]            # the built shards' gate answers
+    sample_ids: list[str]              # the gate queries' "image_id\0view"
+    routing: dict[str, Any] | None     # the manifest's routing entry (partition routing)
+    gate_routes: Any                   # which shards each gate query is routed to
+    views: list[str]
+    num_products: int
+    beam_s: float
+
+
+def _run_pipeline(config: Config, spec: BuildSpec, splits: list[Split], created: list[str]
+                  ) -> _PipelineResults:
+    """Run the Beam job and read what it wrote; bad rows fail the build (cleaned up)."""
     try:
         t0 = time.time()
         from pipelines.core import progress
         with progress.report_progress("build-index", spec.num_shards, "shards",
                                       enabled=config.runner.is_direct):
-            _run_build_pipeline(config, spec, splits)
+            run_build_pipeline(config, spec, splits)
         beam_s = time.time() - t0
         errors = fs.read_json(spec.stats_uri("errors"))
         if errors:
@@ -229,84 +268,95 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
         for s in range(spec.num_shards):
             uri = spec.result_uri(s)
             if not fs.exists(uri):
-                raise IndexBuildError(f"shard {s} of version {version} reported no result "
-                                      f"({uri} missing); the build failed")
+                raise IndexBuildError(f"shard {s} of version {spec.version} reported no "
+                                      f"result ({uri} missing); the build failed")
             reports.append(fs.read_json(uri))
-        shard_errors = _merge_error_summaries(r["errors"] for r in reports if "errors" in r)
+        shard_errors = merge_error_summaries(r["errors"] for r in reports if "errors" in r)
         if shard_errors:
             raise _fail_and_clean(spec, created, f"snapshot {spec.snapshot_path}: "
                                   f"{describe_errors(shard_errors)}")
-        gate_results = [fs.read_json(spec.gate_uri(r["shard"])) for r in reports
-                        if r.get("num_vectors")]
-        sample_ids = fs.read_json(spec.stats_uri("gate_sample"))
-        routing = None
+        routing = gate_routes = None
         if spec.partitioned:
             routing = routing_entry(fs.read_json(spec.stats_uri("routing")),
                                     fs.read_json(spec.stats_uri("routing_budget")))
-            routing["gate_routes"] = fs.read_json(spec.stats_uri("gate_routes"))
-        views = fs.read_json(spec.stats_uri("views"))
-        num_products = fs.read_json(spec.stats_uri("products"))
+            gate_routes = fs.read_json(spec.stats_uri("gate_routes"))
+        return _PipelineResults(
+            reports=reports, sample_ids=fs.read_json(spec.stats_uri("gate_sample")),
+            gate_results=[fs.read_json(spec.gate_uri(r["shard"])) for r in reports
+                          if r.get("num_vectors")],
+            routing=routing, gate_routes=gate_routes,
+            views=fs.read_json(spec.stats_uri("views")),
+            num_products=int(fs.read_json(spec.stats_uri("products"))), beam_s=beam_s)
     finally:
         fs.delete_tree(spec.staging)
 
+
+def _evaluate(config: Config, spec: BuildSpec, results: _PipelineResults) -> dict[str, Any]:
+    """The manifest's evaluation: the gate's merged recall, the metric and its verdict."""
+    ix = config.index
     t0 = time.time()
     evaluation: dict[str, Any] = {
-        "queries": len(sample_ids), "seed": ix.eval_seed, "k": spec.k,
+        "queries": len(results.sample_ids), "seed": ix.eval_seed, "k": spec.k,
         "sample": "the eval_queries rows with the smallest sha256(seed, image_id, view)",
         "reference": "exact numpy dot-product search over all snapshot vectors (per shard, "
                      "in the pipeline, merged)",
         "tie_epsilon": TIE_EPSILON}
-    if routing is not None:
-        routes = routing.pop("gate_routes")
-        evaluation.update(merge_gate(gate_results, sample_ids, spec.k, routes,
-                                     routing["budget"]))
-        evaluation["routing_budget"] = routing["budget"]
+    if results.routing is not None:
+        budget = results.routing["budget"]
+        evaluation.update(merge_gate(results.gate_results, results.sample_ids, spec.k,
+                                     results.gate_routes, budget))
+        evaluation["routing_budget"] = budget
     else:
-        evaluation.update(merge_gate(gate_results, sample_ids, spec.k))
+        evaluation.update(merge_gate(results.gate_results, results.sample_ids, spec.k))
     evaluation["merge_seconds"] = round(time.time() - t0, 4)
+    metric = f"recall@{spec.k}"
+    evaluation.update(metric=metric, threshold=ix.recall_threshold,
+                      passed=evaluation[metric] >= ix.recall_threshold)
+    return evaluation
+
+
+def _manifest(config: Config, spec: BuildSpec, summary: SnapshotSummary,
+              results: _PipelineResults, evaluation: dict[str, Any], build: dict[str, Any],
+              removed: int, adapter: Any) -> art.IndexManifest:
+    """The version's manifest (status from the gate's verdict)."""
     model = summary.model
     run_id = summary.run_id or os.path.basename(spec.snapshot_path.rstrip("/"))
-    removed = takedowns["rows_removed"] if takedowns else 0
-    if sum(r["num_vectors"] for r in reports) != spec.num_rows - removed:
-        raise IndexBuildError(f"version {version}: shards hold "
-                              f"{sum(r['num_vectors'] for r in reports)} vectors but the "
-                              f"snapshot has {spec.num_rows} ({removed} taken down); the "
-                              f"build lost rows")
-    metric = f"recall@{spec.k}"
-    measured = evaluation[metric]
-    evaluation.update(metric=metric, threshold=ix.recall_threshold,
-                      passed=measured >= ix.recall_threshold)
-    build = {"runner": config.runner.name, "workers": config.runner.direct_num_workers
-             if config.runner.is_direct else None,
-             "worker_pids": sorted({r.get("pid") for r in reports}),
-             "splits": len(splits), "parts": sum(r.get("parts", 0) for r in reports),
-             "plan_seconds": round(plan_s, 3), "beam_seconds": round(beam_s, 3),
-             "total_seconds": round(time.time() - started, 3)}
-    if takedowns:
-        build["takedowns"] = {k: v for k, v in takedowns.items() if k != "absent"}
-    manifest = art.IndexManifest(
-        version=version,
+    reports = results.reports
+    return art.IndexManifest(
+        version=spec.version,
         status=art.STATUS_PASSED if evaluation["passed"] else art.STATUS_REJECTED,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         model=model, dim=spec.dim, distance="dot_product", num_vectors=spec.num_rows - removed,
         num_images=sum(r.get("num_images", 0) for r in reports),
-        num_products=int(num_products), views=views,
+        num_products=results.num_products, views=results.views,
         shard_assignment=("partition: the shard of the row's nearest k-means centroid "
                           "(routing); rows sorted by (image_id, view) within a shard"
-                          if routing is not None else
+                          if results.routing is not None else
                           "sha256(image_id)[:8] big-endian mod num_shards; rows sorted by "
                           "(image_id, view) within a shard"),
-        routing=routing,
+        routing=results.routing,
         shards=[art.ShardEntry.from_dict({k: v for k, v in r.items() if k not in ("pid", "parts")},
                                          f"shard {r['shard']} build report") for r in reports],
         scann=_scann_description(config),
         source_snapshot={"path": spec.snapshot_path, "run_id": run_id,
                          "num_rows": spec.num_rows, "model_id": model.get("model_id")},
         build=build, evaluation=evaluation,
-        extra={"adapter": {**adapter.record(), "source": ix.adapter}} if adapter else {})
+        extra={"adapter": {**adapter.record(), "source": config.index.adapter}}
+        if adapter else {})
+
+
+def _publish(config: Config, spec: BuildSpec, manifest: art.IndexManifest,
+             evaluation: dict[str, Any], takedowns: dict[str, Any], started: float) -> None:
+    """Write the manifest; a passed version is published (LATEST, retention, takedowns
+    cleared of absent ids), a rejected one marked so (RecallGateError)."""
+    ix = config.index
+    index_root, version = spec.index_root, spec.version
+    metric = evaluation["metric"]
+    measured = evaluation[metric]
     if not manifest.passed:
         art.write_manifest(index_root, version, manifest)
-        err = RecallGateError(version, metric, measured, ix.recall_threshold, vdir)
+        err = RecallGateError(version, metric, measured, ix.recall_threshold,
+                              art.version_dir(index_root, version))
         art.mark_rejected(index_root, version, str(err))
         log.error("%s", err)
         raise err
@@ -320,4 +370,3 @@ def _build_locked(config: Config, spec: BuildSpec, splits: list[Split], summary:
     log.info("build-index: version %s %s: %s=%.4f (threshold %.2f), %.1fs", version,
              "published" if published else "passed (a newer version is LATEST)", metric,
              measured, ix.recall_threshold, time.time() - started)
-    return manifest

@@ -1,6 +1,7 @@
 """build_index, steps 2-4 wired as one Beam job (see pipelines/index/build.py's docstring)."""
 from __future__ import annotations
 
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,34 +10,22 @@ from pipelines.core import filesystem as fs
 from pipelines.core.config import Config
 
 from pipelines.index.build_plan import BuildSpec, Split
-from pipelines.index.build_rows import (_merge_error_summaries, duplicate_ids, read_split,
+from pipelines.index.build_rows import (merge_error_summaries, duplicate_ids, read_split,
                                         routing_sample)
 from pipelines.index.build_routing import budget_step, gate_routes_step, train_step
-from pipelines.index.build_shard import _merge_top_scores, build_shard, shard_exact_scores
+from pipelines.index.build_shard import merge_top_scores, build_shard, shard_exact_scores
 from pipelines.index.recall_gate import gate_shard
 
 
-def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) -> None:
-    """The whole build as one Beam job (see the module docstring, steps 2-4)."""
+def run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) -> None:
+    """The whole build as one Beam job (pipelines/index/build.py's docstring, steps 2-4):
+    what it finds is written under spec.staging (stats_uri, result_uri, gate_uri)."""
     import apache_beam as beam
     from apache_beam import pvalue
     from pipelines.core.runner import make_pipeline
 
-    def write(name: str):
-        return lambda value: fs.write_json(spec.stats_uri(name), value)
-
     with make_pipeline(config, "build-index") as p:
-        if spec.partitioned:  # centroids first: rows go to their nearest centroid's shard
-            partitions = (p
-                          | "RoutingSplits" >> beam.Create(splits)
-                          | "SpreadRoutingSplits" >> beam.Reshuffle()
-                          | "SampleSplit" >> beam.FlatMap(routing_sample, spec)
-                          | "RoutingSample" >> beam.combiners.Top.Smallest(
-                              spec.params.routing_sample)
-                          | "TrainPartitions" >> beam.Map(train_step, spec))
-        else:
-            partitions = p | "NoPartitions" >> beam.Create([None])
-        part_side = pvalue.AsSingleton(partitions)
+        part_side = pvalue.AsSingleton(_partitions(p, spec, splits))
         read = (p
                 | "Splits" >> beam.Create(splits)
                 | "SpreadSplits" >> beam.Reshuffle()
@@ -49,8 +38,8 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
                     | "CheckDuplicates" >> beam.MapTuple(duplicate_ids))
             row_errors = (read.errors, dups) | "AllErrors" >> beam.Flatten()
         errors = (row_errors
-                  | "MergeErrors" >> beam.CombineGlobally(_merge_error_summaries))
-        _ = errors | "WriteErrors" >> beam.Map(write("errors"))
+                  | "MergeErrors" >> beam.CombineGlobally(merge_error_summaries))
+        _ = errors | "WriteErrors" >> beam.Map(_writer(spec, "errors"))
         gate_q = read.gate | "GateSample" >> beam.combiners.Top.Smallest(spec.eval_queries)
         tune_q = read.tune | "TuneSample" >> beam.combiners.Top.Smallest(spec.eval_queries)
         _ = gate_q | "WriteGateIds" >> beam.Map(
@@ -65,27 +54,7 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
         tune_side = pvalue.AsSingleton(tune_q)
         if spec.partitioned:
             _ = gate_q | "GateRoutes" >> beam.Map(gate_routes_step, spec, part_side)
-        if (spec.params.tune_recall_target is not None and spec.num_shards > 1
-                or spec.partitioned):
-            exact = shards | "TuneExact" >> beam.Map(
-                lambda item, t: (item[0], shard_exact_scores(item, spec, t)), tune_side)
-            if spec.partitioned:  # the budget, and which tuning queries reach each shard
-                routed = (exact
-                          | "AllShardExact" >> beam.combiners.ToList()
-                          | "RoutingBudget" >> beam.Map(budget_step, spec, tune_side,
-                                                        part_side))
-            else:
-                routed = p | "NoRouting" >> beam.Create([None])
-            global_kth = (exact
-                          | "ExactScores" >> beam.Map(lambda x: x[1])
-                          | "GlobalTopK" >> beam.CombineGlobally(_merge_top_scores)
-                          | "KthScore" >> beam.Map(
-                              lambda a: None if a is None else a[:, -1].copy()))
-            kth_side = pvalue.AsSingleton(global_kth)
-        else:
-            kth_side = pvalue.AsSingleton(
-                p | "NoGlobalKth" >> beam.Create([None]))
-            routed = p | "NoRouting" >> beam.Create([None])
+        kth_side, routed = _search_budget(p, spec, shards, tune_side, part_side)
         reports = shards | "BuildShard" >> beam.Map(
             build_shard, spec, tune_side, kth_side, pvalue.AsSingleton(errors),
             pvalue.AsSingleton(routed))
@@ -93,13 +62,65 @@ def _run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) ->
              | "BuiltOnly" >> beam.Filter(lambda r: "files" in r)
              | "SpreadGate" >> beam.Reshuffle()
              | "GateShard" >> beam.Map(gate_shard, spec, pvalue.AsSingleton(gate_q)))
-        _ = (read.views
-             | "Views" >> beam.CombineGlobally(lambda vs: sorted(set().union(*map(set, vs))))
-             | "WriteViews" >> beam.Map(write("views")))
-        _ = (read.products
-             | "GroupProducts" >> beam.GroupByKey()
-             | "CountProducts" >> beam.MapTuple(
-                 lambda b, uris: len(pc.unique(pa.concat_tables(
-                     [fs.read_parquet(u) for u in uris]).column("product_id"))))
-             | "SumProducts" >> beam.CombineGlobally(sum)
-             | "WriteProducts" >> beam.Map(write("products")))
+        _write_counts(spec, read)
+
+
+def _writer(spec: BuildSpec, name: str):
+    return lambda value: fs.write_json(spec.stats_uri(name), value)
+
+
+def _partitions(p: Any, spec: BuildSpec, splits: list[Split]) -> Any:
+    """The routing partitions (one element: trained centroids, or None for hash shards)."""
+    import apache_beam as beam
+
+    if not spec.partitioned:
+        return p | "NoPartitions" >> beam.Create([None])
+    # centroids first: rows go to their nearest centroid's shard
+    return (p
+            | "RoutingSplits" >> beam.Create(splits)
+            | "SpreadRoutingSplits" >> beam.Reshuffle()
+            | "SampleSplit" >> beam.FlatMap(routing_sample, spec)
+            | "RoutingSample" >> beam.combiners.Top.Smallest(spec.params.routing_sample)
+            | "TrainPartitions" >> beam.Map(train_step, spec))
+
+
+def _search_budget(p: Any, spec: BuildSpec, shards: Any, tune_side: Any, part_side: Any
+                   ) -> tuple[Any, Any]:
+    """(side input of the tuning queries' global k-th exact scores or None, the routing
+    budget's per-shard queries or None): what BuildShard tunes each shard against."""
+    import apache_beam as beam
+    from apache_beam import pvalue
+
+    if not (spec.params.tune_recall_target is not None and spec.num_shards > 1
+            or spec.partitioned):
+        kth_side = pvalue.AsSingleton(p | "NoGlobalKth" >> beam.Create([None]))
+        return kth_side, p | "NoRouting" >> beam.Create([None])
+    exact = shards | "TuneExact" >> beam.Map(
+        lambda item, t: (item[0], shard_exact_scores(item, spec, t)), tune_side)
+    if spec.partitioned:  # the budget, and which tuning queries reach each shard
+        routed = (exact
+                  | "AllShardExact" >> beam.combiners.ToList()
+                  | "RoutingBudget" >> beam.Map(budget_step, spec, tune_side, part_side))
+    else:
+        routed = p | "NoRouting" >> beam.Create([None])
+    global_kth = (exact
+                  | "ExactScores" >> beam.Map(lambda x: x[1])
+                  | "GlobalTopK" >> beam.CombineGlobally(merge_top_scores)
+                  | "KthScore" >> beam.Map(lambda a: None if a is None else a[:, -1].copy()))
+    return pvalue.AsSingleton(global_kth), routed
+
+
+def _write_counts(spec: BuildSpec, read: Any) -> None:
+    """The snapshot's views and its number of distinct products, to the build's stats."""
+    import apache_beam as beam
+
+    _ = (read.views
+         | "Views" >> beam.CombineGlobally(lambda vs: sorted(set().union(*map(set, vs))))
+         | "WriteViews" >> beam.Map(_writer(spec, "views")))
+    _ = (read.products
+         | "GroupProducts" >> beam.GroupByKey()
+         | "CountProducts" >> beam.MapTuple(
+             lambda b, uris: len(pc.unique(pa.concat_tables(
+                 [fs.read_parquet(u) for u in uris]).column("product_id"))))
+         | "SumProducts" >> beam.CombineGlobally(sum)
+         | "WriteProducts" >> beam.Map(_writer(spec, "products")))

@@ -11,7 +11,7 @@ import numpy as np
 from pipelines.core import filesystem as fs
 from pipelines.index.artifact import sha256_bytes
 from pipelines.index.build_plan import BuildSpec
-from pipelines.index.recall_gate import _queries
+from pipelines.index.recall_gate import sample_queries
 from pipelines.index.routing import (CENTROIDS_FILE, Partitions, centroids_bytes,
                                      choose_budget, route_mask, route_order,
                                      train_partitions)
@@ -37,7 +37,7 @@ def train_step(sample: list[tuple[float, bytes]], spec: BuildSpec) -> Partitions
 
 def gate_routes_step(sample: list[tuple], spec: BuildSpec, partitions: Partitions) -> None:
     """GateRoutes (worker): each gate query's shards, best first ("gate_routes" stats)."""
-    queries = _queries(sample, spec.dim)
+    queries = sample_queries(sample, spec.dim)
     fs.write_json(spec.stats_uri("gate_routes"),
                   route_order(queries, partitions, range(spec.num_shards)).tolist()
                   if len(queries) else [])
@@ -50,7 +50,7 @@ def budget_step(per_shard: list[tuple[int, np.ndarray]], spec: BuildSpec, tune: 
     shard tuner needs (side input of BuildShard): the budget, the share of the global
     top-k the routed shards hold at that budget, and which tuning queries each shard
     answers ([T, shards] bool)."""
-    queries = _queries(tune, spec.dim)
+    queries = sample_queries(tune, spec.dim)
     budget, coverage = choose_budget(dict(per_shard), queries, partitions, spec.num_shards,
                                      spec.params.routing_min_coverage)
     fs.write_json(spec.stats_uri("routing_budget"), {

@@ -7,6 +7,7 @@ image_id/product_id/view, another model_id) is reported with its file and row nu
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -125,7 +126,9 @@ def describe_errors(summary: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _merge_error_summaries(summaries: Iterable[dict]) -> dict:
+def merge_error_summaries(summaries: Iterable[dict]) -> dict:
+    """Several error summaries ({kind: {"count", "examples"}}) as one, a few examples per
+    kind (a CombineFn's merge; the launcher merges the shards' with it too)."""
     out: dict[str, dict] = {}
     for s in summaries:
         for kind, entry in s.items():
@@ -137,13 +140,14 @@ def _merge_error_summaries(summaries: Iterable[dict]) -> dict:
     return out
 
 
-def _summarise_errors(errors: Iterable[dict]) -> dict:
+def summarise_errors(errors: Iterable[dict]) -> dict:
+    """The error summary of single row errors (see merge_error_summaries)."""
     out: dict[str, dict] = {}
     for e in errors:
         cur = out.setdefault(e["kind"], {"count": 0, "examples": []})
         cur["count"] += 1
         cur["examples"].append(e)
-    return _merge_error_summaries([out])
+    return merge_error_summaries([out])
 
 
 _ADAPTERS: dict[tuple[str, str], Any] = {}
@@ -170,6 +174,15 @@ def _part_schema(dim: int) -> pa.Schema:
                      + [("embedding", pa.list_(pa.float32(), dim))])
 
 
+@dataclass
+class _Staged:
+    """What ReadSplit gathers from a split's good rows before it writes its parts."""
+    by_shard: dict[int, list[pa.Table]] = field(default_factory=dict)
+    products: set[str] = field(default_factory=set)
+    views: set[str] = field(default_factory=set)
+    id_pairs: list[tuple[list[str], list[str]]] = field(default_factory=list)
+
+
 def read_split(split: Split, spec: BuildSpec, partitions: Any = None) -> Iterator[Any]:
     """ReadSplit (worker): validate one row group, stage per-shard parts, draw samples.
 
@@ -182,13 +195,8 @@ def read_split(split: Split, spec: BuildSpec, partitions: Any = None) -> Iterato
     """
     from apache_beam import pvalue
 
-    seeds = {"gate": spec.eval_seed, "tune": spec.eval_seed + 1}
-    fraction = spec.sample_fraction
     errors: list[dict] = []
-    by_shard: dict[int, list[pa.Table]] = {}
-    products: set[str] = set()
-    views: set[str] = set()
-    id_pairs: list[tuple[list[str], list[str]]] = []
+    staged = _Staged()
     columns = list(dict.fromkeys([*art.ROW_COLUMNS, "model_id", "embedding"]))
     with fs.FileSystems.open(split.uri) as f:
         pf = pq.ParquetFile(f)
@@ -198,56 +206,72 @@ def read_split(split: Split, spec: BuildSpec, partitions: Any = None) -> Iterato
                                      columns=present):
             vectors, good, errs = validate_batch(batch, spec, split, row)
             row += batch.num_rows
-            if errs:
-                errors += errs
+            errors += errs
             if errors:
                 continue  # the build will fail: stop staging, keep collecting errors
-            if spec.takedown_image_ids or spec.takedown_product_ids:
-                batch, vectors = _without_takedowns(batch, vectors, spec)
-            if spec.adapter_dir is not None:  # model space -> index space
-                vectors = _worker_adapter(spec).apply(vectors)
-            ids = batch.column("image_id").to_pylist()
-            vws = batch.column("view").to_pylist()
-            views.update(vws)
-            products.update(batch.column("product_id").to_pylist())
-            for name, seed in seeds.items():
-                for i, (iid, v) in enumerate(zip(ids, vws)):
-                    key = sample_key(seed, iid, v)
-                    if key < fraction:
-                        yield pvalue.TaggedOutput(name, (key, iid, v, vectors[i].tobytes()))
-            if partitions is not None:
-                shards = partitions.assign(vectors)
-                id_pairs.append((ids, vws))
-            else:
-                shards = np.fromiter((shard_for(i, spec.num_shards) for i in ids), np.int64,
-                                     count=len(ids))
-            table = pa.table({c: (batch.column(c) if c in batch.schema.names
-                                  else pa.nulls(batch.num_rows, pa.string()))
-                              for c in art.ROW_COLUMNS})
-            table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), spec.dim))
-            for s in np.unique(shards):
-                by_shard.setdefault(int(s), []).append(
-                    table.take(pa.array(np.flatnonzero(shards == s))))
+            for name, sample in _stage_batch(batch, vectors, spec, partitions, staged):
+                yield pvalue.TaggedOutput(name, sample)
     if errors:
-        yield pvalue.TaggedOutput("errors", _summarise_errors(errors))
+        yield pvalue.TaggedOutput("errors", summarise_errors(errors))
         return
+    for name, value in _write_staged(staged, spec, split, partitions is not None):
+        yield pvalue.TaggedOutput(name, value)
+
+
+def _stage_batch(batch: pa.RecordBatch, vectors: np.ndarray, spec: BuildSpec,
+                 partitions: Any, staged: _Staged) -> Iterator[tuple[str, tuple]]:
+    """Add a validated batch's rows to `staged` (by shard); yields its gate / tune sample
+    candidates as (tag, (sample_key, image_id, view, vector bytes))."""
+    if spec.takedown_image_ids or spec.takedown_product_ids:
+        batch, vectors = _without_takedowns(batch, vectors, spec)
+    if spec.adapter_dir is not None:  # model space -> index space
+        vectors = _worker_adapter(spec).apply(vectors)
+    ids = batch.column("image_id").to_pylist()
+    vws = batch.column("view").to_pylist()
+    staged.views.update(vws)
+    staged.products.update(batch.column("product_id").to_pylist())
+    fraction = spec.sample_fraction
+    for name, seed in (("gate", spec.eval_seed), ("tune", spec.eval_seed + 1)):
+        for i, (iid, v) in enumerate(zip(ids, vws)):
+            key = sample_key(seed, iid, v)
+            if key < fraction:
+                yield name, (key, iid, v, vectors[i].tobytes())
+    if partitions is not None:
+        shards = partitions.assign(vectors)
+        staged.id_pairs.append((ids, vws))
+    else:
+        shards = np.fromiter((shard_for(i, spec.num_shards) for i in ids), np.int64,
+                             count=len(ids))
+    table = pa.table({c: (batch.column(c) if c in batch.schema.names
+                          else pa.nulls(batch.num_rows, pa.string()))
+                      for c in art.ROW_COLUMNS})
+    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.reshape(-1), pa.float32()), spec.dim))
+    for s in np.unique(shards):
+        staged.by_shard.setdefault(int(s), []).append(
+            table.take(pa.array(np.flatnonzero(shards == s))))
+
+
+def _write_staged(staged: _Staged, spec: BuildSpec, split: Split, partitioned: bool
+                  ) -> Iterator[tuple[str, Any]]:
+    """Write a split's staged parts, product buckets and (partitioned) id buckets; yields
+    (tag, value) for each, then ("views", its sorted views)."""
     schema = _part_schema(spec.dim)
-    for s, tables in sorted(by_shard.items()):
+    for s, tables in sorted(staged.by_shard.items()):
         part = pa.concat_tables(tables).cast(schema)
         uri = spec.part_uri(s, split.index)
         fs.write_parquet(uri, part, compression="none")
-        yield pvalue.TaggedOutput("part", (s, {"uri": uri, "rows": part.num_rows}))
+        yield "part", (s, {"uri": uri, "rows": part.num_rows})
     buckets: dict[int, list[str]] = {}
-    for pid in products:
+    for pid in staged.products:
         buckets.setdefault(shard_for(pid, spec.num_shards), []).append(pid)
     for b, pids in sorted(buckets.items()):
         uri = spec.products_uri(b, split.index)
         fs.write_parquet(uri, pa.table({"product_id": sorted(pids)}), compression="zstd")
-        yield pvalue.TaggedOutput("products", (b, uri))
-    if partitions is not None:
+        yield "products", (b, uri)
+    if partitioned:
         by_bucket: dict[int, tuple[list[str], list[str]]] = {}
-        for ids, vws in id_pairs:
+        for ids, vws in staged.id_pairs:
             for iid, v in zip(ids, vws):
                 pair = by_bucket.setdefault(shard_for(iid, spec.num_shards), ([], []))
                 pair[0].append(iid)
@@ -255,8 +279,8 @@ def read_split(split: Split, spec: BuildSpec, partitions: Any = None) -> Iterato
         for bucket, (iids, vvs) in sorted(by_bucket.items()):
             uri = spec.ids_uri(bucket, split.index)
             fs.write_parquet(uri, pa.table({"image_id": iids, "view": vvs}), compression="zstd")
-            yield pvalue.TaggedOutput("ids", (bucket, uri))
-    yield pvalue.TaggedOutput("views", sorted(views))
+            yield "ids", (bucket, uri)
+    yield "views", sorted(staged.views)
 
 
 def routing_sample(split: Split, spec: BuildSpec) -> Iterator[tuple[float, bytes]]:
@@ -294,7 +318,7 @@ def duplicate_ids(bucket: int, uris: Iterable[str]) -> dict:
     keys = pc.binary_join_element_wise(table.column("image_id"), table.column("view"), "\0")
     counts = pc.value_counts(keys)
     dup = [str(v["values"]) for v in counts.to_pylist() if v["counts"] > 1]
-    return _summarise_errors(
+    return summarise_errors(
         {"kind": "duplicate", "detail": repr(tuple(d.split("\0", 1))),
          "image_id": d.split("\0", 1)[0]} for d in sorted(dup))
 
@@ -311,8 +335,9 @@ def _without_takedowns(batch: pa.RecordBatch, vectors: np.ndarray, spec: BuildSp
     return batch.filter(pa.array(keep)), vectors[keep]
 
 
-def _read_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:
-    """A shard's staged rows sorted by (image_id, view), and their vectors.
+def read_staged_shard(parts: list[dict], dim: int) -> tuple[pa.Table, np.ndarray]:
+    """A shard's staged rows (the parts ReadSplit wrote for it) sorted by (image_id, view),
+    and their vectors.
 
     Memory: the float32 matrix plus one staged part at a time (the rows without their
     embeddings are small). Concatenating the parts and sorting the whole table, as this

@@ -24,8 +24,8 @@ from pipelines.index.sharded_search import RESCORE_FACTOR, search_exact
 
 from pipelines.index.build_plan import BuildParams, BuildSpec
 from pipelines.index.manifest import DEFAULT_VECTORS_FILE
-from pipelines.index.build_rows import _read_shard, _summarise_errors
-from pipelines.index.recall_gate import _queries, _tie_aware_found
+from pipelines.index.build_rows import read_staged_shard, summarise_errors
+from pipelines.index.recall_gate import sample_queries, tie_aware_found
 from pipelines.index.build_routing import shard_tuning_target
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,17 @@ def shard_exact_scores(item: tuple[int, list[dict]], spec: BuildSpec, tune: list
                        ) -> np.ndarray:
     """A shard's exact top-k scores for the tuning queries, [T, k] (-inf padded)."""
     _, parts = item
-    queries = _queries(tune, spec.dim)
+    queries = sample_queries(tune, spec.dim)
     out = np.full((len(queries), spec.k), -np.inf, np.float32)
     if not parts or not len(queries):
         return out
-    _, vectors = _read_shard(parts, spec.dim)
+    _, vectors = read_staged_shard(parts, spec.dim)
     scores, _ = search_exact(vectors, queries, spec.k)
     out[:, :scores.shape[1]] = scores
     return out
 
 
-def _merge_top_scores(arrays: Iterable[np.ndarray]) -> np.ndarray | None:
+def merge_top_scores(arrays: Iterable[np.ndarray]) -> np.ndarray | None:
     """Per row, the best k of several [T, k] score arrays (a CombineFn's merge)."""
     best = None
     for a in arrays:
@@ -81,7 +81,7 @@ def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: in
                     -np.inf)
     if rescore:
         true = -np.sort(-true, axis=1)[:, :k]
-    return _tie_aware_found(true, kth)
+    return tie_aware_found(true, kth)
 
 
 def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
@@ -99,10 +99,10 @@ def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
     kth = exact[:, -1]
     basis = "shard top-k"
     if global_kth is not None:
-        relevant = _tie_aware_found(exact, global_kth)
+        relevant = tie_aware_found(exact, global_kth)
         if relevant.sum() >= MIN_RELEVANT_FOR_GLOBAL_TUNING:
             kth, basis = global_kth, "shard share of the global top-k"
-    relevant = np.minimum(_tie_aware_found(exact, kth), k)
+    relevant = np.minimum(tie_aware_found(exact, kth), k)
     total = int(relevant.sum())
     candidates = sorted({max(1, min(num_leaves, int(round(1.35 ** i))))
                          for i in range(0, 64)} | {num_leaves})
@@ -146,7 +146,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
     if errors:  # a split found bad rows: the build fails, write nothing
         report["skipped"] = True
         return report
-    rows, vectors = _read_shard(parts, spec.dim)
+    rows, vectors = read_staged_shard(parts, spec.dim)
     n = rows.num_rows
     report.update(num_vectors=n, parts=len(parts))
     if n:
@@ -155,7 +155,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
         dups = np.flatnonzero(same)
         if len(dups):
             ids, vws = rows.column("image_id"), rows.column("view")
-            report["errors"] = _summarise_errors(
+            report["errors"] = summarise_errors(
                 {"kind": "duplicate", "detail": repr((ids[int(i)].as_py(), vws[int(i)].as_py())),
                  "image_id": ids[int(i)].as_py()} for i in dups)
             fs.write_json(spec.result_uri(shard), report)
@@ -281,7 +281,7 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     searcher = builder.build()
     multiplier = p.reorder_multiplier
     tuning: dict[str, Any] = {"target": p.tune_recall_target}
-    queries = _queries(tune, spec.dim)
+    queries = sample_queries(tune, spec.dim)
     target, routing_note = (shard_tuning_target(p.tune_recall_target, routed)
                             if p.tune_recall_target is not None else (None, {}))
     if routed is not None and len(queries):  # only the queries routed here count

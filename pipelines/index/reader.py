@@ -7,10 +7,11 @@ row tables. The layout and the manifest are pipelines/index/artifact.py's.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -288,3 +289,64 @@ def verify_version(index_root: str, version: str) -> None:
     opened = open_index(index_root, version, verify=True, allow_unpublished=True)
     opened.load_adapter()
     opened.load_shards()
+
+
+def shard_rows(index_root: str, manifest: IndexManifest, columns: Sequence[str] | None = None
+               ) -> Iterator[tuple[ShardEntry, pa.Table]]:
+    """Each non-empty shard of a version with its row table (rows.parquet; `columns` of
+    artifact.ROW_COLUMNS, default all), in shard order; no searcher is loaded."""
+    base = version_dir(index_root, manifest.version)
+    for entry in manifest.shards:
+        if entry.num_vectors:
+            uri = fs.join(base, entry.path, ROWS_FILE)
+            yield entry, fs.read_parquet(uri, list(columns) if columns is not None else None)
+
+
+def read_stored_vectors(index_root: str, manifest: IndexManifest, entry: ShardEntry
+                        ) -> np.ndarray:
+    """A shard's stored float32 vectors (its vectors_file), read whole, no searcher
+    loaded; IndexArtifactError when the file does not read as an array."""
+    uri = fs.join(version_dir(index_root, manifest.version), entry.path, entry.stored_vectors)
+    try:
+        return np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexArtifactError(f"version {manifest.version} shard {entry.shard}: "
+                                 f"{uri} is not a readable array: {e}") from e
+
+
+def version_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_dir: str,
+                             atol: float = 1e-4) -> tuple[bool, str]:
+    """Does an index version (its manifest, already read) hold exactly a snapshot's rows
+    (same ids, metadata, model and, within `atol`, the same vectors, in the version's
+    index space: through its adapter)? (answer, reason when not)."""
+    from pipelines.adapter import AdapterError, apply_adapter, load_for_version
+    from pipelines.embed import snapshot
+
+    snap = snapshot.load(snapshot_dir)
+    try:  # a version with an adapter holds adapter(raw): compare in its space
+        adapter = load_for_version(version_dir(index_root, manifest.version), manifest.adapter)
+    except AdapterError as e:
+        return False, f"its adapter does not read: {e}"
+    if manifest.model_id != snap.summary.model_id:
+        return False, f"model {manifest.model_id} != snapshot model {snap.summary.model_id}"
+    if manifest.num_vectors != snap.table.num_rows:
+        return False, (f"{manifest.num_vectors} vectors != {snap.table.num_rows} "
+                       "snapshot rows")
+    table = snap.table.select(["image_id", "view", "product_id", "image_uri", "metadata"])
+    vectors = apply_adapter(adapter, snap.vectors())
+    expected = {(r["image_id"], r["view"]): (r, i) for i, r in enumerate(table.to_pylist())}
+    for entry, rows in shard_rows(index_root, manifest):
+        try:
+            shard_vectors = read_stored_vectors(index_root, manifest, entry)
+        except IndexArtifactError as e:
+            return False, f"shard {entry.shard} vectors unreadable: {e}"
+        for j, row in enumerate(rows.to_pylist()):
+            found = expected.get((row["image_id"], row["view"]))
+            if found is None:
+                return False, f"image {row['image_id']!r} is not in the snapshot"
+            want, i = found
+            if any(row.get(k) != want[k] for k in ("product_id", "image_uri", "metadata")):
+                return False, f"image {row['image_id']!r} has other product/uri/metadata"
+            if not np.allclose(shard_vectors[j], vectors[i], atol=atol):
+                return False, f"image {row['image_id']!r} has another vector"
+    return True, ""

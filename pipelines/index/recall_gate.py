@@ -39,13 +39,14 @@ class RecallGateError(RefusedError):
         self.version_path = version_path
 
 
-def _queries(sample: list[tuple], dim: int) -> np.ndarray:
+def sample_queries(sample: list[tuple], dim: int) -> np.ndarray:
+    """The query vectors [Q, dim] of a gate / tuning sample (ReadSplit's side input)."""
     if not sample:
         return np.zeros((0, dim), np.float32)
     return np.stack([np.frombuffer(s[3], np.float32) for s in sample])
 
 
-def _tie_aware_found(true_scores: np.ndarray, kth_exact: np.ndarray) -> np.ndarray:
+def tie_aware_found(true_scores: np.ndarray, kth_exact: np.ndarray) -> np.ndarray:
     """Per query, how many returned rows score at least the k-th exact score."""
     return (true_scores >= kth_exact[:, None] - TIE_EPSILON).sum(axis=1)
 
@@ -58,7 +59,7 @@ def gate_shard(report: dict[str, Any], spec: BuildSpec, sample: list[tuple]) -> 
     scores, true dot products, "image_id\\0view" ids) and the exact top-k scores.
     """
     shard = report["shard"]
-    queries = _queries(sample, spec.dim)
+    queries = sample_queries(sample, spec.dim)
     out: dict[str, Any] = {"shard": shard, "queries": len(queries)}
     if report.get("num_vectors"):
         # the reader on a one-shard view of the version being built (no manifest yet)
@@ -121,7 +122,7 @@ def merge_gate(results: list[dict[str, Any]], sample_ids: list[str], k: int,
     top_ids = np.take_along_axis(ids, order, axis=1)
     out = {}
     for kk in sorted({1, k}):
-        found = _tie_aware_found(top_true[:, :kk], exact[:, kk - 1])
+        found = tie_aware_found(top_true[:, :kk], exact[:, kk - 1])
         out[f"recall@{kk}"] = round(float(np.minimum(found, kk).mean() / kk), 6)
     out["self_found"] = round(float(np.mean([sid in row for sid, row in
                                              zip(sample_ids, top_ids)])), 6)

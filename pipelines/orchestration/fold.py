@@ -15,9 +15,9 @@ def fold_report(index_root: str, version: str) -> dict[str, Any] | None:
     (`deleted_still_served`: 0 unless the catalog relisted them and the takedown was
     lifted), and its own log's deltas (`new_log_deltas`, 0: a fresh log). None when there is no previous
     passed version; its log is left as it is (retention removes it with its version)."""
-    from pipelines.core import filesystem as fs
     from pipelines.index import artifact as art
     from pipelines.index import deltas as dl
+    from pipelines.index.reader import shard_rows
     earlier = [v for v in art.list_versions(index_root)
                if v.version < version and v.state == art.STATUS_PASSED]
     if not earlier:
@@ -26,15 +26,11 @@ def fold_report(index_root: str, version: str) -> dict[str, Any] | None:
     log_ = dl.read_log(index_root, previous.version)
     out: dict[str, Any] = {"version": previous.version, **dl.summarize(log_)}
     manifest = art.read_manifest(index_root, version)
-    base = art.version_dir(index_root, version)
     images: set[str] = set()
     products: set[str] = set()
-    for entry in manifest.shards:
-        if entry.num_vectors:
-            t = fs.read_parquet(fs.join(base, entry.path, art.ROWS_FILE),
-                                columns=["image_id", "product_id"])
-            images.update(t.column("image_id").to_pylist())
-            products.update(t.column("product_id").to_pylist())
+    for _, t in shard_rows(index_root, manifest, ["image_id", "product_id"]):
+        images.update(t.column("image_id").to_pylist())
+        products.update(t.column("product_id").to_pylist())
     upserted: dict[str, str] = {}  # the log's net effect, in order: image_id -> product_id
     deleted_images: set[str] = set()
     deleted_products: set[str] = set()

@@ -125,57 +125,6 @@ def run_versions(index_root: str, run_id: str) -> list[str]:
     return sorted(names)
 
 
-def index_matches_snapshot(index_root: str, manifest: IndexManifest, snapshot_dir: str,
-                           atol: float = 1e-4) -> tuple[bool, str]:
-    """Does an index version (its manifest, already read) hold exactly a snapshot's rows
-    (same ids, metadata, model and, within `atol`, the same vectors)? (answer, reason when
-    not)."""
-    import io
-
-    import numpy as np
-
-    from pipelines.core import filesystem as fs
-    from pipelines.index import artifact as art
-    from pipelines.embed import snapshot
-
-    snap = snapshot.load(snapshot_dir)
-    from pipelines.adapter import AdapterError, apply_adapter, load_for_version
-    try:  # a version with an adapter holds adapter(raw): compare in its space
-        adapter = load_for_version(art.version_dir(index_root, manifest.version),
-                                   manifest.adapter)
-    except AdapterError as e:
-        return False, f"its adapter does not read: {e}"
-    if manifest.model_id != snap.summary.model_id:
-        return False, f"model {manifest.model_id} != snapshot model {snap.summary.model_id}"
-    if manifest.num_vectors != snap.table.num_rows:
-        return False, (f"{manifest.num_vectors} vectors != {snap.table.num_rows} "
-                       "snapshot rows")
-    table = snap.table.select(["image_id", "view", "product_id", "image_uri", "metadata"])
-    vectors = apply_adapter(adapter, snap.vectors())
-    expected = {(r["image_id"], r["view"]): (r, i) for i, r in enumerate(table.to_pylist())}
-    base = art.version_dir(index_root, manifest.version)
-    for entry in manifest.shards:
-        if not entry.num_vectors:
-            continue
-        shard_dir = fs.join(base, entry.path)
-        rows = fs.read_parquet(fs.join(shard_dir, art.ROWS_FILE))
-        try:
-            shard_vectors = np.load(io.BytesIO(fs.read_bytes(
-                fs.join(shard_dir, entry.stored_vectors))), allow_pickle=False)
-        except (OSError, ValueError) as e:
-            return False, f"shard {entry.shard} vectors unreadable: {e}"
-        for j, row in enumerate(rows.to_pylist()):
-            found = expected.get((row["image_id"], row["view"]))
-            if found is None:
-                return False, f"image {row['image_id']!r} is not in the snapshot"
-            want, i = found
-            if any(row.get(k) != want[k] for k in ("product_id", "image_uri", "metadata")):
-                return False, f"image {row['image_id']!r} has other product/uri/metadata"
-            if not np.allclose(shard_vectors[j], vectors[i], atol=atol):
-                return False, f"image {row['image_id']!r} has another vector"
-    return True, ""
-
-
 def _next_revision(run_id: str, last: str) -> str:
     """The revision after `last` (`<run_id>` is revision 1)."""
     revision = int(last.split(REVISION_SEPARATOR, 1)[1]) + 1 if REVISION_SEPARATOR in last else 2
@@ -197,6 +146,7 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary,
     from pipelines.core import filesystem as fs
     from pipelines.index import artifact as art
     from pipelines.index.build import run_build_index
+    from pipelines.index.reader import version_matches_snapshot
 
     config = plan.config()
     snapshot_dir = _snapshot_dir(embed_summary)
@@ -212,14 +162,11 @@ def build_index_step(plan: RunPlan, embed_summary: SnapshotSummary,
     version = plan.run_id
     if existing:
         last = existing[-1]
-        try:  # read once: its state, its content and the publish below all use it
-            existing_manifest: IndexManifest | None = art.read_manifest(plan.index_root, last)
-        except art.IndexArtifactError:
-            existing_manifest = None
-        state = art.STATUS_INCOMPLETE if existing_manifest is None else (
-            art.STATUS_PASSED if existing_manifest.passed else art.STATUS_REJECTED)
+        # read once: its state, its content and the publish below all use it
+        state, existing_manifest = art.read_version_state(plan.index_root, last)
         if existing_manifest is not None and existing_manifest.passed:
-            same, why = index_matches_snapshot(plan.index_root, existing_manifest, snapshot_dir)
+            same, why = version_matches_snapshot(plan.index_root, existing_manifest,
+                                                 snapshot_dir)
             if same and _adapter_source_id(adapter) != (existing_manifest.adapter or {}).get("id"):
                 same, why = False, "it was built with another adapter"  # retrained adapter
             if same:
