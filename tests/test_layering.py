@@ -178,3 +178,19 @@ def test_the_circle_check_sees_a_circle_hidden_in_a_function(tmp_path):
     (pkg / "c.py").write_text("import pkg.a\n")
     (pkg / "d.py").write_text("from pkg import a, b\n")
     assert _circles(_module_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A module's interface is its public names: `from a.b import _c` across modules of
+    pipelines/ and serving/ would make a private helper part of it."""
+    wrong = []
+    for top in ("pipelines", "serving"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.ImportFrom) and node.module
+                        and node.module.split(".")[0] in ("pipelines", "serving")):
+                    wrong += [f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{a.name}"
+                              for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, "private names imported from another module:\n" + "\n".join(wrong)

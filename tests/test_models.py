@@ -218,10 +218,10 @@ def test_onednn_status_follows_the_env_var_and_the_cpu_flags(monkeypatch):
     forced = onednn.onednn_status(ask_tensorflow=False)
     assert forced.enabled == x86 and forced.reason.startswith("TF_ENABLE_ONEDNN_OPTS=1")
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
-    monkeypatch.setattr(onednn, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    monkeypatch.setattr(onednn, "proc_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     vnni = onednn.onednn_status(ask_tensorflow=False)
     assert vnni.enabled == x86 and "avx512_vnni" in vnni.reason
-    monkeypatch.setattr(onednn, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(onednn, "proc_cpu_flags", lambda: {"avx2", "avx512f"})
     plain = onednn.onednn_status(ask_tensorflow=False)
     assert not plain.enabled and "no AVX512_VNNI" in plain.reason
     assert plain.describe().startswith("off (")

@@ -26,7 +26,8 @@ class OneDnnStatus:
         return f"{'on' if self.enabled else 'off'} ({self.reason})"
 
 
-def _cpu_flags() -> set[str]:
+def proc_cpu_flags() -> set[str]:
+    """The real CPU's flags (/proc/cpuinfo; empty where it does not read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -56,7 +57,7 @@ def onednn_status(ask_tensorflow: bool = True) -> OneDnnStatus:
     elif env is not None and env.strip().lower() in ("0", "false"):
         expected, reason = False, f"{ENV_VAR}={env}"
     else:
-        present = sorted(_cpu_flags() & set(DEFAULT_ON_FLAGS))
+        present = sorted(proc_cpu_flags() & set(DEFAULT_ON_FLAGS))
         expected = x86 and bool(present)
         reason = (f"TensorFlow's default on this CPU: it has {', '.join(present)}" if expected
                   else "TensorFlow's default on this CPU: no AVX512_VNNI / AVX512_BF16 / "

@@ -26,7 +26,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from pipelines.model.onednn import _cpu_flags, onednn_status
+from pipelines.model.onednn import proc_cpu_flags, onednn_status
 from pipelines.core.errors import BadInputError
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -57,7 +57,7 @@ def cpu_flags() -> set[str]:
     forced = os.environ.get(CPU_FLAGS_ENV)
     if forced is not None:
         return set(forced.split())
-    return _cpu_flags()
+    return proc_cpu_flags()
 
 
 def bf16_support() -> tuple[bool, str]:

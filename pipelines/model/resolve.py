@@ -81,7 +81,8 @@ def resolve_model(handle: str, cache_dir: str, input_size: int | None = None) ->
     """
     if handle.startswith(BUILTIN_PREFIX):
         name = handle[len(BUILTIN_PREFIX):]
-        from pipelines.model.efficientnet_lite import VARIANTS, ensure_saved_model
+        from pipelines.model.efficientnet_lite import ensure_saved_model
+        from pipelines.model.lite_layers import VARIANTS
         if name not in VARIANTS:
             raise ModelError(f"unknown builtin model {handle!r}; available: "
                              + ", ".join(BUILTIN_PREFIX + m for m in sorted(VARIANTS)))
