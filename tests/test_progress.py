@@ -141,3 +141,21 @@ def test_embed_of_300_images_prints_progress_lines(tmp_path, tiny_model):
     assert done[-1] == 300 and lines[-1].rstrip().endswith("elapsed")
     # the known noise of Beam's optional GCP client is gone, from launcher and workers
     assert "apitools" not in proc.stdout + proc.stderr
+
+
+def test_ticks_open_the_file_once_per_job(tmp_path, monkeypatch):
+    """A worker opens the progress file on its first tick, not on every tick; the next
+    job (another file) gets its own ticks."""
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(progress.os, "open",
+                        lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(first))
+    for _ in range(30):
+        progress.tick()
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(second))
+    progress.tick(5)
+    progress.tick(2)
+    assert first.stat().st_size == 30 and second.stat().st_size == 7
+    assert opened == [str(first), str(second)]

@@ -4,8 +4,9 @@ The FnApiRunner that runs our jobs locally returns from `pipeline.run()` only wh
 job is done, so Beam metrics cannot be read while it runs. Instead the launcher sets
 `$CATALOG_SEARCH_PROGRESS_FILE` (workers are subprocesses and inherit it) and every
 worker appends one byte per finished item with O_APPEND (atomic for small writes, so
-any number of worker processes share one file). The launcher's reporter thread reads
-the file size every second and logs a line every `interval_s` seconds or every 10 %:
+any number of worker processes share one file; each opens it once per job). The
+launcher's reporter thread reads the file size every second and logs a line every
+`interval_s` seconds or every 10 %:
 
     embed progress: 12/300 rows (4%), ETA estimating…, 6s elapsed
     embed progress: 120/300 rows (40%), 11.8/s, ETA 15s, 16s elapsed
@@ -39,19 +40,42 @@ PROGRESS_INTERVAL_ENV = "CATALOG_SEARCH_PROGRESS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 5.0
 
 
+#: This process's open progress file: (path, fd), opened on the first tick of a job.
+_OPEN: tuple[str, int] | None = None
+_OPEN_LOCK = threading.Lock()
+
+
 def tick(n: int = 1) -> None:
-    """Count `n` finished items of the running job (a no-op when no reporter listens)."""
+    """Count `n` finished items of the running job (a no-op when no reporter listens).
+
+    The file is opened once per process and job (not per tick); a tick after the
+    reporter removed it (the job is over) counts nowhere."""
     path = os.environ.get(PROGRESS_FILE_ENV)
     if not path or n <= 0:
         return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError:
-        return
-    try:
-        os.write(fd, b"." * n)
-    finally:
-        os.close(fd)
+    fd = _progress_fd(path)
+    if fd is not None:
+        try:
+            os.write(fd, b"." * n)
+        except OSError:
+            pass
+
+
+def _progress_fd(path: str) -> int | None:
+    global _OPEN
+    with _OPEN_LOCK:
+        if _OPEN is not None and _OPEN[0] == path:
+            return _OPEN[1]
+        if _OPEN is not None:  # another job's file (several jobs in one process)
+            with contextlib.suppress(OSError):
+                os.close(_OPEN[1])
+            _OPEN = None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return None
+        _OPEN = (path, fd)
+        return fd
 
 
 #: Seconds of progress after the first finished items before the line gives a rate and ETA.
