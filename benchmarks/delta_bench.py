@@ -3,7 +3,7 @@ visibility, query latency with delta rows, deltas applied under load.
 
     .venv/bin/python benchmarks/delta_bench.py --num-vectors 100000 --fit FIT.npz \
         --drop 1000 --delta-rows 10000 --workdir /tmp/delta-bench \
-        --out benchmarks/results/delta_bench-100k.json
+        --out benchmarks/results/delta_bench-100k-scann.json
 
 One run, one JSON. Data: --fit (benchmarks/fitted_vectors.py: vectors drawn from a fit to
 real embeddings; the drop and the queries are drawn around the same centres with other

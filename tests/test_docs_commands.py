@@ -134,10 +134,6 @@ COVERAGE: list[Coverage] = [
              "the grocery embeddings the benchmark vectors are fitted to (the full grocery "
              "catalog, original + hflip: minutes); embed with a --config file: "
              "tests/test_config_and_cli.py"),
-    Coverage(r"\.venv/bin/catalog-search sample-catalog --out /tmp/abcat|"
-             r"\.venv/bin/python -c \"import csv,os; .*queries_abs\.csv.*|"
-             r"bash benchmarks/serving_ab\.sh .*", SKIP,
-             LONG + "; the serving before/after comparison (two checkouts, four bench runs)"),
     Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
