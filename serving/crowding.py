@@ -1,7 +1,7 @@
 """Crowding: at most `max_per_group` results per value of one metadata field.
 
 `group_by` names any metadata field of the index (`seller`, `brand`, `category`, ...) or
-`product_id` / `image_id`. Today's product collapse is crowding by `product_id` with a cap
+`product_id` / `image_id`. The default product collapse is crowding by `product_id` with a cap
 of 1; `group_by="product_id", max_per_group=3` lists up to three images per product
 instead. For any other field the product collapse still applies (one image per product
 unless `collapse` is off) and the cap counts the products (or images) per field value.

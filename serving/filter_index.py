@@ -1,15 +1,14 @@
 """Filtered visual search that stays fast for rare values and complete for every value.
 
-A metadata filter (`{"category": "dairy"}`) used to post-filter over-fetched neighbours,
-growing the fetch x4 per round until k hits survived: a value holding 0.1% of the
-catalog cost many rounds, and an approximate search could return fewer than k hits
-although k existed. Now:
+A metadata filter (`{"category": "dairy"}`) that only post-filtered over-fetched
+neighbours would need many rounds for a value holding 0.1% of the catalog, and an
+approximate search could return fewer than k hits although k exist. So:
 
 - `FilterIndex` (built once per loaded version, from the row table's metadata) holds,
   per metadata key, the sorted global rows of each value (`rows(key, value)`; its
   length is the value's count). Keys with more than MAX_DISTINCT_VALUES values, or with
   values longer than MAX_VALUE_CHARS (titles, descriptions), are not indexed: filters on
-  them post-filter as before. `product_id` / `image_id` filters use the index's own
+  them post-filter over-fetched neighbours. `product_id` / `image_id` filters use the index's own
   product and image row lists.
 - `matching_rows(idx, filters)`: the rows that can pass the filters (the intersection
   over the indexed keys of the union of each key's accepted values; None when no key

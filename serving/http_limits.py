@@ -1,4 +1,4 @@
-"""The HTTP server's own limits on what a client may make it hold (issue 24 defect 9).
+"""The HTTP server's own limits on what a client may make it hold.
 
 uvicorn's default HTTP implementation (httptools, when installed) buffers request
 headers without a size limit, and no server-side timer bounds how long a client may take

@@ -127,7 +127,7 @@ class FeaturesConfig:
             index manifest); query_scales (null = scales) zooms query photos differently
             from catalog images (shelf photos vs packshots).
     """
-    # Neutral defaults (issue 17): the plain center crop. The grocery grid's zoom (scales
+    # Neutral defaults: the plain center crop. The grocery grid's zoom (scales
     # [1.3], query_scales [1.6]) helps shelf photos of small goods and hurts full-frame
     # garment photos (docs/EVALUATION.md, "Feature defaults"), so it is an option, not a default.
     scales: tuple[float, ...] = (1.0,)
@@ -216,7 +216,7 @@ class IndexConfig:
     training_threads: int = 0
     # An adapter folder (catalog-search train-adapter): the index holds adapter(raw) vectors.
     adapter: str | None = None
-    # ScaNN builder options (issue 18); recorded per shard in the index manifest.
+    # ScaNN builder options; recorded per shard in the index manifest.
     leaves_per_sqrt_n: float = 4.0       # num_leaves = this x sqrt(total vectors), over shards
     projection_dim: int | None = 256     # PCA to this many dims for partitioning + hashing
     soar_lambda: float | None = 1.5      # SOAR spilled assignments (dot product)

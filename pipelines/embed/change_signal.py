@@ -17,7 +17,7 @@ the next run an image's previous vector is reused WITHOUT fetching when all hold
 (model, input size, resize, views, view mode, seed); the row's signal is not none and
 equals the signal stored with every previous row of that image_id; the previous rows
 have exactly the configured output views. In every other case the bytes are fetched,
-hashed, and reused only when their sha256 equals the stored one (today's rule).
+hashed, and reused only when their sha256 equals the stored one.
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """The embed job: catalog manifest(s) -> embeddings snapshot, with Beam RunInference.
 
-    manifests ─ read rows ─ validate ─┐
-    previous snapshot (optional) ─────┴─ CoGroupByKey(image_id)
-        ─ resolve: duplicates → dead letter; unchanged change signal (manifest
-                   updated_at/etag/size, else file size + mtime) + same model/view config
-                   → reuse previous vectors without fetching (pipelines.embed.change_signal);
-                   otherwise fetch bytes; sha256; unchanged bytes → reuse
-        ─ decode + preprocess + augmentation views (pipelines.model.image_decode)
-        ─ RunInference(KeyedModelHandler(EmbeddingModelHandler)) with exception handling
-        ─ CoGroupByKey(image_id) with row info and failures → one row per image (views
-          averaged) or one per view → embeddings-*.parquet; failures → dead_letter-*.jsonl
-    every input row is counted once as embedded, reused or dead-lettered (by reason);
-    summary.json is written last and checks input = embedded + reused + dead-lettered.
+The graph (pipelines/embed/transforms.py) is drawn once, in docs/ARCHITECTURE.md ("embed").
+Every input row is counted once as embedded, reused or dead-lettered (by reason);
+summary.json is written last and checks input = embedded + reused + dead-lettered.
 
-This module plans a run, runs the graph (pipelines/embed/transforms.py) and writes the
-summary; run it with `catalog-search embed --manifest M --out ROOT [--previous SNAPSHOT]`
+This module plans a run, runs the graph and writes the summary; run it with `catalog-search embed --manifest M --out ROOT [--previous SNAPSHOT]`
 (pipelines/embed/commands.py).
 """
 from __future__ import annotations

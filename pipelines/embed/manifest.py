@@ -47,7 +47,7 @@ class ManifestError(BadInputError):
 
 @dataclass(frozen=True)
 class ManifestLimits:
-    """What one manifest row may decode to (issue 24 defect 4): a row with a field over
+    """What one manifest row may decode to: a row with a field over
     `max_cell_bytes` or fields over `max_row_bytes` in all (UTF-8 bytes of text, bytes of
     binary, the JSON of nested values) is dead-lettered `manifest/too_large`; Parquet is
     decoded `batch_rows` rows at a time, text columns as dictionaries, so a value a

@@ -1,17 +1,6 @@
 """The embed job's Beam graph: the DoFns and `build_pipeline` (see pipelines/embed/job.py,
-which plans a run, runs this graph and writes the summary).
-
-    manifests ─ read rows ─ validate ─┐
-    previous snapshot's rows, without ┴─ CoGroupByKey(image_id)
-    their vectors (optional)
-        ─ ResolveImage ─ DecodeViews ─ RunInference ─ CoGroupByKey(image_id) ─ AssembleRows
-        ─ embeddings-*.parquet, dead_letter-*.jsonl, _counts.json (outcomes by kind)
-        ResolveImage's reused and carried-forward rows ─ GroupByKey(previous file)
-        ─ CopyReused: one Arrow take per previous file ─ embeddings-reused-*.parquet
-
-Reused vectors never travel through the pipeline as Python values: a nightly run that
-reuses most of the catalog moves (file, image_id, view, catalog fields) records and
-copies the vectors file by file in Arrow.
+which plans a run, runs this graph and writes the summary). The graph, and why reused
+vectors stay in Arrow, are drawn once, in docs/ARCHITECTURE.md ("embed").
 """
 from __future__ import annotations
 

@@ -409,8 +409,8 @@ def reorder_pool(shard: Any, n: int) -> int:
     k x reorder_multiplier. Up to k, n x multiplier; above it (serving over-fetches
     images to collapse them to products or to filter), the tuned pool plus one
     candidate per extra neighbour asked for, not n x multiplier: the ranks past k
-    only decide which products fill a page, and a pool growing with n made an
-    over-fetching query reorder 3-4x the tuned pool (docs/BENCHMARKS.md, issue 18)."""
+    only decide which products fill a page, and a pool growing with n would make an
+    over-fetching query reorder 3-4x the tuned pool (docs/BENCHMARKS.md, "Index")."""
     mult = int(shard.reorder_multiplier)
     k = int(getattr(shard, "tuned_k", 0) or 0)
     if k <= 0 or n <= k:

@@ -11,7 +11,7 @@ and of the index manifest, so serving always applies what the catalog got.
 With plain settings (scales [1.0], flip off, no query_scales; what an index manifest
 without a "features" record means) a view has one variant and the arrays and vectors are
 exactly those of pipelines.model.image_decode.preprocess. The shipped defaults are the plain
-settings (issue 17): the grocery grid's zoom (scales [1.3], query_scales [1.6]) does not
+settings: the grocery grid's zoom (scales [1.3], query_scales [1.6]) does not
 transfer to other domains (docs/EVALUATION.md, "Feature defaults").
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Blocking storage reads with a deadline, off the shared worker threads (issue 24 defect 3).
+"""Blocking storage reads with a deadline, off the shared worker threads.
 
 `GET /v1/images/{id}` reads catalog files from storage, which can block for as long as
 the storage likes (a FIFO put in an image's place, a hung network filesystem). Such

@@ -1,4 +1,4 @@
-"""The OpenAPI schema states what the service enforces (issue 24 defect 8, checked by
+"""The OpenAPI schema states what the service enforces (checked by
 tests/reliability/test_schema_conformance.py with schemathesis): FastAPI builds the schema
 from the routes' declarations, which keep the service's own parsing (serving.api.parsing:
 query values arrive as strings and are refused with their reason); this module writes the
