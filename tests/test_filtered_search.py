@@ -16,7 +16,7 @@ from pipelines.index.build import run_build_index
 from serving import query
 from serving.filter_index import FilterIndex, matching_rows
 from serving.searcher import CatalogSearcher
-from test_index_build import MODEL_ID, clustered_vectors, make_config, summary_for
+from index_fixtures import MODEL_ID, clustered_vectors, make_config, summary_for
 
 N, DIM = 3000, 32
 

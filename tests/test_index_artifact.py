@@ -19,7 +19,7 @@ from pipelines.index import reader
 from catalog_search.cli import main as cli_main
 from pipelines.index.build import run_build_index
 from pipelines.index.sharded_search import ShardedSearcher
-from test_index_build import clustered_vectors, make_config, write_snapshot
+from index_fixtures import clustered_vectors, make_config, write_snapshot
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pipelines.index.build_shard import (VECTORS_FILE, builder_options, leaves_f
                                          make_tree_ah_builder)
 from pipelines.index.manifest import FORMAT_V1
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
-from test_index_build import clustered_vectors, exact_ids, make_config, write_snapshot
+from index_fixtures import clustered_vectors, exact_ids, make_config, write_snapshot
 
 DIM = 64
 

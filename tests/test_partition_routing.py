@@ -18,7 +18,7 @@ from pipelines.index.build import IndexBuildError, run_build_index
 from pipelines.index.routing import CENTROIDS_FILE, Routing
 from pipelines.index.sharded_search import ShardedSearcher
 from serving.searcher import CatalogSearcher
-from test_index_build import clustered_vectors, exact_ids, make_config, write_snapshot
+from index_fixtures import clustered_vectors, exact_ids, make_config, write_snapshot
 
 DIM = 32
 

@@ -7,7 +7,7 @@ import pytest
 from pipelines.index import reader
 from pipelines.index.build import run_build_index
 from pipelines.index.sharded_search import ShardedSearcher, search_exact
-from test_index_build import clustered_vectors, make_config, write_snapshot
+from index_fixtures import clustered_vectors, make_config, write_snapshot
 
 
 def test_search_exact_matches_a_full_sort_in_any_block_size():

@@ -22,7 +22,7 @@ from pipelines.index import artifact as art
 from pipelines.index import reader
 from pipelines.index.build import run_build_index
 from serving.searcher import CatalogSearcher
-from test_index_build import clustered_vectors, make_config, write_snapshot
+from index_fixtures import clustered_vectors, make_config, write_snapshot
 
 GOOD, BAD = "v0001", "v0002"
 

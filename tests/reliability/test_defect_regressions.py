@@ -31,7 +31,7 @@ from pipelines.embed.manifest import read_rows
 from pipelines.core.names import InvalidNameError, check_segment
 from pipelines.orchestration.errors import OrchestrationError
 from pipelines.orchestration.plan import PLAN_FORMAT, RunPlan
-from test_index_build import clustered_vectors, make_config, write_snapshot
+from index_fixtures import clustered_vectors, make_config, write_snapshot
 from pipelines.index.build import run_build_index
 
 

@@ -21,7 +21,7 @@ from pipelines.index import artifact as art
 from pipelines.index import reader
 from pipelines.index.build import run_build_index
 from pipelines.index.build_plan import IndexBuildError
-from test_index_build import clustered_vectors, make_config, write_snapshot
+from index_fixtures import clustered_vectors, make_config, write_snapshot
 
 
 def _env() -> dict[str, str]:
@@ -567,7 +567,7 @@ def test_defect_7_duplicate_csv_header_is_refused(tmp_path, capsys):
 
 def test_defect_7_empty_latest_is_reported_empty_not_missing(tmp_path):
     from serving.searcher import CatalogSearcher
-    from test_index_build import make_config as index_config
+    from index_fixtures import make_config as index_config
     root = tmp_path / "index"
     (root / "versions").mkdir(parents=True)
     with pytest.raises(art.IndexArtifactError, match="(no LATEST under)"):
