@@ -31,7 +31,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_warning_pattern_catches_the_noise_of_issue_23():
+def test_warning_pattern_catches_library_deprecation_and_platform_noise():
     noise = [
         "2026-12-03T09:25:05.773218Z [warning  ] Using `httpx` with `starlette.testclient` is "
         "deprecated; install `httpx2` instead. [py.warnings] category=StarletteDeprecationWarning",

@@ -296,7 +296,7 @@ def write_bad_manifests(folder: str) -> list[BadManifest]:
     put("latin1_not_utf8", "latin1.csv", "product_id,image_uri,title\np1,good.jpg,caf\u00e9\n"
         .encode("latin-1"), "not UTF-8")
     # A 300 KB CSV field no longer fails the file: its row is dead-lettered
-    # manifest/too_large (issue 24 defect 4; test_issue24_regressions.py).
+    # manifest/too_large (issue 24 defect 4; test_locks_deadlines_limits_reasons.py).
     put("blank_lines_only", "blank.csv", b"\n\n\n", "empty CSV")
     directory = os.path.join(folder, "dir.csv")
     os.makedirs(directory, exist_ok=True)

@@ -1,6 +1,6 @@
-"""One regression test per pipeline-side defect of issue 9 (numbers as in the issue).
-
-Each failed before its fix; see the commit that names the defect.
+"""Pipeline-side regression tests: run ids, the failure rate, zeroed vectors, fetch hangs,
+file:// URIs and dead-letter reasons, index-info output types (docs/RELIABILITY.md lists
+the defect each test pins).
 """
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def built_index(tmp_path_factory) -> str:
     return root
 
 
-# ------------------------------------------------------------------ defect 1: run ids
+# ------------------------------------------------------------------ run ids
 
 
 @pytest.mark.parametrize("bad", ["..", ".", "../x", "a/b", "", " r1", "x" * 200, "/abs", "r\n1"])
-def test_defect1_bad_run_id_exits_2_and_touches_nothing(tmp_path, capsys, bad):
+def test_bad_run_id_exits_2_and_touches_nothing(tmp_path, capsys, bad):
     root = tmp_path / "data"
     out = root / "emb"
     (out / "r1").mkdir(parents=True)
@@ -84,7 +84,7 @@ def test_defect1_bad_run_id_exits_2_and_touches_nothing(tmp_path, capsys, bad):
     assert _tree(root) == before
 
 
-def test_defect1_one_name_rule_for_snapshots_versions_latest_and_plans(tmp_path):
+def test_one_name_rule_for_snapshots_versions_latest_and_plans(tmp_path):
     for bad in ("..", ".", "a/../b"):
         with pytest.raises(InvalidNameError):
             check_segment(bad)
@@ -104,7 +104,7 @@ def test_defect1_one_name_rule_for_snapshots_versions_latest_and_plans(tmp_path)
         snapshot.latest(str(tmp_path))
 
 
-def test_defect1_build_index_bad_version_exits_2(built_index, tmp_path, capsys):
+def test_build_index_bad_version_exits_2(built_index, tmp_path, capsys):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     before = _tree(root)
     snap = write_snapshot(str(tmp_path / "snap"), clustered_vectors(40, 16, seed=4))
@@ -115,10 +115,10 @@ def test_defect1_build_index_bad_version_exits_2(built_index, tmp_path, capsys):
     assert _tree(root) == before
 
 
-# ------------------------------------------------------------------ defect 2: failure rate
+# ------------------------------------------------------------------ failure rate
 
 
-def test_defect2_catalog_where_every_row_fails_exits_3_and_moves_nothing(
+def test_catalog_where_every_row_fails_exits_3_and_moves_nothing(
         embed_config, tmp_path, capsys):
     manifest = _catalog(tmp_path, rows=4, missing=4)
     out = tmp_path / "emb"
@@ -137,7 +137,7 @@ def test_defect2_catalog_where_every_row_fails_exits_3_and_moves_nothing(
     assert failed["dead_lettered"] == 4 and failed["status"] == "failed"
 
 
-def test_defect2_fraction_above_threshold_fails_and_keeps_latest(embed_config, tmp_path):
+def test_fraction_above_threshold_fails_and_keeps_latest(embed_config, tmp_path):
     manifest = _catalog(tmp_path, rows=4, missing=3)
     out = str(tmp_path / "emb")
     ok = run_embed([manifest], out,
@@ -150,13 +150,13 @@ def test_defect2_fraction_above_threshold_fails_and_keeps_latest(embed_config, t
     assert not snapshot.is_complete(snapshot.snapshot_path(out, "r2"))
 
 
-def test_defect2_threshold_flag_is_checked(tmp_path, capsys):
+def test_threshold_flag_is_checked(tmp_path, capsys):
     assert cli_main(["embed", "--manifest", "m.csv", "--out", str(tmp_path),
                      "--max-dead-letter-fraction", "1.5"]) == 2
     assert "--max-dead-letter-fraction" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ defect 3: zeroed vectors
+# ------------------------------------------------------------------ zeroed vectors
 
 
 def _rechecksum(root: str, version: str) -> None:
@@ -167,7 +167,7 @@ def _rechecksum(root: str, version: str) -> None:
     art.write_manifest(root, version, dataclasses.replace(manifest, shards=shards))
 
 
-def test_defect3_zeroed_vectors_with_recomputed_checksums_are_refused(built_index, tmp_path):
+def test_zeroed_vectors_with_recomputed_checksums_are_refused(built_index, tmp_path):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     path = os.path.join(art.version_dir(root, "v0001"), "shards", art.shard_name(1, 2),
                         "dataset.npy")
@@ -178,7 +178,7 @@ def test_defect3_zeroed_vectors_with_recomputed_checksums_are_refused(built_inde
         reader.open_index(root).load_shards()
 
 
-def test_defect3_row_count_mismatch_is_refused(built_index, tmp_path):
+def test_row_count_mismatch_is_refused(built_index, tmp_path):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     manifest = art.read_manifest(root, "v0001")
     art.write_manifest(root, "v0001",
@@ -187,7 +187,7 @@ def test_defect3_row_count_mismatch_is_refused(built_index, tmp_path):
         reader.open_index(root)
 
 
-# ------------------------------------------------------------------ defect 8: fetch hangs
+# ------------------------------------------------------------------ fetch hangs
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):
@@ -222,7 +222,7 @@ def _in_thread(fn, limit_s: float):
     return not t.is_alive(), box.get("value")
 
 
-def test_defect8_trickled_body_fails_at_the_total_deadline():
+def test_trickled_body_fails_at_the_total_deadline():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -238,7 +238,7 @@ def test_defect8_trickled_body_fails_at_the_total_deadline():
         httpd.shutdown()
 
 
-def test_defect8_fifo_and_device_are_refused_not_read(tmp_path):
+def test_fifo_and_device_are_refused_not_read(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     for uri in (str(fifo), "/dev/zero", str(tmp_path)):
@@ -247,10 +247,10 @@ def test_defect8_fifo_and_device_are_refused_not_read(tmp_path):
         assert isinstance(value, FetchError) and value.reason == "not_regular_file", value
 
 
-# ------------------------------------------------------------------ defect 9: file:// and reasons
+# ------------------------------------------------------------------ file:// and reasons
 
 
-def test_defect9_file_uris_and_real_reasons(tmp_path):
+def test_file_uris_and_real_reasons(tmp_path):
     image = tmp_path / "a b.jpg"
     image.write_bytes(f.jpeg_bytes())
     assert fetch_bytes("file://" + str(image), FetchConfig()) == image.read_bytes()
@@ -266,7 +266,7 @@ def test_defect9_file_uris_and_real_reasons(tmp_path):
         assert e.value.reason == reason, (uri, e.value.reason, str(e.value))
 
 
-def test_defect9_gs_without_the_extra_names_the_pip_extra():
+def test_gs_without_the_extra_names_the_pip_extra():
     try:
         fs.check_supported("gs://b/x")
         pytest.skip("apache-beam[gcp] is installed here")
@@ -277,7 +277,7 @@ def test_defect9_gs_without_the_extra_names_the_pip_extra():
     assert e.value.reason == "filesystem_unavailable" and "apache-beam[gcp]" in str(e.value)
 
 
-def test_defect9_file_uri_roots_for_index_and_embeddings(built_index, tmp_path, capsys):
+def test_file_uri_roots_for_index_and_embeddings(built_index, tmp_path, capsys):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     opened = reader.open_index("file://" + root)
     assert sum(s.num_vectors for s in opened.load_shards()) == 120
@@ -289,10 +289,10 @@ def test_defect9_file_uri_roots_for_index_and_embeddings(built_index, tmp_path, 
     assert manifest.num_vectors == 40 and art.read_latest(root) == "v0002"
 
 
-# ------------------------------------------------------------------ defect 11: index-info, types
+# ------------------------------------------------------------------ index-info, types
 
 
-def test_defect11_index_info_survives_a_garbage_latest(built_index, tmp_path, capsys):
+def test_index_info_survives_a_garbage_latest(built_index, tmp_path, capsys):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     for garbage in (b"\xff\xfe\x00garbage", b"../../etc", b"x" * 10_000):
         with open(os.path.join(root, "LATEST"), "wb") as fh:
@@ -303,7 +303,7 @@ def test_defect11_index_info_survives_a_garbage_latest(built_index, tmp_path, ca
         assert "LATEST:     ERROR" in captured.out and "v0001" in captured.out
 
 
-def test_defect11_index_info_verify_reports_corrupted_versions(built_index, tmp_path, capsys):
+def test_index_info_verify_reports_corrupted_versions(built_index, tmp_path, capsys):
     root = shutil.copytree(built_index, str(tmp_path / "index"))
     shutil.copytree(art.version_dir(root, "v0001"), art.version_dir(root, "v0002"))
     manifest = art.read_manifest(root, "v0001")
@@ -323,7 +323,7 @@ def test_defect11_index_info_verify_reports_corrupted_versions(built_index, tmp_
     assert states["v0002"][0] == "corrupted" and "checksum mismatch" in states["v0002"][1]
 
 
-def test_defect11_wrong_typed_columns_are_dead_lettered_not_stringified(tmp_path):
+def test_wrong_typed_columns_are_dead_lettered_not_stringified(tmp_path):
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in [
         {"product_id": {"a": 1}, "image_uri": "x.jpg"},

@@ -142,7 +142,7 @@ def test_hostile_requests_never_5xx(hostile_http_client, hostile_http_world):
 @pytest.mark.parametrize("kind", ["json_deep_array_body", "json_deep_filters",
                                   "multipart_deep_filters", "similar_deep_filters",
                                   "json_huge_int"])
-def test_defect_10_recursion_and_overflow_are_422(hostile_http_client, hostile_http_world, kind):
+def test_recursion_and_overflow_are_422(hostile_http_client, hostile_http_world, kind):
     """Defect 10 regression: these answered 500 (RecursionError / OverflowError) before."""
     case = next(c for c in hostile_cases(48, _good_image(hostile_http_world), "x")
                 if c[0] == kind)
@@ -152,7 +152,7 @@ def test_defect_10_recursion_and_overflow_are_422(hostile_http_client, hostile_h
 
 # --------------------------------------------------------------------------- images and XSS
 
-def test_defect_5_xss_file_is_served_as_an_image_with_headers(hostile_http_client):
+def test_xss_file_is_served_as_an_image_with_headers(hostile_http_client):
     r = hostile_http_client.get("/v1/images/xss")
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/gif"  # from the bytes, not ".html"
@@ -162,13 +162,13 @@ def test_defect_5_xss_file_is_served_as_an_image_with_headers(hostile_http_clien
 
 
 @pytest.mark.parametrize("image_id", ["script", "svg"])
-def test_defect_5_non_images_are_not_served(hostile_http_client, image_id):
+def test_non_images_are_not_served(hostile_http_client, image_id):
     r = hostile_http_client.get(f"/v1/images/{image_id}")
     assert r.status_code == 404 and r.json()["error"]["reason"] == "unsupported_image_type"
     assert b"<script>" not in r.content
 
 
-def test_defect_5_image_urls_are_percent_encoded(hostile_http_client, hostile_http_index,
+def test_image_urls_are_percent_encoded(hostile_http_client, hostile_http_index,
                                                  hostile_http_world):
     from serving.searcher import CatalogSearcher
     searcher = CatalogSearcher.open(hostile_http_index, config=hostile_http_world.config,
@@ -186,7 +186,7 @@ def test_defect_5_image_urls_are_percent_encoded(hostile_http_client, hostile_ht
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
 
 
-def test_defect_11_http_catalog_images_are_left_to_the_client(hostile_http_client,
+def test_http_catalog_images_are_left_to_the_client(hostile_http_client,
                                                               hostile_http_index,
                                                               hostile_http_world):
     from serving.searcher import CatalogSearcher
@@ -219,7 +219,7 @@ def test_security_headers_on_every_answer(hostile_http_client):
 
 # --------------------------------------------------------------------------- auth
 
-def test_defect_7_reload_needs_the_admin_token(hostile_http_client):
+def test_reload_needs_the_admin_token(hostile_http_client):
     r = hostile_http_client.post("/v1/reload")
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
     r = hostile_http_client.post("/v1/reload", headers={"Authorization": "Bearer wrong"})
@@ -232,7 +232,7 @@ def test_defect_7_reload_needs_the_admin_token(hostile_http_client):
     assert hostile_http_client.get("/v1/products/P0001/similar").status_code == 200
 
 
-def test_defect_7_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
+def test_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
                                                       tmp_path):
     from pipelines.orchestration.errors import StepError
     from pipelines.orchestration.handoff import hand_off
@@ -280,7 +280,7 @@ def _publish_with_model(root: str, source: str, target: str, model: dict) -> Non
     art.write_latest(root, target)
 
 
-def test_defect_4_manifest_cannot_make_the_server_fetch_a_model(hostile_http_world, tmp_path):
+def test_manifest_cannot_make_the_server_fetch_a_model(hostile_http_world, tmp_path):
     world = hostile_http_world
     root = copy_index(world, str(tmp_path / "index"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
@@ -304,7 +304,7 @@ def test_defect_4_manifest_cannot_make_the_server_fetch_a_model(hostile_http_wor
     assert _RecordingHandler.requests == []  # the URL was never fetched
 
 
-def test_defect_4_local_model_only_when_allow_listed(hostile_http_world, tmp_path):
+def test_local_model_only_when_allow_listed(hostile_http_world, tmp_path):
     from serving.searcher import CatalogSearcher
     world = hostile_http_world
     root = copy_index(world, str(tmp_path / "index"))
@@ -321,7 +321,7 @@ def test_defect_4_local_model_only_when_allow_listed(hostile_http_world, tmp_pat
 
 # --------------------------------------------------------------------------- refused versions
 
-def test_defect_11_refused_version_retried_after_repair_and_force(hostile_http_world, tmp_path):
+def test_refused_version_retried_after_repair_and_force(hostile_http_world, tmp_path):
     world = hostile_http_world
     root = copy_index(world, str(tmp_path / "index"))
     shutil.copytree(art.version_dir(root, "v0001"), art.version_dir(root, "v0002"))
@@ -369,7 +369,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def test_defect_6_concurrent_bombs_stay_cheap(hostile_http_client):
+def test_concurrent_bombs_stay_cheap(hostile_http_client):
     """24 concurrent 6000x6000 1-bit PNGs (4 KB each): refused before any decode."""
     bomb = png_bomb()
     assert len(bomb) < 10_000
@@ -390,7 +390,7 @@ def test_defect_6_concurrent_bombs_stay_cheap(hostile_http_client):
     assert peak_growth_mb < 60, peak_growth_mb
 
 
-def test_defect_6_decode_slots_answer_503_with_retry_after(hostile_http_world):
+def test_decode_slots_answer_503_with_retry_after(hostile_http_world):
     world = hostile_http_world
     config = world.config.replace(serving={"max_concurrent_queries": 1,
                                            "max_queued_queries": 1, "queue_timeout_s": 0.05})

@@ -1,6 +1,7 @@
-"""One regression test (or more) per defect of issue 24 (numbers as in the issue).
-
-Each failed before its fix (see the commit that names the defect). Real components: the
+"""Run locks, incomplete versions, storage reads with a deadline, client aborts, HTTP
+request-head limits, error reasons, unreachable ids, manifest and metadata caps, and the
+OpenAPI schema stating what is enforced (docs/RELIABILITY.md, "Defects closed" lists the
+defect each test pins). Real components: the
 CLI in subprocesses, Beam on the DirectRunner, real index versions, HTTP on loopback.
 """
 from __future__ import annotations
@@ -62,10 +63,10 @@ def cli_config(tmp_path, tiny_model) -> str:
     return str(path)
 
 
-# --------------------------------------------------------------------------- defect 1
+# ----------------------------------------------------------------------- run locks
 
 @pytest.mark.heavy
-def test_defect_1_second_embed_of_a_run_id_is_refused_naming_the_holder(
+def test_second_embed_of_a_run_id_is_refused_naming_the_holder(
         tmp_path, cli_config, capsys):
     """Before: both ran; the folder ended with one run's rows while the other reported
     success (or died on _counts.json). Now the second is refused at once, exit 1, with the
@@ -93,7 +94,7 @@ def test_defect_1_second_embed_of_a_run_id_is_refused_naming_the_holder(
     assert not os.path.exists(os.path.join(out, run_lock_name("r1")))  # released
 
 
-def test_defect_1_run_lock_is_released_when_its_holder_dies(tmp_path, embed_config):
+def test_run_lock_is_released_when_its_holder_dies(tmp_path, embed_config):
     """A SIGKILLed holder leaves no stale lock: the kernel drops the flock."""
     out = tmp_path / "emb"
     out.mkdir()
@@ -120,7 +121,7 @@ def _snap(tmp_path, n: int = 400) -> str:
 
 
 @pytest.mark.heavy
-def test_defect_1_second_build_of_a_version_is_refused_and_the_first_publishes(
+def test_second_build_of_a_version_is_refused_and_the_first_publishes(
         tmp_path, cli_config, capsys):
     """Before: two concurrent `build-index --version v1` both failed, nothing published."""
     snap = _snap(tmp_path, 3000)
@@ -138,7 +139,7 @@ def test_defect_1_second_build_of_a_version_is_refused_and_the_first_publishes(
     reader.open_index(root).load_shards()
 
 
-# --------------------------------------------------------------------------- defect 2
+# ------------------------------------------------------------- incomplete versions
 
 def _interrupted(root: str, version: str) -> None:
     """What a build killed mid-way leaves: staging and a shard, no manifest.json."""
@@ -149,7 +150,7 @@ def _interrupted(root: str, version: str) -> None:
     os.makedirs(os.path.join(vdir, "shards", art.shard_name(0, 2)))
 
 
-def test_defect_2_unpublished_incomplete_version_is_replaced_by_its_rerun(tmp_path):
+def test_unpublished_incomplete_version_is_replaced_by_its_rerun(tmp_path):
     snap = _snap(tmp_path)
     root = str(tmp_path / "index")
     run_build_index(snap, root, make_config(), version="v1")
@@ -163,7 +164,7 @@ def test_defect_2_unpublished_incomplete_version_is_replaced_by_its_rerun(tmp_pa
         run_build_index(snap, root, make_config(), version="v1")
 
 
-def test_defect_2_incomplete_version_latest_names_is_never_replaced(tmp_path):
+def test_incomplete_version_latest_names_is_never_replaced(tmp_path):
     snap = _snap(tmp_path)
     root = str(tmp_path / "index")
     _interrupted(root, "v1")
@@ -173,7 +174,7 @@ def test_defect_2_incomplete_version_latest_names_is_never_replaced(tmp_path):
     assert os.path.exists(os.path.join(art.version_dir(root, "v1"), "_build"))
 
 
-def test_defect_2_index_info_verify_does_not_count_incomplete_versions_as_ok(
+def test_index_info_verify_does_not_count_incomplete_versions_as_ok(
         tmp_path, capsys):
     snap = _snap(tmp_path)
     root = str(tmp_path / "index")
@@ -241,9 +242,9 @@ def _app(world, root, **serving):
     return create_app(root, config, watch=False)
 
 
-# --------------------------------------------------------------------------- defect 3
+# --------------------------------------------------- storage reads with a deadline
 
-def test_defect_3_fifo_catalog_image_is_404_at_once_and_searches_keep_answering(fifo_world):
+def test_fifo_catalog_image_is_404_at_once_and_searches_keep_answering(fifo_world):
     """Before: each GET of the FIFO image blocked a worker thread forever; after 45 every
     search timed out while /readyz said 200."""
     from concurrent.futures import ThreadPoolExecutor
@@ -269,7 +270,7 @@ def test_defect_3_fifo_catalog_image_is_404_at_once_and_searches_keep_answering(
             assert c.get("/readyz").status_code == 200
 
 
-def test_defect_3_image_reads_have_a_deadline_and_their_own_threads(fifo_world, monkeypatch):
+def test_image_reads_have_a_deadline_and_their_own_threads(fifo_world, monkeypatch):
     """A read that blocks inside the storage (a hung network filesystem): 404
     image_unavailable after serving.image_read_timeout_s; past MAX_READERS stuck reads,
     503 busy at once; searches keep answering throughout."""
@@ -311,7 +312,7 @@ def test_defect_3_image_reads_have_a_deadline_and_their_own_threads(fifo_world, 
         release.set()
 
 
-def test_defect_3_readiness_reflects_a_saturated_service(fifo_world, monkeypatch):
+def test_readiness_reflects_a_saturated_service(fifo_world, monkeypatch):
     """Every worker thread busy and searches waiting: /readyz 503 saturated (healthz 200)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -372,7 +373,7 @@ def _in_thread(fn, *args, limit_s: float = 10):
     return (not t.is_alive()), (out[0] if out else None)
 
 
-def test_defect_3_fifo_as_query_photo_is_refused_not_waited_on(fifo_world, capsys):
+def test_fifo_as_query_photo_is_refused_not_waited_on(fifo_world, capsys):
     world, root, fifo_id, fifo, vector = fifo_world
     done, rc = _in_thread(cli_main, ["query", "--index-root", root, "--allow-model",
                                      world.config.model.handle, fifo])
@@ -383,7 +384,7 @@ def test_defect_3_fifo_as_query_photo_is_refused_not_waited_on(fifo_world, capsy
     assert "is not a regular file" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_defect_3_fifo_as_admin_token_file_is_refused_not_waited_on(tmp_path):
+def test_fifo_as_admin_token_file_is_refused_not_waited_on(tmp_path):
     from serving.auth import AdminTokenError, read_token_file
     fifo = str(tmp_path / "token")
     os.mkfifo(fifo)
@@ -393,9 +394,9 @@ def test_defect_3_fifo_as_admin_token_file_is_refused_not_waited_on(tmp_path):
     assert isinstance(result, AdminTokenError) and "not a regular file" in str(result)
 
 
-# --------------------------------------------------------------------------- defect 5
+# ------------------------------------------------------------------- client aborts
 
-def test_defect_5_client_abort_is_counted_499_with_one_log_line(fifo_world, caplog):
+def test_client_abort_is_counted_499_with_one_log_line(fifo_world, caplog):
     """Before: each aborted upload counted a 500 and logged a 40-line ClientDisconnect
     traceback."""
     import logging
@@ -429,7 +430,7 @@ def test_defect_5_client_abort_is_counted_499_with_one_log_line(fifo_world, capl
     assert not errors, errors  # no traceback
 
 
-# --------------------------------------------------------------------------- defect 9
+# -------------------------------------------------------------- HTTP request heads
 
 def _raw(port: int, data: bytes, wait_s: float = 5.0) -> bytes:
     """Send `data` on a fresh connection; everything the server answers until it closes
@@ -458,7 +459,7 @@ def _raw(port: int, data: bytes, wait_s: float = 5.0) -> bytes:
 
 
 @pytest.mark.heavy
-def test_defect_9_serve_limits_request_heads_and_their_read_time(fifo_world, tmp_path):
+def test_serve_limits_request_heads_and_their_read_time(fifo_world, tmp_path):
     """Before: 4 x 64 MB header blocks were accepted (+183 MB) and half-sent requests held
     40 s. Now `serve` answers 400 to a head over serving.max_header_bytes and closes a
     connection that sends no complete head within serving.header_timeout_s; SIGTERM
@@ -506,9 +507,9 @@ def test_defect_9_serve_limits_request_heads_and_their_read_time(fifo_world, tmp
             proc.wait()
 
 
-# --------------------------------------------------------------------------- defect 7
+# ------------------------------------------------------------------- error reasons
 
-def test_defect_7_row_reasons_name_what_happened(tmp_path, embed_config):
+def test_row_reasons_name_what_happened(tmp_path, embed_config):
     """Before: an s3:// image without boto3 was fetch/io_error "AssertionError('Missing
     boto3 requirement')", a data: URI not_found, and an integer image_uri was turned into
     a path (not_found). Now: filesystem_unavailable naming apache-beam[aws],
@@ -548,7 +549,7 @@ def test_defect_7_row_reasons_name_what_happened(tmp_path, embed_config):
         fs.check_supported("s3://bucket/key.jpg")
 
 
-def test_defect_7_duplicate_csv_header_is_refused(tmp_path, capsys):
+def test_duplicate_csv_header_is_refused(tmp_path, capsys):
     """Before: `product_id,image_uri,title,title` was read silently (the last title won)."""
     from pipelines.embed.manifest import ManifestError, check_manifest
     image = tmp_path / "a.jpg"
@@ -565,7 +566,7 @@ def test_defect_7_duplicate_csv_header_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_defect_7_empty_latest_is_reported_empty_not_missing(tmp_path):
+def test_empty_latest_is_reported_empty_not_missing(tmp_path):
     from serving.searcher import CatalogSearcher
     from index_fixtures import make_config as index_config
     root = tmp_path / "index"
@@ -602,7 +603,7 @@ def small_disks(tmp_path):
 
 
 @pytest.mark.heavy
-def test_defect_7_disk_full_and_read_only_roots_are_one_line(tmp_path, cli_config,
+def test_disk_full_and_read_only_roots_are_one_line(tmp_path, cli_config,
                                                             small_disks):
     """Before: exit 1 with 300-490 log lines and 10-17 tracebacks. Now: exit 1, no
     traceback, one line naming the path and the errno."""
@@ -625,7 +626,7 @@ def test_defect_7_disk_full_and_read_only_roots_are_one_line(tmp_path, cli_confi
         assert len(text.splitlines()) < 20, text
 
 
-def test_defect_7_query_of_an_http_url_is_one_line(fifo_world, capsys):
+def test_query_of_an_http_url_is_one_line(fifo_world, capsys):
     """Before: a traceback (which said http(s) was supported). Now the URL is fetched
     (pipelines.embed.fetch) and an unreachable one is one line with its reason."""
     import socket
@@ -648,7 +649,7 @@ def test_defect_7_query_of_an_http_url_is_one_line(fifo_world, capsys):
     assert len(lines) == 1 and "connection" in lines[0], captured.out
 
 
-# --------------------------------------------------------------------------- defect 6
+# ----------------------------------------------------------------- unreachable ids
 
 #: ids no URL path segment can carry: refused at embed
 UNREACHABLE_IDS = ["shelf/a", ".", ".."]
@@ -686,7 +687,7 @@ def awkward_world(tmp_path_factory, tiny_model):
     return config, summary, root
 
 
-def test_defect_6_unreachable_ids_are_refused_at_embed_with_a_reason(awkward_world):
+def test_unreachable_ids_are_refused_at_embed_with_a_reason(awkward_world):
     """Before: `shelf/a` was embedded and indexed, and no route reached it (404 from the
     router); `.` and `..` were unreachable from path-normalising clients."""
     config, summary, root = awkward_world
@@ -701,7 +702,7 @@ def test_defect_6_unreachable_ids_are_refused_at_embed_with_a_reason(awkward_wor
     assert ids == set(AWKWARD_IDS)
 
 
-def test_defect_6_every_route_reaches_every_accepted_id_with_real_clients(awkward_world):
+def test_every_route_reaches_every_accepted_id_with_real_clients(awkward_world):
     import http.client
     import urllib.request
     from urllib.parse import quote
@@ -731,7 +732,7 @@ def test_defect_6_every_route_reaches_every_accepted_id_with_real_clients(awkwar
                 assert client.get(hit["image_url"]).status_code == 200, hit
 
 
-# --------------------------------------------------------------------------- defect 4
+# ------------------------------------------------------ manifest and metadata caps
 
 _PARQUET_PROBE = r"""
 import json, resource, sys
@@ -748,7 +749,7 @@ print(json.dumps({"reasons": reasons, "growth_mb": (after - before) / 1024}))
 """
 
 
-def test_defect_4_dictionary_encoded_parquet_title_is_bounded(tmp_path):
+def test_dictionary_encoded_parquet_title_is_bounded(tmp_path):
     """Before: a 51 KB Parquet manifest (one row group, a dictionary-encoded 1 MB title on
     every row) decoded to gigabytes (6.8 GB for 600 rows). Now it is read in batches with
     text columns as dictionaries: oversize rows are manifest/too_large without being
@@ -772,7 +773,7 @@ def test_defect_4_dictionary_encoded_parquet_title_is_bounded(tmp_path):
     assert report["growth_mb"] < 150, report  # before: > 400 MB of titles, x2 in Arrow
 
 
-def test_defect_4_csv_cell_over_the_csv_limit_dead_letters_its_row(tmp_path, embed_config):
+def test_csv_cell_over_the_csv_limit_dead_letters_its_row(tmp_path, embed_config):
     """Before: one 140 KB CSV cell failed the whole run (Python's csv field limit)."""
     from image_factory import jpeg_bytes
     lines = ["product_id,image_uri,title"]
@@ -791,7 +792,7 @@ def test_defect_4_csv_cell_over_the_csv_limit_dead_letters_its_row(tmp_path, emb
     assert "embed.max_cell_bytes" in letter["message"]
 
 
-def test_defect_4_jsonl_row_caps_and_metadata_caps_in_answers(tmp_path, embed_config):
+def test_jsonl_row_caps_and_metadata_caps_in_answers(tmp_path, embed_config):
     """A 10 MB title: manifest/too_large by default (embed.max_cell_bytes); with the cap
     raised it is indexed, and answers cut it to serving.max_metadata_chars and use at
     most fusion.max_text_chars of it as similar-products query text (real HTTP)."""
@@ -832,7 +833,7 @@ def test_defect_4_jsonl_row_caps_and_metadata_caps_in_answers(tmp_path, embed_co
                 assert len(titles["g0"]) == 201 and titles["g0"].endswith("…")
 
 
-# --------------------------------------------------------------------------- defect 8
+# -------------------------------------------------------------- the OpenAPI schema
 
 def _k_schemas(node, found):
     """Every integer schema of a `k` (parameter, property) in an OpenAPI document."""
@@ -849,7 +850,7 @@ def _k_schemas(node, found):
     return found
 
 
-def test_defect_8_openapi_states_what_is_enforced(fifo_world):
+def test_openapi_states_what_is_enforced(fifo_world):
     """Before: k's 1-100 bounds were missing from the schema, `"vector": null` passed the
     schema and was refused, and unmatched routes / ids with %0A answered {"detail": ...}.
     (schemathesis is not a dependency: the schema's k bounds are probed at and beyond
