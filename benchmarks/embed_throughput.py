@@ -161,6 +161,8 @@ def main() -> int:
             pipe_ips = len(paths) / full_wall
             print(f"[{r}] pipeline (e2e)     {pipe_ips:8.1f} images/s  ({full_wall:.1f}s wall, "
                   f"ratio {pipe_ips / model_ips:.2f} of model-only)", flush=True)
+            for stage, row in full.timings.get("stages", {}).items():
+                print(f"[{r}]   stage {stage:10s} {json.dumps(row)}", flush=True)
             rounds.append({"model_only_ips": round(model_ips, 1),
                            "pipeline_e2e_ips": round(pipe_ips, 1),
                            "pipeline_wall_s": round(full_wall, 2),

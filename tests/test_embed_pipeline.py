@@ -224,3 +224,22 @@ def test_jsonl_and_parquet_manifests(embed_config, tmp_path):
     rows = {r["image_id"]: r for r in snapshot.load(s.snapshot).table.to_pylist()}
     assert json.loads(rows["A"]["metadata"]) == {"tags": ["x"]}  # image_id defaults to product_id
     assert json.loads(rows["B-1"]["metadata"]) == {"price": 3.5}
+
+
+def test_summary_times_each_stage_and_the_model_sees_full_batches(embed_config, tmp_path):
+    """timings.stages (pipelines/core/stage_timing.py): every stage counted once per element,
+    and RunInference batches are full (model.batch_size 8) but for one short one per bundle."""
+    manifest = write_catalog(str(tmp_path / "cat"), num_products=5, images_per_product=4, size=96)
+    s = run_embed([manifest], str(tmp_path / "emb"), embed_config)
+    stages = s.timings["stages"]
+    assert [k for k in stages] == ["resolve", "decode", "load_model", "embed", "assemble"]
+    assert stages["resolve"]["calls"] == stages["decode"]["calls"] == 20
+    assert stages["assemble"]["calls"] == 20 and stages["load_model"]["calls"] == 1
+    embed = stages["embed"]
+    assert embed["items"] == 20 and embed["max_size"] == 8
+    assert embed["calls"] <= 3 + 1  # 20 / 8 -> 8, 8, 4 in one bundle (or one more split)
+    for row in stages.values():
+        assert row["wall_s"] >= 0 and row["cpu_s"] >= 0
+        assert 0 <= row["first_end_s"] <= row["last_end_s"] <= s.timings["pipeline_s"] + 1
+    on_disk = json.load(open(os.path.join(s.snapshot, "summary.json")))
+    assert on_disk["timings"]["stages"]["embed"]["items"] == 20

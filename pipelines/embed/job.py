@@ -22,13 +22,14 @@ import numpy as np
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
 from pipelines.core.locks import RunLockedError, run_lock
+from pipelines.core import stage_timing
 from pipelines.embed import small_run, snapshot
 from pipelines.embed.summary import SnapshotSummary
 from pipelines.core.config import Config
 from pipelines.model.features import features_dict, is_plain
 from pipelines.model.precision import PrecisionError, apply_precision, resolve_precision
-from pipelines.embed.transforms import (CARRIED, COUNTS_FILE, DEAD, DROPPED, EMBEDDED, REPLACED,
-                                       REUSED, EmbedSettings, build_pipeline)
+from pipelines.embed.transforms import (CARRIED, COUNTS_FILE, DEAD, DROPPED, EMBEDDED, NAMESPACE,
+                                       REPLACED, REUSED, EmbedSettings, build_pipeline)
 from pipelines.embed.manifest import ManifestError, check_manifest, expand_manifests
 from pipelines.model.resolve import ModelError, ModelSpec, resolve_model
 from pipelines.core.runner import make_pipeline
@@ -231,6 +232,7 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
         result = pipeline.run()
         result.wait_until_finish()
     pipeline_s = time.time() - pipeline_started
+    stages = stage_timing.collect(result, NAMESPACE, pipeline_started)
 
     counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
     counted = summarize(counts, input_rows)
@@ -253,7 +255,7 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
         timings={"total_s": round(time.time() - started, 3),
                  "pipeline_s": round(pipeline_s, 3),
                  "embedded_per_s": round(counted[EMBEDDED] / pipeline_s, 2)
-                 if pipeline_s else None, **execution},
+                 if pipeline_s else None, **execution, "stages": stages},
         created_at=datetime.now(timezone.utc).isoformat(),
     )
     fs.delete_files([fs.join(snapshot_dir, COUNTS_FILE)])

@@ -19,6 +19,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.core import filesystem as fs
 from pipelines.core import progress
+from pipelines.core import stage_timing
 from pipelines.core.config import AugmentConfig, Config, DecodeConfig, FetchConfig
 from pipelines.embed import snapshot
 from pipelines.embed.change_signal import (SIGNAL_COLUMN, reuse_without_fetch, row_signal,
@@ -124,7 +125,8 @@ class ResolveImage(beam.DoFn):
 
     @staticmethod
     def _emit(results):
-        for (window, timestamp), (outputs, counters, ticks) in results:
+        for (window, timestamp), (outputs, counters, ticks, timer) in results:
+            stage_timing.record(NAMESPACE, "resolve", timer)
             for name, n in counters:
                 Metrics.counter(NAMESPACE, name).inc(n)
             progress.tick(ticks)
@@ -132,9 +134,16 @@ class ResolveImage(beam.DoFn):
                 windowed = WindowedValue(value, timestamp, (window,))
                 yield windowed if tag is None else beam.pvalue.TaggedOutput(tag, windowed)
 
-    def _resolve(self, args) -> tuple[list[tuple[str | None, Any]], list[tuple[str, int]], int]:
-        """One element's outputs as (tag or None, value), Beam counters, progress ticks.
+    def _resolve(self, args):
+        """_resolve_element's results and how long it took (a stage_timing.Timer).
         Runs on a fetch thread: no Beam calls here (metrics are counted where emitted)."""
+        timer = stage_timing.Timer()
+        outputs, counters, ticks = self._resolve_element(args)
+        return outputs, counters, ticks, timer.stop()
+
+    def _resolve_element(self, args
+                         ) -> tuple[list[tuple[str | None, Any]], list[tuple[str, int]], int]:
+        """One element's outputs as (tag or None, value), Beam counters, progress ticks."""
         image_id, current, previous = args
         out: list[tuple[str | None, Any]] = []
         counters: list[tuple[str, int]] = []
@@ -259,6 +268,11 @@ class DecodeViews(beam.DoFn):
 
     def process(self, element):
         info, data = element
+        with stage_timing.timed(NAMESPACE, "decode"):  # not the fused stages downstream
+            outputs = list(self._decode(info, data))
+        yield from outputs
+
+    def _decode(self, info: dict[str, Any], data: bytes):
         try:
             img = decode_image(data, max_pixels=self.s.decode.max_pixels, target_size=self.size,
                                max_bytes=self.s.fetch.max_bytes)
@@ -291,6 +305,11 @@ class AssembleRows(beam.DoFn):
         self.s = settings
 
     def process(self, element):
+        with stage_timing.timed(NAMESPACE, "assemble"):
+            outputs = list(self._assemble(element))
+        yield from outputs
+
+    def _assemble(self, element):
         image_id, groups = element
         info = next(iter(groups["info"]))  # every vector and failure comes from a decoded image
         failures = list(groups["failed"])

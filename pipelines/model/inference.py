@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from pipelines.core import stage_timing
 from pipelines.model.features import embed_variants
 from pipelines.model.precision import apply_precision
 from pipelines.model.resolve import (Embedder, ModelSpec, check_same_model, configure_tf_threads,
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Model cache of a worker image (set by docker/worker.Dockerfile, where the builtin model
 #: is converted at build time); also the default cache everywhere (ModelConfig).
 WORKER_CACHE_ENV = "CATALOG_SEARCH_CACHE"
+#: The embed job's metrics namespace (pipelines.embed.transforms.NAMESPACE).
+METRICS_NAMESPACE = "catalog_search_embed"
 
 
 class _LazyEmbedder:
@@ -35,7 +38,8 @@ class _LazyEmbedder:
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         if self._embedder is None:
-            self._embedder = self._load()
+            with stage_timing.timed(METRICS_NAMESPACE, "load_model"):
+                self._embedder = self._load()
         return self._embedder.embed(images)
 
 
@@ -44,7 +48,10 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
 
     def __init__(self, spec: ModelSpec, cache_dir: str, tf_threads: int, batch_size: int,
                  precision: str = "fp32"):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # Full batches only (the last of a bundle may be short): Beam's adaptive sizing
+        # (min 1) ran batches of 2.4 images on average in a 600-image run (model time per
+        # image ~2x batch 32's; docs/BENCHMARKS.md, "where the pipeline loses time").
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._spec = spec.to_dict()
         self._precision = precision  # resolved by the launcher: every worker runs the same
         self._cache_dir = cache_dir
@@ -77,7 +84,8 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
         # [N,S,S,3], or [N,V,S,S,3] when an image has feature variants (averaged)
-        vectors = embed_variants(model.embed, np.stack(batch))
+        with stage_timing.timed(METRICS_NAMESPACE, "embed", size=len(batch)):
+            vectors = embed_variants(model.embed, np.stack(batch))
         # The example (a whole image) is not carried on: only the vector is needed.
         return [PredictionResult(None, v, self._spec["fingerprint"][:12]) for v in vectors]
 
@@ -85,4 +93,4 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _LazyEmbe
         return sum(x.nbytes for x in batch)
 
     def get_metrics_namespace(self) -> str:
-        return "catalog_search_embed"
+        return METRICS_NAMESPACE
