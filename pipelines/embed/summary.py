@@ -13,8 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.core.contract import FORMAT_KEY, check_format
-from pipelines.core.contract import field as read_field
+from pipelines.core.contract import FORMAT_KEY, Bool, Float, Int, Str, check_format, read
 from pipelines.core.errors import BadArtifactError
 
 SUMMARY_FORMAT = "catalog-search-embeddings-summary/1"
@@ -32,43 +31,38 @@ class SummaryError(SnapshotError):
     """summary.json does not follow the snapshot summary contract."""
 
 
-_COUNTS = ("input_rows", "embedded", "reused", "dead_lettered")
-_OPTIONAL_COUNTS = ("carried_forward", "dropped_from_previous", "replaced_existing", "fetched",
-                    "reused_without_fetch", "reused_after_hash")
-
-
 @dataclass(frozen=True)
 class SnapshotSummary:
     """What one embed run did and with which model; input = embedded + reused + dead-lettered."""
-    run_id: str
-    input_rows: int
-    embedded: int
-    reused: int
-    dead_lettered: int
+    run_id: Str
+    input_rows: Int
+    embedded: Int
+    reused: Int
+    dead_lettered: Int
     model: dict[str, Any]           # ModelSpec.to_dict() + features; copied into the index
-    model_id: str
-    dim: int
-    snapshot: str | None = None     # the snapshot folder
-    embedding_fingerprint: str | None = None
+    model_id: Str                   # when absent: model["model_id"]
+    dim: Int
+    snapshot: Str | None = None     # the snapshot folder
+    embedding_fingerprint: Str | None = None
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
-    carried_forward: int = 0
-    dropped_from_previous: int = 0
-    replaced_existing: int = 0
-    fetched: int = 0
-    reused_without_fetch: int = 0
-    reused_after_hash: int = 0
-    max_dead_letter_fraction: float | None = None
-    manifests: list[str] = field(default_factory=list)
-    previous_snapshot: str | None = None
-    merge_previous: bool = False
+    carried_forward: Int = 0
+    dropped_from_previous: Int = 0
+    replaced_existing: Int = 0
+    fetched: Int = 0
+    reused_without_fetch: Int = 0
+    reused_after_hash: Int = 0
+    max_dead_letter_fraction: Float | None = None
+    manifests: list[Str] = field(default_factory=list)
+    previous_snapshot: Str | None = None
+    merge_previous: Bool = False
     features: dict[str, Any] | None = None
     augment: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
-    runner: str | None = None
+    runner: Str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
-    created_at: str | None = None
-    status: str | None = None       # "failed" in failed_summary.json only
-    failure: str | None = None
+    created_at: Str | None = None
+    status: Str | None = None       # "failed" in failed_summary.json only
+    failure: Str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of newer writers, kept as read
 
     @property
@@ -93,38 +87,12 @@ class SnapshotSummary:
                   legacy: bool = False) -> "SnapshotSummary":
         """The summary from its JSON form (`legacy`: accept a file without "format")."""
         check_format(d, SUMMARY_FORMAT, source, legacy=legacy, error=SummaryError)
-
-        def get(name: str, kind: type | tuple[type, ...], default: Any = dataclasses.MISSING,
-                nullable: bool = False) -> Any:
-            if default is dataclasses.MISSING:
-                return read_field(d, name, kind, source, error=SummaryError, nullable=nullable)
-            return read_field(d, name, kind, source, default, error=SummaryError,
-                              nullable=nullable)
-
-        counts = {name: get(name, int) for name in _COUNTS}
-        counts.update({name: get(name, int, 0) for name in _OPTIONAL_COUNTS})
-        model = get("model", dict)
-        model_id = get("model_id", str, model.get("model_id"), nullable=True)
-        if not model_id:
+        if d.get("model_id") is None:  # older writers: only in the model record
+            model = d.get("model")
+            d = {k: v for k, v in d.items() if k != "model_id"}
+            if isinstance(model, dict) and model.get("model_id"):
+                d["model_id"] = model["model_id"]
+        summary = read(cls, d, source, SummaryError)
+        if not summary.model_id:
             raise SummaryError("required field is missing", source, "model_id")
-        known = {f.name for f in dataclasses.fields(cls)} | {FORMAT_KEY}
-        return cls(
-            run_id=get("run_id", str), model=dict(model), model_id=model_id,
-            dim=get("dim", int),
-            snapshot=get("snapshot", str, None, nullable=True),
-            embedding_fingerprint=get("embedding_fingerprint", str, None, nullable=True),
-            dead_letter_reasons=dict(get("dead_letter_reasons", dict, {})),
-            max_dead_letter_fraction=get("max_dead_letter_fraction", (int, float), None,
-                                         nullable=True),
-            manifests=list(get("manifests", list, [])),
-            previous_snapshot=get("previous_snapshot", str, None, nullable=True),
-            merge_previous=get("merge_previous", bool, False),
-            features=get("features", dict, None, nullable=True),
-            augment=dict(get("augment", dict, {})), decode=dict(get("decode", dict, {})),
-            runner=get("runner", str, None, nullable=True),
-            timings=dict(get("timings", dict, {})),
-            created_at=get("created_at", str, None, nullable=True),
-            status=get("status", str, None, nullable=True),
-            failure=get("failure", str, None, nullable=True),
-            extra={k: v for k, v in d.items() if k not in known},
-            **counts)
+        return summary

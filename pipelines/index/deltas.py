@@ -51,8 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
-from pipelines.core.contract import FORMAT_KEY
-from pipelines.core.contract import field as read_field
+from pipelines.core.contract import FORMAT_KEY, Int, Obj, Str, read
 from pipelines.core.locks import exclusive_lock
 from pipelines.index.artifact import ROW_COLUMNS, read_manifest, sha256_bytes
 from pipelines.index.manifest import IndexArtifactError, IndexManifest
@@ -114,9 +113,9 @@ def _seq_of(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class DeltaFile:
-    name: str
-    sha256: str
-    bytes: int
+    name: Str
+    sha256: Str
+    bytes: Int
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "bytes": self.bytes}
@@ -125,19 +124,19 @@ class DeltaFile:
 @dataclass(frozen=True)
 class DeltaManifest:
     """delta.json: what one delta holds and what it applies to."""
-    version: str
-    seq: int
-    kind: str                        # upsert | delete | mixed
-    created_at: str
-    dim: int
-    model_fingerprint: str | None
-    adapter: str | None
-    num_rows: int                    # upserted rows (vectors)
-    num_images: int                  # distinct upserted image_ids
-    delete_image_ids: int
-    delete_product_ids: int
+    version: Str
+    seq: Int
+    kind: Str                        # upsert | delete | mixed
+    created_at: Str
+    dim: Int
+    model_fingerprint: Str | None    # null when absent (as adapter)
+    adapter: Str | None
+    num_rows: Int                    # upserted rows (vectors)
+    num_images: Int                  # distinct upserted image_ids
+    delete_image_ids: Int
+    delete_product_ids: Int
     files: list[DeltaFile]
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Obj = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,30 +157,8 @@ class DeltaManifest:
             raise DeltaIntegrityError(f"{source}: not a delta of format {DELTA_FORMAT} "
                                       f"(found {found!r})")
 
-        def get(name: str, kind: Any, *default: Any) -> Any:
-            if default:
-                return read_field(d, name, kind, source, default[0], nullable=True,
-                                  error=DeltaIntegrityError)
-            return read_field(d, name, kind, source, error=DeltaIntegrityError)
-
-        files = []
-        for i, f in enumerate(get("files", list)):
-            if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) \
-                    or not isinstance(f.get("sha256"), str) or not isinstance(f.get("bytes"), int):
-                raise DeltaIntegrityError(f"{source}: files[{i}] is not a file entry")
-            files.append(DeltaFile(f["name"], f["sha256"], f["bytes"]))
-        known = {"version", "seq", "kind", "created_at", "dim", "model_fingerprint", "adapter",
-                 "num_rows", "num_images", "delete_image_ids", "delete_product_ids", "files",
-                 "source", FORMAT_KEY}
-        return cls(version=get("version", str), seq=get("seq", int), kind=get("kind", str),
-                   created_at=get("created_at", str), dim=get("dim", int),
-                   model_fingerprint=get("model_fingerprint", str, None),
-                   adapter=get("adapter", str, None), num_rows=get("num_rows", int),
-                   num_images=get("num_images", int),
-                   delete_image_ids=get("delete_image_ids", int),
-                   delete_product_ids=get("delete_product_ids", int), files=files,
-                   source=dict(get("source", dict, {}) or {}),
-                   extra={k: v for k, v in d.items() if k not in known})
+        optional = {"model_fingerprint": None, "adapter": None}
+        return read(cls, {**optional, **d}, source, DeltaIntegrityError)
 
 
 @dataclass(frozen=True)

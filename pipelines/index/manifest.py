@@ -21,12 +21,10 @@ by `pipelines.index.artifact.check_manifest_structure` when a version is opened.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pipelines.core.contract import FORMAT_KEY
-from pipelines.core.contract import field as read_field
+from pipelines.core.contract import FORMAT_KEY, Float, Int, Obj, Str, read
 from pipelines.core.errors import BadArtifactError
 
 FORMAT_V1 = "catalog-search-index/1"
@@ -51,56 +49,37 @@ class ManifestFormatError(IndexIntegrityError):
     """manifest.json does not follow the index manifest contract."""
 
 
-_MISSING: Any = dataclasses.MISSING
-
-
-def _get(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], source: str,
-         default: Any = _MISSING, nullable: bool = False) -> Any:
-    if default is _MISSING:
-        return read_field(d, name, kind, source, error=ManifestFormatError, nullable=nullable)
-    return read_field(d, name, kind, source, default, error=ManifestFormatError,
-                      nullable=nullable)
-
-
-def _extra(cls: type, d: Mapping[str, Any], *more: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)} | set(more)
-    return {k: v for k, v in d.items() if k not in known}
-
-
 @dataclass(frozen=True)
 class ShardFile:
     """One file of a shard folder: its name relative to the folder, sha256 and size."""
-    name: str
-    sha256: str
-    bytes: int
+    name: Str
+    sha256: Str
+    bytes: Int
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "bytes": self.bytes}
 
     @classmethod
     def from_dict(cls, d: Any, source: str) -> "ShardFile":
-        if not isinstance(d, Mapping):
-            raise ManifestFormatError(f"invalid file entry {d!r}", source)
-        return cls(name=_get(d, "name", str, source), sha256=_get(d, "sha256", str, source),
-                   bytes=_get(d, "bytes", int, source))
+        return read(cls, d, source, ManifestFormatError)
 
 
 @dataclass(frozen=True)
 class ShardEntry:
     """One shard of an index version: where it lies, what it holds, how it is searched."""
-    shard: int
-    path: str                      # shards/shard-XXXXX-of-NNNNN, relative to the version
-    num_vectors: int
-    kind: str                      # scann_tree_ah | scann_brute_force | empty
+    shard: Int
+    path: Str                      # shards/shard-XXXXX-of-NNNNN, relative to the version
+    num_vectors: Int
+    kind: Str                      # scann_tree_ah | scann_brute_force | empty
     files: list[ShardFile]
-    search: dict[str, Any] = field(default_factory=dict)  # leaves_to_search, reorder_multiplier
-    num_images: int | None = None
-    num_leaves: int | None = None
+    search: Obj = field(default_factory=dict)  # leaves_to_search, reorder_multiplier
+    num_images: Int | None = None
+    num_leaves: Int | None = None
     tuning: dict[str, Any] | None = None
-    build_seconds: float | None = None
+    build_seconds: Float | None = None
     # The shard's stored float32 vectors (a file of `files`; None: ScaNN's dataset.npy,
     # as in version-1 manifests) and the ScaNN builder options it was built with.
-    vectors_file: str | None = None
+    vectors_file: Str | None = None
     options: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,49 +110,33 @@ class ShardEntry:
 
     @classmethod
     def from_dict(cls, d: Any, source: str) -> "ShardEntry":
-        if not isinstance(d, Mapping):
-            raise ManifestFormatError(f"shard entry is not an object: {d!r:.80}", source)
-        files = _get(d, "files", list, source)
-        return cls(shard=_get(d, "shard", int, source), path=_get(d, "path", str, source),
-                   num_vectors=_get(d, "num_vectors", int, source),
-                   kind=_get(d, "kind", str, source),
-                   files=[ShardFile.from_dict(f, f"{source} files[{i}]")
-                          for i, f in enumerate(files)],
-                   search=dict(_get(d, "search", dict, source, {}, nullable=True) or {}),
-                   num_images=_get(d, "num_images", int, source, None, nullable=True),
-                   num_leaves=_get(d, "num_leaves", int, source, None, nullable=True),
-                   tuning=_get(d, "tuning", dict, source, None, nullable=True),
-                   build_seconds=_get(d, "build_seconds", (int, float), source, None,
-                                      nullable=True),
-                   vectors_file=_get(d, "vectors_file", str, source, None, nullable=True),
-                   options=_get(d, "options", dict, source, None, nullable=True),
-                   extra=_extra(cls, d))
+        return read(cls, d, source, ManifestFormatError)
 
 
 @dataclass(frozen=True)
 class IndexManifest:
     """An index version: model, vectors, shards, ScaNN settings, evaluation, provenance."""
-    version: str
-    status: str                    # passed | rejected
+    version: Str
+    status: Str                    # passed | rejected
     model: dict[str, Any]          # the snapshot's model record (ModelSpec + features)
-    dim: int
-    num_vectors: int
+    dim: Int
+    num_vectors: Int
     shards: list[ShardEntry]
-    created_at: str | None = None
-    distance: str = "dot_product"
-    num_images: int | None = None
-    num_products: int | None = None
-    views: list[str] = field(default_factory=list)
-    shard_assignment: str | None = None
+    created_at: Str | None = None
+    distance: Str = "dot_product"
+    num_images: Int | None = None
+    num_products: Int | None = None
+    views: list[Str] = field(default_factory=list)
+    shard_assignment: Str | None = None
     scann: dict[str, Any] = field(default_factory=dict)
     source_snapshot: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # recall@k, threshold, passed
+    evaluation: Obj = field(default_factory=dict)  # recall@k, threshold, passed
     # Partition-routed shards (pipelines/index/routing.py): centroids file, its sha256 and
     # size, each centroid's shard, the search budget; None: hash sharding.
     routing: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    format: str = FORMAT           # the format it was written in (READ_FORMATS)
+    format: Str = FORMAT           # the format it was written in (READ_FORMATS)
 
     @property
     def model_id(self) -> str | None:
@@ -223,21 +186,4 @@ class IndexManifest:
                                       source, FORMAT_KEY)
         if not isinstance(d.get("shards"), list) or not d["shards"]:
             raise ManifestFormatError("the manifest has no shard table", source, "shards")
-        return cls(
-            version=_get(d, "version", str, source), status=_get(d, "status", str, source),
-            model=dict(_get(d, "model", dict, source)), dim=_get(d, "dim", int, source),
-            num_vectors=_get(d, "num_vectors", int, source),
-            shards=[ShardEntry.from_dict(s, f"{source} shards[{i}]")
-                    for i, s in enumerate(d["shards"])],
-            created_at=_get(d, "created_at", str, source, None, nullable=True),
-            distance=_get(d, "distance", str, source, "dot_product"),
-            num_images=_get(d, "num_images", int, source, None, nullable=True),
-            num_products=_get(d, "num_products", int, source, None, nullable=True),
-            views=list(_get(d, "views", list, source, [])),
-            shard_assignment=_get(d, "shard_assignment", str, source, None, nullable=True),
-            scann=dict(_get(d, "scann", dict, source, {})),
-            source_snapshot=dict(_get(d, "source_snapshot", dict, source, {})),
-            build=dict(_get(d, "build", dict, source, {})),
-            evaluation=dict(_get(d, "evaluation", dict, source, {}, nullable=True) or {}),
-            routing=_get(d, "routing", dict, source, None, nullable=True),
-            extra=_extra(cls, d, FORMAT_KEY), format=str(d[FORMAT_KEY]))
+        return read(cls, d, source, ManifestFormatError)

@@ -18,17 +18,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast, get_args
 
 from pipelines.core.config import Config, ConfigError, load_config
-from pipelines.core.contract import FORMAT_KEY, check_format
-from pipelines.core.contract import field as read_field
+from pipelines.core.contract import FORMAT_KEY, Int, Str, check_format, read
 from pipelines.orchestration.errors import OrchestrationError
 
 log = logging.getLogger(__name__)
 
 REFRESH, BACKFILL = "refresh", "backfill"
-KINDS = (REFRESH, BACKFILL)
+Kind = Literal["refresh", "backfill"]
+KINDS: tuple[str, ...] = get_args(Kind)
 #: Index versions of a run rebuilt with other content: `<run_id>.r02`, `<run_id>.r03`, ...
 REVISION_SEPARATOR = ".r"
 #: Environment variable naming the interpreter that runs the Beam jobs.
@@ -116,7 +116,6 @@ def check_run_id(run_id: Any, what: str = "run_id") -> str:
 #: code before the key existed, i.e. a run in flight across an upgrade) is refused with a
 #: PlanFormatError naming the field; re-trigger the run.
 PLAN_FORMAT = "catalog-search-run-plan/1"
-_REQUIRED = object()
 
 
 class PlanFormatError(OrchestrationError):
@@ -127,14 +126,14 @@ class PlanFormatError(OrchestrationError):
 class RunPlan:
     """Everything the steps of one DAG run need; JSON round-trips through XCom and into the
     step subprocesses (`to_dict` / `from_dict`, format `PLAN_FORMAT`)."""
-    kind: str
-    run_id: str
-    manifests: tuple[str, ...]
-    embeddings_root: str
-    index_root: str
-    config_file: str | None
+    kind: Kind
+    run_id: Str
+    manifests: tuple[Str, ...]
+    embeddings_root: Str
+    index_root: Str
+    config_file: Str | None
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    input_rows: int = 0
+    input_rows: Int = 0
     beam_options: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> Config:
@@ -157,27 +156,7 @@ class RunPlan:
             check_run_id(d["run_id"], "run plan run_id")
         check_format(d, PLAN_FORMAT, source, error=PlanFormatError)
 
-        def get(name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
-            if default is _REQUIRED:
-                return read_field(d, name, kind, source, error=PlanFormatError)
-            return read_field(d, name, kind, source, default, error=PlanFormatError,
-                              nullable=default is None)
-
-        kind = get("kind", str)
-        if kind not in KINDS:
-            raise PlanFormatError(f"unknown run kind {kind!r}; choose from {', '.join(KINDS)}",
-                                  source, "kind")
-        manifests = get("manifests", list)
-        if not all(isinstance(m, str) for m in manifests):
-            raise PlanFormatError(f"expected a list of URIs, got {manifests!r:.80}", source,
-                                  "manifests")
-        return cls(kind=kind, run_id=get("run_id", str), manifests=tuple(manifests),
-                   embeddings_root=get("embeddings_root", str),
-                   index_root=get("index_root", str),
-                   config_file=get("config_file", str, None),
-                   config_overrides=dict(get("config_overrides", dict, {})),
-                   input_rows=get("input_rows", int, 0),
-                   beam_options=dict(get("beam_options", dict, {})))
+        return read(cls, {"config_file": None, **d}, source, PlanFormatError)
 
 
 def _optional(params: Mapping[str, Any], key: str, kinds: tuple[type, ...],
@@ -327,7 +306,7 @@ def validate_params(params: Mapping[str, Any], kind: str, run_date: datetime) ->
     if not os.path.isfile(python):
         raise OrchestrationError(f"the pipeline interpreter {python} (${PIPELINE_PYTHON_ENV}) "
                                  "does not exist")
-    plan = RunPlan(kind=kind, run_id=run_id, manifests=tuple(uris),
+    plan = RunPlan(kind=cast(Kind, kind), run_id=run_id, manifests=tuple(uris),
                    embeddings_root=roots["embeddings_root"], index_root=roots["index_root"],
                    config_file=config_file, config_overrides=overrides, input_rows=input_rows,
                    beam_options=options.get_all_options(drop_default=True))
