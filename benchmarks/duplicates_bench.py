@@ -112,7 +112,7 @@ def _percentiles(x: np.ndarray) -> dict[str, float]:
 
 def sweep(args: argparse.Namespace) -> None:
     from pipelines.core import filesystem as fs
-    from pipelines.duplicates.pairs import pixel_signature, pixel_similarity
+    from pipelines.duplicates.pixels import pixel_signature, pixel_similarity
     started = time.time()
     version, vecs, ids, pids, uris, cats = _load_index(args.index_root)
     truth = {r["image_id"]: r for r in csv.DictReader(open(args.truth, newline=""))}

@@ -20,8 +20,8 @@ from pipelines.core.config import load_config
 from pipelines.duplicates.groups import UnionFind, build_groups
 from pipelines.duplicates.job import (OUTPUT_FILES, DuplicatesError, make_spec, plan_units,
                                       run_duplicates, unit_rows)
-from pipelines.duplicates.pairs import (FindPairs, bucket_of, exact_pairs, pixel_signature,
-                                        pixel_similarity)
+from pipelines.duplicates.pairs import FindPairs, bucket_of, exact_pairs
+from pipelines.duplicates.pixels import pixel_signature, pixel_similarity
 from serving_fixtures import build_index, write_snapshot
 from tiny_model import make_tiny_model
 

@@ -10,8 +10,9 @@
   `VerifyPairs`; the accepted pairs written to the bucket's part file.
 - `VerifyPairs`: the decision. A pair is a near duplicate when its similarity is >=
   `duplicates.threshold`, or when it is a candidate and the images' pixel signatures
-  (RGB thumbnails of four centred crops, 32x32 windows, zero-mean unit-norm, shifts of
-  up to 2 pixels searched) correlate >= `duplicates.pixel_threshold` at their best match:
+  (pipelines/duplicates/pixels.py: RGB thumbnails of four centred crops, 32x32 windows,
+  zero-mean unit-norm, shifts of up to 2 pixels searched) correlate >=
+  `duplicates.pixel_threshold` at their best match:
   re-encoded, resized and lightly cropped copies keep their pixels, a distinct look-alike
   product (same shape, other colours or label) does not.
 - `split_hashes` / `exact_bucket` / `exact_pairs`: images of different products with the
@@ -28,13 +29,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from pipelines.duplicates.pixels import pixel_signature, pixel_similarity
+
 log = logging.getLogger(__name__)
 
-# Signature: centred crops (fraction of each side kept), compared at SIZE x SIZE pixels
-# within a CONTEXT x CONTEXT thumbnail (so shifts of up to 2 pixels are searched).
-SIGNATURE_CROPS = (1.0, 0.94, 0.88, 0.82)
-SIGNATURE_SIZE = 32
-SIGNATURE_CONTEXT = 36
 # Signatures kept per worker (one per image, ~62 KB each).
 _SIGNATURE_CACHE = 1024
 
@@ -193,50 +191,6 @@ class FindPairs:
             path = fs.join(self.spec.work_dir, "pairs",
                            f"b{bucket:04d}-s{shard_pos:05d}-{start:010d}.parquet")
             yield "part", (bucket, _write_part(path, part, _pair_schema()))
-
-
-# --------------------------------------------------------------------------- pixel check
-
-def pixel_signature(data: bytes, max_pixels: int) -> np.ndarray:
-    """float32 [len(SIGNATURE_CROPS), CONTEXT, CONTEXT, 3]: RGB thumbnails of centred
-    crops (the project's decoder; DecodeError for bad bytes)."""
-    from PIL import Image
-
-    from pipelines.model.image_decode import decode_image
-    img = decode_image(data, max_pixels=max_pixels, target_size=4 * SIGNATURE_SIZE)
-    w, h = img.size
-    out = np.zeros((len(SIGNATURE_CROPS), SIGNATURE_CONTEXT, SIGNATURE_CONTEXT, 3), np.float32)
-    for i, frac in enumerate(SIGNATURE_CROPS):
-        cw, ch = max(1, int(round(w * frac))), max(1, int(round(h * frac)))
-        left, top = (w - cw) // 2, (h - ch) // 2
-        crop = img.crop((left, top, left + cw, top + ch)).resize(
-            (SIGNATURE_CONTEXT, SIGNATURE_CONTEXT), Image.Resampling.BILINEAR)
-        out[i] = np.asarray(crop, np.float32)
-    return out
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-6)
-
-
-def _centres(sig: np.ndarray) -> np.ndarray:
-    m = (SIGNATURE_CONTEXT - SIGNATURE_SIZE) // 2
-    return _unit_rows(sig[:, m:m + SIGNATURE_SIZE, m:m + SIGNATURE_SIZE].reshape(len(sig), -1))
-
-
-def _windows(sig: np.ndarray) -> np.ndarray:
-    view = np.lib.stride_tricks.sliding_window_view(
-        sig, (SIGNATURE_SIZE, SIGNATURE_SIZE), axis=(1, 2))  # [c, dy, dx, 3, S, S]
-    view = view.transpose(0, 1, 2, 4, 5, 3)                  # [c, dy, dx, S, S, 3]
-    return _unit_rows(np.ascontiguousarray(view).reshape(-1, 3 * SIGNATURE_SIZE ** 2))
-
-
-def pixel_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Best correlation (-1..1) between a centred crop of one image and any crop of the
-    other shifted by up to (CONTEXT - SIZE) / 2 pixels of the thumbnail, both ways."""
-    return float(max(np.max(_centres(a) @ _windows(b).T), np.max(_centres(b) @ _windows(a).T)))
 
 
 class VerifyPairs:
