@@ -14,6 +14,12 @@ settings (`--deadline-s`); `--concurrency` may list several fetch.concurrency va
 gets its HTTP runs (`1` = the one-at-a-time fetching of before), the local run and the
 fault run use the last value. Rounds alternate (local, http..., faults) to spread drift.
 Ratios within the run are what to compare: the machine is shared.
+
+`--object-store` adds, per round and latency, a run reading `slowfs://` URIs: the same
+local files through a Beam FileSystem (pipelines/core/slowfs.py) that waits the latency
+before every request an object store answers over the network (the change-signal
+metadata HEAD, the exists check, the GET), so the job reads them as it would from gs://
+or s3:// (one image = three requests: 3x the latency if done one at a time).
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ from benchmarks.embed_throughput import find_images  # noqa: E402
 from pipelines.core.config import load_config  # noqa: E402
 from pipelines.embed import snapshot  # noqa: E402
 from pipelines.embed.job import run_embed  # noqa: E402
+from pipelines.core import filesystem as fs  # noqa: E402
+from pipelines.core import slowfs  # noqa: E402
 
 
 def _chosen(name: str, fraction: float, salt: str) -> bool:
@@ -158,8 +166,13 @@ def main() -> None:
                     help="fetch.deadline_s for every run (default 5)")
     ap.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
+    ap.add_argument("--object-store", action="store_true",
+                    help="also read slowfs:// URIs (a FileSystem with the latency per request)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.object_store:  # the workers import it too (they inherit the environment)
+        os.environ[fs.PLUGINS_ENV] = ",".join(
+            [m for m in os.environ.get(fs.PLUGINS_ENV, "").split(",") if m] + [slowfs.__name__])
     latencies = [float(x) / 1000 for x in args.latency_ms.split(",") if x.strip()]
 
     paths = find_images(args.images, args.limit)
@@ -184,6 +197,7 @@ def main() -> None:
     local = _manifest(paths, os.path.join(work, "local.csv"))
     http = _manifest([f"{server.base}/{i}.jpg" for i in range(len(paths))],
                      os.path.join(work, "http.csv"))
+    store = _manifest([slowfs.uri_of(p) for p in paths], os.path.join(work, "store.csv"))
     names = [f"img{i:05d}" for i in range(len(paths))]
     hang = {i for i, n in enumerate(names) if _chosen(n, args.hang_fraction, "hang")}
     fail = {i for i, n in enumerate(names) if _chosen(n, args.fail_fraction, "fail")} - hang
@@ -199,6 +213,12 @@ def main() -> None:
                     results.append(dict(_run(f"http-{int(lat * 1000)}ms-c{c}-{r}", http, work,
                                              configs[c], set(), c),
                                         round=r, latency_ms=lat * 1000))
+            for lat in latencies if args.object_store else []:
+                os.environ[slowfs.LATENCY_ENV] = str(lat * 1000)
+                results.append(dict(_run(f"store-{int(lat * 1000)}ms-c{values[-1]}-{r}", store,
+                                         work, config, set(), values[-1]),
+                                    round=r, latency_ms=lat * 1000))
+                os.environ[slowfs.LATENCY_ENV] = "0"
             if args.hang_fraction > 0 or args.fail_fraction > 0:
                 server.latency_s, server.hang, server.fail_once = latencies[0], hang, fail
                 server.seen = set()
@@ -217,6 +237,10 @@ def main() -> None:
     ratios = {f"http_{int(lat * 1000)}ms_c{c}_vs_local":
               round(mean_wall(f"http-{int(lat * 1000)}ms-c{c}") / mean_wall("local"), 3)
               for c in values for lat in latencies}
+    if args.object_store:
+        ratios.update({f"store_{int(lat * 1000)}ms_c{values[-1]}_vs_local": round(
+            mean_wall(f"store-{int(lat * 1000)}ms-c{values[-1]}") / mean_wall("local"), 3)
+            for lat in latencies})
     if args.hang_fraction > 0 or args.fail_fraction > 0:
         first, c = int(latencies[0] * 1000), values[-1]
         ratios[f"faults_vs_clean_http_{first}ms_c{c}"] = round(

@@ -2,6 +2,11 @@
 
 Every stage reads and writes artifacts through these, so the same code runs on a
 laptop and on a cluster runner with object-store paths.
+
+`$CATALOG_SEARCH_FILESYSTEMS` (comma-separated module names) are imported with this
+module: Beam finds a FileSystem among the imported FileSystem subclasses, so a plugin
+named there (e.g. pipelines.core.slowfs) serves its scheme in the launcher and in the
+local runner's worker processes, which inherit the environment.
 """
 from __future__ import annotations
 
@@ -21,6 +26,20 @@ from pipelines.core.errors import BadInputError
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+#: Env var: comma-separated modules defining extra Beam FileSystems, imported here.
+PLUGINS_ENV = "CATALOG_SEARCH_FILESYSTEMS"
+
+
+def import_plugins() -> list[str]:
+    """Import the FileSystem modules named in $CATALOG_SEARCH_FILESYSTEMS (their names)."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+import_plugins()
 
 
 #: Schemes Beam serves only with an optional extra installed: scheme -> pip requirement.
