@@ -40,6 +40,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
+from pipelines.core.admin_token import admin_token_from_env
 from pipelines.core.config import Config
 from serving.api.errors import error_response, install_error_handlers
 from serving.api.gate import QueryGate
@@ -49,7 +50,6 @@ from serving.api.routes import admin, catalog, feedback, health, page, search
 from serving.api.schemas import public_image_url
 from serving.api.security import PAGE_CSP, add_security_headers
 from serving.api.state import ServingState
-from serving.auth import admin_token_from_env
 from serving.feedback import Feedback
 from serving.searcher import CatalogSearcher, IndexWatcher
 
@@ -69,7 +69,7 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
     Loads LATEST (or `version`) at start-up (a failure leaves the service up but not
     ready: /readyz 503), and with `watch` a background watcher hot-reloads whenever
     LATEST changes. Pass `searcher` to serve an already opened CatalogSearcher.
-    `admin_token` (default: from CATALOG_SEARCH_ADMIN_TOKEN / _FILE, see serving.auth)
+    `admin_token` (default: from CATALOG_SEARCH_ADMIN_TOKEN / _FILE, see serving.api.state)
     guards the mutating endpoints; with none they are open.
     """
     searcher = searcher or CatalogSearcher(index_root, config=config, shard_ids=shard_ids)
@@ -98,8 +98,6 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
                   description="Which catalog products look like this photo?",
                   version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = state
-    app.state.searcher = searcher  # kept for callers of the earlier app (serving.cli)
-    app.state.admin_token_set = state.admin_token is not None
 
     @app.middleware("http")
     async def observe(request: Request,
@@ -127,5 +125,5 @@ def create_app(index_root: str, config: Config, *, version: str | None = None,
                    page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
-    openapi_limits.install(app, config)
+    openapi_limits.install(app, config, admin_token=state.admin_token is not None)
     return app

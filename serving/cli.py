@@ -179,7 +179,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace, config: Config) -> int:
-    from serving.auth import AdminTokenError, admin_token_from_env, read_token_file
+    from pipelines.core.admin_token import AdminTokenError, admin_token_from_env, read_token_file
     config = with_allowed_models(args, config)
     try:
         token = (read_token_file(args.admin_token_file) if args.admin_token_file
@@ -277,7 +277,7 @@ def _listening_server(config: Any, on_started: Callable[[tuple], None] | None) -
 def _print_started(app: Any, index_root: str, bound: tuple) -> None:
     """The `serve --json` startup line (the bound port, also when --port 0)."""
     host, port = bound[0], bound[1]
-    loaded = app.state.searcher.loaded
+    loaded = app.state.serving.searcher.loaded
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     print(json.dumps({"event": "listening", "url": url, "host": host, "port": port,
                       "pid": os.getpid(), "index_root": index_root,

@@ -245,7 +245,7 @@ def test_feedback_logs_model_space_vectors_naming_the_adapter(adapted, world, tm
             r = c.post("/v1/feedback", json={"query_id": answer["query_id"],
                                              "product_id": row["product_id"]})
             assert r.status_code == 202, r.text
-        embedded = app.state.searcher.current.embedder.embed_bytes(data)
+        embedded = app.state.serving.searcher.current.embedder.embed_bytes(data)
     records = read_records(str(root))
     assert [r["adapter_id"] for r in records] == [adapter.id, adapter.id]
     assert all(r["version"] == "v-adapted" and len(r["vector"]) == s.dim for r in records)

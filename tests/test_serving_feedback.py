@@ -63,7 +63,7 @@ def test_search_then_feedback_logs_the_query_vector_in_model_space(world, tmp_pa
         qid = photo["query_id"]
         assert len(qid) == 32 and int(qid, 16) >= 0
         chosen = photo["results"][1]["product_id"]  # not necessarily the first hit
-        idx = app.state.searcher.current
+        idx = app.state.serving.searcher.current
         r = c.post("/v1/feedback", json={"query_id": qid, "product_id": chosen})
         assert r.status_code == 202, r.text
         assert r.json() == {"status": "recorded", "query_id": qid, "product_id": chosen,
@@ -104,7 +104,7 @@ def test_bad_feedback_answers_4xx_in_the_error_shape(world, tmp_path):
     product = rows[0]["product_id"]
 
     def search() -> str:
-        dim = app.state.searcher.current.query_dim
+        dim = app.state.serving.searcher.current.query_dim
         r = c.post("/v1/search", json={"vector": [1.0] * dim, "k": 1})
         assert r.status_code == 200, r.text
         return r.json()["query_id"]
@@ -164,7 +164,7 @@ def test_the_size_cap_rotates_and_bounds_the_log_over_http(world, tmp_path):
     product = world.catalog_rows()[0]["product_id"]
     rng = np.random.default_rng(0)
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as c:
-        dim = app.state.searcher.current.query_dim
+        dim = app.state.serving.searcher.current.query_dim
         for _ in range(40):
             r = c.post("/v1/search", json={"vector": rng.standard_normal(dim).tolist(),
                                            "k": 1})

@@ -3,7 +3,7 @@
 The token never lives in a config file of the repository: it comes from the environment
 (`CATALOG_SEARCH_ADMIN_TOKEN`, or `CATALOG_SEARCH_ADMIN_TOKEN_FILE` naming a file that
 holds it) or from `catalog-search serve --admin-token-file PATH`. Reading it is shared by
-the server (serving/auth.py checks requests against it) and its clients (the Airflow
+the server (serving/api/state.py checks requests against it) and its clients (the Airflow
 hand-off in pipelines/orchestration sends it), so it lives here, below both.
 Standard library only.
 """

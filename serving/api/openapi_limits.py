@@ -12,7 +12,10 @@ limits those parsers and serving.query apply into it, from the app's config:
 - `vector` an array of numbers within float32's range; the JSON search body needs `vector`
   or `text`, the multipart one `image` or `text`;
 - POST /v1/admin/delete's body (read by the route itself, so FastAPI did not document it)
-  and its 409 `not_local`.
+  and its 409 `not_local`;
+- the admin routes' bearer token (the scheme FastAPI writes for serving.api.state's
+  HTTPBearer) is optional (`{}` among their security requirements) on a server without an
+  admin token, where they take requests without one.
 
 What the schema cannot say depends on the serving index and is answered 422 with its reason
 (docs/RELIABILITY.md): a filter key or group_by field that is not a metadata field of the
@@ -141,13 +144,24 @@ def document_limits(doc: dict[str, Any], config: Config) -> dict[str, Any]:
     return doc
 
 
-def install(app: FastAPI, config: Config) -> None:
-    """app.openapi() returns the document with the limits (built once, like FastAPI's)."""
+def optional_auth(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with every operation's security requirements also met by no credentials."""
+    for operations in doc.get("paths", {}).values():
+        for op in operations.values():
+            if op.get("security") and {} not in op["security"]:
+                op["security"].append({})
+    return doc
+
+
+def install(app: FastAPI, config: Config, *, admin_token: bool) -> None:
+    """app.openapi() returns the document with the limits (built once, like FastAPI's);
+    admin_token: whether the server has one (else the admin routes' auth is optional)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_limits(build(), config)
+            doc = document_limits(build(), config)
+            app.openapi_schema = doc if admin_token else optional_auth(doc)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

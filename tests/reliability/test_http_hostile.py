@@ -80,7 +80,7 @@ def hostile_http_index(hostile_http_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hostile_http_server(hostile_http_world, hostile_http_index):
     saved = os.environ.get("CATALOG_SEARCH_ADMIN_TOKEN")
-    os.environ["CATALOG_SEARCH_ADMIN_TOKEN"] = TOKEN  # read by create_app (serving.auth)
+    os.environ["CATALOG_SEARCH_ADMIN_TOKEN"] = TOKEN  # read by create_app (pipelines.core.admin_token)
     try:
         app = create_app(hostile_http_index, hostile_http_world.config, watch=False)
     finally:
@@ -232,11 +232,47 @@ def test_reload_needs_the_admin_token(hostile_http_client):
     assert hostile_http_client.get("/v1/products/P0001/similar").status_code == 200
 
 
+UNAUTHORIZED = {"error": {"reason": "unauthorized",
+                          "message": "this endpoint needs 'Authorization: Bearer <admin token>'"}}
+FORBIDDEN = {"error": {"reason": "forbidden", "message": "the admin token is wrong"}}
+
+
+@pytest.mark.parametrize("header,status", [
+    (None, 401), ("Bearer", 401), ("Basic {t}", 401), ("{t}", 401),
+    ("Bearer\t{t}", 401), ("Bearer {t}x", 403), ("Bearer x{t}", 403),
+    ("Bearer t\xf6ken-of-enough-length", 403),
+    ("Bearer {t}", 200), ("bearer {t}", 200), ("BEARER   {t}", 200),
+])
+def test_admin_token_header_forms(hostile_http_client, header, status):
+    """What each Authorization header gets on POST /v1/reload, with the exact error bodies:
+    no bearer token 401 (with WWW-Authenticate), a wrong one 403, the scheme's name in any
+    case and spaces before the token allowed (HTTP strips those after a header's value)."""
+    headers = {} if header is None else {
+        "Authorization": header.format(t=TOKEN).encode("latin-1")}
+    r = hostile_http_client.post("/v1/reload", headers=headers)
+    assert r.status_code == status, (header, r.text)
+    if status == 401:
+        assert r.json() == UNAUTHORIZED
+        assert r.headers["www-authenticate"] == 'Bearer realm="catalog-search"'
+        assert r.headers["x-error-reason"] == "unauthorized"
+    elif status == 403:
+        assert r.json() == FORBIDDEN and "www-authenticate" not in r.headers
+    else:
+        assert r.json()["status"] == "unchanged"
+
+
+def test_a_bad_parameter_is_refused_before_the_token_is_checked(hostile_http_client):
+    """Parameters are validated first: a bad `force` answers 422 with or without a token."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = hostile_http_client.post("/v1/reload?force=maybe", headers=headers)
+        assert r.status_code == 422, r.text
+
+
 def test_token_from_env_and_airflow_hand_off(hostile_http_world, monkeypatch,
                                                       tmp_path):
     from pipelines.orchestration.errors import StepError
     from pipelines.orchestration.handoff import hand_off
-    from serving.auth import AdminTokenError, admin_token_from_env
+    from pipelines.core.admin_token import AdminTokenError, admin_token_from_env
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     monkeypatch.delenv("CATALOG_SEARCH_ADMIN_TOKEN", raising=False)

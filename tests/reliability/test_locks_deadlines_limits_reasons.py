@@ -385,7 +385,7 @@ def test_fifo_as_query_photo_is_refused_not_waited_on(fifo_world, capsys):
 
 
 def test_fifo_as_admin_token_file_is_refused_not_waited_on(tmp_path):
-    from serving.auth import AdminTokenError, read_token_file
+    from pipelines.core.admin_token import AdminTokenError, read_token_file
     fifo = str(tmp_path / "token")
     os.mkfifo(fifo)
     done, result = _in_thread(read_token_file, fifo)

@@ -302,3 +302,18 @@ def test_a_repeated_form_field_is_refused(live_api):
         assert r.status_code == 422, r.text
         r = c.post("/v1/search", files=[("image", photo), ("k", (None, "3"))])
         assert r.status_code == 200, r.text
+
+
+def test_admin_routes_state_their_bearer_token(tmp_path):
+    """The admin routes name the bearer scheme; without an admin token the server takes
+    them without one, so the schema says the token is optional there ({})."""
+    from pipelines.core.config import load_config
+    from serving.app import create_app
+    for token, security in ((None, [{"adminToken": []}, {}]),
+                            ("t" * 20, [{"adminToken": []}])):
+        doc = create_app(str(tmp_path), load_config(), watch=False,
+                         admin_token=token).openapi()
+        assert doc["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+        for path in ("/v1/reload", "/v1/admin/delete"):
+            assert doc["paths"][path]["post"]["security"] == security, (token, path)
+        assert "security" not in doc["paths"]["/v1/search"]["post"]

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from serving.api.errors import ApiError
 from serving.api.parsing import parse_json_body, read_body_limited
 from serving.api.schemas import DeleteResponse, ReloadResponse, error_responses
-from serving.api.state import State
+from serving.api.state import AdminCredentials, State
 
 router = APIRouter(tags=["admin"])
 
@@ -23,10 +23,10 @@ router = APIRouter(tags=["admin"])
              responses={409: {"model": ReloadResponse,
                               "description": "the version was refused (reason in the body)"},
                         **error_responses(401, 403, 422)})
-async def reload(request: Request, state: State, force: Annotated[bool, Query(
+async def reload(state: State, credentials: AdminCredentials, force: Annotated[bool, Query(
         description="retry a version refused before even if its files did not change")] = False
                  ) -> JSONResponse:
-    state.require_admin(request)
+    state.require_admin(credentials)
     outcome = await run_in_threadpool(state.searcher.reload, None, force)
     status = 409 if outcome.status == "refused" else 200
     return JSONResponse(outcome.to_dict(), status_code=status,
@@ -36,11 +36,12 @@ async def reload(request: Request, state: State, force: Annotated[bool, Query(
 @router.post("/v1/admin/delete", summary="Take products / images down now (durable)",
              response_model=DeleteResponse,
              responses=error_responses(401, 403, 413, 422))
-async def admin_delete(request: Request, state: State) -> JSONResponse:
+async def admin_delete(request: Request, state: State,
+                       credentials: AdminCredentials) -> JSONResponse:
     """Body `{"product_ids": [...], "image_ids": [...], "reason": "..."}`. The delete delta
     and the takedown list are fsynced, then applied to the serving index, before the answer;
     it lists the ids removed, those not found (still listed) and those listed already."""
-    state.require_admin(request)
+    state.require_admin(credentials)
     body = await read_body_limited(request, state.config.serving.max_json_bytes)
     payload = parse_json_body(body, state.config.serving.max_json_depth)
     if not isinstance(payload, dict) or not set(payload) <= {"product_ids", "image_ids",
