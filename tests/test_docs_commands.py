@@ -13,6 +13,11 @@ joined, comments dropped and whitespace collapsed) to how it is covered:
   that take minutes). Their `catalog-search` subcommands and script flags are still
   checked against `--help`.
 
+A documented command sequence lives in a script, `docs/examples/*.sh`, which the docs
+include verbatim (a `<!-- include docs/examples/NAME.sh -->` line right before its fenced
+block; checked here): the table covers the documented call of the script, and the
+script's own lines are checked against `--help` and run by a test here on a small input.
+
 Default run: the table, `--help` of every documented subcommand and script, and the
 README's command-line chain on a 6-image catalog. `-m slow`: the same chain on the full
 sample catalog as written (checking the README's example query), the grocery manifests
@@ -43,7 +48,10 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
-GROCERY = Path("/work/shared/datasets/grocery-store/dataset")  # the team's copy (README)
+# The grocery dataset where the docs say (../shared next to the repository), or $GROCERY_DATASET.
+GROCERY = Path(os.environ.get("GROCERY_DATASET",
+                              REPO.parent / "shared" / "datasets" / "grocery-store" / "dataset"))
+EXAMPLES = REPO / "docs" / "examples"
 
 RUN, TEST, SKIP = "run", "test", "skip"
 CLOUD = "cloud runner / object store: not reachable from here"
@@ -88,9 +96,7 @@ COVERAGE: list[Coverage] = [
     Coverage(r"(DATA|DATASET)=\S+|CS=\.venv/bin/catalog-search", RUN, "test_grocery_manifests"),
     Coverage(r"\.venv/bin/python benchmarks/grocery_manifests\.py .*", RUN,
              "test_grocery_manifests (when the dataset is present)"),
-    Coverage(r"printf 'index:\\n brute_force_below: 0\\n' > out/grocery/scann\.yaml", RUN,
-             "test_grocery_manifests"),
-    Coverage(r"(catalog-search|\$CS)( --config out/grocery/scann\.yaml)? "
+    Coverage(r"(catalog-search|\$CS)( --config docs/examples/grocery-scann\.yaml)? "
              r"(embed|build-index|evaluate) .*out/grocery.*", SKIP,
              "the full grocery dataset (2,721 + 2,485 images: minutes); the same "
              "subcommands run here on the sample catalog"),
@@ -101,20 +107,15 @@ COVERAGE: list[Coverage] = [
              "the grocery catalog + 300 planted copies (3,021 images: minutes); the same "
              "subcommands run in test_readme_command_line_chain and tests/test_duplicates.py"),
     # docs/EVALUATION.md: the quality grid's per-row steps and its model-cost loop
-    Coverage(r"CS=\"\.venv/bin/catalog-search --config \$ROW/config\.yaml\"|"
-             r"\$CS (embed|build-index|evaluate) .*\$ROW/.*", SKIP,
-             "what benchmarks/quality_grid.py runs per row on the full grocery dataset "
-             "(minutes each); --vector-cache, --text-from and --text-weight: "
-             "tests/test_serving_cli_evaluate.py"),
+    Coverage(r"bash docs/examples/grocery_row\.sh .*|"
+             r"\.venv/bin/catalog-search --config \$ROW/config\.yaml evaluate .*", SKIP,
+             "a grocery evaluation row on the full dataset (minutes each); the script runs "
+             "on a 3-product catalog in test_grocery_row_script; --text-from and "
+             "--text-weight: tests/test_serving_cli_evaluate.py"),
     Coverage(r"for m in lite0 lite1 lite2; do|done >> benchmarks/results/model_bench_lite012\.jsonl|"
              r"\.venv/bin/catalog-search model bench --handle builtin:efficientnet_\$m .*", SKIP,
              "three builtin models benchmarked (minutes); model bench itself runs in "
              "test_readme_command_line_chain"),
-    # docs/EVALUATION.md: grocery recall@1 per model.precision (issue 20)
-    Coverage(r"ROW=out/prec/(fp32|bf16)|mkdir -p \$ROW|"
-             r"printf 'model:\\n precision: (fp32|bf16)\\n' > \$ROW/config\.yaml", SKIP,
-             "the grocery runs per model.precision (minutes each); model.precision in a config "
-             "file: tests/test_precision.py"),
     # docs/AIRFLOW.md
     Coverage(r"airflow dags trigger catalog_(refresh|backfill) --conf '\{ \"config_file\": "
              r"\"/opt/catalog-search/configs/(dataflow|flink)\.yaml\".*", SKIP,
@@ -128,12 +129,10 @@ COVERAGE: list[Coverage] = [
              RUN, "test_airflow_local_stack_sequence (slow)"),
     # docs/BENCHMARKS.md, docs/EVALUATION.md, docs/RELIABILITY.md
     Coverage(r"\.venv/bin/pip install faiss-cpu", SKIP, "registry install, for one benchmark"),
-    Coverage(r"printf 'augment:\\n views: \[original, hflip\]\\n mode: separate\\n' > "
-             r"/tmp/fitcfg\.yaml|"
-             r"\.venv/bin/catalog-search embed --config /tmp/fitcfg\.yaml .*/tmp/groc/.*", SKIP,
+    Coverage(r"bash docs/examples/grocery_fit\.sh .*", SKIP,
              "the grocery embeddings the benchmark vectors are fitted to (the full grocery "
-             "catalog, original + hflip: minutes); embed with a --config file: "
-             "tests/test_config_and_cli.py"),
+             "catalog, original + hflip: minutes); its config file is loaded in "
+             "test_example_configs_load"),
     Coverage(r"(nice -n 10 )?(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python benchmarks/(onednn_bench|"
              r"embed_throughput|index_bench|serving_bench|reliability_soak|index_build_memory|"
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
@@ -151,13 +150,15 @@ class DocCommand:
     doc: str   # path relative to the repository
     line: int  # first line of the command
     text: str  # as written: `\` continuations joined, comments dropped
+    include: str | None = None  # the docs/examples script its block includes verbatim
 
     @property
     def key(self) -> str:
         return " ".join(self.text.split())
 
 
-def _split_commands(block: list[str], doc: str, first_line: int) -> list[DocCommand]:
+def _split_commands(block: list[str], doc: str, first_line: int,
+                    include: str | None = None) -> list[DocCommand]:
     """Shell commands of one fenced block: quotes may span lines, `#` starts a comment."""
     commands: list[DocCommand] = []
     buf, start, quote = "", None, None
@@ -188,14 +189,18 @@ def _split_commands(block: list[str], doc: str, first_line: int) -> list[DocComm
             buf += text[:-1] + " "
         else:
             buf += text
-            commands.append(DocCommand(doc, start, buf.strip()))
+            commands.append(DocCommand(doc, start, buf.strip(), include))
             buf, start = "", None
     assert start is None, f"{doc}:{start}: unterminated command {buf!r}"
     return commands
 
 
-def doc_commands() -> list[DocCommand]:
-    """Every command of every ```bash / ```sh block of README.md and docs/*.md."""
+INCLUDE = re.compile(r"^<!-- include (docs/examples/[\w.-]+\.sh) -->$")
+
+
+def doc_blocks() -> list[tuple[str, int, str, list[str], str | None]]:
+    """(doc, first line, language, lines, included script) of every fenced block of
+    README.md and docs/*.md."""
     found = []
     for path in DOCS:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -206,10 +211,17 @@ def doc_commands() -> list[DocCommand]:
                 i += 1
                 continue
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            if m.group(1) in SHELL_LANGS:
-                found += _split_commands(lines[i + 1:end], str(path.relative_to(REPO)), i + 2)
+            inc = INCLUDE.match(lines[i - 1]) if i else None
+            found.append((str(path.relative_to(REPO)), i + 2, m.group(1), lines[i + 1:end],
+                          inc.group(1) if inc else None))
             i = end + 1
     return found
+
+
+def doc_commands() -> list[DocCommand]:
+    """Every command of every ```bash / ```sh block of README.md and docs/*.md."""
+    return [cmd for doc, line, lang, block, include in doc_blocks() if lang in SHELL_LANGS
+            for cmd in _split_commands(block, doc, line, include)]
 
 
 def coverage_of(cmd: DocCommand) -> Coverage:
@@ -221,7 +233,8 @@ def coverage_of(cmd: DocCommand) -> Coverage:
 
 
 def _commands_in(doc: str) -> list[DocCommand]:
-    return [c for c in doc_commands() if c.doc == doc]
+    """The doc's own commands (not the lines of the scripts it includes)."""
+    return [c for c in doc_commands() if c.doc == doc and c.include is None]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -235,8 +248,57 @@ def test_the_extractor_joins_continuations_and_drops_comments():
     assert [c.line for c in cmds] == [2, 4, 6]
 
 
+def test_included_scripts_are_verbatim_and_each_is_called_by_a_documented_command():
+    blocks = [(doc, line, inc, block) for doc, line, _, block, inc in doc_blocks() if inc]
+    assert {inc for *_, inc, _ in blocks} == {str(p.relative_to(REPO))
+                                              for p in EXAMPLES.glob("*.sh")}
+    called = " ".join(c.key for c in doc_commands() if c.include is None)
+    for doc, line, inc, block in blocks:
+        assert "\n".join(block) + "\n" == (REPO / inc).read_text(), (
+            f"{doc}:{line}: the block differs from {inc} (paste the script as it is)")
+        assert f"bash {inc} " in called, f"{inc}: no documented command runs it"
+        r = subprocess.run(["bash", "-n", str(REPO / inc)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+\s+(.*)$", markdown, re.M)}
+
+
+def test_links_between_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a
+    #fragment names a heading of its page."""
+    broken = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+            target, _, fragment = m.group(1).partition("#")
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            page = (path.parent / target) if target else path
+            if not page.exists():
+                broken.append(f"{path.name}: {m.group(1)}")
+            elif fragment and page.suffix == ".md" and fragment not in _anchors(
+                    page.read_text(encoding="utf-8")):
+                broken.append(f"{path.name}: {m.group(1)} (no such heading)")
+    assert not broken, broken
+
+
+def test_example_configs_load():
+    """The config files the docs pass with --config say what the docs say they do."""
+    from pipelines.core.config import load_config
+    fit = load_config(str(EXAMPLES / "fit-views.yaml")).augment
+    assert fit.views == ("original", "hflip") and fit.mode == "separate"
+    assert load_config(str(EXAMPLES / "grocery-scann.yaml")).index.brute_force_below == 0
+    for precision in ("fp32", "bf16"):
+        config = load_config(str(EXAMPLES / f"precision-{precision}.yaml"))
+        assert config.model.precision == precision
+
+
 def test_every_documented_command_has_exactly_one_coverage_entry():
-    cmds = doc_commands()
+    cmds = [c for c in doc_commands() if c.include is None]  # scripts: the test above
     assert len(cmds) > 40 and {c.doc for c in cmds} >= {"README.md", "docs/AIRFLOW.md"}
     used = {id(coverage_of(c)) for c in cmds}
     stale = [c.pattern for c in COVERAGE if id(c) not in used]
@@ -504,7 +566,7 @@ def test_readme_command_line_chain_as_written(tmp_path):
 
 
 def test_grocery_manifests(tmp_path):
-    """The cheap grocery commands (manifests, the ScaNN config file), when the data is here."""
+    """The cheap grocery commands (manifests, variables), when the data is here."""
     if not GROCERY.is_dir():
         pytest.skip(f"{GROCERY} not present (the README says where the dataset comes from)")
     work = scratch_repo(tmp_path)
@@ -516,12 +578,50 @@ def test_grocery_manifests(tmp_path):
             if coverage_of(cmd).where.startswith("test_grocery_manifests"):
                 sh.run(cmd, timeout=300)
                 ran += 1
-    assert ran == 12, sh.ran  # the cheap grocery commands of README.md + docs/EVALUATION.md
+    assert ran == 11, sh.ran  # the cheap grocery commands of README.md + docs/EVALUATION.md
     for out in ("out/grocery", "out/grocery-iconic"):
         with open(work / out / "catalog.csv") as f:
             assert sum(1 for _ in f) > 81
-    from pipelines.core.config import load_config
-    assert load_config(str(work / "out/grocery/scann.yaml")).index.brute_force_below == 0
+
+
+@pytest.mark.heavy
+def test_grocery_row_script(tmp_path, tiny_model):
+    """docs/examples/grocery_row.sh as documented, on a 3-product sample catalog in the
+    grocery layout, with the tiny model: both snapshots (the packshots run reusing the
+    full run's vectors), both indexes, both evaluations sharing one vector cache."""
+    work = scratch_repo(tmp_path)
+    sh = Shell(work, shell_env())
+    sh.run("catalog-search sample-catalog --out out/cat")
+    _shrink_catalog(work / "out/cat", ("P0000", "P0001", "P0004"), queries=4)
+    grocery, iconic = work / "out/m/grocery", work / "out/m/grocery-iconic"
+    grocery.mkdir(parents=True)
+    iconic.mkdir()
+    with open(work / "out/cat/manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for folder, keep in ((grocery, rows), (iconic, rows[::3])):
+        with open(folder / "catalog.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows([{**r, "image_uri": str(work / "out/cat" / r["image_uri"])}
+                         for r in keep])
+    with open(work / "out/cat/queries.csv", newline="") as f:
+        queries = list(csv.DictReader(f))
+    with open(grocery / "queries.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(queries[0]))
+        w.writeheader()
+        w.writerows([{**q, "image_uri": str(work / "out/cat" / q["image_uri"])}
+                     for q in queries])
+    (work / "out/row.yaml").write_text(
+        f"model:\n  handle: {tiny_model}\n  cache_dir: {tmp_path / 'cache'}\n"
+        "runner:\n  direct_running_mode: in_memory\n  direct_num_workers: 1\n")
+    sh.run(f"bash docs/examples/grocery_row.sh out/row.yaml out/row out/m --allow-model "
+           f"{tiny_model} --json", timeout=900)
+    full = json.loads((work / "out/row/emb-full/full/summary.json").read_text())
+    packshots = json.loads((work / "out/row/emb-iconic/iconic/summary.json").read_text())
+    assert full["embedded"] == len(rows) and packshots["reused"] == len(rows[::3]), packshots
+    for name in ("eval-full", "eval-iconic"):
+        assert (work / "out/row" / name / "report.json").exists(), name
+    assert any((work / "out/row/vector-cache").iterdir())
 
 
 # ------------------------------------------------------------ the local Airflow stack
