@@ -1,34 +1,63 @@
 """The request and response models of the HTTP API (pydantic): FastAPI builds the OpenAPI
-schema from them, and the search requests are validated with them.
+schema from them, and every search request's values (photo / vector search, text search,
+"more like this") are validated with them, here only.
 
-Query values keep the service's own rules (serving.api.parsing): a bad value fails
-validation with its reason as the error type (PydanticCustomError), which the error
-handler answers as `{"error": {"reason": ..., "message": ...}}` (serving.api.errors).
+A value is read from its wire form (a form field or query string is text; JSON has
+numbers) and then held to the query's own rule (serving.query: check_k, check_weight,
+the same rule the Python API applies). A bad value fails validation with its reason as
+the error type (PydanticCustomError), which the error handler answers as
+`{"error": {"reason": ..., "message": ...}}` (serving.api.errors).
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+import json
+from typing import Annotated, Any, Callable, Literal, NoReturn
 from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from serving.api.errors import REASON_BY_FIELD, ApiError
-from serving.api.parsing import (parse_bool, parse_filters, parse_group_by, parse_k,
-                                 parse_max_per_group, parse_text, parse_weight)
+from serving.api.parsing import check_json_depth
+from serving.errors import QueryError
+from serving.query import check_k, check_weight
 from serving.results import SearchResults
 
 # Largest integer accepted in a vector (beyond it float32 overflows).
 _MAX_VECTOR_INT = 2 ** 128
 
 
-def _checked(parse: Callable[..., Any], *args: Any) -> Any:
-    """Run a parser of serving.api.parsing; its ApiError becomes a validation error whose
-    type is the reason."""
+def _refuse(reason: str, message: str) -> NoReturn:
+    raise PydanticCustomError(reason, "{message}", {"message": message})
+
+
+def _rule(check: Callable[..., Any], *args: Any) -> Any:
+    """A rule of serving.query; its QueryError becomes a validation error of that reason."""
     try:
-        return parse(*args)
-    except ApiError as e:
-        raise PydanticCustomError(e.reason, "{message}", {"message": e.message}) from None
+        return check(*args)
+    except QueryError as e:
+        _refuse(e.reason, str(e))
+
+
+def _absent(raw: Any) -> bool:
+    return raw is None or raw == ""  # a form's empty field is "not given"
+
+
+def _integer(raw: Any, name: str) -> int | None:
+    """An integer from JSON (3.0 is one, as in JSON Schema) or from text."""
+    if _absent(raw):
+        return None
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if not isinstance(raw, (bool, float)):
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            pass
+    _refuse(f"bad_{name}", f"{name} must be an integer, got {str(raw)[:40]!r}"
+            if isinstance(raw, str) else f"{name} must be an integer, got {raw!r}")
 
 
 # --------------------------------------------------------------------------- requests
@@ -58,40 +87,85 @@ class SearchOptions(BaseModel):
 
     @field_validator("k", mode="before")
     @classmethod
-    def _k(cls, raw: Any) -> Any:
-        return _checked(parse_k, raw)
+    def _k(cls, raw: Any, info: ValidationInfo) -> Any:
+        k = _integer(raw, "k")
+        config = (info.context or {}).get("config")
+        if k is None or config is None:
+            return k
+        return _rule(check_k, k, config)  # 1 <= k <= serving.max_k
 
     @field_validator("filters", mode="before")
     @classmethod
     def _filters(cls, raw: Any, info: ValidationInfo) -> Any:
+        if _absent(raw):
+            return None
         context = info.context or {}
-        return _checked(parse_filters, raw, context.get("max_json_depth", 8),
-                        context.get("max_json_bytes", 1_000_000))
+        if isinstance(raw, str):
+            max_bytes = context.get("max_json_bytes", 1_000_000)
+            if len(raw) > max_bytes:
+                _refuse("too_large", f"filters is longer than {max_bytes} characters")
+            try:
+                check_json_depth(raw, context.get("max_json_depth", 8), "filters")
+                raw = json.loads(raw)
+            except ApiError as e:  # too_deep
+                _refuse(e.reason, e.message)
+            except (ValueError, RecursionError) as e:
+                _refuse("bad_filter", f"filters must be a JSON object: {e}")
+        if not isinstance(raw, dict):
+            _refuse("bad_filter", "filters must be a JSON object of key -> value(s)")
+        return raw
 
     @field_validator("collapse", mode="before")
     @classmethod
     def _collapse(cls, raw: Any) -> Any:
-        return _checked(parse_bool, raw, "collapse")
+        if _absent(raw):
+            return True
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        _refuse("bad_collapse", f"collapse must be true or false, got {raw!r}")
 
     @field_validator("group_by", mode="before")
     @classmethod
     def _group_by(cls, raw: Any) -> Any:
-        return _checked(parse_group_by, raw)
+        """A metadata field name (whether the index has it is checked by the query)."""
+        if _absent(raw):
+            return None
+        if not isinstance(raw, str):
+            _refuse("bad_group_by", "group_by must be a metadata field name (a string)")
+        return raw.strip()
 
     @field_validator("max_per_group", mode="before")
     @classmethod
     def _max_per_group(cls, raw: Any) -> Any:
-        return _checked(parse_max_per_group, raw)
+        return _integer(raw, "max_per_group")  # its range: serving.crowding
 
     @field_validator("text", mode="before")
     @classmethod
     def _text(cls, raw: Any) -> Any:
-        return _checked(parse_text, raw)
+        if raw is not None and not isinstance(raw, str):  # its length: serving.query
+            _refuse("bad_text", "text must be a string")
+        return raw
 
     @field_validator("text_weight", mode="before")
     @classmethod
     def _text_weight(cls, raw: Any) -> Any:
-        return _checked(parse_weight, raw)
+        """A number in [0, 1], refused even where it is not used (a text-only search), as
+        the OpenAPI schema states."""
+        if _absent(raw):
+            return None
+        if isinstance(raw, str):
+            try:
+                raw = float(raw.strip())
+            except ValueError:
+                _refuse("bad_text_weight", f"text_weight must be a number, got {raw[:40]!r}")
+        elif isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            _refuse("bad_text_weight", f"text_weight must be a number, got {raw!r}")
+        return _rule(check_weight, raw, 0.0)
 
 
 class VectorSearchRequest(SearchOptions):

@@ -44,10 +44,11 @@ class ServingState:
         query_id = self.feedback.remember(results) if remember and self.feedback else None
         return SearchResponse.from_results(results, query_id)
 
-    def json_context(self) -> dict[str, int]:
-        """Limits the request models' validators apply (serving.api.schemas)."""
+    def json_context(self) -> dict[str, Any]:
+        """What the request models' validators apply (serving.api.schemas): the JSON
+        limits, and the config whose rules a query value is held to (k <= serving.max_k)."""
         return {"max_json_depth": self.config.serving.max_json_depth,
-                "max_json_bytes": self.config.serving.max_json_bytes}
+                "max_json_bytes": self.config.serving.max_json_bytes, "config": self.config}
 
     def require_admin(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         """401 without a bearer token, 403 with a wrong one (when an admin token is set).

@@ -11,9 +11,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from serving.api.deadline import run_with_deadline
-from serving.api.errors import ApiError, api_error
-from serving.api.parsing import parse_filters, parse_group_by, parse_max_per_group, parse_weight
-from serving.api.schemas import ErrorResponse, SearchResponse, error_responses
+from serving.api.errors import ApiError, api_error, validated
+from serving.api.schemas import ErrorResponse, SearchOptions, SearchResponse, error_responses
 from serving.api.security import IMAGE_CSP
 from serving.api.state import ServingState, State, run_search
 from serving.errors import NotReadyError
@@ -65,9 +64,11 @@ async def read_catalog_image(image_id: str, uri: str, state: ServingState) -> by
                        "this catalog image cannot be read from storage") from None
 
 
-def _filters(raw: str | None, state: ServingState) -> dict[str, Any] | None:
-    sc = state.config.serving
-    return parse_filters(raw, sc.max_json_depth, sc.max_json_bytes)
+def _options(state: ServingState, **given: Any) -> SearchOptions:
+    """The query string's values, validated by the request model (k and collapse are
+    already typed by their Query declarations)."""
+    return validated(SearchOptions, {name: value for name, value in given.items()
+                                     if value is not None}, state.json_context())
 
 
 @router.get("/v1/products/{product_id}/similar", summary='"More like this" for a product',
@@ -77,11 +78,11 @@ async def similar_product(product_id: str, state: State, k: K = None,
                           filters: Filters = None, collapse: Collapse = True,
                           text_weight: TextWeight = None, group_by: GroupBy = None,
                           max_per_group: MaxPerGroup = None) -> SearchResponse:
+    o = _options(state, filters=filters, text_weight=text_weight, group_by=group_by,
+                 max_per_group=max_per_group)
     results = await run_search(state.searcher.similar_to, product_id=product_id, k=k,
-                               filters=_filters(filters, state), collapse=collapse,
-                               text_weight=parse_weight(text_weight),
-                               group_by=parse_group_by(group_by),
-                               max_per_group=parse_max_per_group(max_per_group))
+                               filters=o.filters, collapse=collapse, text_weight=o.text_weight,
+                               group_by=o.group_by, max_per_group=o.max_per_group)
     return SearchResponse.from_results(results)
 
 
@@ -91,10 +92,10 @@ async def similar_product(product_id: str, state: State, k: K = None,
 async def similar_image(image_id: str, state: State, k: K = None, filters: Filters = None,
                         collapse: Collapse = True, group_by: GroupBy = None,
                         max_per_group: MaxPerGroup = None) -> SearchResponse:
+    o = _options(state, filters=filters, group_by=group_by, max_per_group=max_per_group)
     results = await run_search(state.searcher.similar_to, image_id=image_id, k=k,
-                               filters=_filters(filters, state), collapse=collapse,
-                               group_by=parse_group_by(group_by),
-                               max_per_group=parse_max_per_group(max_per_group))
+                               filters=o.filters, collapse=collapse,
+                               group_by=o.group_by, max_per_group=o.max_per_group)
     return SearchResponse.from_results(results)
 
 
