@@ -53,6 +53,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "mlp1024-lr1e-3": {"hidden": 1024, "learning_rate": 1e-3},
     "valp0.05": {"val_products": 0.05},
     "linear256+val": {},
+    "refit": {"refit": True},
+    "refit+val": {"refit": True},
     "mlp1024+val": {"hidden": 1024},
 }
 
@@ -67,7 +69,10 @@ def parse_row(name: str) -> dict[str, Any]:
         key, _, value = part.partition("=")
         if not value:
             raise SystemExit(f"unknown row {name!r}: one of {sorted(ROWS)} or key=value;...")
-        out[key] = float(value) if "." in value or "e-" in value else int(value)
+        if value in ("true", "false"):
+            out[key] = value == "true"
+        else:
+            out[key] = float(value) if "." in value or "e-" in value else int(value)
     return out
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -113,72 +113,95 @@ def _batches(labels: np.ndarray, params: TrainParams, rng: np.random.Generator
     return out
 
 
-def train_adapter(x: np.ndarray, labels: np.ndarray, params: TrainParams
-                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train on rows `x` [n, in_dim] with product labels [n]; returns (arrays, history).
+@dataclass
+class _Model:
+    """The trainable projection: the linear map W (+ the MLP's residual branch)."""
+    linear: Any
+    hidden: Any = None   # Dense(H, relu) on the raw vector (kind "mlp")
+    out: Any = None      # Dense(out_dim), starts at zero
 
-    Linear (params.hidden 0): {"weights": W [in_dim, out_dim]}, output = x W.
-    MLP (hidden H > 0): W plus {"hidden_weights" [in_dim, H], "hidden_bias" [H],
-    "output_weights" [H, out_dim]}, output = x W + relu(x W1 + b1) W2: the linear map with
-    a non-linear residual that starts at zero (W2 = 0), so training starts from exactly the
-    linear adapter's initialisation. Batches are gathered from `x` as they are needed (no
-    copy of x is handed to TensorFlow)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-    try:
-        tf.config.set_visible_devices([], "GPU")  # CPU only (the issue's budget)
-    except (RuntimeError, ValueError):  # devices already initialised in this process
-        pass
+    @property
+    def variables(self) -> list[Any]:
+        layers = [self.linear] + ([self.hidden, self.out] if self.hidden is not None else [])
+        return [v for layer in layers for v in layer.trainable_variables]
+
+    def __call__(self, xb: Any) -> Any:
+        y = self.linear(xb)
+        if self.hidden is not None:
+            y = y + self.out(self.hidden(xb))
+        return y
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"weights": np.asarray(self.linear.kernel.numpy(), np.float32)}
+        if self.hidden is not None:
+            arrays["hidden_weights"] = np.asarray(self.hidden.kernel.numpy(), np.float32)
+            arrays["hidden_bias"] = np.asarray(self.hidden.bias.numpy(), np.float32)
+            arrays["output_weights"] = np.asarray(self.out.kernel.numpy(), np.float32)
+        return arrays
+
+
+def _build_model(x: np.ndarray, params: TrainParams) -> _Model:
+    """The layers at their initialisation: W = the top singular vectors of x, the MLP's
+    hidden layer Glorot-seeded and its output layer zero (so it starts as the linear map)."""
     import keras
-
-    started = time.time()
-    rng = np.random.default_rng(params.seed)
-    tf.random.set_seed(params.seed)
     w0 = initial_weights(x, params.out_dim, params.init_sample, params.seed)
     in_dim = x.shape[1]
     linear = keras.layers.Dense(params.out_dim, use_bias=False,
                                 kernel_initializer=keras.initializers.Constant(w0))
     linear.build((None, in_dim))
-    layers = [linear]
-    if params.hidden:
-        hidden = keras.layers.Dense(params.hidden, activation="relu",
-                                    kernel_initializer=keras.initializers.GlorotUniform(
-                                        seed=params.seed))
-        hidden.build((None, in_dim))
-        out = keras.layers.Dense(params.out_dim, use_bias=False, kernel_initializer="zeros")
-        out.build((None, params.hidden))
-        layers += [hidden, out]
-    variables = [v for layer in layers for v in layer.trainable_variables]
-    optimizer = keras.optimizers.Adam(learning_rate=params.learning_rate)
-    inv_t = 1.0 / params.temperature
+    if not params.hidden:
+        return _Model(linear)
+    hidden = keras.layers.Dense(params.hidden, activation="relu",
+                                kernel_initializer=keras.initializers.GlorotUniform(
+                                    seed=params.seed))
+    hidden.build((None, in_dim))
+    out = keras.layers.Dense(params.out_dim, use_bias=False, kernel_initializer="zeros")
+    out.build((None, params.hidden))
+    return _Model(linear, hidden, out)
 
-    def project(xb: tf.Tensor) -> tf.Tensor:
-        y = linear(xb)
-        if params.hidden:
-            y = y + layers[2](layers[1](xb))
-        return y
+
+def supervised_contrastive_loss(z: Any, yb: Any, temperature: float) -> Any:
+    """The batch's mean supervised-contrastive loss of L2-normalised rows z [n, d] with
+    labels yb [n] (anchors without a positive in the batch are left out)."""
+    import tensorflow as tf
+    logits = tf.matmul(z, z, transpose_b=True) * (1.0 / temperature)
+    n = tf.shape(z)[0]
+    self_mask = tf.eye(n, dtype=tf.bool)
+    logits = tf.where(self_mask, tf.fill(tf.shape(logits), -1e9), logits)
+    same = tf.logical_and(tf.equal(yb[:, None], yb[None, :]), tf.logical_not(self_mask))
+    pos = tf.cast(same, tf.float32)
+    log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+    num_pos = tf.reduce_sum(pos, axis=1)
+    per_anchor = -tf.reduce_sum(pos * log_prob, axis=1) / tf.maximum(num_pos, 1.0)
+    has = tf.cast(num_pos > 0, tf.float32)
+    return tf.reduce_sum(per_anchor * has) / tf.maximum(tf.reduce_sum(has), 1.0)
+
+
+def _make_step(model: _Model, params: TrainParams) -> Callable[[Any, Any], Any]:
+    """One Adam step on a batch (a tf.function): returns the batch's loss."""
+    import keras
+    import tensorflow as tf
+    variables = model.variables
+    optimizer = keras.optimizers.Adam(learning_rate=params.learning_rate)
 
     @tf.function(reduce_retracing=True)
     def step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            z = tf.math.l2_normalize(project(xb), axis=1)
-            logits = tf.matmul(z, z, transpose_b=True) * inv_t
-            n = tf.shape(z)[0]
-            self_mask = tf.eye(n, dtype=tf.bool)
-            logits = tf.where(self_mask, tf.fill(tf.shape(logits), -1e9), logits)
-            same = tf.logical_and(tf.equal(yb[:, None], yb[None, :]),
-                                  tf.logical_not(self_mask))
-            pos = tf.cast(same, tf.float32)
-            log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
-            num_pos = tf.reduce_sum(pos, axis=1)
-            per_anchor = -tf.reduce_sum(pos * log_prob, axis=1) / tf.maximum(num_pos, 1.0)
-            has = tf.cast(num_pos > 0, tf.float32)
-            loss = tf.reduce_sum(per_anchor * has) / tf.maximum(tf.reduce_sum(has), 1.0)
+            z = tf.math.l2_normalize(model(xb), axis=1)
+            loss = supervised_contrastive_loss(z, yb, params.temperature)
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
-    labels = np.asarray(labels, np.int64)
+    return step
+
+
+def _fit(x: np.ndarray, labels: np.ndarray, params: TrainParams,
+         step: Callable[[Any, Any], Any]) -> tuple[list[float], int]:
+    """params.epochs passes of seeded batches (gathered from x as they are needed, no copy
+    of x is handed to TensorFlow): (mean loss per epoch, steps)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(params.seed)
     history: list[float] = []
     steps = 0
     for epoch in range(params.epochs):
@@ -193,17 +216,34 @@ def train_adapter(x: np.ndarray, labels: np.ndarray, params: TrainParams
         if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == params.epochs:
             log.info("train-adapter: epoch %d/%d loss %.4f", epoch + 1, params.epochs,
                      history[-1])
-    arrays = {"weights": np.asarray(linear.kernel.numpy(), np.float32)}
-    if params.hidden:
-        arrays["hidden_weights"] = np.asarray(layers[1].kernel.numpy(), np.float32)
-        arrays["hidden_bias"] = np.asarray(layers[1].bias.numpy(), np.float32)
-        arrays["output_weights"] = np.asarray(layers[2].kernel.numpy(), np.float32)
+    return history, steps
+
+
+def train_adapter(x: np.ndarray, labels: np.ndarray, params: TrainParams
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train on rows `x` [n, in_dim] with product labels [n]; returns (arrays, history).
+
+    Linear (params.hidden 0): {"weights": W [in_dim, out_dim]}, output = x W.
+    MLP (hidden H > 0): W plus {"hidden_weights" [in_dim, H], "hidden_bias" [H],
+    "output_weights" [H, out_dim]}, output = x W + relu(x W1 + b1) W2: the linear map with
+    a non-linear residual that starts at zero (W2 = 0), so training starts from exactly the
+    linear adapter's initialisation."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    try:
+        tf.config.set_visible_devices([], "GPU")  # CPU only (the issue's budget)
+    except (RuntimeError, ValueError):  # devices already initialised in this process
+        pass
+    started = time.time()
+    tf.random.set_seed(params.seed)
+    model = _build_model(x, params)
+    history, steps = _fit(x, np.asarray(labels, np.int64), params, _make_step(model, params))
     info = {"loss": LOSS_NAME, "params": params.to_dict(),
             "init": f"top singular vectors (Gram matrix of up to {params.init_sample} rows)",
             "steps": steps, "loss_first_epoch": history[0] if history else None,
             "loss_last_epoch": history[-1] if history else None, "loss_by_epoch": history,
             "seconds": round(time.time() - started, 2)}
-    return arrays, info
+    return model.arrays(), info
 
 
 def train_linear(x: np.ndarray, labels: np.ndarray, params: TrainParams

@@ -237,6 +237,9 @@ class AdapterConfig:
     # costs O(val_max_queries x N), not O(N^2). The initialisation: on at most init_sample rows.
     val_max_queries: Annotated[Int, Field(ge=1)] = 5000
     init_sample: Annotated[Int, Field(ge=1)] = 100_000
+    # After the gate passes: train again, same parameters, on every catalog row and pair
+    # (the held-out ones too) and write that adapter; the gate's figures are the split's.
+    refit: Bool = False
     # The catalog_refresh DAG's train_adapter task: the adapter folder (null: `adapter`
     # beside the index root), labelled-photo snapshots used as pairs, the feedback log.
     dir: Text | None = None
