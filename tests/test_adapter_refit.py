@@ -83,3 +83,24 @@ def test_config_refuses_a_non_boolean_refit():
     from pipelines.core.config import ConfigError
     with pytest.raises(ConfigError, match="adapter.refit"):
         adapter_config(refit="yes")
+
+
+def test_cli_refit_flag_writes_the_all_rows_adapter(both, tmp_path, capsys):
+    from catalog_search.cli import main as cli_main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"adapter": {"dim": 16, "epochs": 40, "learning_rate": 0.01,
+                                           "products_per_batch": 8, "samples_per_product": 4,
+                                           "val_products": 0.2, "val_pairs": 0.2}}))
+    out = str(tmp_path / "cli")
+    rc = cli_main(["--config", str(cfg), "train-adapter", "--embeddings", both["catalog"],
+                   "--pairs", both["pairs"], "--out", out, "--refit"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "refit        written adapter trained on all 180 rows" in text, text
+    assert load_adapter(out).id == load_adapter(both["refit_out"]).id
+
+
+def test_grocery_zoom_config_is_the_documented_zoom():
+    from pipelines.core.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    f = load_config(os.path.join(root, "configs", "grocery-zoom.yaml")).features
+    assert (tuple(f.scales), tuple(f.query_scales)) == ((1.3,), (1.6,))

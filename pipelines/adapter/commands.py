@@ -180,12 +180,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add a ReLU hidden layer of DIM units beside the linear map (kind "
                         "mlp; 0 = linear; default: config adapter.hidden)")
     p.add_argument("--seed", type=int, help="split/batch/initialisation seed (adapter.seed)")
+    p.add_argument("--refit", action="store_true", default=None,
+                   help="gate passed: write the same training on every row, held-out ones "
+                        "too (adapter.refit; the gate's figures stay the split's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     overrides: dict[str, Any] = {}
-    for name in ("dim", "epochs", "seed", "hidden"):
+    for name in ("dim", "epochs", "seed", "hidden", "refit"):
         value = getattr(args, name)
         if value is not None:
             if name == "hidden" and value < 0:
@@ -226,7 +229,10 @@ def _run(args: argparse.Namespace, config: Config) -> int:
           f"validation   {v['queries']} queries: recall@1 {v['with_adapter']['recall@1']:.4f} "
           f"with, {v['identity']['recall@1']:.4f} without; recall@5 "
           f"{v['with_adapter']['recall@5']:.4f} / {v['identity']['recall@5']:.4f}\n"
-          f"gate         {'passed' if result.passed else 'REFUSED'}: {result.reason}")
+          f"gate         {'passed' if result.passed else 'REFUSED'}: {result.reason}"
+          + (f"\nrefit        written adapter trained on all {t['refit']['rows']} rows "
+             f"({t['refit']['products']} products), {t['refit']['seconds']} s"
+             if "refit" in t else ""))
     return rc
 
 
