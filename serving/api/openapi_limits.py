@@ -35,8 +35,11 @@ from pipelines.index.delete import MAX_IDS as _MAX_IDS
 from serving.filters import MAX_FILTER_KEYS, MAX_FILTER_VALUES
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# Python's whitespace (str.isspace, what str.strip removes), spelled out: ECMA's \s, which
+# JSON Schema patterns use, lacks U+001C-U+001F and U+0085 and adds U+FEFF.
+PY_WHITESPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Not only whitespace (query text and field names are stripped before use).
-_NOT_BLANK = r"\S"
+_NOT_BLANK = f"[^{PY_WHITESPACE}]"
 
 
 def filters_schema() -> dict[str, Any]:
@@ -51,9 +54,8 @@ def filters_schema() -> dict[str, Any]:
 def delete_body_schema() -> dict[str, Any]:
     ids = {"type": "array", "maxItems": _MAX_IDS, "items": {
         "type": "string", "minLength": 1, "maxLength": _MAX_ID_CHARS,
-        # printable (no control character) and not only whitespace -- Python's whitespace,
-        # which the service strips: it also counts U+0085, which ECMA's \s does not
-        "pattern": r"^[^\u0000-\u001f]*[^\s\u0000-\u001f\u0085][^\u0000-\u001f]*$"}}
+        # printable (no control character) and not only Python's whitespace (stripped)
+        "pattern": rf"^[^\u0000-\u001f]*[^\u0000-\u001f{PY_WHITESPACE}][^\u0000-\u001f]*$"}}
     return {"type": "object", "additionalProperties": False,
             "properties": {"product_ids": ids, "image_ids": ids,
                            "reason": {"type": "string", "minLength": 1, "maxLength": 500,
