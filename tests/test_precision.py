@@ -149,3 +149,37 @@ def test_bf16_and_fp32_snapshots_never_mix(embed_config, tiny_model, tmp_path):
                    previous=child["snapshot"])
     assert s3.reused == 0 and s3.embedded == 3
     assert s3.embedding_fingerprint == s1.embedding_fingerprint
+
+
+_NOISE = ("auto_mixed_precision", "absl::InitializeLog")
+
+
+@pytest.mark.slow  # two CLI processes that import TensorFlow
+@pytest.mark.skipif(not P.bf16_support()[0], reason="the bf16 rewrite needs AVX512_BF16 / AMX")
+def test_embed_cli_in_bf16_does_not_print_the_rewrite_log(tiny_model, tmp_path):
+    """`catalog-search embed` with model.precision bf16: stderr holds none of the grappler's
+    native 'Converted N/M nodes to bfloat16' lines (apply_precision lowers absl's log
+    level); with TF_CPP_MIN_LOG_LEVEL=0 they are there, so the check is not vacuous."""
+    from pipelines.embed.sample_catalog import write_catalog
+    manifest = write_catalog(str(tmp_path / "cat"), num_products=2, images_per_product=2,
+                             size=96)
+    config = tmp_path / "bf16.yaml"
+    config.write_text(json.dumps({
+        "model": {"handle": tiny_model, "cache_dir": str(tmp_path / "cache"), "batch_size": 8,
+                  "precision": "bf16"},
+        "runner": {"direct_running_mode": "in_memory", "direct_num_workers": 1}}))
+
+    def embed(run_id: str, **env_extra: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        env.update(env_extra)
+        proc = subprocess.run([sys.executable, "-m", "catalog_search", "--config", str(config),
+                               "embed", "--manifest", manifest, "--out", str(tmp_path / "emb"),
+                               "--run-id", run_id], env=env, text=True, capture_output=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    quiet = embed("quiet")
+    assert not [line for line in quiet.splitlines() if any(n in line for n in _NOISE)], quiet
+    loud = embed("loud", TF_CPP_MIN_LOG_LEVEL="0")
+    assert "auto_mixed_precision" in loud

@@ -17,12 +17,23 @@ model graph is built wherever the model runs -- the embed launcher (in-process r
 RunInference worker, serving, `model bench` -- and a process refuses a second, different
 precision instead of mixing them.
 
+The bf16 rewrite logs one native INFO line per optimised graph ("auto_mixed_precision.cc ...
+Converted 140/368 nodes to bfloat16", after absl's "WARNING: All log messages before
+absl::InitializeLog() ..."), which TF_CPP_MIN_LOG_LEVEL does not reach (TensorFlow 2.20
+logs it through absl). `apply_precision` raises absl's minimum log level to WARNING when
+TF_CPP_MIN_LOG_LEVEL is 1 or more (what every command of this project sets), so local runs
+stay quiet; TF_CPP_MIN_LOG_LEVEL=0 keeps the lines.
+
 `CATALOG_SEARCH_CPU_FLAGS` (a space-separated list of /proc/cpuinfo flag names) replaces the
 CPU's flags for `auto`, so tests can force a CPU without the features.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
+import mmap
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -98,6 +109,39 @@ def check_runnable(value: str) -> None:
         raise PrecisionError(f"unknown precision {value!r} (expected fp32 or bf16)")
 
 
+_SET_MIN_LOG_LEVEL = re.compile(rb"_ZN4absl\d+lts_\d+14SetMinLogLevelENS0_18LogSeverityAtLeastE")
+_SYMBOL_TAIL = b"14SetMinLogLevelENS0_18LogSeverityAtLeastE"
+_ABSL_WARNING = 1  # absl::LogSeverityAtLeast::kWarning
+
+
+def quiet_native_info_logs() -> bool:
+    """absl's minimum log level to WARNING in TensorFlow's native code, unless
+    TF_CPP_MIN_LOG_LEVEL asks for INFO; True when it was set. Best effort: False when the
+    library or its absl symbol is not found (a TensorFlow build without it)."""
+    try:
+        if int(os.environ.get("TF_CPP_MIN_LOG_LEVEL") or 0) < 1:
+            return False
+    except ValueError:
+        return False
+    try:
+        import tensorflow as tf
+        libs = glob.glob(os.path.join(os.path.dirname(tf.__file__),
+                                      "libtensorflow_framework.so*"))
+        if not libs:
+            return False
+        with open(libs[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            end = m.find(_SYMBOL_TAIL)  # the mangled name holds absl's version: find it
+            found = (_SET_MIN_LOG_LEVEL.search(m[max(0, end - 40):end + len(_SYMBOL_TAIL)])
+                     if end >= 0 else None)
+            name = found.group().decode() if found else None
+        if name is None:
+            return False
+        getattr(ctypes.CDLL(libs[0]), name)(ctypes.c_int(_ABSL_WARNING))
+        return True
+    except (OSError, AttributeError, ValueError, ImportError):
+        return False
+
+
 def apply_precision(value: str) -> None:
     """Set TensorFlow's bf16 rewrite for this process (before any model graph is built).
     Idempotent; a second, different precision in the same process is refused."""
@@ -111,6 +155,8 @@ def apply_precision(value: str) -> None:
                                  f"{value} needs a process of its own (TensorFlow's "
                                  f"{GRAPPLER_OPTION} option is process-global)")
         import tensorflow as tf
+        if value == "bf16":
+            quiet_native_info_logs()
         tf.config.optimizer.set_experimental_options({GRAPPLER_OPTION: value == "bf16"})
         _applied = value
 
