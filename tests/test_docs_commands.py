@@ -100,6 +100,13 @@ COVERAGE: list[Coverage] = [
              r"(embed|build-index|evaluate) .*out/grocery.*", SKIP,
              "the full grocery dataset (2,721 + 2,485 images: minutes); the same "
              "subcommands run here on the sample catalog"),
+    Coverage(r"CSZ=\"\$CS --config configs/grocery-zoom\.yaml\"|"
+             r"\$CSZ (embed|build-index|evaluate) .*out/(grocery|zoom)/.*|"
+             r"\$CS --config docs/examples/grocery-zoom-queries\.yaml embed .*out/zoom/.*", SKIP,
+             "the full grocery dataset embedded with the zoom option (minutes); "
+             "configs/grocery-zoom.yaml is loaded by tests/test_adapter_refit.py"),
+    Coverage(r"\$CSZ train-adapter .*", TEST,
+             "tests/test_adapter_refit.py (train-adapter with a --config file, --refit)"),
     Coverage(r"(catalog-search|\$CS) train-adapter .*", TEST,
              "tests/test_adapter.py (train-adapter on generated confusable products: written, "
              "gate refusal keeps the old adapter, bad input / arguments)"),
@@ -295,6 +302,8 @@ def test_example_configs_load():
     for precision in ("fp32", "bf16"):
         config = load_config(str(EXAMPLES / f"precision-{precision}.yaml"))
         assert config.model.precision == precision
+    zoom_q = load_config(str(EXAMPLES / "grocery-zoom-queries.yaml")).features
+    assert zoom_q.scales == (1.6,) and zoom_q.query_scales is None
 
 
 def test_every_documented_command_has_exactly_one_coverage_entry():
