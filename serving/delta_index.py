@@ -10,18 +10,24 @@ Row space: rows 0..N-1 are the version's global rows, rows N..N+M-1 the upserted
 rows in log order. A *masked* row is one that a delete, a later upsert of the same
 image_id or a takedown removed. Every query path reaches rows only through the
 `LoadedIndex` methods this class overrides, so a masked row is never returned:
-- `search`: the base ScaNN search over-fetches by the number of masked base rows and
-  drops them; the live delta rows are searched exactly (numpy dot products) while they
+- `search`: the base ScaNN search asks for n and drops masked rows; a query that got a
+  masked row back is asked again for n + the number of masked base rows (so the common
+  query costs what the version alone costs); the live delta rows are searched exactly (numpy dot products) while they
   are fewer than `serving.delta_scann_min_rows`, and from there by a ScaNN searcher built
   over them in memory (serving.delta_segment: exact float32 scores, no docids, nothing
-  written; rows masked after its build are over-fetched and dropped like the base's;
+  written; rows masked after its build are dropped like the base's;
   rows added after it are searched exactly until they reach the threshold themselves);
-  the lists are merged by score. `exact=True` searches every live delta row exactly;
+  the lists are merged by score. A single query searches every part in the calling
+  thread; a batch runs the segment on the shard pool beside the base. `exact=True`
+  searches every live delta row exactly;
 - `product_rows` / `image_rows` / `has_image` leave masked rows out (similar products,
   text hits and fusion candidates come from them);
 - the text index is the version's BM25 index plus a small BM25 index over the products
   that only the deltas hold (their scores are on the delta products' own statistics
-  until the next full build folds them in).
+  until the next full build folds them in; serving/delta_text.py).
+
+Which rows the deltas and takedowns mask is worked out from the ids alone
+(serving/delta_rows.py).
 
 Accounting: `searchable_rows` = base rows + rows added - rows masked.
 """
@@ -33,48 +39,15 @@ import numpy as np
 
 from pipelines.index.deltas import Delta
 from pipelines.index.sharded_search import Hit, parse_metadata, search_exact, shard_pool
+from serving.delta_rows import apply_deltas
 from serving.delta_segment import DeltaSegment, SegmentParams
+from serving.delta_text import delta_text_index
 from serving.filter_index import OverlayFilterIndex
 from serving.loaded_index import LoadedIndex
 
 #: Over-fetch from the base at most this many rows beyond n for masked base rows (beyond,
 #: the caller's next round asks for more: collect_hits grows its fetch x4).
 MAX_BASE_OVERFETCH = 4096
-
-
-class DeltaTextIndex:
-    """The version's BM25 text index, extended with the products only deltas hold."""
-
-    def __init__(self, base: Any, extra: Any, delta_row_positions: np.ndarray):
-        self.base = base
-        self.extra = extra  # serving.text_search.TextIndex over delta-only products, or None
-        self.product_ids = list(base.product_ids) + (list(extra.product_ids) if extra else [])
-        self._offset = len(base.product_ids)
-        self.build_seconds = base.build_seconds + (extra.build_seconds if extra else 0.0)
-        base_rows = base.row_product if base.row_product is not None else np.zeros(0, np.int64)
-        self.row_product = np.concatenate([base_rows, delta_row_positions]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.product_ids)
-
-    def tokens(self, text: str) -> list[str]:
-        toks = self.base.tokens(text)
-        if self.extra is not None:
-            toks += [t for t in self.extra.tokens(text) if t not in toks]
-        return toks
-
-    def scores(self, text: str) -> np.ndarray:
-        base = self.base.scores(text)
-        if self.extra is None:
-            return base
-        return np.concatenate([base, self.extra.scores(text)])
-
-    def position(self, product_id: str) -> int | None:
-        pos = self.base.position(product_id)
-        if pos is None and self.extra is not None:
-            extra = self.extra.position(product_id)
-            return None if extra is None else self._offset + extra
-        return pos
 
 
 class DeltaIndex(LoadedIndex):
@@ -102,77 +75,16 @@ class DeltaIndex(LoadedIndex):
         self.delta_error = delta_error
         n_base = base.num_vectors
         self.base_rows = n_base
-        image_ids: list[str] = []
-        product_ids: list[str] = []
-        views: list[str] = []
-        uris: list[str] = []
-        metadata: list[str] = []
-        vectors: list[np.ndarray] = []
-        masked: set[int] = set()
-        # Live rows of every image / product a delta touched (others: the base's own lists).
-        images: dict[str, list[int]] = {}
-        products: dict[str, list[int]] = {}
-
-        def rows_of_image(img: str) -> list[int]:
-            if img not in images:
-                images[img] = list(base.image_rows(img))
-            return images[img]
-
-        def rows_of_product(pid: str) -> list[int]:
-            if pid not in products:
-                products[pid] = list(base.product_rows(pid))
-            return products[pid]
-
-        def product_of(row: int) -> str:
-            return base.product_id(row) if row < n_base else product_ids[row - n_base]
-
-        def image_of(row: int) -> str:
-            return base.image_id(row) if row < n_base else image_ids[row - n_base]
-
-        def drop(rows: list[int]) -> None:
-            for row in list(rows):
-                if row in masked:
-                    continue
-                masked.add(row)
-                img_rows = rows_of_image(image_of(row))
-                if row in img_rows:
-                    img_rows.remove(row)
-                prod_rows = rows_of_product(product_of(row))
-                if row in prod_rows:
-                    prod_rows.remove(row)
-
-        self.ids_deleted = {"image_ids": 0, "product_ids": 0}
-        for delta in self.deltas:
-            for img in delta.delete_image_ids:
-                drop(rows_of_image(img))
-            for pid in delta.delete_product_ids:
-                drop(rows_of_product(pid))
-            self.ids_deleted["image_ids"] += len(delta.delete_image_ids)
-            self.ids_deleted["product_ids"] += len(delta.delete_product_ids)
-            if not delta.rows.num_rows:
-                continue
-            d_images = delta.rows.column("image_id").to_pylist()
-            for img in dict.fromkeys(d_images):  # an upsert replaces every row of the image
-                drop(rows_of_image(img))
-            start = n_base + len(image_ids)
-            d_products = delta.rows.column("product_id").to_pylist()
-            image_ids += d_images
-            product_ids += d_products
-            views += delta.rows.column("view").to_pylist()
-            uris += delta.rows.column("image_uri").to_pylist()
-            metadata += delta.rows.column("metadata").to_pylist()
-            vectors.append(delta.vectors)
-            for j, (img, pid) in enumerate(zip(d_images, d_products)):
-                rows_of_image(img).append(start + j)
-                rows_of_product(pid).append(start + j)
-        self.takedowns = {"image_ids": sorted(set(takedown_image_ids)),
-                          "product_ids": sorted(set(takedown_product_ids))}
-        for img in self.takedowns["image_ids"]:
-            drop(rows_of_image(img))
-        for pid in self.takedowns["product_ids"]:
-            drop(rows_of_product(pid))
-
+        applied = apply_deltas(base, self.deltas, takedown_image_ids, takedown_product_ids)
+        self.ids_deleted, self.takedowns = applied.ids_deleted, applied.takedowns
+        image_ids, product_ids = applied.image_ids, applied.product_ids
+        views, uris, metadata = applied.views, applied.uris, applied.metadata
+        vectors, masked = applied.vectors, applied.masked
+        images, products = applied.images, applied.products
         self._image_ids, self._product_ids = image_ids, product_ids
+        self._base_image_ids, self._base_product_ids = base.shards.image_ids, \
+            base.shards.product_ids
+        self._base_hit = base.hit
         self._views, self._uris, self._metadata = views, uris, metadata
         self.delta_vectors = (np.concatenate(vectors).astype(np.float32, copy=False)
                               if vectors else np.zeros((0, self.dim), np.float32))
@@ -201,7 +113,8 @@ class DeltaIndex(LoadedIndex):
         # fast filters (serving.filter_index) over live base and delta rows
         self.filter_index = OverlayFilterIndex(base.filter_index, self._masked, n_base,
                                                metadata)
-        self.text_index = self._text_index(text_fields)
+        self.text_index = delta_text_index(base.text_index, product_ids, metadata,
+                                           text_fields)
 
     # -- the ScaNN segment over the delta rows (serving.delta_segment) -------------------
 
@@ -241,48 +154,49 @@ class DeltaIndex(LoadedIndex):
         """The segment's top-n per query, rows masked since its build dropped."""
         seg = self.segment
         assert seg is not None
-        fetch = n + min(self._segment_masked, MAX_BASE_OVERFETCH)
-        width = min(fetch, seg.num_rows)
+        width = min(n + min(self._segment_masked, MAX_BASE_OVERFETCH), seg.num_rows)
         scores = np.full((len(queries), width), -np.inf, np.float32)
         rows = np.full((len(queries), width), -1, np.int64)
         for i, q in enumerate(queries):
-            s, r = seg.search(q, fetch)
+            s, r = self._segment_top(q, n)
             scores[i, :len(s)], rows[i, :len(r)] = s, r
-        if self._segment_masked:
-            dead = (rows >= 0) & self._masked[np.clip(rows, 0, None)]
-            scores = np.where(dead, -np.inf, scores).astype(np.float32)
-            rows = np.where(dead, -1, rows)
         return scores, rows
 
-    # -- the text index -------------------------------------------------------------------
+    def _segment_top(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query's top-n live rows of the segment (1-D, best first): asked for n, and
+        again for n + the rows masked since its build only when one of them came back."""
+        seg = self.segment
+        assert seg is not None
+        s, r = seg.search(query, n)
+        if self._segment_masked:
+            live = ~self._masked[r]
+            if not live.all():
+                s, r = seg.search(query, n + min(self._segment_masked, MAX_BASE_OVERFETCH))
+                live = ~self._masked[r]
+                s, r = s[live], r[live]
+        return s, r
 
-    def _text_index(self, fields: Sequence[str]) -> Any:
-        base_ti = self.base.text_index
-        if base_ti is None:
-            return None
-        if not self.rows_added:
-            return base_ti
-        new_products = sorted({p for p in self._product_ids if base_ti.position(p) is None})
-        extra = None
-        if new_products:
-            from serving.text_search import TextIndex
-            docs: dict[str, list[str]] = {p: [] for p in new_products}
-            for pid, text in zip(self._product_ids, self._metadata):
-                if pid not in docs:
-                    continue
-                meta = parse_metadata(text)
-                for f in fields:
-                    value: Any = pid if f == "product_id" else meta.get(f)
-                    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                        s = str(value).strip()
-                        if s and s not in docs[pid]:
-                            docs[pid].append(s)
-            extra = TextIndex(new_products, [" ".join(docs[p]) for p in new_products])
-        wrapped = DeltaTextIndex(base_ti, extra, np.zeros(0, np.int64))
-        positions = [wrapped.position(p) for p in self._product_ids]
-        wrapped.row_product = np.concatenate([wrapped.row_product, np.asarray(
-            [-1 if p is None else p for p in positions], np.int64)])
-        return wrapped
+    def _base_top(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's top-n per query with masked rows dropped (-inf / -1 in their slots):
+        asked for n, and the queries that got a masked row back asked again for n + the
+        masked base rows (the common query, near no deleted row, costs what the version
+        alone costs; a takedown list of thousands of rows does not widen every search)."""
+        s, r = self.base.search(queries, min(self.base_rows, n))
+        if not self.masked_base_rows:
+            return s, r
+        dead = (r >= 0) & self._masked[np.clip(r, 0, None)]
+        redo = np.flatnonzero(dead.any(axis=1))
+        if redo.size:
+            wide = min(self.base_rows, n + min(self.masked_base_rows, MAX_BASE_OVERFETCH))
+            s2, r2 = self.base.search(queries[redo], wide)
+            pad = s2.shape[1] - s.shape[1]
+            s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            r = np.pad(r, ((0, 0), (0, pad)), constant_values=-1)
+            s[redo], r[redo] = s2, r2
+            dead = (r >= 0) & self._masked[np.clip(r, 0, None)]
+            s = np.where(dead, -np.inf, s).astype(np.float32)
+            r = np.where(dead, -1, r)
+        return s, r
 
     # -- rows -> catalog (masked rows never come out) -------------------------------------
 
@@ -299,23 +213,24 @@ class DeltaIndex(LoadedIndex):
             return self.base.metadata(row)
         return parse_metadata(self._metadata[row - self.base_rows])
 
+    # product_id / image_id / hit run per scanned row of every query: one comparison and
+    # one list lookup for a base row (no int(), no second method call)
+
     def hit(self, row: int, score: float) -> Hit:
-        row = int(row)
         if row < self.base_rows:
-            return self.base.hit(row, score)
+            return self._base_hit(row, score)
+        row = int(row)
         j = row - self.base_rows
         return Hit(row=row, shard=-1, score=float(score), image_id=self._image_ids[j],
                    product_id=self._product_ids[j], view=self._views[j],
                    image_uri=self._uris[j], metadata=parse_metadata(self._metadata[j]))
 
     def product_id(self, row: int) -> str:
-        row = int(row)
-        return (self.base.product_id(row) if row < self.base_rows
+        return (self._base_product_ids[row] if row < self.base_rows
                 else self._product_ids[row - self.base_rows])
 
     def image_id(self, row: int) -> str:
-        row = int(row)
-        return (self.base.image_id(row) if row < self.base_rows
+        return (self._base_image_ids[row] if row < self.base_rows
                 else self._image_ids[row - self.base_rows])
 
     def image_rows(self, image_id: str) -> list[int]:
@@ -361,6 +276,9 @@ class DeltaIndex(LoadedIndex):
         segment's, if any, and the exact tail's)."""
         n = max(1, min(int(n), self.num_vectors))
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[0] == 1 and not exact:
+            scores, rows = self._search_one(queries, n)
+            return scores[None], rows[None]
         parts_s: list[np.ndarray] = []
         parts_r: list[np.ndarray] = []
         use_segment = self.segment is not None and not exact
@@ -369,12 +287,14 @@ class DeltaIndex(LoadedIndex):
         pending = shard_pool().submit(self._search_segment, queries, n) if use_segment \
             else None
         if self.base_rows:
-            extra = min(self.masked_base_rows, MAX_BASE_OVERFETCH)
-            s, r = self.base.search(queries, min(self.base_rows, n + extra), exact=exact)
-            if self.masked_base_rows:
+            if exact:
+                s, r = self.base.search(queries, min(self.base_rows, n + min(
+                    self.masked_base_rows, MAX_BASE_OVERFETCH)), exact=True)
                 dead = (r >= 0) & self._masked[np.clip(r, 0, None)]
                 s = np.where(dead, -np.inf, s).astype(np.float32)
                 r = np.where(dead, -1, r)
+            else:
+                s, r = self._base_top(queries, n)
             parts_s.append(s)
             parts_r.append(r)
         if pending is not None:
@@ -398,6 +318,41 @@ class DeltaIndex(LoadedIndex):
             pad = n - scores.shape[1]
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, rows
+
+    def _search_one(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query [1, D]: the same top-n as the batched path, on a lean path: every part
+        (base shards, segment, exact tail) searched in the calling thread, one after
+        another (a single query's ScaNN calls are too short for the shard pool: on a busy
+        machine the hand-off to a pool thread and back costs more than it overlaps, and
+        its wait for a core is what showed in p99), dead rows dropped in 1-D, one sort."""
+        parts_s: list[np.ndarray] = [np.zeros(0, np.float32)]
+        parts_r: list[np.ndarray] = [np.zeros(0, np.int64)]
+        if self.base_rows:
+            s, r = self._base_top(query, n)
+            s, r = s[0], r[0]
+            live = r >= 0
+            if not live.all():
+                s, r = s[live], r[live]
+            parts_s.append(s)
+            parts_r.append(r)
+        tail_rows, tail_vectors = self._live_delta_rows, self._live_delta_vectors
+        seg = self.segment
+        if seg is not None:
+            s, r = self._segment_top(query[0], n)
+            parts_s.append(s)
+            parts_r.append(r)
+            tail_rows, tail_vectors = self._tail_rows, self._tail_vectors
+        if len(tail_rows):
+            s, i = search_exact(tail_vectors, query, min(n, len(tail_rows)))
+            parts_s.append(s[0])
+            parts_r.append(tail_rows[i[0]])
+        scores, rows = np.concatenate(parts_s), np.concatenate(parts_r)
+        order = np.lexsort((rows, -scores))[:n]  # best first; ties to the lower row
+        scores, rows = scores[order].astype(np.float32, copy=False), rows[order]
+        if len(order) < n:
+            scores = np.concatenate([scores, np.full(n - len(order), -np.inf, np.float32)])
+            rows = np.concatenate([rows, np.full(n - len(order), -1, np.int64)])
         return scores, rows
 
     # -- accounting -----------------------------------------------------------------------
