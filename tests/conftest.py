@@ -110,3 +110,18 @@ def private_index(tmp_path) -> str:
     that write deltas, publish or break versions."""
     from serving_fixtures import copy_index, serving_world
     return copy_index(serving_world(), str(tmp_path / "index"))
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The session's shared serving artifacts (tests/serving_fixtures.serving_world: the
+    catalog, its snapshot, the published index and its config). A module that needs
+    another `world` defines its own, which overrides this one."""
+    from serving_fixtures import serving_world
+    return serving_world()
+
+
+@pytest.fixture()
+def root(private_index) -> str:
+    """The private index root of a test that writes to it (`private_index`)."""
+    return private_index

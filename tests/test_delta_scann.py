@@ -18,17 +18,6 @@ from pipelines.index import deltas as dl
 from pipelines.index.delete import delete_ids
 from serving.delta_index import DeltaIndex
 from serving.searcher import CatalogSearcher, QueryError
-from serving_fixtures import serving_world
-
-
-@pytest.fixture(scope="module")
-def world():
-    return serving_world()
-
-
-@pytest.fixture()
-def root(private_index):
-    return private_index
 
 
 def _config(world, min_rows, leaves_fraction=1.0, reorder_multiplier=4):

@@ -23,19 +23,9 @@ from pipelines.index import deltas as dl
 from pipelines.index import takedowns as td
 from pipelines.index.delete import delete_ids
 from serving.searcher import CatalogSearcher, QueryError
-from serving_fixtures import NUM_PRODUCTS, serving_world
+from serving_fixtures import NUM_PRODUCTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world():
-    return serving_world()
-
-
-@pytest.fixture()
-def root(private_index):
-    return private_index
 
 
 def _snapshot(world):
