@@ -10,9 +10,10 @@ Row space: rows 0..N-1 are the version's global rows, rows N..N+M-1 the upserted
 rows in log order. A *masked* row is one that a delete, a later upsert of the same
 image_id or a takedown removed. Every query path reaches rows only through the
 `LoadedIndex` methods this class overrides, so a masked row is never returned:
-- `search`: the base ScaNN search asks for n and drops masked rows; a query that got a
-  masked row back is asked again for n + the number of masked base rows (so the common
-  query costs what the version alone costs); the live delta rows are searched exactly (numpy dot products) while they
+- `search`: the base ScaNN search asks for n + the number of masked base rows (at most
+  FIRST_OVERFETCH) and drops the masked rows; a query that got more masked rows back than
+  that is asked again for n + all of them (so thousands of takedowns do not widen every
+  search); the live delta rows are searched exactly (numpy dot products) while they
   are fewer than `serving.delta_scann_min_rows`, and from there by a ScaNN searcher built
   over them in memory (serving.delta_segment: exact float32 scores, no docids, nothing
   written; rows masked after its build are dropped like the base's;
@@ -38,6 +39,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipelines.index.deltas import Delta
+
+_new_hit = object.__new__
 from pipelines.index.sharded_search import Hit, parse_metadata, search_exact, shard_pool
 from serving.delta_rows import apply_deltas
 from serving.delta_segment import DeltaSegment, SegmentParams
@@ -48,6 +51,10 @@ from serving.loaded_index import LoadedIndex
 #: Over-fetch from the base at most this many rows beyond n for masked base rows (beyond,
 #: the caller's next round asks for more: collect_hits grows its fetch x4).
 MAX_BASE_OVERFETCH = 4096
+#: The first search over-fetches by the masked rows up to this many; more masked rows are
+#: searched again, wider, only by the queries that got more than this many of them back.
+FIRST_OVERFETCH = 64
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 class DeltaIndex(LoadedIndex):
@@ -163,37 +170,44 @@ class DeltaIndex(LoadedIndex):
         return scores, rows
 
     def _segment_top(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """One query's top-n live rows of the segment (1-D, best first): asked for n, and
-        again for n + the rows masked since its build only when one of them came back."""
+        """One query's top-n live rows of the segment (1-D, best first): asked for n + the
+        rows masked since its build (at most FIRST_OVERFETCH), and again for n + all of
+        them (at most MAX_BASE_OVERFETCH) only when more came back than that covered."""
         seg = self.segment
         assert seg is not None
-        s, r = seg.search(query, n)
-        if self._segment_masked:
+        masked_in = self._segment_masked
+        first = min(masked_in, FIRST_OVERFETCH)
+        s, r = seg.search(query, n + first)
+        if masked_in:
             live = ~self._masked[r]
-            if not live.all():
-                s, r = seg.search(query, n + min(self._segment_masked, MAX_BASE_OVERFETCH))
+            if len(live) - int(live.sum()) > first and masked_in > first:
+                s, r = seg.search(query, n + min(masked_in, MAX_BASE_OVERFETCH))
                 live = ~self._masked[r]
-                s, r = s[live], r[live]
+            s, r = s[live], r[live]
         return s, r
 
     def _base_top(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The base's top-n per query with masked rows dropped (-inf / -1 in their slots):
-        asked for n, and the queries that got a masked row back asked again for n + the
-        masked base rows (the common query, near no deleted row, costs what the version
-        alone costs; a takedown list of thousands of rows does not widen every search)."""
-        s, r = self.base.search(queries, min(self.base_rows, n))
-        if not self.masked_base_rows:
+        asked for n + the masked base rows (at most FIRST_OVERFETCH), and the queries that
+        got more masked rows back than that covered asked again for n + all of them (at most
+        MAX_BASE_OVERFETCH). Up to FIRST_OVERFETCH masked rows, one search that always
+        covers them; a takedown list of thousands of rows does not widen every search."""
+        masked = self.masked_base_rows
+        first = min(masked, FIRST_OVERFETCH)
+        s, r = self.base.search(queries, min(self.base_rows, n + first))
+        if not masked:
             return s, r
         dead = (r >= 0) & self._masked[np.clip(r, 0, None)]
-        redo = np.flatnonzero(dead.any(axis=1))
+        redo = np.flatnonzero(dead.sum(axis=1) > first) if masked > first else _NO_ROWS
         if redo.size:
-            wide = min(self.base_rows, n + min(self.masked_base_rows, MAX_BASE_OVERFETCH))
+            wide = min(self.base_rows, n + min(masked, MAX_BASE_OVERFETCH))
             s2, r2 = self.base.search(queries[redo], wide)
             pad = s2.shape[1] - s.shape[1]
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
             r = np.pad(r, ((0, 0), (0, pad)), constant_values=-1)
             s[redo], r[redo] = s2, r2
             dead = (r >= 0) & self._masked[np.clip(r, 0, None)]
+        if dead.any():
             s = np.where(dead, -np.inf, s).astype(np.float32)
             r = np.where(dead, -1, r)
         return s, r
@@ -221,9 +235,12 @@ class DeltaIndex(LoadedIndex):
             return self._base_hit(row, score)
         row = int(row)
         j = row - self.base_rows
-        return Hit(row=row, shard=-1, score=float(score), image_id=self._image_ids[j],
-                   product_id=self._product_ids[j], view=self._views[j],
-                   image_uri=self._uris[j], metadata=parse_metadata(self._metadata[j]))
+        hit = _new_hit(Hit)  # as ShardedSearcher.hit: the fields without Hit's __init__
+        hit.__dict__.update(row=row, shard=-1, score=float(score), image_id=self._image_ids[j],
+                            product_id=self._product_ids[j], view=self._views[j],
+                            image_uri=self._uris[j], metadata=parse_metadata(self._metadata[j]),
+                            visual_score=None, text_score=None)
+        return hit
 
     def product_id(self, row: int) -> str:
         return (self._base_product_ids[row] if row < self.base_rows
