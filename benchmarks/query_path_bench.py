@@ -14,7 +14,8 @@ routing budget) is swept; at every point recall@10 and batched queries/s are mea
 At each --targets recall, among the points reaching it, the --single-candidates fastest
 batched points are timed one query at a time on four paths, and the best is reported:
 - raw_scann: only the ScaNN calls (ScannSearcher.search on each shard the query searches,
-  its routing computed beforehand, no merge): the floor the product adds to;
+  its routing computed beforehand, no merge; on the shared projection also the query's
+  one projection, not the float32 rescoring): the floor the product adds to;
 - engine: ShardedSearcher.search(q[None], 10) (validation, routing, merge);
 - product: CatalogSearcher.search_vector(q, k=10, collapse=False) (serving's vector
   query: checks, adapter, hits with metadata, results);
@@ -130,15 +131,22 @@ def bench_index(root: str, queries: np.ndarray, exact: np.ndarray, args: argpars
                               routing.budget)
         else:
             mask = np.ones((len(single_q), len(ss.shards)), bool)
-        calls = [[(s.searcher, max(K, K * s.reorder_multiplier), s.leaves_to_search)
-                  for j, s in enumerate(ss.shards) if mask[i, j] and s.num_vectors]
+        calls = [[(s.searcher, max(K, K * s.reorder_multiplier), s.leaves_to_search,
+                   s.projection) for j, s in enumerate(ss.shards)
+                  if mask[i, j] and s.num_vectors]
                  for i in range(len(single_q))]
         best = 0.0
         for _ in range(args.repeats):
             t = time.perf_counter()
             for q, todo in zip(single_q, calls):
-                for searcher, pre, leaves in todo:
-                    searcher.search(q, K, pre, leaves)
+                projected = None
+                for searcher, pre, leaves, matrix in todo:
+                    if matrix is None:
+                        searcher.search(q, K, pre, leaves)
+                        continue
+                    if projected is None:  # shared projection: once per query
+                        projected = matrix @ q
+                    searcher.search(projected, pre, pre, leaves)
             best = max(best, len(single_q) / (time.perf_counter() - t))
         rates = {"raw_scann": best}
         rates["engine"] = best_rate(lambda q: ss.search(q[None], K), single_q, args.repeats)

@@ -73,10 +73,17 @@ def make_snapshot(out: str, num_vectors: int, dim: int, model: dict[str, Any],
     fill = num_vectors - real
     chunk = 100_000
     centres = rng.normal(size=(max(1, fill // 1000), dim)).astype(np.float32)
+    # Within-cluster noise with the real embeddings' decaying spectrum (variance ~ rank^-0.9,
+    # the grocery fit's within-group residuals; benchmarks/fitted_vectors.py), at the total
+    # of the isotropic N(0, 0.6^2) it replaces: isotropic noise keeps 20% of its variance in
+    # the top 256 directions (real: 77%), which capped the default PCA-256 index's
+    # recall@10 near 0.64-0.72 whatever the leaves searched (docs/BENCHMARKS.md, Serving).
+    scale = np.arange(1, dim + 1, dtype=np.float64) ** -0.45
+    scale = (scale * 0.6 * np.sqrt(dim) / np.linalg.norm(scale)).astype(np.float32)
     for start in range(0, fill, chunk):
         n = min(chunk, fill - start)
         which = rng.integers(len(centres), size=n)
-        v = centres[which] + rng.normal(scale=0.6, size=(n, dim)).astype(np.float32)
+        v = centres[which] + rng.normal(size=(n, dim)).astype(np.float32) * scale
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         ids = [f"syn-{start + i:08d}" for i in range(n)]
         tables.append(pa.table({

@@ -29,7 +29,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +41,7 @@ from serving.errors import IndexLoadError, NotReadyError, QueryError
 from serving.filters import validate_filters
 from serving.loaded_index import LoadedIndex, verify_loaded
 from serving.query import collect_hits
+from serving.reload import IndexWatcher, ReloadOutcome
 from serving.results import SearchResults
 
 # The names callers import from here (the search layer's front door).
@@ -51,21 +51,6 @@ __all__ = ["CatalogSearcher", "IndexWatcher", "ReloadOutcome", "LoadedIndex", "Q
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ReloadOutcome:
-    """What `CatalogSearcher.reload` did: loaded, unchanged or refused (with the reason)."""
-    status: str
-    version: str | None
-    serving_version: str | None
-    reason: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- searcher
 
 class CatalogSearcher:
     """Serves one index version at a time, from a local or object-store index root."""
@@ -399,41 +384,3 @@ class CatalogSearcher:
             raise QueryError("bad_query", "give exactly one of product_id or image_id")
         return query.similar_to(self.current, self.config, product_id, image_id, k, filters,
                                 collapse, text_weight, group_by, max_per_group)
-
-
-# --------------------------------------------------------------------------- hot reload
-
-class IndexWatcher:
-    """Background thread: every `interval_s`, load what LATEST names if it changed."""
-
-    def __init__(self, searcher: CatalogSearcher, interval_s: float | None = None):
-        self.searcher = searcher
-        self.interval_s = interval_s or searcher.config.serving.reload_interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_outcome: ReloadOutcome | None = None
-
-    def start(self) -> "IndexWatcher":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="index-watcher",
-                                            daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def check_now(self) -> ReloadOutcome:
-        outcome = self.searcher.reload()
-        self.last_outcome = outcome
-        return outcome
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check_now()
-            except Exception:  # the watcher must outlive any single bad check
-                log.exception("index watcher: reload check failed")

@@ -153,7 +153,7 @@ def test_manifest_missing_or_renamed_field_names_the_field_and_the_file(pipeline
 
 def test_manifest_format_version_is_required(pipeline_files):
     raw = _json(pipeline_files["manifest"])
-    for bad in (dict(raw, format="catalog-search-index/3"),
+    for bad in (dict(raw, format="catalog-search-index/4"),
                 {k: v for k, v in raw.items() if k != "format"}, [raw], None):
         with pytest.raises(ManifestFormatError, match="not an index manifest of format "
                                                       "catalog-search-index/1 or "

@@ -164,3 +164,60 @@ def test_bad_option_values_fail_fast_naming_the_key(tmp_path):
         run_build_index(snap_path, root, make_config(projection_dim=4, dimensions_per_block=8))
     assert not os.path.exists(root) or not os.listdir(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_shared_projection_build_projects_once_and_returns_exact_scored_hits(tmp_path):
+    from pipelines.index.manifest import FORMAT_V3
+    from pipelines.index.projection import PROJECTION_FILE, SHARED
+
+    vectors = clustered_vectors(3000, DIM, seed=12)
+    snap_path = write_snapshot(str(tmp_path / "snap"), vectors)
+    root = str(tmp_path / "index")
+    config = make_config(shards=2, brute_force_below=0, projection_dim=16, soar_lambda=1.5,
+                         leaves_per_sqrt_n=4.0, shared_projection=True)
+    manifest = run_build_index(snap_path, root, config)
+    assert manifest.evaluation["passed"] and manifest.evaluation["recall@10"] >= 0.95
+    assert manifest.format == FORMAT_V3
+    sums = set()
+    for entry in manifest.shards:
+        assert entry.kind == "scann_tree_ah" and entry.options["projection"] == SHARED
+        assert entry.options["projection_dim"] == 16
+        names = {f.name: f.sha256 for f in entry.files}
+        assert PROJECTION_FILE in names and entry.vectors_file == VECTORS_FILE
+        sums.add(names[PROJECTION_FILE])
+    assert len(sums) == 1  # one projection, a copy per shard
+    shards = reader.open_index(root).load_shards()
+    assert shards[0].projection is shards[1].projection  # one array: projected once
+    assert shards[0].projection.shape == (16, DIM)
+    searcher = ShardedSearcher(shards)
+    noise = np.random.default_rng(13).normal(0, 0.05, (40, DIM))
+    queries = (vectors[::75] + noise).astype(np.float32)  # near the catalog's vectors
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, rows = searcher.search(queries, 10)
+    # scores are exact dot products of the returned rows
+    exact = np.einsum("qd,qkd->qk", queries, searcher.vectors(rows.reshape(-1)).reshape(
+        40, 10, DIM))
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    _, want = searcher.search_exact(queries, 10)
+    found = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, want)])
+    assert found >= 0.9, found
+    # the single-query path returns the batched hits; a reload the same hits again
+    for q, srow, rrow in zip(queries, scores, rows):
+        s1, r1 = searcher.search(q[None], 10)
+        np.testing.assert_array_equal(r1[0], rrow)
+        np.testing.assert_allclose(s1[0], srow, atol=1e-6)
+    again = ShardedSearcher(reader.open_index(root).load_shards()).search(queries, 10)
+    np.testing.assert_array_equal(again[1], rows)
+    # the projection is checksummed: altering it is detected
+    path = os.path.join(art.version_dir(root, manifest.version), manifest.shards[0].path,
+                        PROJECTION_FILE)
+    np.save(path, np.load(path) * 0.5)
+    with pytest.raises(art.IndexIntegrityError, match="checksum mismatch"):
+        reader.open_index(root).load_shards()
+
+
+def test_int8_reorder_keeps_scanns_own_projection():
+    p = _params(projection_dim=16, shared_projection=True)
+    assert p.shared_projection_for(DIM) == 16
+    assert dataclasses.replace(p, reorder_dtype="int8").shared_projection_for(DIM) is None
+    assert p.shared_projection_for(16) is None

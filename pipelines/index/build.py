@@ -82,6 +82,8 @@ from pipelines.index.build_plan import (BuildSpec, IndexBuildError, Split, check
                                         claim_version_dir, plan_build)
 from pipelines.index.build_rows import merge_error_summaries, describe_errors
 from pipelines.index.build_routing import routing_entry
+from pipelines.index.manifest import FORMAT, FORMAT_V3
+from pipelines.index.projection import SHARED
 from pipelines.index.build_shard import MIN_TREE_AH_ROWS
 from pipelines.index.recall_gate import TIE_EPSILON, RecallGateError, merge_gate
 
@@ -103,8 +105,12 @@ def _scann_description(config: Config) -> dict[str, Any]:
                          "anisotropic_quantization_threshold": ix.anisotropic_threshold,
                          "hash_type": "lut16"},
             "projection": {"pca_dim": ix.projection_dim,
+                           "shared": ix.shared_projection,
                            "applies": "only when the index dim is larger (each shard's "
-                                      "options say what it was built with)"},
+                                      "options say what it was built with); shared: one "
+                                      "PCA trained by the build, each shard's "
+                                      "projection.npy, float32 rescoring by the searcher "
+                                      "(float32 reorder_dtype only)"},
             "reorder": {"reorder_multiplier": ix.reorder_multiplier, "dtype": ix.reorder_dtype,
                         "stored_vectors": "each shard's vectors_file (float32): ScaNN's "
                                           "dataset.npy, or vectors.npy when ScaNN reorders "
@@ -322,7 +328,10 @@ def _manifest(config: Config, spec: BuildSpec, summary: SnapshotSummary,
     model = summary.model
     run_id = summary.run_id or os.path.basename(spec.snapshot_path.rstrip("/"))
     reports = results.reports
+    shared = any((r.get("options") or {}).get("projection") == SHARED for r in reports)
     return art.IndexManifest(
+        # format 3 when shards are on the shared projection: an older reader refuses it
+        format=FORMAT_V3 if shared else FORMAT,
         version=spec.version,
         status=art.STATUS_PASSED if evaluation["passed"] else art.STATUS_REJECTED,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

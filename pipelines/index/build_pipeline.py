@@ -12,7 +12,8 @@ from pipelines.core.config import Config
 from pipelines.index.build_plan import BuildSpec, Split
 from pipelines.index.build_rows import (merge_error_summaries, duplicate_ids, read_split,
                                         routing_sample)
-from pipelines.index.build_routing import budget_step, gate_routes_step, train_step
+from pipelines.index.build_routing import (budget_step, gate_routes_step, projection_step,
+                                           train_step)
 from pipelines.index.build_shard import merge_top_scores, build_shard, shard_exact_scores
 from pipelines.index.recall_gate import gate_shard
 
@@ -25,7 +26,8 @@ def run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) -> 
     from pipelines.core.runner import make_pipeline
 
     with make_pipeline(config, "build-index") as p:
-        part_side = pvalue.AsSingleton(_partitions(p, spec, splits))
+        partitions, projection = _sampled(p, spec, splits)
+        part_side = pvalue.AsSingleton(partitions)
         read = (p
                 | "Splits" >> beam.Create(splits)
                 | "SpreadSplits" >> beam.Reshuffle()
@@ -57,7 +59,7 @@ def run_build_pipeline(config: Config, spec: BuildSpec, splits: list[Split]) -> 
         kth_side, routed = _search_budget(p, spec, shards, tune_side, part_side)
         reports = shards | "BuildShard" >> beam.Map(
             build_shard, spec, tune_side, kth_side, pvalue.AsSingleton(errors),
-            pvalue.AsSingleton(routed))
+            pvalue.AsSingleton(routed), pvalue.AsSingleton(projection))
         _ = (reports
              | "BuiltOnly" >> beam.Filter(lambda r: "files" in r)
              | "SpreadGate" >> beam.Reshuffle()
@@ -69,19 +71,25 @@ def _writer(spec: BuildSpec, name: str):
     return lambda value: fs.write_json(spec.stats_uri(name), value)
 
 
-def _partitions(p: Any, spec: BuildSpec, splits: list[Split]) -> Any:
-    """The routing partitions (one element: trained centroids, or None for hash shards)."""
+def _sampled(p: Any, spec: BuildSpec, splits: list[Split]) -> tuple[Any, Any]:
+    """What the seeded row sample trains (one element each): the routing partitions
+    (centroids, or None for hash shards) and the shared projection (or None)."""
     import apache_beam as beam
 
-    if not spec.partitioned:
-        return p | "NoPartitions" >> beam.Create([None])
+    if not (spec.partitioned or spec.shared_projection_dim):
+        return (p | "NoPartitions" >> beam.Create([None]),
+                p | "NoProjection" >> beam.Create([None]))
+    sample = (p
+              | "RoutingSplits" >> beam.Create(splits)
+              | "SpreadRoutingSplits" >> beam.Reshuffle()
+              | "SampleSplit" >> beam.FlatMap(routing_sample, spec)
+              | "RoutingSample" >> beam.combiners.Top.Smallest(spec.params.routing_sample))
     # centroids first: rows go to their nearest centroid's shard
-    return (p
-            | "RoutingSplits" >> beam.Create(splits)
-            | "SpreadRoutingSplits" >> beam.Reshuffle()
-            | "SampleSplit" >> beam.FlatMap(routing_sample, spec)
-            | "RoutingSample" >> beam.combiners.Top.Smallest(spec.params.routing_sample)
-            | "TrainPartitions" >> beam.Map(train_step, spec))
+    partitions = (sample | "TrainPartitions" >> beam.Map(train_step, spec) if spec.partitioned
+                  else p | "NoPartitions" >> beam.Create([None]))
+    projection = (sample | "TrainProjection" >> beam.Map(projection_step, spec)
+                  if spec.shared_projection_dim else p | "NoProjection" >> beam.Create([None]))
+    return partitions, projection
 
 
 def _search_budget(p: Any, spec: BuildSpec, shards: Any, tune_side: Any, part_side: Any

@@ -70,6 +70,7 @@ class BuildParams:
     projection_dim: int | None = None
     soar_lambda: float | None = None
     reorder_dtype: str = "float32"
+    shared_projection: bool = False
     shard_assignment: str = "hash"
     routing_partitions_per_shard: int = 4
     routing_sample: int = 20_000
@@ -81,6 +82,14 @@ class BuildParams:
         if self.projection_dim is None or dim <= self.projection_dim:
             return None
         return self.projection_dim
+
+    def shared_projection_for(self, dim: int) -> int | None:
+        """The dimension of the version's shared projection (pipelines/index/projection.py)
+        for `dim`-d vectors, or None: each tree-AH shard uses ScaNN's own PCA (or none).
+        Shared only with float32 reordering (int8 / bfloat16 shards keep ScaNN's)."""
+        if not self.shared_projection or self.reorder_dtype != "float32":
+            return None
+        return self.projection_for(dim)
 
     @classmethod
     def from_config(cls, config: Config) -> "BuildParams":
@@ -94,6 +103,7 @@ class BuildParams:
                    training_threads=ix.training_threads,
                    leaves_per_sqrt_n=ix.leaves_per_sqrt_n, projection_dim=ix.projection_dim,
                    soar_lambda=ix.soar_lambda, reorder_dtype=ix.reorder_dtype,
+                   shared_projection=ix.shared_projection,
                    shard_assignment=ix.shard_assignment,
                    routing_partitions_per_shard=ix.routing_partitions_per_shard,
                    routing_sample=ix.routing_sample,
@@ -148,6 +158,12 @@ class BuildSpec:
     def partitioned(self) -> bool:
         """Rows go to the shard of their nearest k-means centroid (pipelines/index/routing)."""
         return self.params.shard_assignment == "partition" and self.num_shards > 1
+
+    @property
+    def shared_projection_dim(self) -> int | None:
+        """The version's shared projection dimension (train it on the routing sample), or
+        None (BuildParams.shared_projection_for)."""
+        return self.params.shared_projection_for(self.dim)
 
     @property
     def routing_fraction(self) -> float:

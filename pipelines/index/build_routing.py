@@ -1,7 +1,8 @@
 """build_index with index.shard_assignment: partition -- the Beam steps around the routing
 (pipelines/index/routing.py): train the centroids on a seeded sample before rows are
 assigned, rank the gate queries' shards, and choose the search budget from the tuning
-queries' exact per-shard top-k."""
+queries' exact per-shard top-k. The same sample trains the shared projection
+(index.shared_projection, pipelines/index/projection.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,6 +34,16 @@ def train_step(sample: list[tuple[float, bytes]], spec: BuildSpec) -> Partitions
         **details, "centroids_file": CENTROIDS_FILE, "sha256": sha256_bytes(data),
         "bytes": len(data), "centroid_shards": [int(s) for s in partitions.centroid_shard]})
     return partitions
+
+
+def projection_step(sample: list[tuple[float, bytes]], spec: BuildSpec) -> np.ndarray:
+    """TrainProjection (worker): the version's shared projection (pipelines/index/
+    projection.py) from the routing sample; every tree-AH shard is built on it (side
+    input of BuildShard, which writes each shard's copy)."""
+    from pipelines.index.projection import train_projection
+    vectors = (np.stack([np.frombuffer(v, np.float32) for _, v in sample]) if sample
+               else np.zeros((0, spec.dim), np.float32))
+    return train_projection(vectors, int(spec.shared_projection_dim or 0))
 
 
 def gate_routes_step(sample: list[tuple], spec: BuildSpec, partitions: Partitions) -> None:

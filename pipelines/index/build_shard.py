@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
+from pipelines.index.projection import SHARED, project, save_projection
 from pipelines.index.sharded_search import RESCORE_FACTOR, search_exact
 
 from pipelines.index.build_plan import BuildParams, BuildSpec
@@ -67,14 +68,21 @@ def merge_top_scores(arrays: Iterable[np.ndarray]) -> np.ndarray | None:
 
 
 def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
-                  pre_reorder: int, leaves: int, kth: np.ndarray, rescore: bool = False
-                  ) -> np.ndarray:
+                  pre_reorder: int, leaves: int, kth: np.ndarray, rescore: bool = False,
+                  projection: np.ndarray | None = None) -> np.ndarray:
     """Per query, how many of the shard's approximate top-k reach `kth` (true scores).
 
     `rescore`: as serving searches a quantized-reorder shard (RESCORE_FACTOR x k
-    candidates, the best k by exact score)."""
+    candidates, the best k by exact score). `projection`: as serving searches a shard
+    built on the shared projection (the projected query; the pre_reorder pool of
+    candidates by hashing score, the best k by exact score)."""
     fetch = min(len(vectors), RESCORE_FACTOR * k) if rescore else k
-    idx, dist = searcher.search_batched(queries, fetch, max(pre_reorder, fetch), leaves)
+    if projection is not None:
+        rescore, fetch = True, min(len(vectors), max(pre_reorder, k))
+        queries_in = project(queries, projection)
+    else:
+        queries_in = queries
+    idx, dist = searcher.search_batched(queries_in, fetch, max(pre_reorder, fetch), leaves)
     idx = np.asarray(idx, np.int64)
     valid = ~np.isnan(np.asarray(dist, np.float32)) & (idx >= 0)
     true = np.where(valid, np.einsum("qd,qkd->qk", queries, vectors[np.where(valid, idx, 0)]),
@@ -86,8 +94,8 @@ def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: in
 
 def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
                 pre_reorder: int, num_leaves: int, target: float,
-                global_kth: np.ndarray | None, rescore: bool = False
-                ) -> tuple[int, float, dict[str, Any]]:
+                global_kth: np.ndarray | None, rescore: bool = False,
+                projection: np.ndarray | None = None) -> tuple[int, float, dict[str, Any]]:
     """Fewest leaves_to_search finding `target` of this shard's share of the global top-k.
 
     The relevant rows of a query are the shard's rows whose exact score reaches the
@@ -111,7 +119,7 @@ def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
     def recall(leaves: int) -> float:
         if leaves not in cache:
             found = _search_found(searcher, vectors, queries, k, pre_reorder, leaves, kth,
-                                  rescore)
+                                  rescore, projection)
             cache[leaves] = float(np.minimum(found, relevant).sum() / max(1, total))
         return cache[leaves]
 
@@ -130,12 +138,14 @@ def tune_leaves(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: int,
 
 def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple],
                 global_kth: np.ndarray | None, errors: dict,
-                routed: dict[str, Any] | None = None) -> dict[str, Any]:
+                routed: dict[str, Any] | None = None,
+                projection: np.ndarray | None = None) -> dict[str, Any]:
     """BuildShard (worker): read a shard's parts, build, serialize, checksum; its report.
 
     `routed` (partition routing, build_routing.budget_step): the shard is tuned on the
     tuning queries routed to it, to the recall that makes the routed index reach
-    tune_recall_target as a whole."""
+    tune_recall_target as a whole. `projection` (index.shared_projection,
+    build_routing.projection_step): a tree-AH shard is built on it."""
     from scann.scann_ops.py import scann_ops_pybind
 
     shard, parts = item
@@ -179,7 +189,7 @@ def build_shard(item: tuple[int, list[dict]], spec: BuildSpec, tune: list[tuple]
                           vectors_file=_stored_vectors(local_dir, vectors))
         else:
             report.update(_build_tree_ah(scann_ops_pybind, vectors, spec, tune, global_kth,
-                                         local_dir, shard, routed))
+                                         local_dir, shard, routed, projection))
         pq.write_table(rows, os.path.join(local_dir, art.ROWS_FILE), compression="zstd")
         files = art.local_dir_checksums(local_dir)
         if not local_final:
@@ -239,7 +249,10 @@ def builder_options(p: BuildParams, dim: int) -> dict[str, Any]:
 def make_tree_ah_builder(scann_ops_pybind: Any, vectors: np.ndarray, k: int,
                          num_leaves: int, leaves: int, pre_reorder: int,
                          options: Mapping[str, Any]) -> Any:
-    """The ScaNN builder of a tree + AH + reorder shard with `options` (builder_options)."""
+    """The ScaNN builder of a tree + AH + reorder shard with `options` (builder_options).
+    On the shared projection (options["projection"] == "shared": `vectors` are already
+    projected) no ScaNN PCA and no ScaNN reorder: the searcher rescores in float32."""
+    shared = options.get("projection") == SHARED
     from scann.scann_ops.py.scann_builder import ReorderType
 
     n = len(vectors)
@@ -250,10 +263,11 @@ def make_tree_ah_builder(scann_ops_pybind: Any, vectors: np.ndarray, k: int,
                      soar_lambda=options.get("soar_lambda"))
                .score_ah(int(options["dimensions_per_block"]),
                          anisotropic_quantization_threshold=options["anisotropic_threshold"],
-                         training_sample_size=min(n, 100_000))
-               .reorder(pre_reorder, quantize=getattr(ReorderType, _REORDER_TYPES[
-                   options["reorder_dtype"]])))
-    if options.get("projection_dim"):
+                         training_sample_size=min(n, 100_000)))
+    if not shared:
+        builder = builder.reorder(pre_reorder, quantize=getattr(ReorderType, _REORDER_TYPES[
+            options["reorder_dtype"]]))
+    if options.get("projection_dim") and not shared:
         # both arguments, else ScaNN 1.4.2 raises ValueError
         builder = builder.pca(reduction_dim=int(options["projection_dim"]),
                               pca_significance_threshold=None)
@@ -266,8 +280,11 @@ _REORDER_TYPES = {"float32": "FLOAT32", "int8": "INT8", "bfloat16": "BFLOAT16"}
 
 def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
                    tune: list[tuple], global_kth: np.ndarray | None, local_dir: str,
-                   shard: int = 0, routed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train and serialize a tree + AH + reorder searcher; tune its search budget."""
+                   shard: int = 0, routed: dict[str, Any] | None = None,
+                   projection: np.ndarray | None = None) -> dict[str, Any]:
+    """Train and serialize a tree + AH + reorder searcher; tune its search budget.
+    With the shared `projection` the searcher indexes the projected vectors (its copy
+    written as the shard's projection.npy) and search rescores exactly."""
     p = spec.params
     n = len(vectors)
     k = p.num_neighbors
@@ -275,7 +292,12 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
     leaves = max(1, min(num_leaves, math.ceil(p.leaves_to_search_fraction * num_leaves)))
     full_pre = k * p.reorder_multiplier
     options = builder_options(p, spec.dim)
-    builder = make_tree_ah_builder(scann_ops_pybind, vectors, k, num_leaves, leaves, full_pre,
+    indexed = vectors
+    if projection is not None:
+        options["projection"] = SHARED
+        indexed = project(vectors, projection)
+        save_projection(local_dir, projection)
+    builder = make_tree_ah_builder(scann_ops_pybind, indexed, k, num_leaves, leaves, full_pre,
                                    options)
     builder.set_n_training_threads(p.training_threads)
     searcher = builder.build()
@@ -295,7 +317,8 @@ def _build_tree_ah(scann_ops_pybind: Any, vectors: np.ndarray, spec: BuildSpec,
         for mult in dict.fromkeys([scaled, p.reorder_multiplier]):
             leaves, tuned, details = tune_leaves(searcher, vectors, queries, kk, kk * mult,
                                                  num_leaves, target, global_kth,
-                                                 rescore=p.reorder_dtype != "float32")
+                                                 rescore=p.reorder_dtype != "float32",
+                                                 projection=projection)
             multiplier = mult
             if tuned >= target:
                 break

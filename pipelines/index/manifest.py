@@ -29,8 +29,12 @@ from pipelines.core.errors import BadArtifactError
 
 FORMAT_V1 = "catalog-search-index/1"
 FORMAT = "catalog-search-index/2"
+#: Format 2 plus shards built on the shared projection (options.projection == "shared",
+#: pipelines/index/projection.py): written only by such builds, so that a reader which
+#: would feed raw queries to their projected searchers refuses them.
+FORMAT_V3 = "catalog-search-index/3"
 #: Manifest formats this code reads (an old reader refuses a newer format outright).
-READ_FORMATS = (FORMAT_V1, FORMAT)
+READ_FORMATS = (FORMAT_V1, FORMAT, FORMAT_V3)
 #: A shard's stored vectors when its entry names no `vectors_file` (ScaNN's float32 copy).
 DEFAULT_VECTORS_FILE = "dataset.npy"
 STATUS_PASSED = "passed"

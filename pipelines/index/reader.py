@@ -41,6 +41,9 @@ class LoadedShard:
     reorder_multiplier: int = 1
     info: ShardEntry | None = None  # the manifest's shard entry
     tuned_k: int = 0                # the k its budget was tuned for (0: unknown, old index)
+    # the shared projection [projection_dim, dim] its searcher indexes (projection.npy;
+    # one array for all shards of a version with the same copy), or None: raw queries
+    projection: np.ndarray | None = field(default=None, repr=False, compare=False)
     _vectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -163,6 +166,7 @@ class IndexVersion:
         if self.verify and entry.kind != "empty":
             check_shard_vectors(os.path.join(local, entry.stored_vectors), entry.num_vectors,
                                 self.manifest.dim, where)
+        projection = self._projection(entry, local, where)
         if entry.kind != "empty":
             searcher = scann_ops_pybind.load_searcher(local, assets_backcompat_shim=False)
             if searcher.size() != entry.num_vectors:
@@ -174,7 +178,29 @@ class IndexVersion:
                            kind=entry.kind, searcher=searcher, rows=rows, local_dir=local,
                            leaves_to_search=entry.leaves_to_search,
                            reorder_multiplier=entry.reorder_multiplier, info=entry,
-                           tuned_k=_tuned_k(self.manifest))
+                           tuned_k=_tuned_k(self.manifest), projection=projection)
+
+    def _projection(self, entry: ShardEntry, local: str, where: str) -> np.ndarray | None:
+        """The shard's shared projection (its projection.npy, checked), or None. Shards
+        whose copies have the same sha256 share one array (ShardedSearcher projects a
+        query once per distinct array)."""
+        from pipelines.index.projection import PROJECTION_FILE, SHARED, load_projection
+        options = entry.options or {}
+        if options.get("projection") != SHARED:
+            return None
+        digest = next((f.sha256 for f in entry.files if f.name == PROJECTION_FILE), None)
+        if digest is None:
+            raise IndexIntegrityError(f"{where}: built on the shared projection but "
+                                      f"{PROJECTION_FILE} is not among its files")
+        cache = self.__dict__.setdefault("_projections", {})
+        if digest not in cache:
+            try:
+                cache[digest] = load_projection(
+                    os.path.join(local, PROJECTION_FILE), int(options["projection_dim"]),
+                    self.manifest.dim, where)
+            except (ValueError, KeyError, TypeError) as e:
+                raise IndexIntegrityError(str(e)) from e
+        return cache[digest]
 
     def _local_copy(self, base: str, entry: ShardEntry) -> str:
         """A local folder with the shard's files, checksums verified when `self.verify`."""

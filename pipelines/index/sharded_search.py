@@ -18,27 +18,29 @@ remaining slots (`hits` leaves those out).
 Each shard answers its own top-k with ScaNN (tree + asymmetric hashing + exact
 reordering, using the leaves_to_search and reorder pool tuned at build time for the
 index as a whole, or brute force for small shards); the per-shard lists are merged into
-the global top-k. Shards are searched concurrently on a thread pool shared by all
-searchers of the process (ScaNN releases the GIL while it searches); the merge is the
+the global top-k. Shards on the version's shared projection (pipelines/index/projection.py)
+get the query projected once for all of them, their candidates rescored in float32.
+Shards are searched concurrently on a thread pool shared by all searchers of the process (ScaNN releases the GIL while it searches); the merge is the
 same either way, so concurrent and sequential searches return the same hits
 (`concurrent=False` searches one shard after another).
 """
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipelines.index.exact_search import (_as_queries, _exact_dots, _rescore,  # noqa: F401
+                                          _top_k_rows, search_exact)
+from pipelines.index.hits import Hit, _new_hit, parse_metadata  # noqa: F401 (re-exported)
+from pipelines.index.projection import project
+
 # A shard reordering with int8 / bfloat16 returns this x k candidates, rescored in float32.
 RESCORE_FACTOR = 2
-# Database rows scored per block by `search_exact` (bounds its memory to Q x block).
-_EXACT_BLOCK_ROWS = 65536
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -54,89 +56,8 @@ def shard_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One neighbour of a query, mapped back to the catalog.
-
-    The one result type of the project: ShardedSearcher.hits returns it, and serving
-    answers with it (collapsed to the best image per product, filtered, or fused with the
-    text score: then `score` is the fused score and `visual_score` / `text_score` its parts).
-    """
-    row: int
-    shard: int
-    score: float
-    image_id: str
-    product_id: str
-    view: str
-    image_uri: str | None
-    metadata: dict[str, Any]
-    visual_score: float | None = None
-    text_score: float | None = None
-
-
-_new_hit = object.__new__
-
-
-def parse_metadata(text: str | None) -> dict[str, Any]:
-    """A row's metadata column (JSON object text) as a dict; {} when empty or not an object.
-
-    The one metadata parser: search hits, serving's filters and its text index use it.
-    """
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def search_exact(vectors: np.ndarray, queries: np.ndarray, k: int,
-                 block_rows: int = _EXACT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product (brute force in numpy): (scores [Q,k'], indices [Q,k']).
-
-    k' = min(k, len(vectors)); best first; ties go to the lower index. Memory stays at
-    Q x block_rows scores however large `vectors` is (it may be a memory map).
-    """
-    queries = _as_queries(queries, vectors.shape[1] if vectors.ndim == 2 else None)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    n = int(vectors.shape[0])
-    k = min(int(k), n)
-    q = queries.shape[0]
-    if k == 0:
-        return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
-    best_s = np.full((q, 0), -np.inf, np.float32)
-    best_i = np.zeros((q, 0), np.int64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(vectors[start:start + block_rows], dtype=np.float32)
-        scores = queries @ block.T
-        kk = min(k, scores.shape[1])
-        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < scores.shape[1] \
-            else np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        cand_s = np.concatenate([best_s, np.take_along_axis(scores, part, axis=1)], axis=1)
-        cand_i = np.concatenate([best_i, part.astype(np.int64) + start], axis=1)
-        best_s, best_i = _top_k(cand_s, cand_i, k)
-    return best_s, best_i
-
-
-def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best k per row of candidate lists; ties broken by the lower id."""
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-
-def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
-    q = np.asarray(queries)
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2:
-        raise ValueError(f"queries must be a [Q, D] array, got shape {q.shape}")
-    if dim is not None and q.shape[1] != dim:
-        raise ValueError(f"queries have {q.shape[1]} dimensions, the index has {dim}")
-    if not np.all(np.isfinite(q)):
-        raise ValueError("queries contain NaN or infinite values")
-    return np.ascontiguousarray(q, dtype=np.float32)
+__all__ = ["Hit", "ShardedSearcher", "parse_metadata", "reorder_pool", "search_exact",
+           "shard_pool", "RESCORE_FACTOR"]
 
 
 class ShardedSearcher:
@@ -197,21 +118,49 @@ class ShardedSearcher:
         [dim], finite: `search` checks it), the shards are searched one after another in
         the calling thread (a single query's shard calls are too short for the thread
         pool: its hand-offs cost more than they overlap), each with ScaNN's single-query
-        call, and the merge is one sort of at most (shards searched) x k candidates."""
+        call, the query projected once per shared projection (not once per shard), the
+        candidates of shards on a shared projection rescored in one step, and the merge is
+        one sort of the candidates."""
         k = min(int(k), self.num_vectors)
         positions = (self._route_one(query) if self.routing is not None
                      and self.routing.budget < len(self.shards) else range(len(self.shards)))
         part_s: list[np.ndarray] = []
         part_r: list[np.ndarray] = []
+        projected: dict[int, np.ndarray] = {}
+        gathered: list[np.ndarray] = []  # rows of the shared-projection shards' candidates
         for j in positions:
             shard = self.shards[j]
-            if shard.num_vectors == 0:
+            n = shard.num_vectors
+            if n == 0:
                 continue
-            s, r = self._search_shard_one(shard, query, min(k, shard.num_vectors))
-            part_s.append(s)
             offset = int(self.offsets[j])
-            part_r.append(np.where(r >= 0, r + offset, -1) if offset else r)
-        if len(part_s) == 1 and part_s[0].shape[0] == k:
+            matrix = shard.projection
+            if matrix is None:
+                s, r = self._search_shard_one(shard, query, min(k, n))
+                part_s.append(s)
+                part_r.append(np.where(r >= 0, r + offset, -1) if offset else r)
+                continue
+            qp = projected.get(id(matrix))
+            if qp is None:
+                qp = projected[id(matrix)] = project(query[None], matrix)[0]
+            pool = min(n, max(k, reorder_pool(shard, k)))
+            idx, dist = shard.searcher.search(qp, pool, pool, shard.leaves_to_search)
+            idx = np.asarray(idx, np.int64)
+            if np.isnan(dist).any():
+                idx = idx[~np.isnan(dist)]
+            vectors = shard.vectors()
+            gathered.append(np.asarray(vectors[idx], np.float32))
+            part_r.append(idx + offset if offset else idx)
+            part_s.append(None)  # type: ignore[arg-type]  # scored below
+        if gathered:
+            exact = _exact_dots(query[None], np.concatenate(gathered)[None])[0]
+            at = 0
+            for i, s in enumerate(part_s):
+                if s is None:
+                    m = part_r[i].shape[0]
+                    part_s[i] = exact[at:at + m]
+                    at += m
+        if len(part_s) == 1 and part_s[0].shape[0] == k and not gathered:
             return part_s[0], part_r[0]
         scores = np.concatenate(part_s) if part_s else np.zeros(0, np.float32)
         rows = np.concatenate(part_r) if part_r else np.zeros(0, np.int64)
@@ -272,9 +221,13 @@ class ShardedSearcher:
                 in enumerate(zip(self.offsets[:-1], self.shards))
                 if shard.num_vectors > 0 and mask[:, j].any()]
 
+        projected = _projected(queries, [shard for _, _, shard in todo])
+
         def run(j: int, shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             sub = np.flatnonzero(mask[:, j])
-            s, r = self._search_shard(shard, queries[sub], min(k, shard.num_vectors))
+            qp = projected.get(id(shard.projection))
+            s, r = self._search_shard(shard, queries[sub], min(k, shard.num_vectors),
+                                      None if qp is None else qp[sub])
             return sub, s, r
 
         if self.concurrent and len(todo) > 1:
@@ -303,6 +256,13 @@ class ShardedSearcher:
         k = min(int(k), self.num_vectors)
         todo = [(offset, shard) for offset, shard in zip(self.offsets[:-1], self.shards)
                 if shard.num_vectors > 0]
+        if search_shard is self._search_shard:  # project once per shared projection
+            projected = _projected(queries, [shard for _, shard in todo])
+            if projected:
+                def search_shard(shard: Any, q: np.ndarray, kk: int
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+                    return self._search_shard(shard, q, kk,
+                                              projected.get(id(shard.projection)))
         if self.concurrent and len(todo) > 1:
             pool = shard_pool()
             futures = [pool.submit(search_shard, shard, queries, min(k, shard.num_vectors))
@@ -322,27 +282,37 @@ class ShardedSearcher:
         return _top_k_rows(scores, rows, k)
 
     @staticmethod
-    def _search_shard(shard: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_shard(shard: Any, queries: np.ndarray, k: int,
+                      projected: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One shard's top-k (local rows, -1 / -inf padding where ScaNN found fewer).
 
         A shard whose ScaNN reorders with int8 / bfloat16 vectors returns approximate
         scores: it is asked for RESCORE_FACTOR x k neighbours, which are rescored exactly
         with the shard's stored float32 vectors, so every shard's scores are exact dot
-        products and merging shards by score compares like with like.
+        products and merging shards by score compares like with like. A shard on the
+        shared projection (`shard.projection`; `projected`: the queries through it, when
+        the caller has them) returns its reorder pool by hashing score, rescored the same
+        way.
         """
-        rescore = getattr(shard, "quantized_reorder", False)
-        if rescore:
-            wanted = k
-            k = min(int(shard.num_vectors), RESCORE_FACTOR * k)
+        wanted = k
+        matrix = getattr(shard, "projection", None)
+        rescore = matrix is not None or getattr(shard, "quantized_reorder", False)
+        if matrix is not None:
+            k = min(int(shard.num_vectors), max(k, reorder_pool(shard, k)))
+            searched = project(queries, matrix) if projected is None else projected
+        else:
+            searched = queries
+            if rescore:
+                k = min(int(shard.num_vectors), RESCORE_FACTOR * k)
         brute = shard.kind == "scann_brute_force"
         pre = -1 if brute else max(k, reorder_pool(shard, wanted if rescore else k))
         leaves = -1 if brute else shard.leaves_to_search
-        if queries.shape[0] == 1:
-            idx, dist = shard.searcher.search(queries[0], k, pre, leaves)
+        if searched.shape[0] == 1:
+            idx, dist = shard.searcher.search(searched[0], k, pre, leaves)
             idx = np.asarray(idx, np.int64)[None, :]
             dist = np.asarray(dist, np.float32)[None, :]
         else:
-            idx, dist = shard.searcher.search_batched(queries, k, pre if pre > 0 else None,
+            idx, dist = shard.searcher.search_batched(searched, k, pre if pre > 0 else None,
                                                       leaves if leaves > 0 else None)
             idx = np.asarray(idx, np.int64)
             dist = np.asarray(dist, np.float32)
@@ -418,23 +388,11 @@ def reorder_pool(shard: Any, n: int) -> int:
     return k * mult + (n - k)
 
 
-def _rescore(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray, idx: np.ndarray,
-             k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates [Q, m] rescored with exact dot products of `vectors`; the best k."""
-    valid = idx >= 0
-    flat = np.where(valid, idx, 0).reshape(-1)
-    order = np.argsort(flat, kind="stable")  # sorted gather: sequential reads of the map
-    gathered = np.empty((flat.size, vectors.shape[1]), np.float32)
-    gathered[order] = np.asarray(vectors[flat[order]], np.float32)
-    exact = np.einsum("qd,qmd->qm", queries, gathered.reshape(idx.shape[0], idx.shape[1], -1))
-    exact = np.where(valid, exact, -np.inf).astype(np.float32)
-    return _top_k_rows(exact, idx, k)
-
-
-def _top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    # Padding (-1) sorts last among equal -inf scores because lexsort breaks ties on rows
-    # ascending; map it to a large key so real rows win ties.
-    key_rows = np.where(rows < 0, np.iinfo(np.int64).max, rows)
-    order = np.lexsort((key_rows, -scores), axis=1)[:, :k]
-    return (np.take_along_axis(scores, order, axis=1).astype(np.float32),
-            np.take_along_axis(rows, order, axis=1))
+def _projected(queries: np.ndarray, shards: Sequence[Any]) -> dict[int, np.ndarray]:
+    """id(projection) -> the queries through it, once per distinct shared projection."""
+    out: dict[int, np.ndarray] = {}
+    for shard in shards:
+        matrix = getattr(shard, "projection", None)
+        if matrix is not None and id(matrix) not in out:
+            out[id(matrix)] = project(queries, matrix)
+    return out
