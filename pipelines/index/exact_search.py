@@ -75,7 +75,7 @@ def _rescore(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray, idx: np
 def _exact_dots(queries: np.ndarray, gathered: np.ndarray) -> np.ndarray:
     """[Q, m] dot products of queries [Q, d] with their candidates [Q, m, d] (one kernel
     for the batched and the single-query paths: both give the same scores)."""
-    return np.einsum("qd,qmd->qm", queries, gathered)
+    return np.matmul(gathered, queries[:, :, None])[:, :, 0]
 
 
 def _top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

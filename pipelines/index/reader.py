@@ -58,8 +58,9 @@ class LoadedShard:
         return self.info.stored_vectors if self.info is not None else DEFAULT_VECTORS_FILE
 
     def vectors(self) -> np.ndarray:
-        """float32 [num_vectors, dim], memory-mapped from the shard's stored-vectors file
-        (`vectors_file`: vectors.npy, or ScaNN's dataset.npy when ScaNN keeps float32)."""
+        """float32 [num_vectors, dim] from the shard's stored-vectors file (`vectors_file`:
+        vectors.npy, or ScaNN's dataset.npy when ScaNN keeps float32): memory-mapped, or
+        read into memory for a shard on the shared projection."""
         if self.num_vectors == 0:
             return np.zeros((0, self.dim), np.float32)
         if self._vectors is None:
@@ -67,7 +68,11 @@ class LoadedShard:
             if not os.path.exists(path):
                 raise IndexArtifactError(f"shard {self.shard}: no {self.vectors_file} in "
                                          f"{self.local_dir}")
-            self._vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+            # a shard on the shared projection rescores every query's candidates from
+            # these vectors: held in memory (as ScaNN holds its float32 reorder copy);
+            # otherwise memory-mapped (read for exact search and quantized rescoring)
+            self._vectors = np.load(path, mmap_mode=None if self.projection is not None
+                                    else "r", allow_pickle=False)
         return self._vectors
 
 
