@@ -46,6 +46,15 @@ def test_config_file_errors(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    # a refused key names the file (or the overrides) that set it
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("index:\n  shards: 0\n  shrads: 2\n")
+    with pytest.raises(ConfigError, match=rf"config key index\.shards: must be >= 1, got 0 "
+                                          rf"\(set in {wrong}\)") as e:
+        load_config(wrong)
+    assert f"unknown config key index.shrads (set in {wrong})" in str(e.value)
+    with pytest.raises(ConfigError, match=r"index\.shards: .*\(set in the overrides\)"):
+        load_config(wrong, {"index": {"shards": -1, "shrads": None}})
 
 
 def test_direct_runner_options():
