@@ -234,30 +234,9 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
     pipeline_s = time.time() - pipeline_started
     stages = stage_timing.collect(result, NAMESPACE, pipeline_started)
 
-    counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
-    counted = summarize(counts, input_rows)
-    summary = SnapshotSummary(
-        **counted,
-        max_dead_letter_fraction=config.embed.max_dead_letter_fraction,
-        run_id=run_id, snapshot=snapshot_dir, manifests=uris,
-        previous_snapshot=previous, merge_previous=merge_previous,
-        # features ride in "model" so the index manifest carries them to serving unchanged
-        # so does the resolved precision: serving runs the model as the catalog was embedded
-        model=dict(spec.to_dict(), features=features_dict(config.features),
-                   precision=precision.value),
-        features=features_dict(config.features),
-        model_id=spec.model_id, dim=spec.dim,
-        embedding_fingerprint=fingerprint,
-        augment={"views": list(config.augment.views), "mode": config.augment.mode,
-                 "seed": config.augment.seed, "output_views": settings.output_view_names()},
-        decode=dataclasses.asdict(config.decode),
-        runner=config.runner.name,
-        timings={"total_s": round(time.time() - started, 3),
-                 "pipeline_s": round(pipeline_s, 3),
-                 "embedded_per_s": round(counted[EMBEDDED] / pipeline_s, 2)
-                 if pipeline_s else None, **execution, "stages": stages},
-        created_at=datetime.now(timezone.utc).isoformat(),
-    )
+    summary = _summary(config, spec, settings, precision.value, uris, input_rows, run_id,
+                       snapshot_dir, previous, merge_previous, started, pipeline_s,
+                       dict(execution, stages=stages))
     fs.delete_files([fs.join(snapshot_dir, COUNTS_FILE)])
     try:
         check_failure_rate(summary, config.embed.max_dead_letter_fraction)
@@ -275,3 +254,32 @@ def _run_embed_locked(uris: list[str], input_rows: int, out_root: str, config: C
     return summary
 
 
+def _summary(config: Config, spec: ModelSpec, settings: EmbedSettings, precision: str,
+             uris: list[str], input_rows: int, run_id: str, snapshot_dir: str,
+             previous: str | None, merge_previous: bool, started: float, pipeline_s: float,
+             execution: dict[str, Any]) -> SnapshotSummary:
+    """The run's summary from the workers' outcome counts (EmbedError if they do not add up)."""
+    counts = fs.read_json(fs.join(snapshot_dir, COUNTS_FILE))
+    counted = summarize(counts, input_rows)
+    return SnapshotSummary(
+        **counted,
+        max_dead_letter_fraction=config.embed.max_dead_letter_fraction,
+        run_id=run_id, snapshot=snapshot_dir, manifests=uris,
+        previous_snapshot=previous, merge_previous=merge_previous,
+        # features ride in "model" so the index manifest carries them to serving unchanged
+        # so does the resolved precision: serving runs the model as the catalog was embedded
+        model=dict(spec.to_dict(), features=features_dict(config.features),
+                   precision=precision),
+        features=features_dict(config.features),
+        model_id=spec.model_id, dim=spec.dim,
+        embedding_fingerprint=settings.fingerprint,
+        augment={"views": list(config.augment.views), "mode": config.augment.mode,
+                 "seed": config.augment.seed, "output_views": settings.output_view_names()},
+        decode=dataclasses.asdict(config.decode),
+        runner=config.runner.name,
+        timings={"total_s": round(time.time() - started, 3),
+                 "pipeline_s": round(pipeline_s, 3),
+                 "embedded_per_s": round(counted[EMBEDDED] / pipeline_s, 2)
+                 if pipeline_s else None, **execution},
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
