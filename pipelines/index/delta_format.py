@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipelines.core import filesystem as fs
 from pipelines.core.contract import FORMAT_KEY, Int, Obj, Str, read
 from pipelines.index.artifact import ROW_COLUMNS
-from pipelines.index.manifest import IndexArtifactError, IndexManifest
+from pipelines.index.manifest import IndexArtifactError, IndexManifest, ShardFile
 
 DELTA_FORMAT = "catalog-search-delta/1"
 DELTAS_DIR = "deltas"
@@ -69,14 +69,8 @@ def seq_of(name: str) -> int | None:
 
 # --------------------------------------------------------------------------- the contract
 
-@dataclass(frozen=True)
-class DeltaFile:
-    name: Str
-    sha256: Str
-    bytes: Int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "bytes": self.bytes}
+# One file of a delta: the same {name, sha256, bytes} record as a shard's files.
+DeltaFile = ShardFile
 
 
 @dataclass(frozen=True)
