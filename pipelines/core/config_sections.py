@@ -198,7 +198,7 @@ class IndexConfig:
     reorder_dtype: Literal["float32", "int8", "bfloat16"] = "float32"
     # One PCA trained by the build for every shard (queries projected once, not per shard;
     # pipelines/index/projection.py); float32 reorder only: int8 / bfloat16 keep ScaNN's.
-    shared_projection: Bool = True
+    shared_projection: Bool = False
     # catalog_backfill: a drop is published as a delta (pipelines/index/deltas.py) while
     # the version's delta rows stay at most this many with it; above, a full build runs.
     # 0 = always a full build.
