@@ -39,9 +39,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipelines.index.deltas import Delta
-
-_new_hit = object.__new__
-from pipelines.index.sharded_search import Hit, parse_metadata, search_exact, shard_pool
+from pipelines.index.hits import Hit, new_hit, parse_metadata
+from pipelines.index.sharded_search import search_exact, shard_pool
 from serving.delta_rows import apply_deltas
 from serving.delta_segment import DeltaSegment, SegmentParams
 from serving.delta_text import delta_text_index
@@ -235,7 +234,7 @@ class DeltaIndex(LoadedIndex):
             return self._base_hit(row, score)
         row = int(row)
         j = row - self.base_rows
-        hit = _new_hit(Hit)  # as ShardedSearcher.hit: the fields without Hit's __init__
+        hit = new_hit(Hit)  # as ShardedSearcher.hit: the fields without Hit's __init__
         hit.__dict__.update(row=row, shard=-1, score=float(score), image_id=self._image_ids[j],
                             product_id=self._product_ids[j], view=self._views[j],
                             image_uri=self._uris[j], metadata=parse_metadata(self._metadata[j]),

@@ -6,10 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from serving.searcher import CatalogSearcher
+
+class Reloadable(Protocol):
+    """What the watcher needs of a searcher (serving.searcher.CatalogSearcher is one);
+    named by its shape so that this module does not import the searcher back."""
+    config: Any
+
+    def reload(self) -> "ReloadOutcome": ...
 
 log = logging.getLogger("serving.searcher")
 
@@ -30,7 +35,7 @@ class ReloadOutcome:
 class IndexWatcher:
     """Background thread: every `interval_s`, load what LATEST names if it changed."""
 
-    def __init__(self, searcher: CatalogSearcher, interval_s: float | None = None):
+    def __init__(self, searcher: Reloadable, interval_s: float | None = None):
         self.searcher = searcher
         self.interval_s = interval_s or searcher.config.serving.reload_interval_s
         self._stop = threading.Event()

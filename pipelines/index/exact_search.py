@@ -18,7 +18,7 @@ def search_exact(vectors: np.ndarray, queries: np.ndarray, k: int,
     k' = min(k, len(vectors)); best first; ties go to the lower index. Memory stays at
     Q x block_rows scores however large `vectors` is (it may be a memory map).
     """
-    queries = _as_queries(queries, vectors.shape[1] if vectors.ndim == 2 else None)
+    queries = as_queries(queries, vectors.shape[1] if vectors.ndim == 2 else None)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n = int(vectors.shape[0])
@@ -46,7 +46,7 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
+def as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
     q = np.asarray(queries)
     if q.ndim == 1:
         q = q[None, :]
@@ -59,26 +59,26 @@ def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def _rescore(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray, idx: np.ndarray,
-             k: int) -> tuple[np.ndarray, np.ndarray]:
+def rescore_candidates(vectors: np.ndarray, queries: np.ndarray, dist: np.ndarray,
+                       idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidates [Q, m] rescored with exact dot products of `vectors`; the best k."""
     valid = idx >= 0
     flat = np.where(valid, idx, 0).reshape(-1)
     order = np.argsort(flat, kind="stable")  # sorted gather: sequential reads of the map
     gathered = np.empty((flat.size, vectors.shape[1]), np.float32)
     gathered[order] = np.asarray(vectors[flat[order]], np.float32)
-    exact = _exact_dots(queries, gathered.reshape(idx.shape[0], idx.shape[1], -1))
+    exact = exact_dots(queries, gathered.reshape(idx.shape[0], idx.shape[1], -1))
     exact = np.where(valid, exact, -np.inf).astype(np.float32)
-    return _top_k_rows(exact, idx, k)
+    return top_k_rows(exact, idx, k)
 
 
-def _exact_dots(queries: np.ndarray, gathered: np.ndarray) -> np.ndarray:
+def exact_dots(queries: np.ndarray, gathered: np.ndarray) -> np.ndarray:
     """[Q, m] dot products of queries [Q, d] with their candidates [Q, m, d] (one kernel
     for the batched and the single-query paths: both give the same scores)."""
     return np.matmul(gathered, queries[:, :, None])[:, :, 0]
 
 
-def _top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # Padding (-1) sorts last among equal -inf scores because lexsort breaks ties on rows
     # ascending; map it to a large key so real rows win ties.
     key_rows = np.where(rows < 0, np.iinfo(np.int64).max, rows)

@@ -34,9 +34,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.index.exact_search import (_as_queries, _exact_dots, _rescore,  # noqa: F401
-                                          _top_k_rows, search_exact)
-from pipelines.index.hits import Hit, _new_hit, parse_metadata  # noqa: F401 (re-exported)
+from pipelines.index.exact_search import (as_queries, exact_dots, rescore_candidates,
+                                          search_exact, top_k_rows)
+from pipelines.index.hits import Hit, new_hit, parse_metadata
 from pipelines.index.projection import project
 
 # A shard reordering with int8 / bfloat16 returns this x k candidates, rescored in float32.
@@ -105,7 +105,7 @@ class ShardedSearcher:
         is the full fan-out. One query (Q = 1) takes `search_one`'s lean path."""
         if (isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.shape[0] == 1
                 and isinstance(k, (int, np.integer)) and k >= 1):
-            q = _as_queries(queries, self.dim)[0]
+            q = as_queries(queries, self.dim)[0]
             scores, rows = self.search_one(q, int(k))
             return scores[None, :], rows[None, :]
         if self.routing is None or self.routing.budget >= len(self.shards):
@@ -153,7 +153,7 @@ class ShardedSearcher:
             part_r.append(idx + offset if offset else idx)
             part_s.append(None)  # type: ignore[arg-type]  # scored below
         if gathered:
-            exact = _exact_dots(query[None], np.concatenate(gathered)[None])[0]
+            exact = exact_dots(query[None], np.concatenate(gathered)[None])[0]
             at = 0
             for i, s in enumerate(part_s):
                 if s is None:
@@ -211,7 +211,7 @@ class ShardedSearcher:
 
     def _routed_top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from pipelines.index.routing import route_mask
-        queries = _as_queries(queries, self.dim)
+        queries = as_queries(queries, self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), self.num_vectors)
@@ -243,14 +243,14 @@ class ShardedSearcher:
             cols = slice(t * k, t * k + s.shape[1])
             scores[sub, cols] = s
             rows[sub, cols] = np.where(r >= 0, r + offset, -1)
-        return _top_k_rows(scores, rows, k)
+        return top_k_rows(scores, rows, k)
 
     def _merged_top_k(self, queries: np.ndarray, k: int,
                       search_shard: Callable[[Any, np.ndarray, int],
                                              tuple[np.ndarray, np.ndarray]]
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Each non-empty shard's top-k by `search_shard`, merged into the global top-k."""
-        queries = _as_queries(queries, self.dim)
+        queries = as_queries(queries, self.dim)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), self.num_vectors)
@@ -279,7 +279,7 @@ class ShardedSearcher:
         rows = np.concatenate(all_r, axis=1)
         if len(all_s) == 1 and scores.shape[1] == k:
             return scores, rows
-        return _top_k_rows(scores, rows, k)
+        return top_k_rows(scores, rows, k)
 
     @staticmethod
     def _search_shard(shard: Any, queries: np.ndarray, k: int,
@@ -325,7 +325,7 @@ class ShardedSearcher:
             dist = np.where(missing, -np.inf, dist).astype(np.float32)
             idx = np.where(missing, -1, idx)
         if rescore:
-            return _rescore(shard.vectors(), queries, dist, idx, wanted)
+            return rescore_candidates(shard.vectors(), queries, dist, idx, wanted)
         return dist, idx
 
     # ---------------------------------------------------------------- exact reference
@@ -358,7 +358,7 @@ class ShardedSearcher:
         # Hit(...) without the frozen dataclass's per-field object.__setattr__ (a query
         # builds k to hundreds of hits: that __init__ was most of a vector query's Python
         # time); the same fields, still frozen, equal to Hit(...) built the usual way.
-        hit = _new_hit(Hit)
+        hit = new_hit(Hit)
         hit.__dict__.update(row=row, shard=self._shard_numbers[shard], score=float(score),
                             image_id=self.image_ids[row], product_id=self.product_ids[row],
                             view=self.views[row], image_uri=self.image_uris[row],
