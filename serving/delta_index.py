@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pipelines.index.deltas import Delta
+from pipelines.index.deltas import Delta, oldest_age_s
 from pipelines.index.hits import Hit, new_hit, parse_metadata
 from pipelines.index.sharded_search import search_exact, shard_pool
 from serving.delta_rows import apply_deltas
@@ -375,15 +375,6 @@ class DeltaIndex(LoadedIndex):
 
     def delta_info(self) -> dict[str, Any]:
         """The deltas applied and the counts that reconcile: base + added - masked."""
-        import datetime as dt
-        ages = []
-        now = dt.datetime.now(dt.timezone.utc)
-        for d in self.deltas:
-            try:
-                ages.append((now - dt.datetime.fromisoformat(d.manifest.created_at))
-                            .total_seconds())
-            except ValueError:
-                pass
         return {"deltas": len(self.deltas),
                 "last_seq": self.deltas[-1].seq if self.deltas else 0,
                 "base_rows": self.base_rows, "rows_added": self.rows_added,
@@ -392,7 +383,7 @@ class DeltaIndex(LoadedIndex):
                 "product_ids_deleted": self.ids_deleted["product_ids"],
                 "takedown_image_ids": len(self.takedowns["image_ids"]),
                 "takedown_product_ids": len(self.takedowns["product_ids"]),
-                "oldest_delta_age_s": round(max(ages), 3) if ages else None,
+                "oldest_delta_age_s": oldest_age_s(self.deltas),
                 "scann_segment": self.segment.describe() if self.segment else None,
                 "exact_delta_rows": int(len(self._tail_rows)),
                 "error": self.delta_error}

@@ -152,8 +152,8 @@ def test_reused_and_carried_rows_are_copied_file_by_file(embed_config, tmp_path,
                    run_id="r1")
     before = snapshot.read_table(s1.snapshot)
 
-    from pipelines.embed import transforms
-    monkeypatch.setattr(transforms, "REUSED_ROW_GROUP_ROWS", 2)
+    from pipelines.embed import reuse
+    monkeypatch.setattr(reuse, "REUSED_ROW_GROUP_ROWS", 2)
     rows[0]["product_id"], rows[0]["title"] = "P0-moved", "new 0"  # catalog fields change
     s2 = run_embed([_manifest(tmp_path / "m2.csv", rows, fields)], out, embed_config,
                    run_id="r2", previous=s1.snapshot)

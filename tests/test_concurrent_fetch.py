@@ -21,7 +21,8 @@ import image_factory as f
 from loopback_images import ImageServer
 from pipelines.core.config import AugmentConfig, ConfigError, DecodeConfig, FetchConfig, load_config
 from pipelines.embed import snapshot
-from pipelines.embed.fetch import FetchError, HttpClient, fetch_bytes, retry_after_seconds
+from pipelines.embed.fetch import FetchError, fetch_bytes, retry_after_seconds
+from pipelines.embed.http_pool import HttpClient
 from pipelines.embed.inflight import InFlight
 from pipelines.embed.job import run_embed
 from pipelines.embed.transforms import EmbedSettings, ResolveImage

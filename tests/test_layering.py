@@ -197,3 +197,26 @@ def test_no_private_name_is_imported_from_another_module():
                               for a in node.names
                               if a.name.startswith("_") and not a.name.startswith("__")]
     assert not wrong, "private names imported from another module:\n" + "\n".join(wrong)
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_modules_and_functions_stay_readable_in_one_sitting():
+    """No module of pipelines/ or serving/ over 400 lines, no function over 80: past that
+    a module holds two things and a function does several (split them by what they do)."""
+    long_modules, long_functions = [], []
+    for top in ("pipelines", "serving"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            name = str(path.relative_to(REPO))
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                long_modules.append(f"{name}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text, filename=name)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long_functions.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert not long_modules and not long_functions, \
+        "\n".join(["modules over 400 lines:", *long_modules,
+                   "functions over 80 lines:", *long_functions])

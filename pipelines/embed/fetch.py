@@ -7,9 +7,9 @@ exponential backoff on timeouts, connection errors, 429 and 5xx; a byte cap chec
 against Content-Length and while reading. Local files: only regular files are read
 (opened non-blocking, then checked with fstat, so a FIFO or a device never blocks).
 
-http(s) goes through an `HttpClient` (one per worker process and fetch config, see
-`client_for`): keep-alive connections reused per host (scheme, host, port), at most
-`fetch.per_host_concurrency` fetches in flight per host (object stores: per bucket), and
+http(s) goes through an `HttpClient` (pipelines/embed/http_pool.py: one per worker process
+and fetch config, see `client_for`): keep-alive connections reused per host (scheme, host,
+port), at most `fetch.per_host_concurrency` fetches in flight per host (object stores: per bucket), and
 `Retry-After` on 429/503 honoured for the whole host -- no request to that host before
 the time it named (capped at the fetch deadline). A fetch's deadline starts when it gets
 its host slot, so rows queued behind a busy host are not timed out by the queue.
@@ -23,21 +23,18 @@ Errors are FetchError with a short `reason` (what the dead letter records):
 """
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import errno
 import http.client
 import os
 import socket
-import ssl
 import stat
-import threading
 import time
 import urllib.parse
-from typing import Iterator
 
 from pipelines.core import filesystem as fs
 from pipelines.core.config import FetchConfig
+from pipelines.embed.http_pool import HostKey, HttpClient, client_for
 
 USER_AGENT = "catalog-visual-search/0.1 (+embed pipeline)"
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -82,9 +79,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-HostKey = tuple[str, str, int]
-
-
 def host_key(uri: str) -> HostKey:
     """(scheme, host, port) an http(s) URI is fetched from; FetchError invalid_uri if none."""
     try:
@@ -95,114 +89,6 @@ def host_key(uri: str) -> HostKey:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchError("invalid_uri", f"{uri!r}: not an http(s) URL with a host")
     return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
-
-
-class _Host:
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.active = 0
-        self.idle: list[http.client.HTTPConnection] = []
-        self.not_before = 0.0  # time.monotonic(): Retry-After
-
-
-class HttpClient:
-    """Keep-alive connections, an in-flight cap and Retry-After per host; thread-safe."""
-
-    def __init__(self, per_host: int):
-        self.per_host = per_host
-        self._hosts: dict[object, _Host] = {}
-        self._lock = threading.Lock()
-        self._ssl: ssl.SSLContext | None = None
-        self.connections_opened = 0
-
-    def _host(self, key: object) -> _Host:
-        with self._lock:
-            host = self._hosts.get(key)
-            if host is None:
-                host = self._hosts[key] = _Host()
-            return host
-
-    @contextlib.contextmanager
-    def slot(self, key: object) -> Iterator[None]:
-        """Hold one of the host's `per_host` slots (waits for one), after its Retry-After."""
-        host = self._host(key)
-        with host.cond:
-            while host.active >= self.per_host:
-                host.cond.wait()
-            host.active += 1
-        try:
-            self.wait_turn(key, None)
-            yield
-        finally:
-            with host.cond:
-                host.active -= 1
-                host.cond.notify()
-
-    def defer(self, key: object, seconds: float) -> None:
-        """No new request to the host for `seconds` (a Retry-After it sent)."""
-        host = self._host(key)
-        with host.cond:
-            host.not_before = max(host.not_before, time.monotonic() + seconds)
-
-    def wait_turn(self, key: object, deadline: float | None) -> bool:
-        """Sleep until the host's Retry-After has passed; False if that is past `deadline`."""
-        host = self._host(key)
-        wait = host.not_before - time.monotonic()
-        if wait <= 0:
-            return True
-        if deadline is not None and time.monotonic() + wait >= deadline:
-            return False
-        time.sleep(wait)
-        return True
-
-    def _connection(self, key: HostKey, timeout: float, fresh: bool
-                    ) -> tuple[http.client.HTTPConnection, bool]:
-        host = self._host(key)
-        if not fresh:
-            with host.cond:
-                conn = host.idle.pop() if host.idle else None
-            if conn is not None and conn.sock is not None:
-                conn.sock.settimeout(timeout)
-                return conn, True
-        scheme, name, port = key
-        with self._lock:
-            self.connections_opened += 1
-        if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            return http.client.HTTPSConnection(name, port, timeout=timeout,
-                                               context=self._ssl), False
-        return http.client.HTTPConnection(name, port, timeout=timeout), False
-
-    def _give_back(self, key: HostKey, conn: http.client.HTTPConnection) -> None:
-        host = self._host(key)
-        with host.cond:
-            if len(host.idle) < self.per_host:
-                host.idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            hosts = list(self._hosts.values())
-        for host in hosts:
-            with host.cond:
-                idle, host.idle = host.idle, []
-            for conn in idle:
-                conn.close()
-
-
-_CLIENTS: dict[int, HttpClient] = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
-def client_for(cfg: FetchConfig) -> HttpClient:
-    """This process's HttpClient for the config's per-host cap (shared by all threads)."""
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(cfg.per_host_concurrency)
-        if client is None:
-            client = _CLIENTS[cfg.per_host_concurrency] = HttpClient(cfg.per_host_concurrency)
-        return client
 
 
 def _set_timeout(conn: http.client.HTTPConnection, seconds: float) -> None:
@@ -252,7 +138,7 @@ def _exchange(uri: str, url: str, cfg: FetchConfig, deadline: float, client: Htt
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _deadline_error(uri, cfg)
-        conn, reused = client._connection(key, min(cfg.timeout_s, remaining), fresh)
+        conn, reused = client.connection(key, min(cfg.timeout_s, remaining), fresh)
         try:
             conn.request("GET", target, headers=headers)
             response = conn.getresponse()
@@ -276,7 +162,7 @@ def _exchange(uri: str, url: str, cfg: FetchConfig, deadline: float, client: Htt
     finally:
         response.close()  # the connection stays open: http.client reads the next answer on it
         if keep:
-            client._give_back(key, conn)
+            client.give_back(key, conn)
         else:
             conn.close()
 

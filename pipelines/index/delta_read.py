@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -146,21 +146,26 @@ def log_stamp(index_root: str, version: str) -> str:
     return h.hexdigest()
 
 
+def oldest_age_s(deltas: Sequence[Delta]) -> float | None:
+    """Seconds since the oldest of `deltas` was written (None: none, or no readable time)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ages = []
+    for d in deltas:
+        try:
+            ages.append((now - dt.datetime.fromisoformat(d.manifest.created_at)).total_seconds())
+        except ValueError:
+            pass
+    return round(max(ages), 3) if ages else None
+
+
 def summarize(log_: DeltaLog) -> dict[str, Any]:
     """Counts of a log as written (what index-info reports before applying it)."""
-    now = dt.datetime.now(dt.timezone.utc)
-    oldest = None
-    if log_.deltas:
-        try:
-            oldest = dt.datetime.fromisoformat(log_.deltas[0].manifest.created_at)
-        except ValueError:
-            oldest = None
     newest = log_.deltas[-1].manifest.created_at if log_.deltas else None
     return {"deltas": len(log_.deltas),
             "rows_upserted": sum(d.manifest.num_rows for d in log_.deltas),
             "image_ids_deleted": sum(len(d.delete_image_ids) for d in log_.deltas),
             "product_ids_deleted": sum(len(d.delete_product_ids) for d in log_.deltas),
-            "oldest_age_s": round((now - oldest).total_seconds(), 3) if oldest else None,
+            "oldest_age_s": oldest_age_s(log_.deltas),
             "newest_created_at": newest,
             "error": log_.error, "not_applied": log_.pending}
 

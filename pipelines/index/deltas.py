@@ -48,7 +48,8 @@ from pipelines.index.delta_format import (DELETES_FILE, DELTA_FILE, DELTA_FORMAT
                                           Delta, DeltaError, DeltaFile, DeltaIntegrityError,
                                           DeltaManifest, committed_seqs, delta_dir, delta_name,
                                           deltas_root, log_dir, version_adapter)
-from pipelines.index.delta_read import DeltaLog, log_stamp, read_delta, read_log, summarize
+from pipelines.index.delta_read import (DeltaLog, log_stamp, oldest_age_s, read_delta, read_log,
+                                        summarize)
 from pipelines.index.delta_write import log_lock, write_delta
 
 __all__ = [
@@ -56,5 +57,5 @@ __all__ = [
     "KIND_UPSERT", "LOCK_FILE", "NORM_TOLERANCE", "ROWS_FILE", "TMP_PREFIX", "VECTORS_FILE",
     "Delta", "DeltaError", "DeltaFile", "DeltaIntegrityError", "DeltaLog", "DeltaManifest",
     "committed_seqs", "delta_dir", "delta_name", "deltas_root", "log_dir", "log_lock",
-    "log_stamp", "read_delta", "read_log", "served_rows", "summarize", "version_adapter",
+    "log_stamp", "oldest_age_s", "read_delta", "read_log", "served_rows", "summarize", "version_adapter",
     "write_delta"]
