@@ -110,9 +110,9 @@ COVERAGE: list[Coverage] = [
     Coverage(r"(catalog-search|\$CS) train-adapter .*", TEST,
              "tests/test_adapter.py (train-adapter on generated confusable products: written, "
              "gate refusal keeps the old adapter, bad input / arguments)"),
-    Coverage(r"\.venv/bin/catalog-search (embed|build-index|duplicates) .*out/dupbench.*", SKIP,
-             "the grocery catalog + 300 planted copies (3,021 images: minutes); the same "
-             "subcommands run in test_readme_command_line_chain and tests/test_duplicates.py"),
+    Coverage(r"bash docs/examples/grocery_duplicates\.sh out/grocery/catalog\.csv .*", SKIP,
+             "the grocery catalog + 300 planted copies (3,021 images: minutes); the script "
+             "runs on a 3-product catalog in test_grocery_duplicates_script"),
     # docs/EVALUATION.md: the quality grid's per-row steps and its model-cost loop
     Coverage(r"bash docs/examples/grocery_row\.sh .*|"
              r"\.venv/bin/catalog-search --config \$ROW/config\.yaml evaluate .*", SKIP,
@@ -631,6 +631,35 @@ def test_grocery_row_script(tmp_path, tiny_model):
     for name in ("eval-full", "eval-iconic"):
         assert (work / "out/row" / name / "report.json").exists(), name
     assert any((work / "out/row/vector-cache").iterdir())
+
+
+@pytest.mark.heavy
+def test_grocery_duplicates_script(tmp_path, tiny_model):
+    """docs/examples/grocery_duplicates.sh as documented, on a 3-product sample catalog with
+    the tiny model: the planted copies are in the catalog, the sweep is written, and the
+    duplicates job's report is scored (one JSON line whose counts are the planted ones)."""
+    work = scratch_repo(tmp_path)
+    sh = Shell(work, shell_env())
+    sh.run("catalog-search sample-catalog --out out/cat")
+    _shrink_catalog(work / "out/cat", ("P0000", "P0001", "P0004"), queries=1)
+    with open(work / "out/cat/manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(work / "out/catalog.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "image_uri": str(work / "out/cat" / r["image_uri"])} for r in rows])
+    (work / "out/dup.yaml").write_text(
+        f"model:\n  handle: {tiny_model}\n  cache_dir: {tmp_path / 'cache'}\n"
+        "runner:\n  direct_running_mode: in_memory\n  direct_num_workers: 1\n")
+    out = sh.run("bash docs/examples/grocery_duplicates.sh out/catalog.csv out/dupbench 3 "
+                 "out/sweep.json out/dup.yaml", timeout=900)
+    with open(work / "out/dupbench/truth.csv", newline="") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 3
+    with open(work / "out/dupbench/catalog.csv", newline="") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == len(rows) + 3
+    assert json.loads((work / "out/sweep.json").read_text())
+    assert (work / "out/dupbench/report/duplicates.parquet").exists()
+    assert (work / "out/dupbench/report/report.html").exists(), out
 
 
 @pytest.mark.heavy
