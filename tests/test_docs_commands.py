@@ -145,7 +145,7 @@ COVERAGE: list[Coverage] = [
              r"nightly_bench|fitted_vectors|quality_grid|text_index_bench|sharding_recall|"
              r"fusion_latency|delta_bench|delta_scann_crossover|remote_fetch_bench|duplicates_bench|"
              r"duplicates_scale|crowding_bench|adapter_train_bench|query_path_bench|"
-             r"adapter_grocery_grid)\.py .*",
+             r"adapter_grocery_grid|projection_ab)\.py .*",
              SKIP, LONG),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),
