@@ -51,7 +51,8 @@ from serving.api.schemas import public_image_url
 from serving.api.security import PAGE_CSP, add_security_headers
 from serving.api.state import ServingState
 from serving.feedback import Feedback
-from serving.searcher import CatalogSearcher, IndexWatcher
+from serving.reload import IndexWatcher
+from serving.searcher import CatalogSearcher
 
 __all__ = ["create_app", "PAGE_CSP", "public_image_url"]
 

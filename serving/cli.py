@@ -85,7 +85,8 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_query(args: argparse.Namespace, config: Config) -> int:
     from pipelines.embed.fetch import FetchError, fetch_bytes
-    from serving.searcher import CatalogSearcher, IndexLoadError, QueryError
+    from serving.errors import IndexLoadError, QueryError
+    from serving.searcher import CatalogSearcher
     config = with_allowed_models(args, config)
     # every argument is checked before the index is loaded (which takes seconds)
     filters = _parse_filters(args.filters)

@@ -1,6 +1,6 @@
 """Hot reload: the outcome of one reload (`ReloadOutcome`) and the background thread that
 reloads whenever LATEST changes (`IndexWatcher`); serving.searcher.CatalogSearcher.reload
-does the loading, verifying and swapping. Both are imported from serving.searcher too."""
+does the loading, verifying and swapping."""
 from __future__ import annotations
 
 import logging

@@ -14,7 +14,7 @@ decode/preprocess code as the embed pipeline). Two hops reach ScaNN: CatalogSear
 reference; a request keeps the `LoadedIndex` it started with, so in-flight requests
 finish on the old version.
 A version that fails to load or verify is refused with a logged reason and the old one
-keeps serving. `IndexWatcher` calls `reload()` whenever LATEST changes.
+keeps serving. `IndexWatcher` (serving.reload) calls `reload()` whenever LATEST changes.
 
 Results are collapsed to products by default (best-scoring image per product) and can
 be filtered on metadata (`{"category": "dairy"}`, a value or a list of accepted values;
@@ -36,18 +36,13 @@ import numpy as np
 from pipelines.core.config import Config, load_config
 from pipelines.index.sharded_search import ShardedSearcher
 from serving import query
-from serving.embedder import QueryEmbedder, check_model_allowed
+from serving.embedder import QueryEmbedder
 from serving.errors import IndexLoadError, NotReadyError, QueryError
-from serving.filters import validate_filters
 from serving.loaded_index import LoadedIndex, verify_loaded
-from serving.query import collect_hits
-from serving.reload import IndexWatcher, ReloadOutcome
+from serving.reload import ReloadOutcome
 from serving.results import SearchResults
 
-# The names callers import from here (the search layer's front door).
-__all__ = ["CatalogSearcher", "IndexWatcher", "ReloadOutcome", "LoadedIndex", "QueryEmbedder",
-           "SearchResults", "QueryError", "IndexLoadError", "NotReadyError",
-           "check_model_allowed", "validate_filters", "collect_hits"]
+__all__ = ["CatalogSearcher"]
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from pipelines.embed import snapshot
 from pipelines.index import deltas as dl
 from pipelines.index.delete import delete_ids
 from serving.delta_index import DeltaIndex
-from serving.searcher import CatalogSearcher, QueryError
+from serving.errors import QueryError
+from serving.searcher import CatalogSearcher
 
 
 def _config(world, min_rows, leaves_fraction=1.0, reorder_multiplier=4):

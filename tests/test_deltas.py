@@ -22,7 +22,8 @@ from pipelines.embed import snapshot
 from pipelines.index import deltas as dl
 from pipelines.index import takedowns as td
 from pipelines.index.delete import delete_ids
-from serving.searcher import CatalogSearcher, QueryError
+from serving.errors import QueryError
+from serving.searcher import CatalogSearcher
 from serving_fixtures import NUM_PRODUCTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_deleted_ids_never_appear_for_any_query_kind(world, root):
 
 
 def test_delete_cli_is_durable_and_picked_up_by_polling(world, root):
-    from serving.searcher import IndexWatcher
+    from serving.reload import IndexWatcher
     rows, vectors = _snapshot(world)
     product = rows[3]["product_id"]
     s = CatalogSearcher.open(root, config=world.config)

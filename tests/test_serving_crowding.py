@@ -14,7 +14,8 @@ from catalog_search.cli import main
 from pipelines.core import filesystem as fs
 from serving.app import create_app
 from serving.crowding import group_value
-from serving.searcher import CatalogSearcher, QueryError
+from serving.errors import QueryError
+from serving.searcher import CatalogSearcher
 from serving_fixtures import LiveServer, serving_world
 
 ALL = 36  # every image of the test catalog (12 products x 3 images)

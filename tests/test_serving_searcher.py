@@ -11,8 +11,10 @@ import pytest
 
 from pipelines.core import filesystem as fs
 from serving.query import run_visual
-from serving.searcher import (CatalogSearcher, IndexLoadError, IndexWatcher, QueryError,
-                              validate_filters)
+from serving.errors import IndexLoadError, QueryError
+from serving.filters import validate_filters
+from serving.reload import IndexWatcher
+from serving.searcher import CatalogSearcher
 from serving_fixtures import (IMAGES_PER_PRODUCT, NUM_PRODUCTS, build_index, copy_index,
                               register_object_store_stand_in,
                               jpeg_bytes, serving_world, snapshot_subset)

@@ -16,7 +16,8 @@ from pipelines.embed.job import run_embed
 from pipelines.index.build import run_build_index
 from pipelines.embed.sample_catalog import write_catalog
 from serving.app import create_app
-from serving.searcher import CatalogSearcher, QueryError
+from serving.errors import QueryError
+from serving.searcher import CatalogSearcher
 from serving_fixtures import LiveServer
 
 # Two products share one photo (identical bytes); only their text tells them apart.

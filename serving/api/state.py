@@ -24,7 +24,8 @@ from serving.api.metrics import ServingMetrics
 from serving.errors import NotReadyError, QueryError
 from serving.feedback import Feedback
 from serving.results import SearchResults
-from serving.searcher import CatalogSearcher, IndexWatcher
+from serving.reload import IndexWatcher
+from serving.searcher import CatalogSearcher
 
 
 @dataclass
