@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml
 test: venv
 	$(PY) -m pytest -q -rs tests
 
-# The quick loop (582 tests, a few minutes on 2 cores; `make test`: 653 tests, collected 2026-12-03 19:00 UTC; 14 min 53 s measured at 620 on a shared 2-core machine): leaves out the tests marked slow or heavy (pyproject.toml).
+# The quick loop (585 tests, a few minutes on 2 cores; `make test`: 657 tests, collected 2026-12-04 04:20 UTC; 10 min 29 s measured on an otherwise idle 2-core machine, `bash .ci/run` 12 min 33 s): leaves out the tests marked slow or heavy (pyproject.toml).
 test-fast: venv
 	$(PY) -m pytest -q -rs -m "not slow and not heavy" tests
 
