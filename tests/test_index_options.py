@@ -216,6 +216,22 @@ def test_a_shared_projection_build_projects_once_and_returns_exact_scored_hits(t
         reader.open_index(root).load_shards()
 
 
+def test_a_projected_query_does_not_depend_on_its_batch():
+    # a float32 matmul rounds one row (gemv) differently from many (gemm); a last-bit
+    # change in a projected query can swap the candidate at the edge of the reorder pool,
+    # so the single-query path would not return the batched hits (seen in CI)
+    from pipelines.index.projection import project_queries
+    rng = np.random.default_rng(14)
+    for n, dim, out in ((40, 64, 16), (33, 1280, 256)):
+        queries = rng.standard_normal((n, dim)).astype(np.float32)
+        matrix = rng.standard_normal((out, dim)).astype(np.float32)
+        batch = project_queries(queries, matrix)
+        assert batch.dtype == np.float32 and batch.flags.c_contiguous
+        for i in range(n):
+            np.testing.assert_array_equal(project_queries(queries[i:i + 1], matrix)[0],
+                                          batch[i])
+
+
 def test_int8_reorder_keeps_scanns_own_projection():
     p = _params(projection_dim=16, shared_projection=True)
     assert p.shared_projection_for(DIM) == 16

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import filesystem as fs
 from pipelines.index import artifact as art
-from pipelines.index.projection import SHARED, project, save_projection
+from pipelines.index.projection import SHARED, project, project_queries, save_projection
 from pipelines.index.sharded_search import RESCORE_FACTOR, search_exact
 
 from pipelines.index.build_plan import BuildParams, BuildSpec
@@ -79,7 +79,7 @@ def _search_found(searcher: Any, vectors: np.ndarray, queries: np.ndarray, k: in
     fetch = min(len(vectors), RESCORE_FACTOR * k) if rescore else k
     if projection is not None:
         rescore, fetch = True, min(len(vectors), max(pre_reorder, k))
-        queries_in = project(queries, projection)
+        queries_in = project_queries(queries, projection)
     else:
         queries_in = queries
     idx, dist = searcher.search_batched(queries_in, fetch, max(pre_reorder, fetch), leaves)

@@ -37,7 +37,7 @@ import numpy as np
 from pipelines.index.exact_search import (as_queries, exact_dots, rescore_candidates,
                                           search_exact, top_k_rows)
 from pipelines.index.hits import Hit, new_hit, parse_metadata
-from pipelines.index.projection import project
+from pipelines.index.projection import project_queries
 
 # A shard reordering with int8 / bfloat16 returns this x k candidates, rescored in float32.
 RESCORE_FACTOR = 2
@@ -142,7 +142,7 @@ class ShardedSearcher:
                 continue
             qp = projected.get(id(matrix))
             if qp is None:
-                qp = projected[id(matrix)] = project(query[None], matrix)[0]
+                qp = projected[id(matrix)] = project_queries(query[None], matrix)[0]
             pool = min(n, max(k, reorder_pool(shard, k)))
             idx, dist = shard.searcher.search(qp, pool, pool, shard.leaves_to_search)
             idx = np.asarray(idx, np.int64)
@@ -299,7 +299,7 @@ class ShardedSearcher:
         rescore = matrix is not None or getattr(shard, "quantized_reorder", False)
         if matrix is not None:
             k = min(int(shard.num_vectors), max(k, reorder_pool(shard, k)))
-            searched = project(queries, matrix) if projected is None else projected
+            searched = project_queries(queries, matrix) if projected is None else projected
         else:
             searched = queries
             if rescore:
@@ -394,5 +394,5 @@ def _projected(queries: np.ndarray, shards: Sequence[Any]) -> dict[int, np.ndarr
     for shard in shards:
         matrix = getattr(shard, "projection", None)
         if matrix is not None and id(matrix) not in out:
-            out[id(matrix)] = project(queries, matrix)
+            out[id(matrix)] = project_queries(queries, matrix)
     return out
