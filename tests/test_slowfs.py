@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from pipelines.core import filesystem as fs
+from pipelines.core.config import FetchConfig
 from pipelines.core import slowfs
 from pipelines.core.slowfs import LATENCY_ENV, SlowFileSystem
 from pipelines.embed import snapshot
+from pipelines.embed.fetch import FetchError, fetch_bytes
 from pipelines.embed.job import run_embed
 from pipelines.embed.sample_catalog import write_catalog
 
@@ -41,6 +43,23 @@ def test_slowfs_serves_local_files_with_the_latency(tmp_path, latency):
     assert SlowFileSystem.stats()["opens"] == 1 and SlowFileSystem.stats()["requests"] >= 4
 
 
+def test_an_object_store_fetch_is_one_request_and_keeps_its_dead_letter_reasons(tmp_path,
+                                                                                 latency):
+    """A found object costs one GET (no `exists` before it); `exists` is asked only after a
+    failed read, so a missing object is still `not_found` and an oversize one `too_large`."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x" * 500)
+    latency(0)
+    assert fetch_bytes(slowfs.uri_of(str(path)), FetchConfig()) == b"x" * 500
+    assert SlowFileSystem.stats()["requests"] == 1
+    with pytest.raises(FetchError) as e:
+        fetch_bytes(slowfs.uri_of(str(tmp_path / "missing.jpg")), FetchConfig())
+    assert e.value.reason == "not_found"
+    with pytest.raises(FetchError) as e:
+        fetch_bytes(slowfs.uri_of(str(path)), FetchConfig(max_bytes=100))
+    assert e.value.reason == "too_large"
+
+
 def _slow_manifest(manifest: str, out: str) -> str:
     """The same catalog with every image_uri as a slowfs:// URI."""
     lines = open(manifest).read().splitlines()
@@ -59,15 +78,15 @@ def test_the_embed_job_reads_through_slowfs_with_overlapping_reads(embed_config,
     slow = _slow_manifest(manifest, str(tmp_path / "slow.csv"))
     latency(0)
     local = run_embed([manifest], str(tmp_path / "local"), embed_config)
-    latency(150)  # per request; each image costs a HEAD (change signal), an exists and a GET
+    latency(150)  # per request; each image costs a HEAD (change signal) and a GET
     start = time.monotonic()
     remote = run_embed([slow], str(tmp_path / "slow"), embed_config)
     wall = time.monotonic() - start
     stats = SlowFileSystem.stats()
     assert (remote.input_rows, remote.embedded, remote.dead_lettered) == (16, 16, 0)
-    assert stats["opens"] == 16 and stats["requests"] >= 3 * 16
+    assert stats["opens"] == 16 and stats["requests"] >= 2 * 16
     assert stats["max_in_flight"] > 4  # reads overlap (fetch.concurrency 16)
-    assert wall < local.timings["total_s"] + 16 * 3 * 0.15 / 2, wall  # not one at a time
+    assert wall < local.timings["total_s"] + 16 * 2 * 0.15 / 2, wall  # not one at a time
     a = {r["image_id"]: r for r in snapshot.load(local.snapshot).table.to_pylist()}
     b = {r["image_id"]: r for r in snapshot.load(remote.snapshot).table.to_pylist()}
     assert a.keys() == b.keys()

@@ -310,14 +310,22 @@ def fetch_bytes(uri: str, cfg: FetchConfig, client: HttpClient | None = None) ->
         return read_local_file(path, cfg.max_bytes, time.monotonic() + cfg.deadline_s, what=uri)
     bucket = path.split("://", 1)[0] + "://" + path.split("://", 1)[1].split("/", 1)[0]
     with client.slot(bucket):  # per-bucket cap, as per host for http(s)
+        # One GET per image: `exists` (one more request) is asked only when the read
+        # failed, to tell a missing object (not_found) from a failing store (io_error).
         try:
-            if not fs.exists(path):
-                raise FetchError("not_found", f"{uri}: no such object")
             return fs.read_bytes(path, max_bytes=cfg.max_bytes)
-        except FetchError:
-            raise
         except fs.TooLargeError as e:
             raise FetchError("too_large",
                              f"{uri}: more than the limit of {cfg.max_bytes} bytes") from e
         except Exception as e:
+            if not _exists(path):
+                raise FetchError("not_found", f"{uri}: no such object") from e
             raise FetchError("io_error", f"{uri}: {type(e).__name__}: {e}") from e
+
+
+def _exists(path: str) -> bool:
+    """Whether the object is there; True when the store cannot say (then io_error)."""
+    try:
+        return bool(fs.exists(path))
+    except Exception:
+        return True
