@@ -47,7 +47,7 @@ def find_images(root: str, limit: int) -> list[str]:
     found = []
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(files)
+        found += [os.path.abspath(os.path.join(dirpath, f)) for f in sorted(files)
                   if f.lower().endswith((".jpg", ".jpeg"))]
     if len(found) < limit:
         raise SystemExit(f"only {len(found)} JPEGs under {root}, --limit {limit} asked")
