@@ -1,7 +1,7 @@
 """Embed from local files vs over HTTP with a first-byte latency, in one run (issue 20).
 
-    python benchmarks/remote_fetch_bench.py --images ../shared/datasets/grocery-store/dataset \
-        --limit 600 --latency-ms 50,200 --hang-fraction 0.05 --concurrency 1,4,16 \
+    python benchmarks/remote_fetch_bench.py --images ../shared/datasets/grocery-store/dataset/train \
+        --limit 2000 --latency-ms 50,200 --hang-fraction 0.05 --concurrency 16,64 --rounds 2 \
         --out out/bench/remote_fetch.json
 
 The same JPEGs are embedded (`run_embed`, the configured runner: DirectRunner with

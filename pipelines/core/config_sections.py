@@ -79,8 +79,8 @@ class FetchConfig:
     backoff_s: Annotated[Float, Field(ge=0)] = 0.5
     max_bytes: Annotated[Int, Field(gt=0)] = 20_000_000
     deadline_s: Annotated[Float, Field(gt=0)] = 60.0
-    concurrency: Annotated[Int, Field(ge=1, le=256)] = 16
-    per_host_concurrency: Annotated[Int, Field(ge=1, le=256)] = 16
+    concurrency: Annotated[Int, Field(ge=1, le=256)] = 64
+    per_host_concurrency: Annotated[Int, Field(ge=1, le=256)] = 64
 
 
 @dataclass(frozen=True, config=SECTION)
