@@ -3,6 +3,7 @@ builtin Lite0 model converted once per session by two racing child processes, an
 copies of the shared serving index."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 from tiny_model import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Undo what an in-process entry point (launcher.main's logging.basicConfig) adds to the
+    root logger: its StreamHandler writes to this test's captured stdout, which pytest
+    closes, and every later test's log line would print a '--- Logging error ---'."""
+    root = logging.getLogger()
+    handlers, filters, level = list(root.handlers), list(root.filters), root.level
+    yield
+    for h in list(root.handlers):
+        if type(h) is logging.StreamHandler and h not in handlers:
+            root.removeHandler(h)
+    for f in list(root.filters):
+        if f not in filters:
+            root.removeFilter(f)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
