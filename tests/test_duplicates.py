@@ -109,6 +109,23 @@ def test_a_lower_threshold_groups_more_and_a_cli_run_matches(world, result, tmp_
     assert loose["largest_group"] > 2
 
 
+def test_the_job_logs_its_progress_against_the_units(world, tmp_path, caplog, monkeypatch):
+    import logging
+    import re
+
+    from pipelines.core import progress
+    monkeypatch.setenv(progress.PROGRESS_INTERVAL_ENV, "0.2")
+    caplog.set_level(logging.INFO, logger=progress.__name__)
+    config = world["config"].replace(duplicates={"pixel_threshold": None})
+    spec, units, _ = make_spec(world["index_root"], str(tmp_path / "p"), config)
+    assert len(units) > 1
+    run_duplicates(world["index_root"], str(tmp_path / "p"), config)
+    lines = [r.getMessage() for r in caplog.records if r.name == progress.__name__]
+    assert lines, "no progress line"
+    assert re.match(rf"duplicates progress: {len(units)}/{len(units)} units \(100%\), done",
+                    lines[-1]), lines
+
+
 def test_cli_refuses_bad_arguments(world, tmp_path, capsys):
     assert main(["duplicates", "--index-root", world["index_root"], "--threshold", "1.5",
                  "--out", str(tmp_path / "x")]) == 2

@@ -135,8 +135,11 @@ def run_duplicates(index_root: str, out_dir: str, config: Config,
              spec.version, facts["num_vectors"], len(units), spec.buckets, spec.threshold)
     from pipelines.embed import snapshot as snap
     hash_files = snap.embedding_files(spec.snapshot) if spec.snapshot else []
+    from pipelines.core import progress
     try:
-        with make_pipeline(config, "duplicates") as p:
+        with progress.report_progress("duplicates", len(units), "units",
+                                      enabled=config.runner.is_direct), \
+                make_pipeline(config, "duplicates") as p:
             found = (p
                      | "Units" >> beam.Create(units)
                      | "SpreadUnits" >> beam.Reshuffle()

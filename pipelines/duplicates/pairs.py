@@ -160,6 +160,7 @@ class FindPairs:
 
     def process(self, unit: tuple[int, int, int]) -> Iterator[tuple[str, Any]]:
         from pipelines.core import filesystem as fs
+        from pipelines.core import progress
         shard_pos, start, end = unit
         index = self.load()
         assert self._codes is not None
@@ -171,6 +172,7 @@ class FindPairs:
         yield "scanned", int(len(rows))
         step = max(1, self.spec.block_rows)
         found = [self.search_block(rows[i:i + step]) for i in range(0, len(rows), step)]
+        progress.tick()  # one work unit searched (the launcher logs units done / total)
         if not found:
             return
         a_rows = np.concatenate([f[0] for f in found])
