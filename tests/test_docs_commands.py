@@ -147,6 +147,9 @@ COVERAGE: list[Coverage] = [
              r"duplicates_scale|crowding_bench|adapter_train_bench|query_path_bench|"
              r"adapter_grocery_grid|projection_ab)\.py .*",
              SKIP, LONG),
+    Coverage(r"\.venv/bin/catalog-search duplicates --config /tmp/dup1m/ws/config\.yaml .*",
+             SKIP, "the duplicates job alone on the 1M version duplicates_scale.py built "
+             "(10-15 min)"),
     Coverage(r"(TF_ENABLE_ONEDNN_OPTS=0 )?\.venv/bin/python -m pytest -q (-m slow )?tests/\S+.*",
              TEST, "the named test files (make test / make test-slow)"),
 ]

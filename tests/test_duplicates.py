@@ -126,6 +126,22 @@ def test_the_job_logs_its_progress_against_the_units(world, tmp_path, caplog, mo
                     lines[-1]), lines
 
 
+def test_without_the_pixel_check_only_pairs_at_the_threshold_are_candidates(world, tmp_path):
+    # a pair below the threshold can only be accepted by the pixel check; with it off the
+    # job does not gather such pairs (same groups, fewer candidates, counts reconcile)
+    config = world["config"].replace(duplicates={"pixel_threshold": None,
+                                                 "threshold": 0.95, "candidate_threshold": 0.5})
+    spec, _, _ = make_spec(world["index_root"], str(tmp_path / "s"), config)
+    assert spec.candidate_threshold == spec.threshold == 0.95
+    with_pixels = make_spec(world["index_root"], str(tmp_path / "t"),
+                            world["config"].replace(duplicates={"candidate_threshold": 0.5,
+                                                                "threshold": 0.95}))[0]
+    assert with_pixels.candidate_threshold == 0.5
+    summary = run_duplicates(world["index_root"], str(tmp_path / "s"), config)
+    assert summary["candidate_threshold"] == 0.95 and summary["reconciled"]
+    assert summary["candidate_pairs"] == summary["near_pairs"] and summary["rejected_pairs"] == 0
+
+
 def test_cli_refuses_bad_arguments(world, tmp_path, capsys):
     assert main(["duplicates", "--index-root", world["index_root"], "--threshold", "1.5",
                  "--out", str(tmp_path / "x")]) == 2

@@ -314,6 +314,7 @@ class DuplicatesConfig:
     candidate_threshold: Annotated[Float, Field(gt=0)] = 0.80
     pixel_threshold: Annotated[Float, Field(gt=0, le=1)] | None = 0.93
     neighbours: Annotated[Int, Field(ge=1, le=1000)] = 20
+    leaves_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5
     block_rows: Annotated[Int, Field(ge=1)] = 2048
     report_groups: Annotated[Int, Field(ge=0)] = 200
     report_images_per_group: Annotated[Int, Field(ge=2)] = 12

@@ -56,6 +56,7 @@ class DuplicatesSpec:
     work_dir: str = ""            # this run's intermediate files (deleted at the end)
     buckets: int = 1              # pair / hash buckets (the verify and exact steps' units)
     block_rows: int = 2048        # query vectors per search call
+    leaves_fraction: float = 1.0  # of each tree shard's tuned leaves_to_search searched
 
 
 def pair_key(a: str, b: str) -> tuple[str, str]:
@@ -107,7 +108,8 @@ class FindPairs:
 
     The unit's query vectors are searched against the whole version with the index's own
     per-shard settings (ShardedSearcher.search: ScaNN search_batched, spec.block_rows
-    queries a call, each shard's tuned leaves_to_search and reorder pool); the filter
+    queries a call, each shard's reorder pool and `spec.leaves_fraction` of its tuned
+    leaves_to_search: tuned for a query's top 10, which a near duplicate leads); the filter
     (valid neighbour, other product, other image, score) is vectorised. Written as a
     plain class wrapped by job._StepDoFn so that importing this module does not import Beam.
     """
@@ -123,6 +125,10 @@ class FindPairs:
             from pipelines.index.sharded_search import ShardedSearcher
             version = open_index(self.spec.index_root, self.spec.version, verify=True)
             shards = version.load_shards()
+            for shard in shards:  # a near duplicate sits in or next to its query's leaf
+                if shard.leaves_to_search > 0:
+                    shard.leaves_to_search = max(1, round(
+                        shard.leaves_to_search * self.spec.leaves_fraction))
             self._index = ShardedSearcher(shards, concurrent=False)
 
             def codes(column: str) -> np.ndarray:
