@@ -337,3 +337,28 @@ def test_find_pairs_passes_only_paths_and_counts(world, tmp_path):
                for b, path in parts for r in pq.read_table(path).to_pylist())
     # the unit plan covers every row once, in whole search blocks
     assert unit_rows(200_000, 2048, 64) == 2 * 2048 and unit_rows(10, 7, 64) == 7
+
+
+def test_the_all_vs_all_search_uses_its_share_of_each_tree_shards_leaves(tmp_path):
+    # duplicates.leaves_fraction scales every tree shard's tuned leaves_to_search (at least
+    # 1); brute-force shards (-1) are left alone; 0 or above 1 is refused with the key named
+    from index_fixtures import clustered_vectors, make_config
+    from index_fixtures import write_snapshot as write_vectors
+
+    from pipelines.core.config import ConfigError
+    from pipelines.index.build import run_build_index
+    from pipelines.index.reader import open_index
+    snap = write_vectors(str(tmp_path / "snap"), clustered_vectors(3000, 24, seed=41))
+    root = str(tmp_path / "index")
+    config = make_config(shards=2, brute_force_below=0)
+    run_build_index(snap, root, config)
+    tuned = [s.leaves_to_search for s in open_index(root).load_shards()]
+    assert all(t > 1 for t in tuned)
+    for fraction in (1.0, 0.5, 0.01):
+        cfg = config.replace(duplicates={"leaves_fraction": fraction})
+        spec, _, _ = make_spec(root, str(tmp_path / f"out{fraction}"), cfg)
+        got = [s.leaves_to_search for s in FindPairs(spec).load().shards]
+        assert got == [max(1, round(t * fraction)) for t in tuned], (fraction, got)
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="duplicates.leaves_fraction"):
+            config.replace(duplicates={"leaves_fraction": bad})
